@@ -1,0 +1,205 @@
+//! The journal record payload: one decided operation with every effect it has, so replay needs
+//! no decision logic and the auditor can re-check every balance.
+
+use citycard_protocol::{Amount, Atc, BlockReason, CardId, EntryKind, KeyVersion, Mac, Status};
+
+/// Encoding version byte at the front of every payload.
+const ENTRY_VERSION: u8 = 1;
+const FIXED_LEN: usize = 92;
+
+/// How an operation changed a card's hotlist standing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HotlistChange {
+    None,
+    Listed(BlockReason),
+    Unlisted(BlockReason),
+}
+
+/// One journaled operation. Exactly one record per operation keeps multi-card operations
+/// (replace) atomic: recovery keeps or drops the whole record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: EntryKind,
+    pub status: Status,
+    pub card_id: CardId,
+    /// The card's ATC for card transactions, 0 for staff operations.
+    pub atc: Atc,
+    /// Signed change of `card_id`'s balance (0 for declines).
+    pub amount: Amount,
+    /// `card_id`'s balance after the operation.
+    pub balance_after: Amount,
+    /// Server time of the decision (offline records: the terminal's time of use).
+    pub time_ms: u64,
+    /// Terminal nonce for card transactions, op_ref for staff operations.
+    pub reference: u64,
+    /// Request cryptogram or offline certificate: tells a retry from a replay.
+    pub binding: Mac,
+    /// Replace: the other card (new card on the old card's record). Otherwise 0.
+    pub other_card: CardId,
+    /// Issue/replace: key version of the new card.
+    pub key_version: KeyVersion,
+    /// Shard hotlist version this operation created, 0 when none.
+    pub hotlist_version: u64,
+    pub hotlist_change: HotlistChange,
+    /// Identity: assertion expiry (ms). Close: refunded amount. Requested amount on declines.
+    pub extra: i64,
+    /// Terminal that sent the request (certificate CN, at most 32 bytes).
+    pub terminal: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("journal entry malformed: {0}")]
+pub struct EntryError(pub &'static str);
+
+impl Entry {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.push(ENTRY_VERSION);
+        out.push(self.kind as u8);
+        out.push(self.status as u8);
+        out.extend_from_slice(&self.card_id.0.to_be_bytes());
+        out.extend_from_slice(&self.atc.0.to_be_bytes());
+        out.extend_from_slice(&self.amount.0.to_be_bytes());
+        out.extend_from_slice(&self.balance_after.0.to_be_bytes());
+        out.extend_from_slice(&self.time_ms.to_be_bytes());
+        out.extend_from_slice(&self.reference.to_be_bytes());
+        out.extend_from_slice(&self.binding.0);
+        out.extend_from_slice(&self.other_card.0.to_be_bytes());
+        out.extend_from_slice(&self.key_version.0.to_be_bytes());
+        out.extend_from_slice(&self.hotlist_version.to_be_bytes());
+        let (change, reason) = match self.hotlist_change {
+            HotlistChange::None => (0u8, 0u8),
+            HotlistChange::Listed(r) => (1, r as u8),
+            HotlistChange::Unlisted(r) => (2, r as u8),
+        };
+        out.push(change);
+        out.push(reason);
+        out.extend_from_slice(&self.extra.to_be_bytes());
+        let terminal = &self.terminal.as_bytes()[..self.terminal.len().min(32)];
+        out.push(terminal.len() as u8);
+        out.extend_from_slice(terminal);
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Entry, EntryError> {
+        if bytes.len() < FIXED_LEN {
+            return Err(EntryError("too short"));
+        }
+        let mut pos = 0usize;
+        let mut take = |n: usize| {
+            let slice = &bytes[pos..pos + n];
+            pos += n;
+            slice
+        };
+        let u64_of = |s: &[u8]| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(s);
+            u64::from_be_bytes(a)
+        };
+        if take(1)[0] != ENTRY_VERSION {
+            return Err(EntryError("unknown entry version"));
+        }
+        let kind = EntryKind::from_u8(take(1)[0]).ok_or(EntryError("kind"))?;
+        let status = Status::from_u8(take(1)[0]).ok_or(EntryError("status"))?;
+        let card_id = CardId(u64_of(take(8)));
+        let atc_bytes = take(4);
+        let atc = Atc(u32::from_be_bytes([
+            atc_bytes[0],
+            atc_bytes[1],
+            atc_bytes[2],
+            atc_bytes[3],
+        ]));
+        let amount = Amount(u64_of(take(8)) as i64);
+        let balance_after = Amount(u64_of(take(8)) as i64);
+        let time_ms = u64_of(take(8));
+        let reference = u64_of(take(8));
+        let mut binding = [0u8; 16];
+        binding.copy_from_slice(take(16));
+        let other_card = CardId(u64_of(take(8)));
+        let kv = take(2);
+        let key_version = KeyVersion(u16::from_be_bytes([kv[0], kv[1]]));
+        let hotlist_version = u64_of(take(8));
+        let change = take(1)[0];
+        let reason_byte = take(1)[0];
+        let hotlist_change = match change {
+            0 => HotlistChange::None,
+            1 | 2 => {
+                let reason = BlockReason::from_u8(reason_byte).ok_or(EntryError("reason"))?;
+                if change == 1 {
+                    HotlistChange::Listed(reason)
+                } else {
+                    HotlistChange::Unlisted(reason)
+                }
+            }
+            _ => return Err(EntryError("hotlist change")),
+        };
+        let extra = u64_of(take(8)) as i64;
+        let terminal_len = usize::from(take(1)[0]);
+        if bytes.len() != FIXED_LEN + terminal_len {
+            return Err(EntryError("length"));
+        }
+        let terminal = std::str::from_utf8(&bytes[FIXED_LEN..])
+            .map_err(|_| EntryError("terminal id"))?
+            .to_owned();
+        Ok(Entry {
+            kind,
+            status,
+            card_id,
+            atc,
+            amount,
+            balance_after,
+            time_ms,
+            reference,
+            binding: Mac(binding),
+            other_card,
+            key_version,
+            hotlist_version,
+            hotlist_change,
+            extra,
+            terminal,
+        })
+    }
+
+    /// Whether this entry consumed the card's ATC (card transactions that authenticated).
+    pub fn uses_atc(&self) -> bool {
+        matches!(
+            self.kind,
+            EntryKind::Purchase | EntryKind::TopUp | EntryKind::Identity | EntryKind::Offline
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rejects_damage() {
+        let entry = Entry {
+            kind: EntryKind::Purchase,
+            status: Status::Approved,
+            card_id: CardId(6_000_000_000_000_123),
+            atc: Atc(7),
+            amount: Amount(-250),
+            balance_after: Amount(750),
+            time_ms: 1_700_000_000_000,
+            reference: 99,
+            binding: Mac([9; 16]),
+            other_card: CardId(0),
+            key_version: KeyVersion(1),
+            hotlist_version: 3,
+            hotlist_change: HotlistChange::Listed(BlockReason::Overdrawn),
+            extra: -5,
+            terminal: "reader-1".into(),
+        };
+        let mut buf = Vec::new();
+        entry.encode(&mut buf);
+        assert_eq!(Entry::decode(&buf).ok(), Some(entry));
+        assert!(Entry::decode(&buf[..buf.len() - 1]).is_err());
+        let mut longer = buf.clone();
+        longer.push(0);
+        assert!(Entry::decode(&longer).is_err());
+        let mut bad_kind = buf.clone();
+        bad_kind[1] = 200;
+        assert!(Entry::decode(&bad_kind).is_err());
+    }
+}

@@ -1,0 +1,1565 @@
+//! One shard: its journal (the truth), its sled database (derived state), its cards in memory,
+//! and the decision logic for every operation.
+//!
+//! The call pattern is: [`Shard::execute`] for each command of a batch (decisions see the
+//! effects of earlier commands in the same batch), then [`Shard::commit`] (one journal sync),
+//! then send the replies, then [`Shard::persist`] (one sled batch). Nothing decided is visible
+//! to anyone before `commit` returns Ok.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use citycard_protocol::crypto::{assertion_bytes, staff_binding, CardKey};
+use citycard_protocol::{
+    Amount, Atc, BlockReason, CardAuth, CardId, CardResult, CardState, EntryKind, HistoryEntry,
+    HistoryPage, HotlistEntry, IdentityResult, IssueResult, KeyVersion, Mac, MessageType,
+    OfflineRecord, Request, Response, StaffResult, Status, MAX_HISTORY_PAGE,
+};
+use ring::signature::Ed25519KeyPair;
+
+use super::entry::{Entry, EntryError, HotlistChange};
+use super::state::{self, CardRecord};
+use crate::journal::{Journal, JournalError, JournalOptions};
+
+/// Storage failures. Every one of them is fail-stop for the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("journal record {seq}: {source}")]
+    Entry { seq: u64, source: EntryError },
+    #[error("derived state inconsistent: {0}")]
+    State(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Key material the engine needs. Never logged (no Debug).
+pub struct Secrets {
+    /// Issuer master key per key version.
+    pub issuer: BTreeMap<u16, [u8; 32]>,
+    /// Version used for cards issued or replaced now.
+    pub current_version: KeyVersion,
+    /// Key versions that stop working at the given Unix ms.
+    pub retire_after_ms: BTreeMap<u16, u64>,
+    /// Signs identity assertions.
+    pub assertion: Ed25519KeyPair,
+}
+
+/// Business limits, each a config value with a reason in `Config`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Highest balance a card may hold (top-ups and deposits above it are declined).
+    pub max_balance: i64,
+    /// Highest amount of one purchase, top-up or offline record.
+    pub max_amount: i64,
+    /// How long an identity assertion is valid.
+    pub identity_ttl_ms: u64,
+    /// Most derived card keys cached per shard (about 250 bytes each).
+    pub key_cache_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_balance: 100_000,
+            max_amount: 50_000,
+            identity_ttl_ms: 5 * 60 * 1000,
+            key_cache_max: 200_000,
+        }
+    }
+}
+
+pub struct ShardOptions {
+    pub index: u16,
+    pub count: u16,
+    /// `data/shard-N`: holds `journal/` and `state/` (sled).
+    pub dir: PathBuf,
+    pub journal: JournalOptions,
+    pub limits: Limits,
+}
+
+/// One unit of work for a shard.
+pub enum Op<'a> {
+    Request(&'a Request),
+    /// The records of an offline batch that belong to this shard, with their positions.
+    Offline(&'a [(u16, OfflineRecord)]),
+    /// This shard's hotlist changes after `since`, at most `max`.
+    Hotlist {
+        since: u64,
+        max: usize,
+    },
+}
+
+pub enum Output {
+    Response(Response),
+    Offline(Vec<(u16, CardResult)>),
+    Hotlist {
+        version: u64,
+        entries: Vec<HotlistEntry>,
+        more: bool,
+    },
+}
+
+/// An entry decided in the current batch (not yet in sled).
+struct Pending {
+    seq: u64,
+    entry: Entry,
+}
+
+pub struct Shard {
+    index: u16,
+    count: u16,
+    limits: Limits,
+    secrets: Arc<Secrets>,
+    /// None only while recovery replays into a shard being opened.
+    journal: Option<Journal>,
+    db: sled::Db,
+    cards: HashMap<CardId, CardRecord>,
+    keys: HashMap<(CardId, KeyVersion), CardKey>,
+    hotlist_version: u64,
+    /// Allocation counter of the next card id this shard issues.
+    next_card: u64,
+    applied_seq: u64,
+    batch: Vec<Pending>,
+    batch_atc: HashMap<(CardId, Atc), usize>,
+    batch_ops: HashMap<(String, u64), usize>,
+    dirty: HashSet<CardId>,
+    scratch: Vec<u8>,
+}
+
+/// What recovery found, for the startup log.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenReport {
+    pub cards: usize,
+    pub replayed: u64,
+    pub last_seq: u64,
+    pub rebuilt_state: bool,
+}
+
+impl Shard {
+    /// Opens the shard, replaying journal records that sled has not applied. A missing or
+    /// unreadable sled database, or one ahead of the journal, is moved aside and rebuilt.
+    pub fn open(
+        options: ShardOptions,
+        secrets: Arc<Secrets>,
+    ) -> Result<(Shard, OpenReport), StoreError> {
+        let journal_dir = options.dir.join("journal");
+        let state_dir = options.dir.join("state");
+        std::fs::create_dir_all(&journal_dir).map_err(|source| StoreError::Io {
+            path: journal_dir.clone(),
+            source,
+        })?;
+        let mut rebuilt = false;
+        loop {
+            let db = match open_sled(&state_dir) {
+                Ok(db) => db,
+                Err(e) => {
+                    tracing::warn!(shard = options.index, error = %e, "state unreadable; rebuilding from the journal");
+                    move_aside(&state_dir)?;
+                    rebuilt = true;
+                    open_sled(&state_dir)?
+                }
+            };
+            let mut shard = Shard::from_db(&options, secrets.clone(), db)?;
+            let applied_before = shard.applied_seq;
+            let mut replayed = 0u64;
+            let mut replay_error: Option<StoreError> = None;
+            let journal = Journal::open(&journal_dir, options.journal.clone(), |seq, payload| {
+                if seq <= applied_before || replay_error.is_some() {
+                    return Ok(());
+                }
+                if let Err(e) = shard.replay_record(seq, payload) {
+                    replay_error = Some(e);
+                }
+                replayed += 1;
+                Ok(())
+            })?;
+            if let Some(e) = replay_error {
+                return Err(e);
+            }
+            let last_seq = journal.next_seq() - 1;
+            shard.journal = Some(journal);
+            if applied_before > last_seq {
+                tracing::warn!(
+                    shard = options.index,
+                    applied_seq = applied_before,
+                    last_seq,
+                    "state is ahead of the journal; rebuilding it from the journal"
+                );
+                drop(shard);
+                move_aside(&state_dir)?;
+                rebuilt = true;
+                continue;
+            }
+            shard.persist()?;
+            let report = OpenReport {
+                cards: shard.cards.len(),
+                replayed,
+                last_seq,
+                rebuilt_state: rebuilt,
+            };
+            return Ok((shard, report));
+        }
+    }
+
+    fn from_db(
+        options: &ShardOptions,
+        secrets: Arc<Secrets>,
+        db: sled::Db,
+    ) -> Result<Shard, StoreError> {
+        let applied_seq = match db.get(state::META_APPLIED)? {
+            Some(v) => state::be_u64(&v)
+                .ok_or_else(|| StoreError::State("applied_seq malformed".into()))?,
+            None => 0,
+        };
+        let mut cards = HashMap::new();
+        let mut next_card = 0u64;
+        for item in db.scan_prefix([state::CARD]) {
+            let (k, v) = item?;
+            let id = state::be_u64(&k[1..])
+                .ok_or_else(|| StoreError::State("card key malformed".into()))?;
+            let record = CardRecord::decode(&v)
+                .ok_or_else(|| StoreError::State(format!("card record {id} malformed")))?;
+            next_card = next_card.max(super::card_counter(CardId(id), options.count) + 1);
+            cards.insert(CardId(id), record);
+        }
+        let hotlist_version = match db.scan_prefix([state::HOTLIST]).next_back() {
+            Some(item) => state::be_u64(&item?.0[1..]).unwrap_or(0),
+            None => 0,
+        };
+        Ok(Shard {
+            index: options.index,
+            count: options.count,
+            limits: options.limits,
+            secrets,
+            journal: None,
+            db,
+            cards,
+            keys: HashMap::new(),
+            hotlist_version,
+            next_card,
+            applied_seq,
+            batch: Vec::new(),
+            batch_atc: HashMap::new(),
+            batch_ops: HashMap::new(),
+            dirty: HashSet::new(),
+            scratch: Vec::with_capacity(256),
+        })
+    }
+
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    pub fn hotlist_version(&self) -> u64 {
+        self.hotlist_version
+    }
+
+    /// A card's current record (tests and the auditor).
+    pub fn card(&self, id: CardId) -> Option<CardRecord> {
+        self.cards.get(&id).copied()
+    }
+
+    pub fn cards(&self) -> impl Iterator<Item = (&CardId, &CardRecord)> {
+        self.cards.iter()
+    }
+
+    /// Records decided but not yet committed.
+    pub fn pending(&self) -> usize {
+        self.journal.as_ref().map_or(0, Journal::pending)
+    }
+
+    fn journal(&mut self) -> Result<&mut Journal, StoreError> {
+        self.journal
+            .as_mut()
+            .ok_or_else(|| StoreError::State("journal not open".into()))
+    }
+
+    /// Makes every decided record durable with one sync. Err is fail-stop.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        self.journal()?.commit()?;
+        Ok(())
+    }
+
+    /// Writes the committed batch into sled (one atomic batch including `applied_seq`).
+    pub fn persist(&mut self) -> Result<(), StoreError> {
+        if self.batch.is_empty() && self.dirty.is_empty() {
+            return Ok(());
+        }
+        if self.pending() > 0 {
+            return Err(StoreError::State("persist before commit".into()));
+        }
+        let mut batch = sled::Batch::default();
+        let mut last_seq = self.applied_seq;
+        for p in &self.batch {
+            write_index(&mut batch, &p.entry, p.seq, &mut self.scratch);
+            last_seq = last_seq.max(p.seq);
+        }
+        for id in self.dirty.drain() {
+            if let Some(record) = self.cards.get(&id) {
+                batch.insert(&state::card_key(id)[..], &record.encode()[..]);
+            }
+        }
+        batch.insert(state::META_APPLIED, &last_seq.to_be_bytes()[..]);
+        self.db.apply_batch(batch)?;
+        self.applied_seq = last_seq;
+        self.batch.clear();
+        self.batch_atc.clear();
+        self.batch_ops.clear();
+        Ok(())
+    }
+
+    /// Flushes sled to disk (for a clean shutdown; correctness never depends on it).
+    pub fn flush_state(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn replay_record(&mut self, seq: u64, payload: &[u8]) -> Result<(), StoreError> {
+        let entry = Entry::decode(payload).map_err(|source| StoreError::Entry { seq, source })?;
+        self.apply(seq, entry);
+        // Bound the replay batch so a long journal tail does not build one giant sled batch.
+        if self.batch.len() >= 8192 {
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    /// Applies a decided entry to memory and queues its sled writes. Shared by the live path
+    /// and replay, so both produce the same state.
+    fn apply(&mut self, seq: u64, entry: Entry) {
+        let approved = entry.status == Status::Approved;
+        match entry.kind {
+            EntryKind::Issue if approved => {
+                self.cards.insert(
+                    entry.card_id,
+                    CardRecord {
+                        state: CardState::Active,
+                        block_reason: BlockReason::Other,
+                        balance: entry.balance_after,
+                        last_atc: Atc(0),
+                        key_version: entry.key_version,
+                        issued_ms: entry.time_ms,
+                        linked_card: CardId(0),
+                    },
+                );
+                self.next_card = self
+                    .next_card
+                    .max(super::card_counter(entry.card_id, self.count) + 1);
+                self.dirty.insert(entry.card_id);
+            }
+            EntryKind::ReplacedOut if approved => {
+                let moved = entry.amount.0.saturating_neg();
+                if let Some(old) = self.cards.get_mut(&entry.card_id) {
+                    old.state = CardState::Replaced;
+                    old.balance = entry.balance_after;
+                    old.linked_card = entry.other_card;
+                }
+                self.cards.insert(
+                    entry.other_card,
+                    CardRecord {
+                        state: CardState::Active,
+                        block_reason: BlockReason::Other,
+                        balance: Amount(moved),
+                        last_atc: Atc(0),
+                        key_version: entry.key_version,
+                        issued_ms: entry.time_ms,
+                        linked_card: entry.card_id,
+                    },
+                );
+                self.next_card = self
+                    .next_card
+                    .max(super::card_counter(entry.other_card, self.count) + 1);
+                self.dirty.insert(entry.card_id);
+                self.dirty.insert(entry.other_card);
+            }
+            _ => {
+                if let Some(card) = self.cards.get_mut(&entry.card_id) {
+                    if entry.uses_atc() {
+                        card.last_atc = card.last_atc.max(entry.atc);
+                    }
+                    if approved {
+                        card.balance = entry.balance_after;
+                        match entry.kind {
+                            EntryKind::Block => {
+                                card.state = CardState::Blocked;
+                                if let HotlistChange::Listed(reason) = entry.hotlist_change {
+                                    card.block_reason = reason;
+                                }
+                                card.block_reason = block_reason_of(&entry, card.block_reason);
+                            }
+                            EntryKind::Unblock => card.state = CardState::Active,
+                            EntryKind::Close => card.state = CardState::Closed,
+                            _ => {}
+                        }
+                    }
+                    self.dirty.insert(entry.card_id);
+                }
+            }
+        }
+        if entry.hotlist_version != 0 {
+            self.hotlist_version = self.hotlist_version.max(entry.hotlist_version);
+        }
+        let index = self.batch.len();
+        if entry.uses_atc() {
+            self.batch_atc.insert((entry.card_id, entry.atc), index);
+        }
+        if is_staff(entry.kind) {
+            self.batch_ops
+                .insert((entry.terminal.clone(), entry.reference), index);
+        }
+        self.batch.push(Pending { seq, entry });
+    }
+
+    /// Decides `op`, journals the outcome (in memory until `commit`), and returns the answer.
+    pub fn execute(
+        &mut self,
+        terminal: &str,
+        op: Op<'_>,
+        now_ms: u64,
+    ) -> Result<Output, StoreError> {
+        match op {
+            Op::Request(request) => self
+                .request(terminal, request, now_ms)
+                .map(Output::Response),
+            Op::Offline(records) => {
+                let mut results = Vec::with_capacity(records.len());
+                for (position, record) in records {
+                    results.push((*position, self.offline(terminal, record, now_ms)?));
+                }
+                Ok(Output::Offline(results))
+            }
+            Op::Hotlist { since, max } => self.hotlist(since, max),
+        }
+    }
+
+    fn request(
+        &mut self,
+        terminal: &str,
+        request: &Request,
+        now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        match request {
+            Request::Purchase { auth, amount } => {
+                self.money(terminal, request.message_type(), auth, *amount, now_ms)
+            }
+            Request::TopUp { auth, amount } => {
+                self.money(terminal, request.message_type(), auth, *amount, now_ms)
+            }
+            Request::Balance { auth } => self.balance(terminal, auth, now_ms),
+            Request::History {
+                auth,
+                before_seq,
+                limit,
+            } => self.history(terminal, auth, *before_seq, *limit, now_ms),
+            Request::Identity { auth } => self.identity(terminal, auth, now_ms),
+            Request::Issue { op_ref, deposit } => self.issue(terminal, *op_ref, *deposit, now_ms),
+            Request::Block {
+                op_ref,
+                card_id,
+                reason,
+            } => self.staff(
+                terminal,
+                EntryKind::Block,
+                *op_ref,
+                *card_id,
+                Some(*reason),
+                now_ms,
+            ),
+            Request::Unblock { op_ref, card_id } => self.staff(
+                terminal,
+                EntryKind::Unblock,
+                *op_ref,
+                *card_id,
+                None,
+                now_ms,
+            ),
+            Request::Close { op_ref, card_id } => {
+                self.staff(terminal, EntryKind::Close, *op_ref, *card_id, None, now_ms)
+            }
+            Request::Replace { op_ref, card_id } => {
+                self.replace(terminal, *op_ref, *card_id, now_ms)
+            }
+            Request::Hello { .. } | Request::OfflineBatch { .. } | Request::HotlistSync { .. } => {
+                Err(StoreError::State(
+                    "connection-level request routed to a shard".into(),
+                ))
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Keys and authentication.
+
+    fn card_key(&mut self, card: CardId, version: KeyVersion) -> Option<CardKey> {
+        if let Some(key) = self.keys.get(&(card, version)) {
+            return Some(key.clone());
+        }
+        let master = self.secrets.issuer.get(&version.0)?;
+        let key = CardKey::derive(master, version, card);
+        if self.keys.len() >= self.limits.key_cache_max {
+            // Crude but bounded: a full cache starts over rather than tracking recency.
+            self.keys.clear();
+        }
+        self.keys.insert((card, version), key.clone());
+        Some(key)
+    }
+
+    /// Checks the card exists and the cryptogram verifies. On failure returns the decline
+    /// status (never journaled, never consumes the ATC).
+    fn authenticate(
+        &mut self,
+        terminal: &str,
+        message_type: MessageType,
+        auth: &CardAuth,
+        amount: Amount,
+    ) -> Result<(CardRecord, CardKey), Status> {
+        let Some(card) = self.cards.get(&auth.card_id).copied() else {
+            return Err(Status::UnknownCard);
+        };
+        let Some(key) = self.card_key(auth.card_id, card.key_version) else {
+            tracing::error!(card = %auth.card_id.masked(), key_version = card.key_version.0, "no issuer key for the card's key version");
+            return Err(Status::KeyVersionRetired);
+        };
+        let expected = key.request_cryptogram(
+            message_type as u8,
+            auth.card_id,
+            auth.atc,
+            amount,
+            auth.nonce,
+            terminal,
+        );
+        if !CardKey::verify(&expected, &auth.cryptogram) {
+            tracing::warn!(card = %auth.card_id.masked(), terminal, "bad cryptogram");
+            return Err(Status::BadCryptogram);
+        }
+        Ok((card, key))
+    }
+
+    fn retired(&self, card: &CardRecord, now_ms: u64) -> bool {
+        self.secrets
+            .retire_after_ms
+            .get(&card.key_version.0)
+            .is_some_and(|cutoff| now_ms >= *cutoff)
+    }
+
+    /// The entry that consumed (card, ATC), from this batch or sled.
+    fn atc_entry(&self, card: CardId, atc: Atc) -> Result<Option<(u64, Entry)>, StoreError> {
+        if let Some(i) = self.batch_atc.get(&(card, atc)) {
+            let p = &self.batch[*i];
+            return Ok(Some((p.seq, p.entry.clone())));
+        }
+        match self.db.get(state::atc_key(card, atc))? {
+            Some(v) => self.indexed_entry(&v),
+            None => Ok(None),
+        }
+    }
+
+    fn op_entry(&self, terminal: &str, op_ref: u64) -> Result<Option<(u64, Entry)>, StoreError> {
+        if let Some(i) = self.batch_ops.get(&(terminal.to_owned(), op_ref)) {
+            let p = &self.batch[*i];
+            return Ok(Some((p.seq, p.entry.clone())));
+        }
+        match self.db.get(state::op_key(terminal, op_ref))? {
+            Some(v) => self.indexed_entry(&v),
+            None => Ok(None),
+        }
+    }
+
+    fn indexed_entry(&self, index_value: &[u8]) -> Result<Option<(u64, Entry)>, StoreError> {
+        let (card, seq) = state::parse_index_value(index_value)
+            .ok_or_else(|| StoreError::State("index value malformed".into()))?;
+        let Some(bytes) = self.db.get(state::history_key(card, seq))? else {
+            return Err(StoreError::State(format!(
+                "index points at missing history seq {seq}"
+            )));
+        };
+        let entry = Entry::decode(&bytes).map_err(|source| StoreError::Entry { seq, source })?;
+        Ok(Some((seq, entry)))
+    }
+
+    fn journal_entry(&mut self, entry: Entry) -> Result<u64, StoreError> {
+        entry.encode(&mut self.scratch);
+        let scratch = std::mem::take(&mut self.scratch);
+        let appended = self.journal().and_then(|j| Ok(j.append(&scratch)?));
+        self.scratch = scratch;
+        let seq = appended?;
+        self.apply(seq, entry);
+        Ok(seq)
+    }
+
+    fn next_hotlist(
+        &mut self,
+        before: Option<BlockReason>,
+        after: &CardRecord,
+    ) -> (u64, HotlistChange) {
+        let change = match (before, after.hotlisted()) {
+            (None, None) => HotlistChange::None,
+            (Some(a), Some(b)) if a == b => HotlistChange::None,
+            (_, Some(reason)) => HotlistChange::Listed(reason),
+            (Some(reason), None) => HotlistChange::Unlisted(reason),
+        };
+        if change == HotlistChange::None {
+            (0, change)
+        } else {
+            (self.hotlist_version + 1, change)
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Card transactions.
+
+    fn money(
+        &mut self,
+        terminal: &str,
+        message_type: MessageType,
+        auth: &CardAuth,
+        amount: Amount,
+        now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let kind = if message_type == MessageType::Purchase {
+            EntryKind::Purchase
+        } else {
+            EntryKind::TopUp
+        };
+        let wrap = |r: CardResult| {
+            if kind == EntryKind::Purchase {
+                Response::Purchase(r)
+            } else {
+                Response::TopUp(r)
+            }
+        };
+        let (card, key) = match self.authenticate(terminal, message_type, auth, amount) {
+            Ok(found) => found,
+            Err(status) => return Ok(wrap(unauthenticated(status, auth))),
+        };
+        if auth.atc <= card.last_atc {
+            let result = match self.atc_entry(auth.card_id, auth.atc)? {
+                Some((seq, e)) if e.kind == kind && e.binding == auth.cryptogram => {
+                    card_result(&e, seq)
+                }
+                _ => {
+                    tracing::warn!(card = %auth.card_id.masked(), terminal, atc = auth.atc.0, "replayed counter declined");
+                    CardResult {
+                        balance: card.balance,
+                        ..unauthenticated(Status::Replay, auth)
+                    }
+                }
+            };
+            return Ok(wrap(self.seal_card(
+                &key,
+                message_type,
+                &auth.cryptogram,
+                result,
+            )));
+        }
+        let status = self.money_status(&card, kind, amount, now_ms);
+        let mut after = card;
+        if status == Status::Approved {
+            after.balance = Amount(if kind == EntryKind::Purchase {
+                card.balance.0 - amount.0
+            } else {
+                card.balance.0 + amount.0
+            });
+        }
+        let (hotlist_version, hotlist_change) = self.next_hotlist(card.hotlisted(), &after);
+        let entry = Entry {
+            kind,
+            status,
+            card_id: auth.card_id,
+            atc: auth.atc,
+            amount: Amount(after.balance.0 - card.balance.0),
+            balance_after: after.balance,
+            time_ms: now_ms,
+            reference: auth.nonce,
+            binding: auth.cryptogram,
+            other_card: CardId(0),
+            key_version: card.key_version,
+            hotlist_version,
+            hotlist_change,
+            extra: amount.0,
+            terminal: terminal.to_owned(),
+        };
+        let seq = self.journal_entry(entry.clone())?;
+        let result = card_result(&entry, seq);
+        Ok(wrap(self.seal_card(
+            &key,
+            message_type,
+            &auth.cryptogram,
+            result,
+        )))
+    }
+
+    fn money_status(
+        &self,
+        card: &CardRecord,
+        kind: EntryKind,
+        amount: Amount,
+        now_ms: u64,
+    ) -> Status {
+        if matches!(card.state, CardState::Closed | CardState::Replaced) {
+            return Status::CardClosed;
+        }
+        if self.retired(card, now_ms) {
+            return Status::KeyVersionRetired;
+        }
+        if amount.0 <= 0 || amount.0 > self.limits.max_amount {
+            return Status::InvalidAmount;
+        }
+        match kind {
+            EntryKind::Purchase => {
+                if card.hotlisted().is_some() {
+                    Status::CardBlocked
+                } else if card.balance.0 < amount.0 {
+                    Status::InsufficientFunds
+                } else {
+                    Status::Approved
+                }
+            }
+            _ => {
+                if card.state == CardState::Blocked {
+                    Status::CardBlocked
+                } else if card.balance.0 + amount.0 > self.limits.max_balance {
+                    Status::OverBalanceCap
+                } else {
+                    Status::Approved
+                }
+            }
+        }
+    }
+
+    fn balance(
+        &mut self,
+        terminal: &str,
+        auth: &CardAuth,
+        _now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let (card, key) = match self.authenticate(terminal, MessageType::Balance, auth, Amount(0)) {
+            Ok(found) => found,
+            Err(status) => return Ok(Response::Balance(unauthenticated(status, auth))),
+        };
+        let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
+            Status::CardClosed
+        } else {
+            Status::Approved
+        };
+        let result = CardResult {
+            status,
+            card_id: auth.card_id,
+            atc: auth.atc,
+            balance: card.balance,
+            journal_seq: 0,
+            mac: Mac::default(),
+        };
+        Ok(Response::Balance(self.seal_card(
+            &key,
+            MessageType::Balance,
+            &auth.cryptogram,
+            result,
+        )))
+    }
+
+    fn history(
+        &mut self,
+        terminal: &str,
+        auth: &CardAuth,
+        before_seq: u64,
+        limit: u16,
+        _now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let empty = |status, balance| HistoryPage {
+            status,
+            card_id: auth.card_id,
+            atc: auth.atc,
+            balance,
+            entries: Vec::new(),
+            next_before_seq: 0,
+            mac: Mac::default(),
+        };
+        let (card, key) = match self.authenticate(terminal, MessageType::History, auth, Amount(0)) {
+            Ok(found) => found,
+            Err(status) => return Ok(Response::History(empty(status, Amount(0)))),
+        };
+        let limit = match usize::from(limit) {
+            0 => 16,
+            n => n.min(MAX_HISTORY_PAGE),
+        };
+        let before = if before_seq == 0 {
+            u64::MAX
+        } else {
+            before_seq
+        };
+        let mut entries = Vec::with_capacity(limit + 1);
+        // Entries of this batch are newer than anything in sled.
+        for p in self.batch.iter().rev() {
+            if entries.len() > limit {
+                break;
+            }
+            if p.seq < before
+                && (p.entry.card_id == auth.card_id || p.entry.other_card == auth.card_id)
+            {
+                entries.push(history_entry(&p.entry, p.seq, auth.card_id));
+            }
+        }
+        if entries.len() <= limit {
+            let start = state::history_key(auth.card_id, 0);
+            let end = state::history_key(auth.card_id, before);
+            for item in self.db.range(start..end).rev() {
+                let (k, v) = item?;
+                let seq = state::be_u64(&k[9..]).unwrap_or(0);
+                if entries.iter().any(|e: &HistoryEntry| e.journal_seq == seq) {
+                    continue;
+                }
+                let entry =
+                    Entry::decode(&v).map_err(|source| StoreError::Entry { seq, source })?;
+                entries.push(history_entry(&entry, seq, auth.card_id));
+                if entries.len() > limit {
+                    break;
+                }
+            }
+        }
+        let next_before_seq = if entries.len() > limit {
+            entries.truncate(limit);
+            entries.last().map_or(0, |e| e.journal_seq)
+        } else {
+            0
+        };
+        let mut page = empty(Status::Approved, card.balance);
+        page.entries = entries;
+        page.next_before_seq = next_before_seq;
+        let mut response = Response::History(page);
+        seal(&key, &auth.cryptogram, &mut response);
+        Ok(response)
+    }
+
+    fn identity(
+        &mut self,
+        terminal: &str,
+        auth: &CardAuth,
+        now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let declined = |status| IdentityResult {
+            status,
+            card_id: auth.card_id,
+            atc: auth.atc,
+            journal_seq: 0,
+            issued_ms: 0,
+            expires_ms: 0,
+            signature: [0u8; 64],
+            mac: Mac::default(),
+        };
+        let (card, key) = match self.authenticate(terminal, MessageType::Identity, auth, Amount(0))
+        {
+            Ok(found) => found,
+            Err(status) => return Ok(Response::Identity(declined(status))),
+        };
+        let (seq, entry) = if auth.atc <= card.last_atc {
+            match self.atc_entry(auth.card_id, auth.atc)? {
+                Some((seq, e)) if e.kind == EntryKind::Identity && e.binding == auth.cryptogram => {
+                    (seq, e)
+                }
+                _ => {
+                    let mut response = Response::Identity(declined(Status::Replay));
+                    seal(&key, &auth.cryptogram, &mut response);
+                    return Ok(response);
+                }
+            }
+        } else {
+            let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
+                Status::CardClosed
+            } else if self.retired(&card, now_ms) {
+                Status::KeyVersionRetired
+            } else if card.hotlisted().is_some() {
+                Status::CardBlocked
+            } else {
+                Status::Approved
+            };
+            let entry = Entry {
+                kind: EntryKind::Identity,
+                status,
+                card_id: auth.card_id,
+                atc: auth.atc,
+                amount: Amount(0),
+                balance_after: card.balance,
+                time_ms: now_ms,
+                reference: auth.nonce,
+                binding: auth.cryptogram,
+                other_card: CardId(0),
+                key_version: card.key_version,
+                hotlist_version: 0,
+                hotlist_change: HotlistChange::None,
+                extra: now_ms.saturating_add(self.limits.identity_ttl_ms) as i64,
+                terminal: terminal.to_owned(),
+            };
+            (self.journal_entry(entry.clone())?, entry)
+        };
+        let mut result = declined(entry.status);
+        result.journal_seq = seq;
+        if entry.status == Status::Approved {
+            result.issued_ms = entry.time_ms;
+            result.expires_ms = entry.extra as u64;
+            let message = assertion_bytes(
+                entry.card_id,
+                entry.atc,
+                seq,
+                result.issued_ms,
+                result.expires_ms,
+                &entry.terminal,
+            );
+            result
+                .signature
+                .copy_from_slice(self.secrets.assertion.sign(&message).as_ref());
+        }
+        let mut response = Response::Identity(result);
+        seal(&key, &auth.cryptogram, &mut response);
+        Ok(response)
+    }
+
+    fn offline(
+        &mut self,
+        terminal: &str,
+        record: &OfflineRecord,
+        now_ms: u64,
+    ) -> Result<CardResult, StoreError> {
+        let unauth = |status| CardResult {
+            status,
+            card_id: record.card_id,
+            atc: record.atc,
+            balance: Amount(0),
+            journal_seq: 0,
+            mac: Mac::default(),
+        };
+        let Some(card) = self.cards.get(&record.card_id).copied() else {
+            return Ok(unauth(Status::UnknownCard));
+        };
+        let Some(key) = self.card_key(record.card_id, card.key_version) else {
+            return Ok(unauth(Status::KeyVersionRetired));
+        };
+        let expected = key.offline_certificate(
+            record.card_id,
+            record.atc,
+            record.amount,
+            record.time_ms,
+            record.nonce,
+            terminal,
+        );
+        if !CardKey::verify(&expected, &record.certificate) {
+            tracing::warn!(card = %record.card_id.masked(), terminal, "bad offline certificate");
+            return Ok(unauth(Status::BadCryptogram));
+        }
+        let result = match self.atc_entry(record.card_id, record.atc)? {
+            Some((seq, e)) if e.kind == EntryKind::Offline && e.binding == record.certificate => {
+                card_result(&e, seq)
+            }
+            Some(_) => CardResult {
+                balance: card.balance,
+                ..unauth(Status::Replay)
+            },
+            None => {
+                let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
+                    Status::CardClosed
+                } else if record.amount.0 <= 0 || record.amount.0 > self.limits.max_amount {
+                    Status::InvalidAmount
+                } else {
+                    // Offline spending already happened at the gate: it applies even when it
+                    // overdraws or the card was blocked after the reader last synced.
+                    Status::Approved
+                };
+                let mut after = card;
+                if status == Status::Approved {
+                    after.balance = Amount(card.balance.0 - record.amount.0);
+                }
+                let (hotlist_version, hotlist_change) = self.next_hotlist(card.hotlisted(), &after);
+                let entry = Entry {
+                    kind: EntryKind::Offline,
+                    status,
+                    card_id: record.card_id,
+                    atc: record.atc,
+                    amount: Amount(after.balance.0 - card.balance.0),
+                    balance_after: after.balance,
+                    time_ms: record.time_ms,
+                    reference: record.nonce,
+                    binding: record.certificate,
+                    other_card: CardId(0),
+                    key_version: card.key_version,
+                    hotlist_version,
+                    hotlist_change,
+                    extra: record.amount.0,
+                    terminal: terminal.to_owned(),
+                };
+                let _ = now_ms;
+                let seq = self.journal_entry(entry.clone())?;
+                card_result(&entry, seq)
+            }
+        };
+        Ok(self.seal_card(&key, MessageType::OfflineBatch, &record.certificate, result))
+    }
+
+    fn seal_card(
+        &self,
+        key: &CardKey,
+        request_type: MessageType,
+        binding: &Mac,
+        result: CardResult,
+    ) -> CardResult {
+        let response_type = match request_type {
+            MessageType::Purchase => MessageType::PurchaseResult,
+            MessageType::TopUp => MessageType::TopUpResult,
+            MessageType::Balance => MessageType::BalanceResult,
+            _ => MessageType::OfflineResults,
+        };
+        let mut body = BytesMut::with_capacity(citycard_protocol::CARD_RESULT_LEN);
+        let mut r = result;
+        r.mac = Mac::default();
+        let response = Response::Balance(r);
+        // Encoding a CardResult cannot fail: it has no counted fields.
+        let _ = response.encode_body(&mut body);
+        let split = body.len() - 16;
+        r.mac = key.response_mac(response_type as u8, binding, &body[..split]);
+        r
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Staff operations (counter terminals).
+
+    /// The original answer to a retried staff operation, or ReferenceReused.
+    fn staff_retry(
+        &self,
+        terminal: &str,
+        op_ref: u64,
+        kind: EntryKind,
+        card: CardId,
+    ) -> Result<Option<(u64, Entry)>, StoreError> {
+        Ok(self.op_entry(terminal, op_ref)?.map(|(seq, e)| {
+            if e.kind == kind && (kind == EntryKind::Issue || e.card_id == card) {
+                (seq, e)
+            } else {
+                let mut reused = e;
+                reused.status = Status::ReferenceReused;
+                (0, reused)
+            }
+        }))
+    }
+
+    fn issue(
+        &mut self,
+        terminal: &str,
+        op_ref: u64,
+        deposit: Amount,
+        now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let (seq, entry) = match self.staff_retry(terminal, op_ref, EntryKind::Issue, CardId(0))? {
+            Some(found) => found,
+            None => {
+                let status = if deposit.0 < 0 || deposit.0 > self.limits.max_balance {
+                    Status::InvalidAmount
+                } else {
+                    Status::Approved
+                };
+                let card_id = if status == Status::Approved {
+                    super::card_id_for(self.index, self.count, self.next_card)
+                } else {
+                    CardId(0)
+                };
+                let entry = Entry {
+                    kind: EntryKind::Issue,
+                    status,
+                    card_id,
+                    atc: Atc(0),
+                    amount: if status == Status::Approved {
+                        deposit
+                    } else {
+                        Amount(0)
+                    },
+                    balance_after: if status == Status::Approved {
+                        deposit
+                    } else {
+                        Amount(0)
+                    },
+                    time_ms: now_ms,
+                    reference: op_ref,
+                    binding: Mac::default(),
+                    other_card: CardId(0),
+                    key_version: self.secrets.current_version,
+                    hotlist_version: 0,
+                    hotlist_change: HotlistChange::None,
+                    extra: deposit.0,
+                    terminal: terminal.to_owned(),
+                };
+                (self.journal_entry(entry.clone())?, entry)
+            }
+        };
+        Ok(Response::Issue(self.issue_result(
+            &entry,
+            seq,
+            entry.card_id,
+            CardId(0),
+            Amount(entry.balance_after.0),
+        )))
+    }
+
+    fn issue_result(
+        &mut self,
+        entry: &Entry,
+        seq: u64,
+        new_card: CardId,
+        old_card: CardId,
+        balance: Amount,
+    ) -> IssueResult {
+        let mut result = IssueResult {
+            status: entry.status,
+            card_id: new_card,
+            key_version: entry.key_version,
+            card_key: [0u8; 32],
+            balance,
+            replaced_card_id: old_card,
+            journal_seq: seq,
+            mac: Mac::default(),
+        };
+        if entry.status != Status::Approved {
+            result.card_id = if entry.status == Status::ReferenceReused {
+                CardId(0)
+            } else {
+                new_card
+            };
+            result.balance = Amount(0);
+            return result;
+        }
+        let Some(key) = self.card_key(new_card, entry.key_version) else {
+            return result;
+        };
+        result.card_key = *key.bytes();
+        let mut response = if old_card.0 == 0 {
+            Response::Issue(result)
+        } else {
+            Response::Replace(result)
+        };
+        seal(&key, &staff_binding(entry.reference), &mut response);
+        match response {
+            Response::Issue(r) | Response::Replace(r) => r,
+            _ => result,
+        }
+    }
+
+    fn replace(
+        &mut self,
+        terminal: &str,
+        op_ref: u64,
+        old: CardId,
+        now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let (seq, entry) = match self.staff_retry(terminal, op_ref, EntryKind::ReplacedOut, old)? {
+            Some(found) => found,
+            None => {
+                let Some(card) = self.cards.get(&old).copied() else {
+                    return Ok(Response::Replace(declined_issue(Status::UnknownCard, old)));
+                };
+                let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
+                    Status::CardClosed
+                } else {
+                    Status::Approved
+                };
+                let new_card = if status == Status::Approved {
+                    super::card_id_for(self.index, self.count, self.next_card)
+                } else {
+                    CardId(0)
+                };
+                let mut after = card;
+                if status == Status::Approved {
+                    after.state = CardState::Replaced;
+                    after.balance = Amount(0);
+                }
+                let (hotlist_version, hotlist_change) = self.next_hotlist(card.hotlisted(), &after);
+                let entry = Entry {
+                    kind: EntryKind::ReplacedOut,
+                    status,
+                    card_id: old,
+                    atc: Atc(0),
+                    amount: Amount(after.balance.0 - card.balance.0),
+                    balance_after: after.balance,
+                    time_ms: now_ms,
+                    reference: op_ref,
+                    binding: Mac::default(),
+                    other_card: new_card,
+                    key_version: self.secrets.current_version,
+                    hotlist_version,
+                    hotlist_change,
+                    extra: 0,
+                    terminal: terminal.to_owned(),
+                };
+                (self.journal_entry(entry.clone())?, entry)
+            }
+        };
+        let moved = Amount(entry.amount.0.saturating_neg());
+        Ok(Response::Replace(self.issue_result(
+            &entry,
+            seq,
+            entry.other_card,
+            old,
+            moved,
+        )))
+    }
+
+    fn staff(
+        &mut self,
+        terminal: &str,
+        kind: EntryKind,
+        op_ref: u64,
+        card_id: CardId,
+        reason: Option<BlockReason>,
+        now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let (seq, entry) = match self.staff_retry(terminal, op_ref, kind, card_id)? {
+            Some(found) => found,
+            None => {
+                let Some(card) = self.cards.get(&card_id).copied() else {
+                    return Ok(wrap_staff(
+                        kind,
+                        declined_staff(Status::UnknownCard, card_id),
+                    ));
+                };
+                let retired = matches!(card.state, CardState::Closed | CardState::Replaced);
+                let mut after = card;
+                let status = match kind {
+                    _ if retired => Status::CardClosed,
+                    EntryKind::Block if card.state == CardState::Blocked => Status::InvalidState,
+                    EntryKind::Block => {
+                        after.state = CardState::Blocked;
+                        after.block_reason = reason.unwrap_or(BlockReason::Other);
+                        Status::Approved
+                    }
+                    EntryKind::Unblock if card.state != CardState::Blocked => Status::InvalidState,
+                    EntryKind::Unblock => {
+                        after.state = CardState::Active;
+                        Status::Approved
+                    }
+                    _ => {
+                        after.state = CardState::Closed;
+                        after.balance = Amount(0);
+                        Status::Approved
+                    }
+                };
+                let (hotlist_version, hotlist_change) = self.next_hotlist(card.hotlisted(), &after);
+                let refunded = if kind == EntryKind::Close && status == Status::Approved {
+                    card.balance.0
+                } else {
+                    0
+                };
+                let entry = Entry {
+                    kind,
+                    status,
+                    card_id,
+                    atc: Atc(0),
+                    amount: Amount(after.balance.0 - card.balance.0),
+                    balance_after: after.balance,
+                    time_ms: now_ms,
+                    reference: op_ref,
+                    binding: Mac::default(),
+                    other_card: CardId(0),
+                    key_version: card.key_version,
+                    hotlist_version,
+                    hotlist_change,
+                    // Block: the reason; close: the refund.
+                    extra: if kind == EntryKind::Block {
+                        i64::from(after.block_reason as u8)
+                    } else {
+                        refunded
+                    },
+                    terminal: terminal.to_owned(),
+                };
+                (self.journal_entry(entry.clone())?, entry)
+            }
+        };
+        let card = self.cards.get(&card_id).copied();
+        let mut result = declined_staff(entry.status, card_id);
+        if entry.status == Status::ReferenceReused {
+            return Ok(wrap_staff(kind, result));
+        }
+        result.journal_seq = seq;
+        result.balance = entry.balance_after;
+        result.hotlist_version = entry.hotlist_version;
+        result.refunded = if kind == EntryKind::Close {
+            Amount(entry.extra)
+        } else {
+            Amount(0)
+        };
+        result.card_state = match (entry.status, kind) {
+            (Status::Approved, EntryKind::Block) => CardState::Blocked,
+            (Status::Approved, EntryKind::Close) => CardState::Closed,
+            (Status::Approved, _) if entry.balance_after.0 < 0 => CardState::Overdrawn,
+            (Status::Approved, _) => CardState::Active,
+            _ => card.map_or(CardState::Active, |c| c.reported_state()),
+        };
+        let mut response = wrap_staff(kind, result);
+        if let Some(card) = card {
+            if let Some(key) = self.card_key(card_id, card.key_version) {
+                seal(&key, &staff_binding(op_ref), &mut response);
+            }
+        }
+        Ok(response)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Hotlist.
+
+    fn hotlist(&mut self, since: u64, max: usize) -> Result<Output, StoreError> {
+        let mut entries = Vec::new();
+        let mut more = false;
+        let start = state::hotlist_key(since.saturating_add(1));
+        let end = state::hotlist_key(u64::MAX);
+        for item in self.db.range(start..end) {
+            let (k, v) = item?;
+            if entries.len() == max {
+                more = true;
+                break;
+            }
+            let version = state::be_u64(&k[1..]).unwrap_or(0);
+            entries.push(parse_hotlist(version, &v)?);
+        }
+        // Changes of the current batch are not in sled yet.
+        for p in &self.batch {
+            if p.entry.hotlist_version > since
+                && !entries.iter().any(|e| e.version == p.entry.hotlist_version)
+            {
+                if entries.len() == max {
+                    more = true;
+                    break;
+                }
+                if let Some(e) = hotlist_entry_of(&p.entry) {
+                    entries.push(e);
+                }
+            }
+        }
+        let version = entries.last().map_or(since, |e| e.version);
+        Ok(Output::Hotlist {
+            version,
+            entries,
+            more,
+        })
+    }
+}
+
+fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
+    // sled releases its file lock from background threads shortly after the last handle of a
+    // closed database is dropped; a reopen within the same process can race that, so retry for
+    // a bounded time before treating the state as unreadable.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
+            {
+                if Instant::now() >= deadline {
+                    return Err(StoreError::Sled(sled::Error::Io(e)));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn move_aside(dir: &Path) -> Result<(), StoreError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let aside = dir.with_file_name(format!("state.broken-{stamp}"));
+    std::fs::rename(dir, &aside).map_err(|source| StoreError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    tracing::warn!(moved_to = %aside.display(), "previous state kept aside for inspection");
+    Ok(())
+}
+
+fn is_staff(kind: EntryKind) -> bool {
+    matches!(
+        kind,
+        EntryKind::Issue
+            | EntryKind::Block
+            | EntryKind::Unblock
+            | EntryKind::ReplacedOut
+            | EntryKind::Close
+    )
+}
+
+fn block_reason_of(entry: &Entry, current: BlockReason) -> BlockReason {
+    u8::try_from(entry.extra)
+        .ok()
+        .and_then(BlockReason::from_u8)
+        .unwrap_or(current)
+}
+
+/// The sled writes of one committed entry: history under each card it touches, and its index.
+fn write_index(batch: &mut sled::Batch, entry: &Entry, seq: u64, scratch: &mut Vec<u8>) {
+    entry.encode(scratch);
+    if entry.card_id.0 != 0 {
+        batch.insert(&state::history_key(entry.card_id, seq)[..], &scratch[..]);
+    }
+    if entry.other_card.0 != 0 {
+        batch.insert(&state::history_key(entry.other_card, seq)[..], &scratch[..]);
+    }
+    if entry.uses_atc() {
+        batch.insert(
+            &state::atc_key(entry.card_id, entry.atc)[..],
+            &state::index_value(entry.card_id, seq)[..],
+        );
+    }
+    if is_staff(entry.kind) {
+        // A declined issue has no card: its history lives under card 0.
+        if entry.card_id.0 == 0 {
+            batch.insert(&state::history_key(CardId(0), seq)[..], &scratch[..]);
+        }
+        batch.insert(
+            state::op_key(&entry.terminal, entry.reference),
+            &state::index_value(entry.card_id, seq)[..],
+        );
+    }
+    if let Some(h) = hotlist_entry_of(entry) {
+        batch.insert(
+            &state::hotlist_key(h.version)[..],
+            &state::hotlist_value(h.card_id, h.listed, h.reason)[..],
+        );
+    }
+}
+
+fn hotlist_entry_of(entry: &Entry) -> Option<HotlistEntry> {
+    let (listed, reason) = match entry.hotlist_change {
+        HotlistChange::None => return None,
+        HotlistChange::Listed(r) => (true, r),
+        HotlistChange::Unlisted(r) => (false, r),
+    };
+    Some(HotlistEntry {
+        card_id: entry.card_id,
+        listed,
+        reason,
+        version: entry.hotlist_version,
+    })
+}
+
+fn parse_hotlist(version: u64, v: &[u8]) -> Result<HotlistEntry, StoreError> {
+    if v.len() != 10 {
+        return Err(StoreError::State(format!(
+            "hotlist entry {version} malformed"
+        )));
+    }
+    let card_id = CardId(state::be_u64(&v[..8]).unwrap_or(0));
+    let reason = BlockReason::from_u8(v[9])
+        .ok_or_else(|| StoreError::State(format!("hotlist entry {version} reason")))?;
+    Ok(HotlistEntry {
+        card_id,
+        listed: v[8] == 1,
+        reason,
+        version,
+    })
+}
+
+fn unauthenticated(status: Status, auth: &CardAuth) -> CardResult {
+    CardResult {
+        status,
+        card_id: auth.card_id,
+        atc: auth.atc,
+        balance: Amount(0),
+        journal_seq: 0,
+        mac: Mac::default(),
+    }
+}
+
+fn card_result(entry: &Entry, seq: u64) -> CardResult {
+    CardResult {
+        status: entry.status,
+        card_id: entry.card_id,
+        atc: entry.atc,
+        balance: entry.balance_after,
+        journal_seq: seq,
+        mac: Mac::default(),
+    }
+}
+
+fn history_entry(entry: &Entry, seq: u64, viewer: CardId) -> HistoryEntry {
+    let incoming = entry.kind == EntryKind::ReplacedOut && entry.other_card == viewer;
+    let moved = Amount(entry.amount.0.saturating_neg());
+    HistoryEntry {
+        journal_seq: seq,
+        kind: if incoming {
+            EntryKind::ReplacedIn
+        } else {
+            entry.kind
+        },
+        status: entry.status,
+        amount: if incoming { moved } else { entry.amount },
+        balance_after: if incoming { moved } else { entry.balance_after },
+        time_ms: entry.time_ms,
+        atc: entry.atc,
+    }
+}
+
+fn declined_issue(status: Status, old: CardId) -> IssueResult {
+    IssueResult {
+        status,
+        card_id: CardId(0),
+        key_version: KeyVersion(0),
+        card_key: [0u8; 32],
+        balance: Amount(0),
+        replaced_card_id: old,
+        journal_seq: 0,
+        mac: Mac::default(),
+    }
+}
+
+fn declined_staff(status: Status, card_id: CardId) -> StaffResult {
+    StaffResult {
+        status,
+        card_id,
+        card_state: CardState::Active,
+        balance: Amount(0),
+        refunded: Amount(0),
+        hotlist_version: 0,
+        journal_seq: 0,
+        mac: Mac::default(),
+    }
+}
+
+fn wrap_staff(kind: EntryKind, result: StaffResult) -> Response {
+    match kind {
+        EntryKind::Block => Response::Block(result),
+        EntryKind::Unblock => Response::Unblock(result),
+        _ => Response::Close(result),
+    }
+}
+
+/// Computes and sets the response MAC of a card-related response.
+pub fn seal(key: &CardKey, binding: &Mac, response: &mut Response) {
+    let mut body = BytesMut::with_capacity(128);
+    if response.encode_body(&mut body).is_err() || body.len() < 16 {
+        return;
+    }
+    let split = body.len() - 16;
+    let mac = key.response_mac(response.message_type() as u8, binding, &body[..split]);
+    match response {
+        Response::Purchase(r) | Response::TopUp(r) | Response::Balance(r) => r.mac = mac,
+        Response::History(h) => h.mac = mac,
+        Response::Identity(i) => i.mac = mac,
+        Response::Issue(i) | Response::Replace(i) => i.mac = mac,
+        Response::Block(s) | Response::Unblock(s) | Response::Close(s) => s.mac = mac,
+        _ => {}
+    }
+}

@@ -1,0 +1,158 @@
+//! Derived state in sled: card records, the (card, ATC) and (terminal, op_ref) indexes, per-card
+//! history, the hotlist and the last journal sequence applied. Everything here can be rebuilt
+//! from the journal; one sled batch per commit keeps it consistent with `applied_seq`.
+
+use citycard_protocol::{Amount, Atc, BlockReason, CardId, CardState, KeyVersion};
+
+/// Key prefixes in the single sled tree.
+pub(crate) const CARD: u8 = b'c';
+pub(crate) const HISTORY: u8 = b'x';
+pub(crate) const ATC_INDEX: u8 = b'a';
+pub(crate) const OP_INDEX: u8 = b'o';
+pub(crate) const HOTLIST: u8 = b'h';
+pub(crate) const META_APPLIED: &[u8] = b"m:applied_seq";
+
+/// A card as the engine keeps it in memory and in sled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CardRecord {
+    pub state: CardState,
+    /// Why staff blocked it (meaningful while `state == Blocked`).
+    pub block_reason: BlockReason,
+    pub balance: Amount,
+    /// Highest ATC seen from the card, online or offline.
+    pub last_atc: Atc,
+    pub key_version: KeyVersion,
+    pub issued_ms: u64,
+    /// Replace link: the card this one replaced, or that replaced it (0 when none).
+    pub linked_card: CardId,
+}
+
+const CARD_RECORD_LEN: usize = 1 + 1 + 8 + 4 + 2 + 8 + 8;
+
+impl CardRecord {
+    /// Whether terminals must refuse the card, and why.
+    pub fn hotlisted(&self) -> Option<BlockReason> {
+        match self.state {
+            CardState::Blocked => Some(self.block_reason),
+            CardState::Closed | CardState::Replaced => Some(BlockReason::Retired),
+            CardState::Active | CardState::Overdrawn if self.balance.0 < 0 => {
+                Some(BlockReason::Overdrawn)
+            }
+            CardState::Active | CardState::Overdrawn => None,
+        }
+    }
+
+    /// The state reported to counters (Overdrawn is derived from the balance).
+    pub fn reported_state(&self) -> CardState {
+        match self.state {
+            CardState::Active if self.balance.0 < 0 => CardState::Overdrawn,
+            other => other,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; CARD_RECORD_LEN] {
+        let mut out = [0u8; CARD_RECORD_LEN];
+        out[0] = self.state as u8;
+        out[1] = self.block_reason as u8;
+        out[2..10].copy_from_slice(&self.balance.0.to_be_bytes());
+        out[10..14].copy_from_slice(&self.last_atc.0.to_be_bytes());
+        out[14..16].copy_from_slice(&self.key_version.0.to_be_bytes());
+        out[16..24].copy_from_slice(&self.issued_ms.to_be_bytes());
+        out[24..32].copy_from_slice(&self.linked_card.0.to_be_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<CardRecord> {
+        if bytes.len() != CARD_RECORD_LEN {
+            return None;
+        }
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&bytes[i..i + 8]);
+            u64::from_be_bytes(a)
+        };
+        Some(CardRecord {
+            state: CardState::from_u8(bytes[0])?,
+            block_reason: BlockReason::from_u8(bytes[1])?,
+            balance: Amount(u64_at(2) as i64),
+            last_atc: Atc(u32::from_be_bytes([
+                bytes[10], bytes[11], bytes[12], bytes[13],
+            ])),
+            key_version: KeyVersion(u16::from_be_bytes([bytes[14], bytes[15]])),
+            issued_ms: u64_at(16),
+            linked_card: CardId(u64_at(24)),
+        })
+    }
+}
+
+pub(crate) fn card_key(card: CardId) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = CARD;
+    k[1..].copy_from_slice(&card.0.to_be_bytes());
+    k
+}
+
+pub(crate) fn history_key(card: CardId, seq: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = HISTORY;
+    k[1..9].copy_from_slice(&card.0.to_be_bytes());
+    k[9..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn atc_key(card: CardId, atc: Atc) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = ATC_INDEX;
+    k[1..9].copy_from_slice(&card.0.to_be_bytes());
+    k[9..].copy_from_slice(&atc.0.to_be_bytes());
+    k
+}
+
+pub(crate) fn op_key(terminal: &str, op_ref: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + terminal.len() + 8);
+    k.push(OP_INDEX);
+    k.push(terminal.len() as u8);
+    k.extend_from_slice(terminal.as_bytes());
+    k.extend_from_slice(&op_ref.to_be_bytes());
+    k
+}
+
+pub(crate) fn hotlist_key(version: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = HOTLIST;
+    k[1..].copy_from_slice(&version.to_be_bytes());
+    k
+}
+
+/// Value of a hotlist key: card id, listed flag, reason.
+pub(crate) fn hotlist_value(card: CardId, listed: bool, reason: BlockReason) -> [u8; 10] {
+    let mut v = [0u8; 10];
+    v[..8].copy_from_slice(&card.0.to_be_bytes());
+    v[8] = u8::from(listed);
+    v[9] = reason as u8;
+    v
+}
+
+/// Value of an index key (ATC or op_ref): the card whose history holds the entry, and its seq.
+pub(crate) fn index_value(card: CardId, seq: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&card.0.to_be_bytes());
+    v[8..].copy_from_slice(&seq.to_be_bytes());
+    v
+}
+
+pub(crate) fn parse_index_value(v: &[u8]) -> Option<(CardId, u64)> {
+    if v.len() != 16 {
+        return None;
+    }
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&v[..8]);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&v[8..]);
+    Some((CardId(u64::from_be_bytes(a)), u64::from_be_bytes(b)))
+}
+
+pub(crate) fn be_u64(v: &[u8]) -> Option<u64> {
+    let a: [u8; 8] = v.try_into().ok()?;
+    Some(u64::from_be_bytes(a))
+}

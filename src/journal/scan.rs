@@ -1,0 +1,267 @@
+//! Recovery scan shared by [`super::Journal::open`] and [`super::read_all`]. Never modifies files.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use super::format::{
+    check_segment_header, nonzero_extent_end, parse_record, Parsed, RecordHash, SEGMENT_HEADER_LEN,
+};
+use super::segment::{io_err, SegmentFile};
+use super::JournalError;
+
+pub type Visit<'a> = dyn FnMut(u64, &[u8]) -> Result<(), JournalError> + 'a;
+
+/// Where the valid data ends because of a torn tail.
+#[derive(Debug, Clone)]
+pub struct Torn {
+    /// Index (into the segment list) of the segment holding the hole.
+    pub segment: usize,
+    /// Offset of the hole (where the next record will be written after truncation).
+    pub offset: u64,
+    /// Seq the record at the hole should have had.
+    pub seq: u64,
+    /// Exclusive end of the non-zero bytes at/after the hole in that segment.
+    pub zero_end: u64,
+    /// Non-zero bytes discarded: `zero_end - offset` plus the data extents of later segments.
+    pub bytes: u64,
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub segments: Vec<SegmentFile>,
+    pub records: u64,
+    pub next_seq: u64,
+    pub last_hash: RecordHash,
+    /// `(segment index, offset)` where the next record goes; `None` if there are no segments.
+    pub tail: Option<(usize, u64)>,
+    pub torn: Option<Torn>,
+}
+
+fn corrupt(path: &Path, offset: u64, seq: u64, reason: String) -> JournalError {
+    JournalError::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        seq,
+        reason,
+    }
+}
+
+/// Reads a whole segment into `buf` and checks its header.
+fn load(seg: &SegmentFile, buf: &mut Vec<u8>, seq: u64) -> Result<(), JournalError> {
+    buf.clear();
+    File::open(&seg.path)
+        .and_then(|mut f| f.read_to_end(buf))
+        .map_err(io_err(&seg.path))?;
+    check_segment_header(buf).map_err(|reason| corrupt(&seg.path, 0, seq, reason))
+}
+
+struct Chain {
+    next_seq: u64,
+    prev_hash: RecordHash,
+    batch_start: u64,
+    records: u64,
+}
+
+pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome, JournalError> {
+    let mut chain = Chain {
+        next_seq: 1,
+        prev_hash: [0; 32],
+        batch_start: 0,
+        records: 0,
+    };
+    let Some(first) = segments.first() else {
+        return Ok(Outcome {
+            segments,
+            records: 0,
+            next_seq: 1,
+            last_hash: [0; 32],
+            tail: None,
+            torn: None,
+        });
+    };
+    if first.first_seq != 1 {
+        return Err(corrupt(
+            &first.path,
+            0,
+            1,
+            format!(
+                "journal must start at seq 1 but its first segment starts at {}",
+                first.first_seq
+            ),
+        ));
+    }
+    let mut buf = Vec::new();
+    let hl = SEGMENT_HEADER_LEN as usize;
+    let mut k = 0;
+    loop {
+        let seg = &segments[k];
+        load(seg, &mut buf, chain.next_seq)?;
+        let mut off = hl;
+        // Normal scan: follow the record framing while the chain checks out.
+        let stop_reason = loop {
+            match parse_record(&buf, off) {
+                Parsed::End => break None,
+                Parsed::Bad(reason) => break Some(reason),
+                Parsed::Record(r) => {
+                    let at = off as u64;
+                    let expect = chain.next_seq;
+                    if r.seq != expect {
+                        return Err(corrupt(
+                            &seg.path,
+                            at,
+                            expect,
+                            format!("sequence gap: expected seq {expect}, found {}", r.seq),
+                        ));
+                    }
+                    if r.prev_hash != chain.prev_hash {
+                        return Err(corrupt(
+                            &seg.path,
+                            at,
+                            expect,
+                            "hash chain broken: prev_hash does not match the previous record"
+                                .into(),
+                        ));
+                    }
+                    let batch_ok = r.batch_start == r.seq
+                        || (chain.records > 0 && r.batch_start == chain.batch_start);
+                    if !batch_ok {
+                        return Err(corrupt(
+                            &seg.path,
+                            at,
+                            expect,
+                            format!("invalid batch_start {} for seq {}", r.batch_start, r.seq),
+                        ));
+                    }
+                    visit(r.seq, r.payload)?;
+                    chain.prev_hash = super::format::record_hash(r.bytes);
+                    chain.batch_start = r.batch_start;
+                    chain.next_seq += 1;
+                    chain.records += 1;
+                    off += r.size;
+                }
+            }
+        };
+        let s = chain.next_seq;
+        let extent = nonzero_extent_end(&buf, off);
+        let (reason, look_from) = match stop_reason {
+            None if extent == off => {
+                // Clean end of data in this segment.
+                match segments.get(k + 1) {
+                    None => {
+                        return Ok(Outcome {
+                            segments,
+                            records: chain.records,
+                            next_seq: s,
+                            last_hash: chain.prev_hash,
+                            tail: Some((k, off as u64)),
+                            torn: None,
+                        })
+                    }
+                    Some(next) if next.first_seq == s => {
+                        // Rotation boundary.
+                        k += 1;
+                        continue;
+                    }
+                    Some(next) => (
+                        format!(
+                            "data ends at seq {} but the next segment starts at seq {}",
+                            s - 1,
+                            next.first_seq
+                        ),
+                        None,
+                    ),
+                }
+            }
+            None => (
+                "non-zero bytes where the end of data was expected".to_string(),
+                Some(off + 8),
+            ),
+            Some(reason) => (reason, Some(off + 8)),
+        };
+        // Hole at (k, off). It is a torn tail only if nothing valid of a later batch follows.
+        let hole_path = seg.path.clone();
+        let hole_off = off as u64;
+        let mut bytes = (extent - off) as u64;
+        if let Some(from) = look_from {
+            look_ahead(&buf, from, s, &hole_path, hole_off, seg)?;
+        }
+        for later in &segments[k + 1..] {
+            load(later, &mut buf, s).map_err(|e| match e {
+                JournalError::Corrupt {
+                    path,
+                    offset,
+                    reason,
+                    ..
+                } => JournalError::Corrupt {
+                    path,
+                    offset,
+                    seq: s,
+                    reason: format!(
+                        "unreadable segment after damaged record at {}:{hole_off}: {reason}",
+                        hole_path.display()
+                    ),
+                },
+                other => other,
+            })?;
+            look_ahead(&buf, hl, s, &hole_path, hole_off, later)?;
+            bytes += (nonzero_extent_end(&buf, hl) - hl) as u64;
+        }
+        return Ok(Outcome {
+            segments,
+            records: chain.records,
+            next_seq: s,
+            last_hash: chain.prev_hash,
+            tail: Some((k, hole_off)),
+            torn: Some(Torn {
+                segment: k,
+                offset: hole_off,
+                seq: s,
+                zero_end: extent as u64,
+                bytes,
+                reason,
+            }),
+        });
+    }
+}
+
+/// Searches `buf[from..]` (8-byte steps) for CRC-valid records. Any that does not belong to the
+/// never-completed batch of the hole at seq `s` makes the damage mid-journal: `Corrupt`.
+fn look_ahead(
+    buf: &[u8],
+    from: usize,
+    s: u64,
+    hole_path: &Path,
+    hole_off: u64,
+    seg: &SegmentFile,
+) -> Result<(), JournalError> {
+    let mut p = from;
+    while p + 8 <= buf.len() {
+        if buf[p..p + 4] == [0; 4] {
+            p += 8;
+            continue;
+        }
+        match parse_record(buf, p) {
+            Parsed::Record(r) => {
+                if r.batch_start > s || r.seq <= s {
+                    return Err(corrupt(
+                        hole_path,
+                        hole_off,
+                        s,
+                        format!(
+                            "damaged or missing record is followed by valid record seq {} \
+                             (batch_start {}) at {}:{p}",
+                            r.seq,
+                            r.batch_start,
+                            seg.path.display()
+                        ),
+                    ));
+                }
+                p += r.size;
+            }
+            Parsed::End | Parsed::Bad(_) => p += 8,
+        }
+    }
+    Ok(())
+}

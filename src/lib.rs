@@ -1,0 +1,51 @@
+//! citycard: the transaction server behind a city's citizen card.
+//!
+//! # Layout
+//! - [`config`]: every setting and limit, with defaults and reasons.
+//! - [`keys`]: development PKI, terminal certificates, issuer and assertion keys.
+//! - [`tls`]: rustls server/client configuration and terminal identity from certificates.
+//! - [`journal`]: the per-shard append-only journal (source of truth, group commit).
+//! - [`engine`]: the shard engine: decisions, journal records, derived state in sled.
+//! - [`server`]: TLS listener, connection tasks, shard worker threads, shutdown.
+//! - [`verify`]: the offline audit of a data directory.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod engine;
+pub mod journal;
+pub mod keys;
+pub mod server;
+pub mod tls;
+pub mod verify;
+
+use std::io::Write;
+use std::path::Path;
+
+/// Wall-clock time in Unix milliseconds. Only the edges (worker loop, connection) call this;
+/// the engine takes time as an argument.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Writes a small file so that it is either absent or complete after a crash: temp file,
+/// fsync, rename, fsync of the directory.
+pub fn durable_write(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

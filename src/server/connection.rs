@@ -1,0 +1,488 @@
+//! One terminal connection: reads frames, checks the role, routes work to shards, reassembles
+//! split requests, and writes answers in whatever order they complete.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use citycard_protocol::frame::decode_frame;
+use citycard_protocol::{
+    frame_to_request, Amount, CardResult, DecodeError, ErrorCode, HotlistChanges, Mac, Request,
+    RequestId, Response, ServerInfo, Status, MAX_HOTLIST_ENTRIES,
+};
+use crossbeam::channel::TrySendError;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::worker::{Job, Reply, Work};
+use super::{declined, permitted, route, set_status, Shared};
+use crate::engine::Output;
+use crate::keys::Role;
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A request split across shards, waiting for its parts.
+enum Gather {
+    Single,
+    Offline {
+        results: Vec<Option<CardResult>>,
+        parts_left: usize,
+    },
+    Hotlist {
+        cursor: Vec<u64>,
+        entries: Vec<citycard_protocol::HotlistEntry>,
+        more: bool,
+        parts_left: usize,
+    },
+}
+
+pub struct Connection<S> {
+    stream: S,
+    terminal: Arc<str>,
+    role: Role,
+    shared: Arc<Shared>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    pending: HashMap<RequestId, Gather>,
+    reply_tx: mpsc::UnboundedSender<Reply>,
+    reply_rx: mpsc::UnboundedReceiver<Reply>,
+}
+
+/// Why a connection ended (for the log).
+#[derive(Debug)]
+pub enum End {
+    ClientClosed,
+    Idle,
+    FrameTimeout,
+    WriteTimeout,
+    Protocol(ErrorCode),
+    Io(std::io::Error),
+    Shutdown,
+    ServerFailed,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub fn new(stream: S, terminal: Arc<str>, role: Role, shared: Arc<Shared>) -> Self {
+        let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+        Connection {
+            stream,
+            terminal,
+            role,
+            shared,
+            read_buf: BytesMut::with_capacity(READ_CHUNK),
+            write_buf: BytesMut::with_capacity(READ_CHUNK),
+            pending: HashMap::new(),
+            reply_tx,
+            reply_rx,
+        }
+    }
+
+    pub async fn run(mut self) -> End {
+        let end = self.serve().await;
+        if matches!(end, End::Shutdown) {
+            self.drain().await;
+        }
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+        end
+    }
+
+    async fn serve(&mut self) -> End {
+        let config = &self.shared.config;
+        let idle = Duration::from_millis(config.idle_timeout_ms);
+        let frame_timeout = Duration::from_millis(config.frame_timeout_ms);
+        let max_in_flight = config.max_in_flight;
+        let mut frame_started: Option<Instant> = None;
+        let mut last_activity = Instant::now();
+        loop {
+            // Answer every complete frame already buffered, as long as the in-flight limit allows.
+            while self.pending.len() < max_in_flight {
+                match decode_frame(&mut self.read_buf) {
+                    Ok(Some(frame)) => {
+                        frame_started = None;
+                        let request_id = frame.request_id;
+                        match frame_to_request(&frame) {
+                            Ok(request) => self.dispatch(request_id, request),
+                            Err(e) => {
+                                if let Some(end) = self.protocol_error(&e, Some(request_id)) {
+                                    return end;
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        if let Some(end) = self.protocol_error(&e, e.request_id()) {
+                            return end;
+                        }
+                    }
+                }
+            }
+            if !self.read_buf.is_empty() && frame_started.is_none() {
+                frame_started = Some(Instant::now());
+            }
+            if !self.write_buf.is_empty() {
+                if let Err(end) = self.flush().await {
+                    return end;
+                }
+            }
+            let can_read = self.pending.len() < max_in_flight;
+            let deadline = match frame_started {
+                Some(start) => start + frame_timeout,
+                None if self.pending.is_empty() => last_activity + idle,
+                None => Instant::now() + idle,
+            };
+            self.read_buf.reserve(READ_CHUNK);
+            tokio::select! {
+                read = self.stream.read_buf(&mut self.read_buf), if can_read => {
+                    match read {
+                        Ok(0) => return End::ClientClosed,
+                        Ok(_) => last_activity = Instant::now(),
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return End::ClientClosed,
+                        Err(e) => return End::Io(e),
+                    }
+                }
+                reply = self.reply_rx.recv() => {
+                    // The connection holds a sender itself, so recv never yields None.
+                    if let Some(reply) = reply {
+                        self.accept_reply(reply);
+                        while let Ok(more) = self.reply_rx.try_recv() {
+                            self.accept_reply(more);
+                        }
+                        last_activity = Instant::now();
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    if frame_started.is_some() {
+                        self.error_frame(RequestId(0), ErrorCode::FrameTimeout, "frame not completed in time");
+                        return End::FrameTimeout;
+                    }
+                    if self.pending.is_empty() {
+                        return End::Idle;
+                    }
+                }
+                _ = self.shared.shutdown.cancelled() => return End::Shutdown,
+                _ = self.shared.failed.cancelled() => {
+                    self.error_frame(RequestId(0), ErrorCode::Internal, "server storage failed");
+                    return End::ServerFailed;
+                }
+            }
+        }
+    }
+
+    /// After shutdown was requested: wait (bounded) for answers already owed, then tell the
+    /// terminal the server is going away.
+    async fn drain(&mut self) {
+        let deadline = Instant::now() + Duration::from_millis(self.shared.config.drain_timeout_ms);
+        while !self.pending.is_empty() {
+            tokio::select! {
+                reply = self.reply_rx.recv() => match reply {
+                    Some(reply) => self.accept_reply(reply),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = self.shared.failed.cancelled() => return,
+            }
+        }
+        self.error_frame(
+            RequestId(0),
+            ErrorCode::ShuttingDown,
+            "server shutting down",
+        );
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.write_buf.is_empty() {
+            return Ok(());
+        }
+        let timeout = Duration::from_millis(self.shared.config.write_timeout_ms);
+        let write = async {
+            self.stream.write_all(&self.write_buf).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => {
+                self.write_buf.clear();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(End::Io(e)),
+            Err(_) => Err(End::WriteTimeout),
+        }
+    }
+
+    fn respond(&mut self, request_id: RequestId, response: &Response) {
+        if let Err(e) = response.encode(request_id, &mut self.write_buf) {
+            // Our own answers are built within the limits; this is a bug, not peer input.
+            tracing::error!(error = %e, "could not encode a response");
+            let _ = Response::error(ErrorCode::Internal, "response too large")
+                .encode(request_id, &mut self.write_buf);
+        }
+    }
+
+    fn error_frame(&mut self, request_id: RequestId, code: ErrorCode, message: &str) {
+        self.respond(request_id, &Response::error(code, message));
+    }
+
+    /// Answers a malformed frame; returns `Some` when the connection must close.
+    fn protocol_error(
+        &mut self,
+        error: &DecodeError,
+        request_id: Option<RequestId>,
+    ) -> Option<End> {
+        let code = error.code();
+        tracing::info!(terminal = %self.terminal, error = %error, "malformed frame");
+        self.error_frame(request_id.unwrap_or(RequestId(0)), code, &error.to_string());
+        code.closes_connection().then_some(End::Protocol(code))
+    }
+
+    fn dispatch(&mut self, request_id: RequestId, request: Request) {
+        if self.pending.contains_key(&request_id) {
+            self.error_frame(
+                request_id,
+                ErrorCode::DuplicateRequestId,
+                "request id already in flight",
+            );
+            return;
+        }
+        if !permitted(self.role, &request) {
+            tracing::warn!(terminal = %self.terminal, role = %self.role, request = ?request.message_type(), "operation not permitted for the role");
+            self.respond(request_id, &declined(&request, Status::NotPermitted));
+            return;
+        }
+        let shard_count = self.shared.shards.len();
+        match request {
+            Request::Hello { .. } => {
+                let info = ServerInfo {
+                    protocol_version: citycard_protocol::frame::VERSION,
+                    role: role_byte(self.role),
+                    server_time_ms: crate::now_ms(),
+                    hotlist_version: self
+                        .shared
+                        .workers
+                        .iter()
+                        .map(|w| w.hotlist_version.load(Ordering::Acquire))
+                        .sum(),
+                    shard_count: shard_count as u16,
+                    max_in_flight: self.shared.config.max_in_flight as u16,
+                };
+                self.respond(request_id, &Response::ServerInfo(info));
+            }
+            Request::OfflineBatch { records } => {
+                let mut parts: Vec<Vec<(u16, citycard_protocol::OfflineRecord)>> =
+                    vec![Vec::new(); shard_count];
+                for (i, record) in records.iter().enumerate() {
+                    let shard =
+                        usize::from(crate::engine::shard_of(record.card_id, shard_count as u16));
+                    parts[shard].push((i as u16, *record));
+                }
+                let mut results: Vec<Option<CardResult>> = vec![None; records.len()];
+                let mut parts_left = 0;
+                for (shard, part) in parts.into_iter().enumerate() {
+                    if part.is_empty() {
+                        continue;
+                    }
+                    let positions: Vec<u16> = part.iter().map(|(i, _)| *i).collect();
+                    match self.submit(shard, request_id, Work::Offline(part)) {
+                        Ok(()) => parts_left += 1,
+                        Err(status) => {
+                            for i in positions {
+                                let r = &records[usize::from(i)];
+                                results[usize::from(i)] = Some(CardResult {
+                                    status,
+                                    card_id: r.card_id,
+                                    atc: r.atc,
+                                    balance: Amount(0),
+                                    journal_seq: 0,
+                                    mac: Mac::default(),
+                                });
+                            }
+                        }
+                    }
+                }
+                self.pending.insert(
+                    request_id,
+                    Gather::Offline {
+                        results,
+                        parts_left,
+                    },
+                );
+                self.maybe_finish(request_id);
+            }
+            Request::HotlistSync {
+                cursor,
+                max_entries,
+            } => {
+                if !cursor.is_empty() && cursor.len() != shard_count {
+                    self.error_frame(
+                        request_id,
+                        ErrorCode::BadValue,
+                        "cursor does not match the server's shard count",
+                    );
+                    return;
+                }
+                let max = match usize::from(max_entries) {
+                    0 => MAX_HOTLIST_ENTRIES,
+                    n => n.min(MAX_HOTLIST_ENTRIES),
+                };
+                let per_shard = (max / shard_count).max(1);
+                let since: Vec<u64> = if cursor.is_empty() {
+                    vec![0; shard_count]
+                } else {
+                    cursor
+                };
+                let mut parts_left = 0;
+                for (shard, from) in since.iter().enumerate() {
+                    // On Busy that shard's cursor stays where it was and `more` is set.
+                    if self
+                        .submit(
+                            shard,
+                            request_id,
+                            Work::Hotlist {
+                                since: *from,
+                                max: per_shard,
+                            },
+                        )
+                        .is_ok()
+                    {
+                        parts_left += 1;
+                    }
+                }
+                let more = parts_left < shard_count;
+                self.pending.insert(
+                    request_id,
+                    Gather::Hotlist {
+                        cursor: since,
+                        entries: Vec::new(),
+                        more,
+                        parts_left,
+                    },
+                );
+                self.maybe_finish(request_id);
+            }
+            request => {
+                let shard = route(&request, &self.terminal, shard_count);
+                let mut refused = declined(&request, Status::Busy);
+                match self.submit(shard, request_id, Work::Request(request)) {
+                    Ok(()) => {
+                        self.pending.insert(request_id, Gather::Single);
+                    }
+                    Err(status) => {
+                        set_status(&mut refused, status);
+                        self.respond(request_id, &refused);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues work on a shard; a full queue is `Busy`, a stopped shard `Unavailable`.
+    fn submit(&self, shard: usize, request_id: RequestId, work: Work) -> Result<(), Status> {
+        let job = Job {
+            terminal: self.terminal.clone(),
+            request_id,
+            work,
+            reply: self.reply_tx.clone(),
+        };
+        match self.shared.shards[shard].try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(Status::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(Status::Unavailable),
+        }
+    }
+
+    fn accept_reply(&mut self, reply: Reply) {
+        let request_id = reply.request_id;
+        let Some(gather) = self.pending.get_mut(&request_id) else {
+            tracing::error!(
+                request_id = request_id.0,
+                "reply for a request not in flight"
+            );
+            return;
+        };
+        match (gather, reply.output) {
+            (Gather::Single, Output::Response(response)) => {
+                self.pending.remove(&request_id);
+                self.respond(request_id, &response);
+                return;
+            }
+            (
+                Gather::Offline {
+                    results,
+                    parts_left,
+                },
+                Output::Offline(part),
+            ) => {
+                for (i, result) in part {
+                    if let Some(slot) = results.get_mut(usize::from(i)) {
+                        *slot = Some(result);
+                    }
+                }
+                *parts_left -= 1;
+            }
+            (
+                Gather::Hotlist {
+                    cursor,
+                    entries,
+                    more,
+                    parts_left,
+                },
+                Output::Hotlist {
+                    version,
+                    entries: part,
+                    more: part_more,
+                },
+            ) => {
+                if let Some(slot) = cursor.get_mut(usize::from(reply.shard)) {
+                    *slot = version;
+                }
+                entries.extend(part);
+                *more |= part_more;
+                *parts_left -= 1;
+            }
+            _ => tracing::error!(request_id = request_id.0, "reply of the wrong kind"),
+        }
+        self.maybe_finish(request_id);
+    }
+
+    fn maybe_finish(&mut self, request_id: RequestId) {
+        let done = match self.pending.get(&request_id) {
+            Some(Gather::Offline { parts_left, .. }) | Some(Gather::Hotlist { parts_left, .. }) => {
+                *parts_left == 0
+            }
+            _ => false,
+        };
+        if !done {
+            return;
+        }
+        let response = match self.pending.remove(&request_id) {
+            Some(Gather::Offline { results, .. }) => {
+                // Every position was filled by a shard or by a Busy decline above.
+                Response::OfflineBatch(results.into_iter().flatten().collect())
+            }
+            Some(Gather::Hotlist {
+                cursor,
+                entries,
+                more,
+                ..
+            }) => Response::HotlistSync(HotlistChanges {
+                cursor,
+                more,
+                entries,
+            }),
+            _ => return,
+        };
+        self.respond(request_id, &response);
+    }
+}
+
+fn role_byte(role: Role) -> u8 {
+    match role {
+        Role::Reader => 1,
+        Role::Kiosk => 2,
+        Role::Counter => 3,
+    }
+}

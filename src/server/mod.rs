@@ -1,0 +1,548 @@
+//! The TLS listener, connection limits, shard workers and the shutdown sequence.
+
+pub mod connection;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use citycard_protocol::{
+    Amount, CardId, CardResult, CardState, HistoryPage, IdentityResult, IssueResult, KeyVersion,
+    Mac, Request, Response, StaffResult, Status,
+};
+use crossbeam::channel::Sender;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::engine::{Secrets, Shard, ShardOptions};
+use crate::journal::JournalOptions;
+use crate::keys::{self, Role};
+use worker::{Job, WorkerContext, WorkerShared};
+
+/// What every connection task shares.
+pub struct Shared {
+    pub config: Config,
+    pub shards: Vec<Sender<Job>>,
+    pub workers: Vec<Arc<WorkerShared>>,
+    /// Cancelled on SIGTERM/SIGINT or [`RunningServer::shutdown`].
+    pub shutdown: CancellationToken,
+    /// Cancelled when a shard's storage failed.
+    pub failed: CancellationToken,
+    pub connections: AtomicU64,
+}
+
+/// A started server. Dropping it does not stop it; call [`RunningServer::stop`].
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    stopping: Arc<AtomicBool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    accept_task: tokio::task::JoinHandle<()>,
+    tracker: TaskTracker,
+    _lock: File,
+}
+
+/// Holds `data/LOCK` for the life of the server or audit, so two processes never share a data
+/// directory (sled would refuse the second one, which recovery must not mistake for damage).
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let path = data_dir.join("LOCK");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(_) => bail!(
+            "data directory {} is in use by another citycard process (lock {})",
+            data_dir.display(),
+            path.display()
+        ),
+    }
+}
+
+/// Reads or records the shard count of a data directory: it decides which shard owns a card, so
+/// it can never change for existing data.
+pub fn shard_count(data_dir: &Path, wanted: Option<u16>) -> anyhow::Result<u16> {
+    let path = data_dir.join("shards");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let existing: u16 = text
+                .trim()
+                .parse()
+                .with_context(|| format!("{} does not hold a shard count", path.display()))?;
+            if let Some(n) = wanted {
+                if n != existing {
+                    bail!(
+                        "data directory {} was created with {existing} shards; --shards {n} cannot change that",
+                        data_dir.display()
+                    );
+                }
+            }
+            Ok(existing)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let n = wanted.unwrap_or(cores.min(citycard_protocol::MAX_SHARDS) as u16);
+            crate::durable_write(&path, format!("{n}\n").as_bytes())?;
+            Ok(n)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+pub fn shard_dir(data_dir: &Path, index: u16) -> PathBuf {
+    data_dir.join(format!("shard-{index}"))
+}
+
+/// Loads the issuer and assertion keys the engine needs.
+pub fn load_secrets(keys_dir: &Path, cutoffs: &[(u16, u64)]) -> anyhow::Result<Secrets> {
+    let issuer = keys::IssuerKeys::load(&keys_dir.join(keys::ISSUER_KEYS))?;
+    let mut masters = BTreeMap::new();
+    for version in issuer.versions() {
+        if let Some(key) = issuer.key(version) {
+            masters.insert(version, *key);
+        }
+    }
+    let assertion = keys::load_assertion_key(&keys_dir.join(keys::ASSERTION_KEY))?;
+    Ok(Secrets {
+        issuer: masters,
+        current_version: KeyVersion(issuer.current_version()),
+        retire_after_ms: cutoffs.iter().copied().collect(),
+        assertion,
+    })
+}
+
+impl RunningServer {
+    /// Opens every shard (recovering journals), binds the listener, and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        let count = shard_count(&config.data_dir, config.shards)?;
+        let tls = crate::tls::server_config(&config.keys_dir, config.crl.as_deref())?;
+        let secrets = Arc::new(load_secrets(&config.keys_dir, &config.key_cutoffs)?);
+
+        let mut opened = Vec::new();
+        for index in 0..count {
+            let options = ShardOptions {
+                index,
+                count,
+                dir: shard_dir(&config.data_dir, index),
+                journal: JournalOptions {
+                    segment_bytes: config.segment_bytes,
+                    ..Default::default()
+                },
+                limits: config.limits,
+            };
+            let secrets = secrets.clone();
+            opened.push(std::thread::spawn(move || Shard::open(options, secrets)));
+        }
+        let mut shards = Vec::new();
+        for (index, handle) in opened.into_iter().enumerate() {
+            let (shard, report) = handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("shard {index} panicked while opening"))?
+                .with_context(|| format!("opening shard {index}"))?;
+            tracing::info!(
+                shard = index,
+                cards = report.cards,
+                replayed = report.replayed,
+                last_seq = report.last_seq,
+                rebuilt_state = report.rebuilt_state,
+                "shard recovered"
+            );
+            shards.push(shard);
+        }
+
+        let shutdown = CancellationToken::new();
+        let failed = CancellationToken::new();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let mut senders = Vec::new();
+        let mut worker_shared = Vec::new();
+        let mut workers = Vec::new();
+        for shard in shards {
+            let (tx, rx) = crossbeam::channel::bounded(config.queue_depth);
+            let shared = Arc::new(WorkerShared {
+                hotlist_version: AtomicU64::new(shard.hotlist_version()),
+                last_batch: AtomicU64::new(0),
+            });
+            let index = usize::from(shard.index());
+            let ctx = WorkerContext {
+                shard,
+                queue: rx,
+                shared: shared.clone(),
+                max_batch: config.max_batch,
+                stopping: stopping.clone(),
+                failed: failed.clone(),
+                pin_core: if config.pin_cores && !cores.is_empty() {
+                    Some(cores[index % cores.len()])
+                } else {
+                    None
+                },
+            };
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("shard-{index}"))
+                    .spawn(move || worker::run(ctx))
+                    .context("spawning a shard thread")?,
+            );
+            senders.push(tx);
+            worker_shared.push(shared);
+        }
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            shards: senders,
+            workers: worker_shared,
+            shutdown: shutdown.clone(),
+            failed,
+            connections: AtomicU64::new(0),
+        });
+        let tracker = TaskTracker::new();
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            TlsAcceptor::from(tls),
+            shared.clone(),
+            tracker.clone(),
+        ));
+        Ok(RunningServer {
+            local_addr,
+            shared,
+            stopping,
+            workers,
+            accept_task,
+            tracker,
+            _lock: lock,
+        })
+    }
+
+    /// Resolves when a shard's storage failed (the process must then exit without draining).
+    pub async fn failed(&self) {
+        self.shared.failed.cancelled().await
+    }
+
+    pub fn has_failed(&self) -> bool {
+        self.shared.failed.is_cancelled()
+    }
+
+    /// Stops accepting, lets connections finish what is in flight (bounded by the drain
+    /// timeout), then stops the shards after their last commit.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shared.shutdown.cancel();
+        self.accept_task.abort();
+        let _ = self.accept_task.await;
+        self.tracker.close();
+        let drain = Duration::from_millis(self.shared.config.drain_timeout_ms + 2_000);
+        if tokio::time::timeout(drain, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after the drain timeout; closing them");
+        }
+        self.stopping.store(true, Ordering::Release);
+        let failed = self.shared.failed.is_cancelled();
+        drop(self.shared);
+        for handle in self.workers {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        if failed {
+            bail!("a shard's storage failed; see the log");
+        }
+        Ok(())
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+    // Over-limit connections get a TLS handshake and an Error frame; bound those too.
+    let refusals = Arc::new(Semaphore::new(64));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let shared = shared.clone();
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tracker.spawn(async move {
+                    serve_connection(tcp, peer, acceptor, shared).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "connection limit reached; refusing");
+                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                    tracker.spawn(async move {
+                        refuse_connection(tcp, acceptor, &shared).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn handshake(
+    tcp: TcpStream,
+    acceptor: &TlsAcceptor,
+    shared: &Shared,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+    let timeout = Duration::from_millis(shared.config.handshake_timeout_ms);
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            let (_, conn) = stream.get_ref();
+            if conn.alpn_protocol() != Some(crate::tls::ALPN) {
+                return Err("client did not offer ALPN citycard/1".into());
+            }
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(format!("handshake failed: {e}")),
+        Err(_) => Err("handshake timed out".into()),
+    }
+}
+
+async fn refuse_connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: &Shared) {
+    if let Ok(mut stream) = handshake(tcp, &acceptor, shared).await {
+        use tokio::io::AsyncWriteExt;
+        let mut buf = bytes::BytesMut::new();
+        let _ = Response::error(
+            citycard_protocol::ErrorCode::TooManyConnections,
+            "server at its connection limit",
+        )
+        .encode(citycard_protocol::RequestId(0), &mut buf);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = stream.write_all(&buf).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+) {
+    let stream = match handshake(tcp, &acceptor, &shared).await {
+        Ok(stream) => stream,
+        Err(reason) => {
+            tracing::info!(%peer, reason, "connection refused");
+            return;
+        }
+    };
+    let identity = crate::tls::peer_identity(stream.get_ref().1);
+    let (terminal, role) = match identity {
+        Ok(identity) => identity,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "client certificate lacks a terminal identity");
+            return;
+        }
+    };
+    let span = tracing::info_span!("connection", terminal = %terminal, role = %role, %peer);
+    let _entered = span.clone();
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let terminal: Arc<str> = Arc::from(terminal.as_str());
+    let end = {
+        use tracing::Instrument;
+        tracing::info!(parent: &span, "terminal connected");
+        connection::Connection::new(stream, terminal, role, shared.clone())
+            .run()
+            .instrument(span.clone())
+            .await
+    };
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(parent: &span, end = ?end, "terminal disconnected");
+}
+
+/// Which operations each role may call (DESIGN.md "Terminal roles").
+pub fn permitted(role: Role, request: &Request) -> bool {
+    use Request::*;
+    matches!(
+        (role, request),
+        (_, Hello { .. })
+            | (
+                Role::Reader,
+                Purchase { .. } | Balance { .. } | OfflineBatch { .. } | HotlistSync { .. }
+            )
+            | (
+                Role::Kiosk,
+                Balance { .. } | History { .. } | TopUp { .. } | Identity { .. }
+            )
+            | (
+                Role::Counter,
+                Issue { .. }
+                    | Block { .. }
+                    | Unblock { .. }
+                    | Replace { .. }
+                    | Close { .. }
+                    | TopUp { .. }
+                    | History { .. }
+                    | Identity { .. },
+            )
+    )
+}
+
+/// FNV-1a: a hash that never changes between builds or runs (issue routing must be stable so a
+/// retried issue reaches the shard that holds its op_ref).
+fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The shard a single-shard request goes to.
+pub fn route(request: &Request, terminal: &str, shard_count: usize) -> usize {
+    let n = shard_count as u16;
+    let card = match request {
+        Request::Issue { op_ref, .. } => {
+            return (stable_hash(&[terminal.as_bytes(), &op_ref.to_be_bytes()]) % shard_count as u64)
+                as usize
+        }
+        Request::Block { card_id, .. }
+        | Request::Unblock { card_id, .. }
+        | Request::Replace { card_id, .. }
+        | Request::Close { card_id, .. } => *card_id,
+        other => other.card_auth().map_or(CardId(0), |a| a.card_id),
+    };
+    usize::from(crate::engine::shard_of(card, n))
+}
+
+/// A declined answer of the right type for `request`, for refusals decided before any shard
+/// saw the request (role, Busy, shutdown). It carries no MAC: the card was not authenticated.
+pub fn declined(request: &Request, status: Status) -> Response {
+    let auth = request.card_auth().copied();
+    let card_id = auth.map_or(CardId(0), |a| a.card_id);
+    let atc = auth.map_or(citycard_protocol::Atc(0), |a| a.atc);
+    let card = CardResult {
+        status,
+        card_id,
+        atc,
+        balance: Amount(0),
+        journal_seq: 0,
+        mac: Mac::default(),
+    };
+    let staff_card = match request {
+        Request::Block { card_id, .. }
+        | Request::Unblock { card_id, .. }
+        | Request::Replace { card_id, .. }
+        | Request::Close { card_id, .. } => *card_id,
+        _ => card_id,
+    };
+    let staff = StaffResult {
+        status,
+        card_id: staff_card,
+        card_state: CardState::Active,
+        balance: Amount(0),
+        refunded: Amount(0),
+        hotlist_version: 0,
+        journal_seq: 0,
+        mac: Mac::default(),
+    };
+    let issue = IssueResult {
+        status,
+        card_id: CardId(0),
+        key_version: KeyVersion(0),
+        card_key: [0; 32],
+        balance: Amount(0),
+        replaced_card_id: if matches!(request, Request::Replace { .. }) {
+            staff_card
+        } else {
+            CardId(0)
+        },
+        journal_seq: 0,
+        mac: Mac::default(),
+    };
+    match request {
+        Request::Purchase { .. } => Response::Purchase(card),
+        Request::TopUp { .. } => Response::TopUp(card),
+        Request::Balance { .. } => Response::Balance(card),
+        Request::History { .. } => Response::History(HistoryPage {
+            status,
+            card_id,
+            atc,
+            balance: Amount(0),
+            entries: Vec::new(),
+            next_before_seq: 0,
+            mac: Mac::default(),
+        }),
+        Request::Identity { .. } => Response::Identity(IdentityResult {
+            status,
+            card_id,
+            atc,
+            journal_seq: 0,
+            issued_ms: 0,
+            expires_ms: 0,
+            signature: [0; 64],
+            mac: Mac::default(),
+        }),
+        Request::Issue { .. } => Response::Issue(issue),
+        Request::Replace { .. } => Response::Replace(issue),
+        Request::Block { .. } => Response::Block(staff),
+        Request::Unblock { .. } => Response::Unblock(staff),
+        Request::Close { .. } => Response::Close(staff),
+        Request::OfflineBatch { records } => Response::OfflineBatch(
+            records
+                .iter()
+                .map(|r| CardResult {
+                    card_id: r.card_id,
+                    atc: r.atc,
+                    ..card
+                })
+                .collect(),
+        ),
+        Request::Hello { .. } | Request::HotlistSync { .. } => {
+            Response::error(citycard_protocol::ErrorCode::Internal, "not declinable")
+        }
+    }
+}
+
+/// Overwrites the status of a response built by [`declined`].
+pub fn set_status(response: &mut Response, status: Status) {
+    match response {
+        Response::Purchase(r) | Response::TopUp(r) | Response::Balance(r) => r.status = status,
+        Response::History(h) => h.status = status,
+        Response::Identity(i) => i.status = status,
+        Response::Issue(i) | Response::Replace(i) => i.status = status,
+        Response::Block(s) | Response::Unblock(s) | Response::Close(s) => s.status = status,
+        Response::OfflineBatch(results) => results.iter_mut().for_each(|r| r.status = status),
+        _ => {}
+    }
+}

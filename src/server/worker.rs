@@ -1,0 +1,133 @@
+//! The shard worker thread: drains a batch from its bounded queue, decides every job, syncs the
+//! journal once, and only then sends the replies.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use citycard_protocol::{OfflineRecord, Request, RequestId};
+use crossbeam::channel::{Receiver, RecvTimeoutError};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Op, Output, Shard};
+
+/// What a connection asks a shard to do.
+pub enum Work {
+    Request(Request),
+    Offline(Vec<(u16, OfflineRecord)>),
+    Hotlist { since: u64, max: usize },
+}
+
+pub struct Job {
+    pub terminal: Arc<str>,
+    pub request_id: RequestId,
+    pub work: Work,
+    pub reply: UnboundedSender<Reply>,
+}
+
+/// A shard's answer to one job, sent only after the journal sync covering it returned.
+pub struct Reply {
+    pub request_id: RequestId,
+    pub shard: u16,
+    pub output: Output,
+}
+
+/// State shared between a worker and the rest of the server.
+pub struct WorkerShared {
+    /// The shard's hotlist version, for Hello answers.
+    pub hotlist_version: AtomicU64,
+    /// Jobs in the current batch (a metric).
+    pub last_batch: AtomicU64,
+}
+
+pub struct WorkerContext {
+    pub shard: Shard,
+    pub queue: Receiver<Job>,
+    pub shared: Arc<WorkerShared>,
+    pub max_batch: usize,
+    /// Set when the server stops: the worker finishes what is queued and exits.
+    pub stopping: Arc<AtomicBool>,
+    /// Cancelled by a worker whose storage failed: the server stops without acknowledging more.
+    pub failed: CancellationToken,
+    pub pin_core: Option<core_affinity::CoreId>,
+}
+
+/// How long a worker waits on an empty queue before re-checking for shutdown.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+pub fn run(mut ctx: WorkerContext) {
+    if let Some(core) = ctx.pin_core {
+        if !core_affinity::set_for_current(core) {
+            tracing::warn!(shard = ctx.shard.index(), "could not pin the shard thread");
+        }
+    }
+    let mut jobs: Vec<Job> = Vec::with_capacity(ctx.max_batch);
+    let mut replies: Vec<(UnboundedSender<Reply>, Reply)> = Vec::with_capacity(ctx.max_batch);
+    loop {
+        match ctx.queue.recv_timeout(IDLE_POLL) {
+            Ok(job) => jobs.push(job),
+            Err(RecvTimeoutError::Timeout) => {
+                if ctx.stopping.load(Ordering::Acquire) && ctx.queue.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        while jobs.len() < ctx.max_batch {
+            match ctx.queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let now_ms = crate::now_ms();
+        let index = ctx.shard.index();
+        for job in jobs.drain(..) {
+            let op = match &job.work {
+                Work::Request(request) => Op::Request(request),
+                Work::Offline(records) => Op::Offline(records),
+                Work::Hotlist { since, max } => Op::Hotlist {
+                    since: *since,
+                    max: *max,
+                },
+            };
+            match ctx.shard.execute(&job.terminal, op, now_ms) {
+                Ok(output) => replies.push((
+                    job.reply,
+                    Reply {
+                        request_id: job.request_id,
+                        shard: index,
+                        output,
+                    },
+                )),
+                Err(e) => return fail(&ctx, "decide", &e),
+            }
+        }
+        ctx.shared
+            .last_batch
+            .store(replies.len() as u64, Ordering::Relaxed);
+        if let Err(e) = ctx.shard.commit() {
+            return fail(&ctx, "journal commit", &e);
+        }
+        for (to, reply) in replies.drain(..) {
+            // A closed connection simply no longer wants its answer; the transaction stands.
+            let _ = to.send(reply);
+        }
+        if let Err(e) = ctx.shard.persist() {
+            return fail(&ctx, "state persist", &e);
+        }
+        ctx.shared
+            .hotlist_version
+            .store(ctx.shard.hotlist_version(), Ordering::Release);
+    }
+    if let Err(e) = ctx.shard.flush_state() {
+        tracing::warn!(shard = ctx.shard.index(), error = %e, "state flush at shutdown failed; it is rebuilt from the journal on start");
+    }
+    tracing::info!(shard = ctx.shard.index(), "shard stopped");
+}
+
+fn fail(ctx: &WorkerContext, stage: &str, error: &crate::engine::StoreError) {
+    tracing::error!(shard = ctx.shard.index(), stage, error = %error, "storage failed; stopping without acknowledging anything more");
+    ctx.failed.cancel();
+}

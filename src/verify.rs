@@ -1,0 +1,323 @@
+//! `citycard verify`: an offline audit of a data directory. It re-reads every journal (CRC and
+//! hash chain), re-derives every card's balance with its own small ledger (independent of the
+//! engine's apply code), compares sled's state with that replay, and checks that the sum of
+//! balances equals the journal's net money flow.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use citycard_protocol::{CardId, EntryKind, Status};
+
+use crate::engine::entry::Entry;
+use crate::engine::state::{self, CardRecord};
+use crate::journal;
+
+/// The auditor's view of one card.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Ledger {
+    balance: i64,
+    last_atc: u32,
+    retired: bool,
+}
+
+/// Money flows over all shards, in minor units.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    pub deposits: i64,
+    pub top_ups: i64,
+    pub purchases: i64,
+    pub offline: i64,
+    pub refunds: i64,
+    pub balances: i64,
+    pub records: u64,
+    pub cards: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub totals: Totals,
+    pub problems: Vec<String>,
+    pub torn_tails: Vec<String>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Audits `data_dir`. Errors are for an unreadable directory; findings are in the report.
+pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
+    let _lock = crate::server::lock_data_dir(data_dir)?;
+    let count: u16 = std::fs::read_to_string(data_dir.join("shards"))
+        .with_context(|| {
+            format!(
+                "{} has no shard count: not a citycard data directory",
+                data_dir.display()
+            )
+        })?
+        .trim()
+        .parse()
+        .context("shard count malformed")?;
+    let mut report = Report::default();
+    for index in 0..count {
+        audit_shard(data_dir, index, count, &mut report)?;
+    }
+    let t = &report.totals;
+    let net = t.deposits + t.top_ups - t.purchases - t.offline - t.refunds;
+    if net != t.balances {
+        report.problems.push(format!(
+            "sum of balances {} != deposits {} + top-ups {} - purchases {} - offline {} - refunds {} = {}",
+            t.balances, t.deposits, t.top_ups, t.purchases, t.offline, t.refunds, net
+        ));
+    }
+    Ok(report)
+}
+
+fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> anyhow::Result<()> {
+    let dir = crate::server::shard_dir(data_dir, index);
+    let db = sled::Config::new().path(dir.join("state")).open();
+    let db = match db {
+        Ok(db) => Some(db),
+        Err(e) => {
+            report.problems.push(format!(
+                "shard {index}: state unreadable ({e}); a restart rebuilds it"
+            ));
+            None
+        }
+    };
+    let applied = match &db {
+        Some(db) => db
+            .get(state::META_APPLIED)?
+            .and_then(|v| state::be_u64(&v))
+            .unwrap_or(0),
+        None => 0,
+    };
+    let mut ledger: BTreeMap<CardId, Ledger> = BTreeMap::new();
+    let mut snapshot: Option<BTreeMap<CardId, Ledger>> = (applied == 0).then(BTreeMap::new);
+    let mut problems = Vec::new();
+    let mut totals = Totals::default();
+    let summary = journal::read_all(&dir.join("journal"), |seq, payload| {
+        totals.records += 1;
+        match Entry::decode(payload) {
+            Ok(entry) => check_entry(
+                index,
+                count,
+                seq,
+                &entry,
+                &mut ledger,
+                &mut totals,
+                &mut problems,
+            ),
+            Err(e) => problems.push(format!("shard {index} seq {seq}: {e}")),
+        }
+        if seq == applied {
+            snapshot = Some(ledger.clone());
+        }
+        Ok(())
+    });
+    let summary = match summary {
+        Ok(summary) => summary,
+        Err(e) => {
+            report.problems.push(format!("shard {index}: journal: {e}"));
+            return Ok(());
+        }
+    };
+    if let Some(torn) = &summary.torn_tail {
+        report
+            .torn_tails
+            .push(format!("shard {index}: {torn:?} (truncated on next start)"));
+    }
+    if applied > summary.last_seq {
+        problems.push(format!(
+            "shard {index}: state applied up to seq {applied} but the journal ends at {}",
+            summary.last_seq
+        ));
+    }
+    if let (Some(db), Some(snapshot)) = (&db, &snapshot) {
+        compare_state(index, db, snapshot, &mut problems)?;
+    }
+    totals.balances = ledger.values().map(|l| l.balance).sum();
+    totals.cards = ledger.len() as u64;
+    let t = &mut report.totals;
+    t.deposits += totals.deposits;
+    t.top_ups += totals.top_ups;
+    t.purchases += totals.purchases;
+    t.offline += totals.offline;
+    t.refunds += totals.refunds;
+    t.balances += totals.balances;
+    t.records += totals.records;
+    t.cards += totals.cards;
+    report.problems.extend(problems);
+    Ok(())
+}
+
+fn check_entry(
+    shard: u16,
+    count: u16,
+    seq: u64,
+    e: &Entry,
+    ledger: &mut BTreeMap<CardId, Ledger>,
+    totals: &mut Totals,
+    problems: &mut Vec<String>,
+) {
+    let at = |what: String| {
+        format!(
+            "shard {shard} seq {seq} card {}: {what}",
+            e.card_id.masked()
+        )
+    };
+    if e.status != Status::Approved {
+        if e.amount.0 != 0 {
+            problems.push(at(format!(
+                "declined ({:?}) but moved {}",
+                e.status, e.amount.0
+            )));
+        }
+        if let Some(l) = ledger.get_mut(&e.card_id) {
+            if l.balance != e.balance_after.0 && e.kind != EntryKind::Issue {
+                problems.push(at(format!(
+                    "declined record shows balance {} but the card had {}",
+                    e.balance_after.0, l.balance
+                )));
+            }
+            if e.uses_atc() {
+                l.last_atc = l.last_atc.max(e.atc.0);
+            }
+        }
+        return;
+    }
+    if e.kind == EntryKind::Issue {
+        if ledger.contains_key(&e.card_id) {
+            problems.push(at("issued twice".into()));
+        }
+        if crate::engine::shard_of(e.card_id, count) != shard {
+            problems.push(at("issued by a shard that does not own it".into()));
+        }
+        if e.amount.0 != e.balance_after.0 || e.amount.0 < 0 {
+            problems.push(at(format!(
+                "deposit {} but balance {}",
+                e.amount.0, e.balance_after.0
+            )));
+        }
+        totals.deposits += e.amount.0;
+        ledger.insert(
+            e.card_id,
+            Ledger {
+                balance: e.balance_after.0,
+                last_atc: 0,
+                retired: false,
+            },
+        );
+        return;
+    }
+    let Some(l) = ledger.get_mut(&e.card_id) else {
+        problems.push(at(format!("{:?} on a card never issued", e.kind)));
+        return;
+    };
+    if l.balance + e.amount.0 != e.balance_after.0 {
+        problems.push(at(format!(
+            "balance chain broken: {} + {} != {}",
+            l.balance, e.amount.0, e.balance_after.0
+        )));
+    }
+    if l.retired && e.kind != EntryKind::Identity {
+        problems.push(at(format!(
+            "{:?} approved on a closed or replaced card",
+            e.kind
+        )));
+    }
+    if e.uses_atc() {
+        if e.atc.0 <= l.last_atc && e.kind != EntryKind::Offline {
+            problems.push(at(format!(
+                "ATC {} not above the last one {}",
+                e.atc.0, l.last_atc
+            )));
+        }
+        l.last_atc = l.last_atc.max(e.atc.0);
+    }
+    l.balance = e.balance_after.0;
+    let sign_ok = match e.kind {
+        EntryKind::Purchase => {
+            totals.purchases -= e.amount.0;
+            e.amount.0 < 0
+        }
+        EntryKind::Offline => {
+            totals.offline -= e.amount.0;
+            e.amount.0 < 0
+        }
+        EntryKind::TopUp => {
+            totals.top_ups += e.amount.0;
+            e.amount.0 > 0
+        }
+        EntryKind::Close => {
+            totals.refunds -= e.amount.0;
+            l.retired = true;
+            e.balance_after.0 == 0 && e.extra == -e.amount.0
+        }
+        EntryKind::ReplacedOut => {
+            l.retired = true;
+            let moved = -e.amount.0;
+            if ledger.contains_key(&e.other_card) {
+                problems.push(at("replacement card id already in use".into()));
+            }
+            ledger.insert(
+                e.other_card,
+                Ledger {
+                    balance: moved,
+                    last_atc: 0,
+                    retired: false,
+                },
+            );
+            e.balance_after.0 == 0
+        }
+        _ => e.amount.0 == 0,
+    };
+    if !sign_ok {
+        problems.push(at(format!(
+            "{:?} with amount {} and balance after {}",
+            e.kind, e.amount.0, e.balance_after.0
+        )));
+    }
+}
+
+fn compare_state(
+    shard: u16,
+    db: &sled::Db,
+    expected: &BTreeMap<CardId, Ledger>,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let mut seen = 0usize;
+    for item in db.scan_prefix([state::CARD]) {
+        let (k, v) = item?;
+        let id = CardId(state::be_u64(&k[1..]).unwrap_or(0));
+        seen += 1;
+        let Some(record) = CardRecord::decode(&v) else {
+            problems.push(format!(
+                "shard {shard} card {}: state record malformed",
+                id.masked()
+            ));
+            continue;
+        };
+        match expected.get(&id) {
+            None => problems.push(format!("shard {shard} card {}: in state but not in the journal", id.masked())),
+            Some(l) if l.balance != record.balance.0 || l.last_atc != record.last_atc.0 => problems.push(format!(
+                "shard {shard} card {}: state says balance {} ATC {}, journal replay says {} ATC {}",
+                id.masked(),
+                record.balance.0,
+                record.last_atc.0,
+                l.balance,
+                l.last_atc
+            )),
+            Some(_) => {}
+        }
+    }
+    if seen != expected.len() {
+        problems.push(format!(
+            "shard {shard}: state holds {seen} cards, journal replay {}",
+            expected.len()
+        ));
+    }
+    Ok(())
+}
