@@ -42,6 +42,9 @@ pub struct Config {
     pub key_cutoffs: Vec<(u16, u64)>,
     /// Journal segment size in bytes (preallocated).
     pub segment_bytes: u64,
+    /// Test seam: injected journal write/sync failures (shared by every shard). None in
+    /// production.
+    pub journal_faults: Option<std::sync::Arc<crate::journal::FaultInjector>>,
 }
 
 impl Default for Config {
@@ -65,6 +68,7 @@ impl Default for Config {
             limits: Limits::default(),
             key_cutoffs: Vec::new(),
             segment_bytes: 64 * 1024 * 1024,
+            journal_faults: None,
         }
     }
 }
@@ -92,10 +96,7 @@ impl Config {
         }
         if let Some(n) = self.shards {
             if n == 0 || usize::from(n) > citycard_protocol::MAX_SHARDS {
-                return Err(format!(
-                    "shards must be 1..={}",
-                    citycard_protocol::MAX_SHARDS
-                ));
+                return Err(format!("shards must be 1..={}", citycard_protocol::MAX_SHARDS));
             }
         }
         if self.limits.max_balance <= 0 || self.limits.max_amount <= 0 {

@@ -93,24 +93,15 @@ pub enum KeysError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KeysError + '_ {
-    move |source| KeysError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| KeysError::Io { path: path.to_path_buf(), source }
 }
 
 fn pem_err(path: &Path) -> impl FnOnce(rustls_pki_types::pem::Error) -> KeysError + '_ {
-    move |source| KeysError::Pem {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| KeysError::Pem { path: path.to_path_buf(), source }
 }
 
 fn format_err(path: &Path, reason: impl Into<String>) -> KeysError {
-    KeysError::Format {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    KeysError::Format { path: path.to_path_buf(), reason: reason.into() }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -165,9 +156,8 @@ impl TerminalId {
 
     pub fn new(id: impl Into<String>) -> Result<Self, KeysError> {
         let id = id.into();
-        let valid_chars = id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        let valid_chars =
+            id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if id.is_empty() || id.len() > Self::MAX_LEN || !valid_chars || id == "." || id == ".." {
             return Err(KeysError::InvalidTerminalId(id));
         }
@@ -202,10 +192,7 @@ impl fmt::Display for TerminalId {
 /// Paths of a terminal's certificate and key inside a keys directory.
 pub fn terminal_paths(dir: &Path, id: &TerminalId) -> (PathBuf, PathBuf) {
     let terminals = dir.join(TERMINALS_DIR);
-    (
-        terminals.join(format!("{id}.pem")),
-        terminals.join(format!("{id}.key")),
-    )
+    (terminals.join(format!("{id}.pem")), terminals.join(format!("{id}.key")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,9 +230,7 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
-    s.chunks_exact(2)
-        .map(|p| Some(hex_val(p[0])? << 4 | hex_val(p[1])?))
-        .collect()
+    s.chunks_exact(2).map(|p| Some(hex_val(p[0])? << 4 | hex_val(p[1])?)).collect()
 }
 
 fn from_hex32(s: &str) -> Option<[u8; 32]> {
@@ -284,23 +269,17 @@ fn asn1_time(t: SystemTime) -> Result<ASN1Time, KeysError> {
     const MAX_SECS: i64 = 253_402_300_799;
     let secs = unix_secs(t)?;
     if !(0..=MAX_SECS).contains(&secs) {
-        return Err(KeysError::Validity(format!(
-            "time {secs} (unix seconds) outside 1970..=9999"
-        )));
+        return Err(KeysError::Validity(format!("time {secs} (unix seconds) outside 1970..=9999")));
     }
     ASN1Time::from_timestamp(secs).map_err(|e| KeysError::Validity(e.to_string()))
 }
 
 fn now_plus(delta: Duration) -> Result<SystemTime, KeysError> {
-    SystemTime::now()
-        .checked_add(delta)
-        .ok_or_else(|| KeysError::Validity("time overflow".into()))
+    SystemTime::now().checked_add(delta).ok_or_else(|| KeysError::Validity("time overflow".into()))
 }
 
 fn now_minus(delta: Duration) -> Result<SystemTime, KeysError> {
-    SystemTime::now()
-        .checked_sub(delta)
-        .ok_or_else(|| KeysError::Validity("time underflow".into()))
+    SystemTime::now().checked_sub(delta).ok_or_else(|| KeysError::Validity("time underflow".into()))
 }
 
 fn set_validity(
@@ -309,9 +288,7 @@ fn set_validity(
     not_after: SystemTime,
 ) -> Result<(), KeysError> {
     if not_after <= not_before {
-        return Err(KeysError::Validity(
-            "not_after must be later than not_before".into(),
-        ));
+        return Err(KeysError::Validity("not_after must be later than not_before".into()));
     }
     params.not_before = asn1_time(not_before)?.to_datetime();
     params.not_after = asn1_time(not_after)?.to_datetime();
@@ -319,17 +296,11 @@ fn set_validity(
 }
 
 fn create_dir_private(path: &Path) -> Result<(), KeysError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(MODE_DIR)
-        .create(path)
-        .map_err(io_err(path))
+    DirBuilder::new().recursive(true).mode(MODE_DIR).create(path).map_err(io_err(path))
 }
 
 fn sync_dir(path: &Path) -> Result<(), KeysError> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(path))
+    File::open(path).and_then(|d| d.sync_all()).map_err(io_err(path))
 }
 
 fn mode_for(path: &Path) -> u32 {
@@ -343,12 +314,8 @@ fn mode_for(path: &Path) -> u32 {
 /// Creates `path` (which must not exist) with `mode`, writes and fsyncs it. A file that this
 /// call created but could not fill is removed again.
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeysError> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| {
+    let mut file =
+        OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
                 KeysError::AlreadyExists(path.to_path_buf())
             } else {
@@ -403,18 +370,12 @@ fn atomic_replace(
     mode: u32,
     build: impl FnOnce() -> Result<Vec<u8>, KeysError>,
 ) -> Result<(), KeysError> {
-    let file_name = target
-        .file_name()
-        .ok_or_else(|| format_err(target, "not a file path"))?;
+    let file_name = target.file_name().ok_or_else(|| format_err(target, "not a file path"))?;
     let mut tmp_name = file_name.to_os_string();
     tmp_name.push(".tmp");
     let tmp = target.with_file_name(tmp_name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| {
+    let mut file =
+        OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
                 format_err(
                     &tmp,
@@ -425,9 +386,7 @@ fn atomic_replace(
             }
         })?;
     let result = build().and_then(|contents| {
-        file.write_all(&contents)
-            .and_then(|()| file.sync_all())
-            .map_err(io_err(&tmp))?;
+        file.write_all(&contents).and_then(|()| file.sync_all()).map_err(io_err(&tmp))?;
         fs::rename(&tmp, target).map_err(io_err(target))
     });
     if result.is_err() {
@@ -476,13 +435,8 @@ fn ca_params() -> Result<CertificateParams, KeysError> {
     // A random suffix keeps CAs from different `init` runs apart by name, so a certificate
     // from another CA fails as "unknown issuer" rather than as a bad signature.
     let suffix = to_hex(&random_bytes::<4>()?);
-    params.distinguished_name.push(
-        DnType::CommonName,
-        format!("citycard development CA {suffix}"),
-    );
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "citycard");
+    params.distinguished_name.push(DnType::CommonName, format!("citycard development CA {suffix}"));
+    params.distinguished_name.push(DnType::OrganizationName, "citycard");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -497,9 +451,7 @@ fn ca_params() -> Result<CertificateParams, KeysError> {
 fn server_params() -> Result<CertificateParams, KeysError> {
     let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".into()])?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
+    params.distinguished_name.push(DnType::CommonName, "localhost");
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -537,12 +489,8 @@ fn terminal_params(
 ) -> Result<CertificateParams, KeysError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, id.as_str());
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, role.as_str());
+    params.distinguished_name.push(DnType::CommonName, id.as_str());
+    params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![if opts.server_auth_only {
@@ -575,10 +523,7 @@ fn terminal_files(
 ) -> Result<[(PathBuf, Vec<u8>); 2], KeysError> {
     let (cert_path, key_path) = terminal_paths(dir, id);
     let (cert_pem, key_pem) = sign_leaf(&terminal_params(id, role, opts)?, issuer)?;
-    Ok([
-        (cert_path, cert_pem.into_bytes()),
-        (key_path, key_pem.into_bytes()),
-    ])
+    Ok([(cert_path, cert_pem.into_bytes()), (key_path, key_pem.into_bytes())])
 }
 
 /// Loads the CA from `ca.pem` / `ca.key` as an rcgen issuer, checking that they match.
@@ -609,28 +554,18 @@ pub fn has_keys(dir: &Path) -> bool {
 }
 
 /// The terminals that [`init`] issues.
-pub const INITIAL_TERMINALS: [(&str, Role); 3] = [
-    ("reader-1", Role::Reader),
-    ("kiosk-1", Role::Kiosk),
-    ("counter-1", Role::Counter),
-];
+pub const INITIAL_TERMINALS: [(&str, Role); 3] =
+    [("reader-1", Role::Reader), ("kiosk-1", Role::Kiosk), ("counter-1", Role::Counter)];
 
 /// Generates a complete development key set in `dir` (created with mode 0700 if missing).
 ///
 /// Refuses, writing nothing, if any target file already exists. Returns the files written.
 pub fn init(dir: &Path) -> Result<Vec<PathBuf>, KeysError> {
-    let mut targets: Vec<PathBuf> = [
-        CA_CERT,
-        CA_KEY,
-        SERVER_CERT,
-        SERVER_KEY,
-        ISSUER_KEYS,
-        ASSERTION_KEY,
-        ASSERTION_PUB,
-    ]
-    .iter()
-    .map(|name| dir.join(name))
-    .collect();
+    let mut targets: Vec<PathBuf> =
+        [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, ISSUER_KEYS, ASSERTION_KEY, ASSERTION_PUB]
+            .iter()
+            .map(|name| dir.join(name))
+            .collect();
     let terminals: Vec<(TerminalId, Role)> = INITIAL_TERMINALS
         .iter()
         .map(|(id, role)| Ok((TerminalId::new(*id)?, *role)))
@@ -736,10 +671,7 @@ fn parse_revoked(path: &Path, text: &str) -> Result<Vec<RevokedEntry>, KeysError
         }
         let bad = |what: &str| format_err(path, format!("line {}: {what}", n + 1));
         let mut parts = line.split_whitespace();
-        let serial = parts
-            .next()
-            .ok_or_else(|| bad("empty"))?
-            .to_ascii_lowercase();
+        let serial = parts.next().ok_or_else(|| bad("empty"))?.to_ascii_lowercase();
         if from_hex(&serial).is_none_or(|b| b.is_empty() || b.len() > 20) {
             return Err(bad("serial is not 1 to 20 bytes of hex"));
         }
@@ -770,10 +702,7 @@ pub fn revoke(dir: &Path, id: &TerminalId) -> Result<PathBuf, KeysError> {
     let ca_der = load_first_cert(&dir.join(CA_CERT))?;
     let ca = parse_x509(&ca_der)?;
     if cert.issuer().as_raw() != ca.subject().as_raw() {
-        return Err(format_err(
-            &cert_path,
-            format!("was not issued by {CA_CERT}"),
-        ));
+        return Err(format_err(&cert_path, format!("was not issued by {CA_CERT}")));
     }
 
     let list_path = dir.join(REVOKED_LIST);
@@ -939,10 +868,7 @@ pub fn add_issuer_version(dir: &Path) -> Result<u16, KeysError> {
         if !text.is_empty() && !text.ends_with('\n') {
             text.push('\n');
         }
-        text.push_str(&format!(
-            "{new_version} {}\n",
-            to_hex(&random_bytes::<32>()?)
-        ));
+        text.push_str(&format!("{new_version} {}\n", to_hex(&random_bytes::<32>()?)));
         Ok(text.into_bytes())
     })?;
     tracing::info!(version = new_version, "added card issuer key version");
@@ -1039,10 +965,7 @@ mod tests {
 
         let server = load_first_cert(&dir.join(SERVER_CERT)).expect("server cert");
         let server = parse_x509(&server).expect("parse");
-        let eku = server
-            .extended_key_usage()
-            .expect("eku")
-            .expect("eku present");
+        let eku = server.extended_key_usage().expect("eku").expect("eku present");
         assert!(eku.value.server_auth && !eku.value.client_auth);
 
         // Second init refuses and changes nothing.
@@ -1069,10 +992,7 @@ mod tests {
         assert!(err.to_string().contains("counter-1.key"), "{err}");
         assert!(!dir.join(CA_CERT).exists());
         assert!(!has_keys(dir));
-        assert_eq!(
-            fs::read(dir.join("terminals/counter-1.key")).expect("read"),
-            b"precious"
-        );
+        assert_eq!(fs::read(dir.join("terminals/counter-1.key")).expect("read"), b"precious");
     }
 
     #[test]
@@ -1080,21 +1000,8 @@ mod tests {
         for ok in ["a", "reader-1", "K.i_o-s.k", &"x".repeat(32)] {
             assert_eq!(TerminalId::new(ok).expect(ok).as_str(), ok);
         }
-        for bad in [
-            "",
-            ".",
-            "..",
-            "a/b",
-            "../x",
-            "a b",
-            "é",
-            &"x".repeat(33),
-            "a\n",
-        ] {
-            assert!(
-                matches!(TerminalId::new(bad), Err(KeysError::InvalidTerminalId(_))),
-                "{bad}"
-            );
+        for bad in ["", ".", "..", "a/b", "../x", "a b", "é", &"x".repeat(33), "a\n"] {
+            assert!(matches!(TerminalId::new(bad), Err(KeysError::InvalidTerminalId(_))), "{bad}");
         }
         for role in Role::ALL {
             assert_eq!(role.as_str().parse::<Role>().expect("role"), role);
@@ -1120,10 +1027,7 @@ mod tests {
         assert_eq!(got_role, Role::Kiosk);
 
         let cert = parse_x509(&der).expect("parse");
-        let eku = cert
-            .extended_key_usage()
-            .expect("eku")
-            .expect("eku present");
+        let eku = cert.extended_key_usage().expect("eku").expect("eku present");
         assert!(eku.value.client_auth && !eku.value.server_auth && !eku.value.any);
         let ca_der = load_first_cert(&dir.join(CA_CERT)).expect("ca");
         let ca = parse_x509(&ca_der).expect("parse ca");
@@ -1133,10 +1037,7 @@ mod tests {
         for (name, role) in INITIAL_TERMINALS {
             let id = TerminalId::new(name).expect("id");
             let der = load_first_cert(&terminal_paths(dir, &id).0).expect("cert");
-            assert_eq!(
-                crate::tls::identity_from_cert(&der).expect("identity"),
-                (id, role)
-            );
+            assert_eq!(crate::tls::identity_from_cert(&der).expect("identity"), (id, role));
         }
 
         let before = fs::read(&cert_path).expect("read");
@@ -1198,10 +1099,8 @@ mod tests {
         let crl = rustls_pki_types::CertificateRevocationListDer::from_pem_file(&crl_path)
             .expect("crl pem");
         let (_, crl) = x509_parser::parse_x509_crl(crl.as_ref()).expect("parse crl");
-        let serials: Vec<String> = crl
-            .iter_revoked_certificates()
-            .map(|r| serial_hex(r.raw_serial()))
-            .collect();
+        let serials: Vec<String> =
+            crl.iter_revoked_certificates().map(|r| serial_hex(r.raw_serial())).collect();
         assert_eq!(serials.len(), 2);
         assert!(serials.contains(&serial_of("reader-1")));
         assert!(serials.contains(&serial_of("kiosk-1")));

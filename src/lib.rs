@@ -40,11 +40,7 @@ pub fn durable_write(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     }
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())

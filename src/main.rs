@@ -129,9 +129,7 @@ fn parse_cutoff(s: &str) -> Result<(u16, u64), String> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -170,11 +168,7 @@ fn keys_command(command: KeysCommand) -> anyhow::Result<ExitCode> {
         }
         KeysCommand::Revoke { dir, id } => {
             let crl = keys::revoke(&dir, &TerminalId::new(id)?)?;
-            println!(
-                "wrote {} (restart the server with --crl {})",
-                crl.display(),
-                crl.display()
-            );
+            println!("wrote {} (restart the server with --crl {})", crl.display(), crl.display());
         }
         KeysCommand::RotateIssuer { dir } => {
             let version = keys::add_issuer_version(&dir)?;

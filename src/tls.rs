@@ -25,10 +25,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn pem_err(path: &Path) -> impl FnOnce(rustls_pki_types::pem::Error) -> KeysError + '_ {
-    move |source| KeysError::Pem {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| KeysError::Pem { path: path.to_path_buf(), source }
 }
 
 /// All certificates in a PEM file (at least one).
@@ -146,9 +143,7 @@ pub fn identity_from_cert(cert: &CertificateDer<'_>) -> Result<(TerminalId, Role
         .extended_key_usage()
         .map_err(|e| KeysError::PeerIdentity(format!("bad extended key usage: {e}")))?;
     if !eku.is_some_and(|eku| eku.value.client_auth) {
-        return Err(KeysError::PeerIdentity(
-            "certificate lacks EKU clientAuth".into(),
-        ));
+        return Err(KeysError::PeerIdentity("certificate lacks EKU clientAuth".into()));
     }
 
     let subject = x509.subject();
@@ -161,18 +156,17 @@ pub fn identity_from_cert(cert: &CertificateDer<'_>) -> Result<(TerminalId, Role
                 .map(str::to_owned)
                 .map_err(|_| KeysError::PeerIdentity(format!("subject {what} is not a string"))),
             (None, _) => Err(KeysError::PeerIdentity(format!("subject has no {what}"))),
-            (Some(_), false) => Err(KeysError::PeerIdentity(format!(
-                "subject has more than one {what}"
-            ))),
+            (Some(_), false) => {
+                Err(KeysError::PeerIdentity(format!("subject has more than one {what}")))
+            }
         }
     };
     let cn = single(subject.iter_common_name().collect(), "CN")?;
     let ou = single(subject.iter_organizational_unit().collect(), "OU")?;
     let id =
         TerminalId::new(cn).map_err(|e| KeysError::PeerIdentity(format!("subject CN: {e}")))?;
-    let role = ou
-        .parse::<Role>()
-        .map_err(|e| KeysError::PeerIdentity(format!("subject OU: {e}")))?;
+    let role =
+        ou.parse::<Role>().map_err(|e| KeysError::PeerIdentity(format!("subject OU: {e}")))?;
     Ok((id, role))
 }
 
@@ -202,16 +196,10 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let acceptor = TlsAcceptor::from(server);
         let server_task = tokio::spawn(async move {
-            let (tcp, _) = listener
-                .accept()
-                .await
-                .map_err(|e| format!("tcp accept: {e}"))?;
+            let (tcp, _) = listener.accept().await.map_err(|e| format!("tcp accept: {e}"))?;
             let mut tls = acceptor.accept(tcp).await.map_err(|e| {
                 // The rustls error is inside the io::Error.
-                match e
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                {
+                match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
                     Some(tls_err) => format!("{tls_err:?}"),
                     None => format!("{e:?}"),
                 }
@@ -221,28 +209,20 @@ mod tests {
                 return Err(format!("alpn {:?}", conn.alpn_protocol()));
             }
             let identity = peer_identity(conn).map_err(|e| format!("{e:?}"))?;
-            tls.write_all(b"ok")
-                .await
-                .map_err(|e| format!("write: {e}"))?;
+            tls.write_all(b"ok").await.map_err(|e| format!("write: {e}"))?;
             tls.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
             Ok(identity)
         });
 
         let client = async move {
             let connector = TlsConnector::from(client);
-            let tcp = TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("tcp: {e}"))?;
+            let tcp = TcpStream::connect(addr).await.map_err(|e| format!("tcp: {e}"))?;
             let name = rustls_pki_types::ServerName::try_from("localhost")
                 .map_err(|e| format!("name: {e}"))?;
-            let mut tls = connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
+            let mut tls =
+                connector.connect(name, tcp).await.map_err(|e| format!("connect: {e}"))?;
             let mut buf = vec![0u8; 2];
-            tls.read_exact(&mut buf)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
+            tls.read_exact(&mut buf).await.map_err(|e| format!("read: {e}"))?;
             Ok::<_, String>(buf)
         };
         let client = tokio::time::timeout(TIMEOUT, client)
@@ -261,11 +241,7 @@ mod tests {
             Ok(id) => panic!("server accepted {id:?}, expected refusal ({reason})"),
             Err(e) => assert!(e.contains(reason), "server error {e:?} lacks {reason:?}"),
         }
-        assert!(
-            outcome.client.is_err(),
-            "client read succeeded: {:?}",
-            outcome.client
-        );
+        assert!(outcome.client.is_err(), "client read succeeded: {:?}", outcome.client);
     }
 
     fn init_dir() -> (tempfile::TempDir, PathBuf) {
@@ -305,10 +281,7 @@ mod tests {
         // Trusts the right server CA but presents a terminal cert from the other CA.
         let client = client_config_from_files(
             &dir.join(keys::CA_CERT),
-            Some((
-                &other.join("terminals/reader-1.pem"),
-                &other.join("terminals/reader-1.key"),
-            )),
+            Some((&other.join("terminals/reader-1.pem"), &other.join("terminals/reader-1.key"))),
         )
         .expect("client config");
         assert_refused(&handshake(server, client).await, "UnknownIssuer");
@@ -369,10 +342,7 @@ mod tests {
         let other = client_config(&dir, "counter-1").expect("client config");
         let outcome = handshake(after, other).await;
         let counter1 = TerminalId::new("counter-1").expect("id");
-        assert_eq!(
-            outcome.server.expect("not revoked"),
-            (counter1, Role::Counter)
-        );
+        assert_eq!(outcome.server.expect("not revoked"), (counter1, Role::Counter));
     }
 
     #[tokio::test]
@@ -381,10 +351,7 @@ mod tests {
         let server = server_config(&dir, None).expect("server config");
         let mut client = (*client_config(&dir, "reader-1").expect("client config")).clone();
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
-        assert_refused(
-            &handshake(server, Arc::new(client)).await,
-            "NoApplicationProtocol",
-        );
+        assert_refused(&handshake(server, Arc::new(client)).await, "NoApplicationProtocol");
     }
 
     #[test]
@@ -414,14 +381,10 @@ mod tests {
             let mut params = rcgen::CertificateParams::default();
             params.distinguished_name = rcgen::DistinguishedName::new();
             if let Some(cn) = cn {
-                params
-                    .distinguished_name
-                    .push(rcgen::DnType::CommonName, cn);
+                params.distinguished_name.push(rcgen::DnType::CommonName, cn);
             }
             if let Some(ou) = ou {
-                params
-                    .distinguished_name
-                    .push(rcgen::DnType::OrganizationalUnitName, ou);
+                params.distinguished_name.push(rcgen::DnType::OrganizationalUnitName, ou);
             }
             params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
             let key = rcgen::KeyPair::generate().expect("key");

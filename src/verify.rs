@@ -52,10 +52,7 @@ pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
     let _lock = crate::server::lock_data_dir(data_dir)?;
     let count: u16 = std::fs::read_to_string(data_dir.join("shards"))
         .with_context(|| {
-            format!(
-                "{} has no shard count: not a citycard data directory",
-                data_dir.display()
-            )
+            format!("{} has no shard count: not a citycard data directory", data_dir.display())
         })?
         .trim()
         .parse()
@@ -81,17 +78,14 @@ fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> 
     let db = match db {
         Ok(db) => Some(db),
         Err(e) => {
-            report.problems.push(format!(
-                "shard {index}: state unreadable ({e}); a restart rebuilds it"
-            ));
+            report
+                .problems
+                .push(format!("shard {index}: state unreadable ({e}); a restart rebuilds it"));
             None
         }
     };
     let applied = match &db {
-        Some(db) => db
-            .get(state::META_APPLIED)?
-            .and_then(|v| state::be_u64(&v))
-            .unwrap_or(0),
+        Some(db) => db.get(state::META_APPLIED)?.and_then(|v| state::be_u64(&v)).unwrap_or(0),
         None => 0,
     };
     let mut ledger: BTreeMap<CardId, Ledger> = BTreeMap::new();
@@ -101,15 +95,9 @@ fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> 
     let summary = journal::read_all(&dir.join("journal"), |seq, payload| {
         totals.records += 1;
         match Entry::decode(payload) {
-            Ok(entry) => check_entry(
-                index,
-                count,
-                seq,
-                &entry,
-                &mut ledger,
-                &mut totals,
-                &mut problems,
-            ),
+            Ok(entry) => {
+                check_entry(index, count, seq, &entry, &mut ledger, &mut totals, &mut problems)
+            }
             Err(e) => problems.push(format!("shard {index} seq {seq}: {e}")),
         }
         if seq == applied {
@@ -125,9 +113,7 @@ fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> 
         }
     };
     if let Some(torn) = &summary.torn_tail {
-        report
-            .torn_tails
-            .push(format!("shard {index}: {torn:?} (truncated on next start)"));
+        report.torn_tails.push(format!("shard {index}: {torn:?} (truncated on next start)"));
     }
     if applied > summary.last_seq {
         problems.push(format!(
@@ -162,18 +148,10 @@ fn check_entry(
     totals: &mut Totals,
     problems: &mut Vec<String>,
 ) {
-    let at = |what: String| {
-        format!(
-            "shard {shard} seq {seq} card {}: {what}",
-            e.card_id.masked()
-        )
-    };
+    let at = |what: String| format!("shard {shard} seq {seq} card {}: {what}", e.card_id.masked());
     if e.status != Status::Approved {
         if e.amount.0 != 0 {
-            problems.push(at(format!(
-                "declined ({:?}) but moved {}",
-                e.status, e.amount.0
-            )));
+            problems.push(at(format!("declined ({:?}) but moved {}", e.status, e.amount.0)));
         }
         if let Some(l) = ledger.get_mut(&e.card_id) {
             if l.balance != e.balance_after.0 && e.kind != EntryKind::Issue {
@@ -196,20 +174,11 @@ fn check_entry(
             problems.push(at("issued by a shard that does not own it".into()));
         }
         if e.amount.0 != e.balance_after.0 || e.amount.0 < 0 {
-            problems.push(at(format!(
-                "deposit {} but balance {}",
-                e.amount.0, e.balance_after.0
-            )));
+            problems.push(at(format!("deposit {} but balance {}", e.amount.0, e.balance_after.0)));
         }
         totals.deposits += e.amount.0;
-        ledger.insert(
-            e.card_id,
-            Ledger {
-                balance: e.balance_after.0,
-                last_atc: 0,
-                retired: false,
-            },
-        );
+        ledger
+            .insert(e.card_id, Ledger { balance: e.balance_after.0, last_atc: 0, retired: false });
         return;
     }
     let Some(l) = ledger.get_mut(&e.card_id) else {
@@ -223,17 +192,11 @@ fn check_entry(
         )));
     }
     if l.retired && e.kind != EntryKind::Identity {
-        problems.push(at(format!(
-            "{:?} approved on a closed or replaced card",
-            e.kind
-        )));
+        problems.push(at(format!("{:?} approved on a closed or replaced card", e.kind)));
     }
     if e.uses_atc() {
         if e.atc.0 <= l.last_atc && e.kind != EntryKind::Offline {
-            problems.push(at(format!(
-                "ATC {} not above the last one {}",
-                e.atc.0, l.last_atc
-            )));
+            problems.push(at(format!("ATC {} not above the last one {}", e.atc.0, l.last_atc)));
         }
         l.last_atc = l.last_atc.max(e.atc.0);
     }
@@ -262,14 +225,7 @@ fn check_entry(
             if ledger.contains_key(&e.other_card) {
                 problems.push(at("replacement card id already in use".into()));
             }
-            ledger.insert(
-                e.other_card,
-                Ledger {
-                    balance: moved,
-                    last_atc: 0,
-                    retired: false,
-                },
-            );
+            ledger.insert(e.other_card, Ledger { balance: moved, last_atc: 0, retired: false });
             e.balance_after.0 == 0
         }
         _ => e.amount.0 == 0,
@@ -294,10 +250,7 @@ fn compare_state(
         let id = CardId(state::be_u64(&k[1..]).unwrap_or(0));
         seen += 1;
         let Some(record) = CardRecord::decode(&v) else {
-            problems.push(format!(
-                "shard {shard} card {}: state record malformed",
-                id.masked()
-            ));
+            problems.push(format!("shard {shard} card {}: state record malformed", id.masked()));
             continue;
         };
         match expected.get(&id) {

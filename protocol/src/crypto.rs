@@ -57,10 +57,7 @@ impl CardKey {
 
     /// A key received at personalisation (issue/replace answer).
     pub fn from_bytes(bytes: [u8; 32]) -> CardKey {
-        CardKey {
-            hmac: hmac::Key::new(hmac::HMAC_SHA256, &bytes),
-            bytes,
-        }
+        CardKey { hmac: hmac::Key::new(hmac::HMAC_SHA256, &bytes), bytes }
     }
 
     pub fn bytes(&self) -> &[u8; 32] {
@@ -199,10 +196,7 @@ pub fn response_mac_ok(key: &CardKey, response_type: u8, binding: &Mac, body: &[
     let split = body.len() - 16;
     let mut received = [0u8; 16];
     received.copy_from_slice(&body[split..]);
-    CardKey::verify(
-        &key.response_mac(response_type, binding, &body[..split]),
-        &Mac(received),
-    )
+    CardKey::verify(&key.response_mac(response_type, binding, &body[..split]), &Mac(received))
 }
 
 #[cfg(test)]
@@ -213,30 +207,12 @@ mod tests {
     fn every_input_bit_changes_the_request_cryptogram() {
         let key = CardKey::derive(&[7u8; 32], KeyVersion(1), CardId(42));
         let base = key.request_cryptogram(2, CardId(42), Atc(5), Amount(250), 9, "reader-1");
-        assert_ne!(
-            base,
-            key.request_cryptogram(2, CardId(43), Atc(5), Amount(250), 9, "reader-1")
-        );
-        assert_ne!(
-            base,
-            key.request_cryptogram(2, CardId(42), Atc(6), Amount(250), 9, "reader-1")
-        );
-        assert_ne!(
-            base,
-            key.request_cryptogram(2, CardId(42), Atc(5), Amount(251), 9, "reader-1")
-        );
-        assert_ne!(
-            base,
-            key.request_cryptogram(2, CardId(42), Atc(5), Amount(250), 8, "reader-1")
-        );
-        assert_ne!(
-            base,
-            key.request_cryptogram(2, CardId(42), Atc(5), Amount(250), 9, "reader-2")
-        );
-        assert_ne!(
-            base,
-            key.request_cryptogram(3, CardId(42), Atc(5), Amount(250), 9, "reader-1")
-        );
+        assert_ne!(base, key.request_cryptogram(2, CardId(43), Atc(5), Amount(250), 9, "reader-1"));
+        assert_ne!(base, key.request_cryptogram(2, CardId(42), Atc(6), Amount(250), 9, "reader-1"));
+        assert_ne!(base, key.request_cryptogram(2, CardId(42), Atc(5), Amount(251), 9, "reader-1"));
+        assert_ne!(base, key.request_cryptogram(2, CardId(42), Atc(5), Amount(250), 8, "reader-1"));
+        assert_ne!(base, key.request_cryptogram(2, CardId(42), Atc(5), Amount(250), 9, "reader-2"));
+        assert_ne!(base, key.request_cryptogram(3, CardId(42), Atc(5), Amount(250), 9, "reader-1"));
         let other = CardKey::derive(&[7u8; 32], KeyVersion(2), CardId(42));
         assert_ne!(
             base,

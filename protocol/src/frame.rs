@@ -171,41 +171,17 @@ pub enum DecodeError {
     #[error("unsupported protocol version {0}")]
     BadVersion(u8),
     #[error("reserved header bits set (flags {flags:#06x}, reserved {reserved:#06x})")]
-    BadHeader {
-        flags: u16,
-        reserved: u16,
-        request_id: RequestId,
-    },
+    BadHeader { flags: u16, reserved: u16, request_id: RequestId },
     #[error("unknown message type {message_type:#04x}")]
-    UnknownType {
-        message_type: u8,
-        request_id: RequestId,
-    },
+    UnknownType { message_type: u8, request_id: RequestId },
     #[error("body length {len} over the maximum {max}")]
-    FrameTooLarge {
-        len: u64,
-        max: usize,
-        request_id: RequestId,
-    },
+    FrameTooLarge { len: u64, max: usize, request_id: RequestId },
     #[error("body of {message_type:?} too short: need {needed} bytes, have {have}")]
-    BodyTooShort {
-        message_type: MessageType,
-        needed: usize,
-        have: usize,
-        request_id: RequestId,
-    },
+    BodyTooShort { message_type: MessageType, needed: usize, have: usize, request_id: RequestId },
     #[error("{extra} trailing bytes after the {message_type:?} body")]
-    TrailingBytes {
-        message_type: MessageType,
-        extra: usize,
-        request_id: RequestId,
-    },
+    TrailingBytes { message_type: MessageType, extra: usize, request_id: RequestId },
     #[error("bad value in field {field}: {value}")]
-    BadValue {
-        field: &'static str,
-        value: u64,
-        request_id: RequestId,
-    },
+    BadValue { field: &'static str, value: u64, request_id: RequestId },
 }
 
 impl DecodeError {
@@ -256,11 +232,7 @@ impl DecodeError {
 #[non_exhaustive]
 pub enum EncodeError {
     #[error("{field} has {count} items, over the limit {max}")]
-    TooMany {
-        field: &'static str,
-        count: usize,
-        max: usize,
-    },
+    TooMany { field: &'static str, count: usize, max: usize },
     #[error("body of {len} bytes over the maximum {max}")]
     TooLarge { len: usize, max: usize },
 }
@@ -293,21 +265,13 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
         buf.reserve(total - buf.len());
         return Ok(None);
     }
-    let request_id = RequestId(u32::from_be_bytes([
-        header[8], header[9], header[10], header[11],
-    ]));
+    let request_id = RequestId(u32::from_be_bytes([header[8], header[9], header[10], header[11]]));
     // Already checked by parse_header; kept as an error rather than a panic.
-    let message_type = MessageType::from_u8(header[3]).ok_or(DecodeError::UnknownType {
-        message_type: header[3],
-        request_id,
-    })?;
+    let message_type = MessageType::from_u8(header[3])
+        .ok_or(DecodeError::UnknownType { message_type: header[3], request_id })?;
     buf.advance(HEADER_LEN);
     let body = buf.split_to(body_len).freeze();
-    Ok(Some(Frame {
-        message_type,
-        request_id,
-        body,
-    }))
+    Ok(Some(Frame { message_type, request_id, body }))
 }
 
 /// Validates a 16-byte header and returns the body length.
@@ -327,24 +291,13 @@ fn parse_header(header: &[u8]) -> Result<usize, DecodeError> {
     let request_id = RequestId(h.get_u32());
     let len = h.get_u32();
     if flags != 0 || reserved != 0 {
-        return Err(DecodeError::BadHeader {
-            flags,
-            reserved,
-            request_id,
-        });
+        return Err(DecodeError::BadHeader { flags, reserved, request_id });
     }
     if MessageType::from_u8(type_byte).is_none() {
-        return Err(DecodeError::UnknownType {
-            message_type: type_byte,
-            request_id,
-        });
+        return Err(DecodeError::UnknownType { message_type: type_byte, request_id });
     }
     if len as usize > MAX_BODY_LEN {
-        return Err(DecodeError::FrameTooLarge {
-            len: len.into(),
-            max: MAX_BODY_LEN,
-            request_id,
-        });
+        return Err(DecodeError::FrameTooLarge { len: len.into(), max: MAX_BODY_LEN, request_id });
     }
     Ok(len as usize)
 }
@@ -357,10 +310,7 @@ pub(crate) fn put_header(
     body_len: usize,
 ) -> Result<(), EncodeError> {
     if body_len > MAX_BODY_LEN {
-        return Err(EncodeError::TooLarge {
-            len: body_len,
-            max: MAX_BODY_LEN,
-        });
+        return Err(EncodeError::TooLarge { len: body_len, max: MAX_BODY_LEN });
     }
     out.reserve(HEADER_LEN + body_len);
     out.put_slice(&MAGIC);

@@ -442,11 +442,7 @@ pub enum Response {
 /// A field value outside its domain; the request id is filled in from the frame header by
 /// [`decode_request`], [`decode_response`] and [`frame_to_request`].
 fn bad_value(field: &'static str, value: u64) -> DecodeError {
-    DecodeError::BadValue {
-        field,
-        value,
-        request_id: RequestId(0),
-    }
+    DecodeError::BadValue { field, value, request_id: RequestId(0) }
 }
 
 struct Reader<'a> {
@@ -457,11 +453,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn new(message_type: MessageType, data: &'a [u8]) -> Self {
-        Reader {
-            data,
-            pos: 0,
-            message_type,
-        }
+        Reader { data, pos: 0, message_type }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
@@ -518,11 +510,7 @@ impl<'a> Reader<'a> {
 
     /// A count field that must not exceed `max`; checked before anything is allocated.
     fn count(&mut self, field: &'static str, wide: bool, max: usize) -> Result<usize, DecodeError> {
-        let n = if wide {
-            usize::from(self.u16()?)
-        } else {
-            usize::from(self.u8()?)
-        };
+        let n = if wide { usize::from(self.u16()?) } else { usize::from(self.u8()?) };
         if n > max {
             return Err(bad_value(field, n as u64));
         }
@@ -639,11 +627,7 @@ impl Request {
                 body.put_i64(amount.0);
             }
             Request::Balance { auth } | Request::Identity { auth } => put_auth(&mut body, auth),
-            Request::History {
-                auth,
-                before_seq,
-                limit,
-            } => {
+            Request::History { auth, before_seq, limit } => {
                 put_auth(&mut body, auth);
                 body.put_u64(*before_seq);
                 body.put_u16(*limit);
@@ -652,11 +636,7 @@ impl Request {
                 body.put_u64(*op_ref);
                 body.put_i64(deposit.0);
             }
-            Request::Block {
-                op_ref,
-                card_id,
-                reason,
-            } => {
+            Request::Block { op_ref, card_id, reason } => {
                 body.put_u64(*op_ref);
                 body.put_u64(card_id.0);
                 body.put_u8(*reason as u8);
@@ -679,10 +659,7 @@ impl Request {
                     body.put_slice(&rec.certificate.0);
                 }
             }
-            Request::HotlistSync {
-                cursor,
-                max_entries,
-            } => {
+            Request::HotlistSync { cursor, max_entries } => {
                 check_count("cursor", cursor.len(), MAX_SHARDS)?;
                 body.put_u16(*max_entries);
                 body.put_u8(cursor.len() as u8);
@@ -700,32 +677,17 @@ impl Request {
     pub fn decode_body(message_type: MessageType, body: &[u8]) -> Result<Request, DecodeError> {
         let mut r = Reader::new(message_type, body);
         let request = match message_type {
-            MessageType::Hello => Request::Hello {
-                client_time_ms: r.u64()?,
-            },
-            MessageType::Purchase => Request::Purchase {
-                auth: r.card_auth()?,
-                amount: r.amount()?,
-            },
-            MessageType::TopUp => Request::TopUp {
-                auth: r.card_auth()?,
-                amount: r.amount()?,
-            },
-            MessageType::Balance => Request::Balance {
-                auth: r.card_auth()?,
-            },
-            MessageType::History => Request::History {
-                auth: r.card_auth()?,
-                before_seq: r.u64()?,
-                limit: r.u16()?,
-            },
-            MessageType::Identity => Request::Identity {
-                auth: r.card_auth()?,
-            },
-            MessageType::Issue => Request::Issue {
-                op_ref: r.u64()?,
-                deposit: r.amount()?,
-            },
+            MessageType::Hello => Request::Hello { client_time_ms: r.u64()? },
+            MessageType::Purchase => {
+                Request::Purchase { auth: r.card_auth()?, amount: r.amount()? }
+            }
+            MessageType::TopUp => Request::TopUp { auth: r.card_auth()?, amount: r.amount()? },
+            MessageType::Balance => Request::Balance { auth: r.card_auth()? },
+            MessageType::History => {
+                Request::History { auth: r.card_auth()?, before_seq: r.u64()?, limit: r.u16()? }
+            }
+            MessageType::Identity => Request::Identity { auth: r.card_auth()? },
+            MessageType::Issue => Request::Issue { op_ref: r.u64()?, deposit: r.amount()? },
             MessageType::Block => {
                 let op_ref = r.u64()?;
                 let card_id = r.card_id()?;
@@ -733,24 +695,11 @@ impl Request {
                 let reason = BlockReason::from_u8(v)
                     .filter(|reason| (*reason as u8) <= BlockReason::Other as u8)
                     .ok_or(bad_value("reason", v.into()))?;
-                Request::Block {
-                    op_ref,
-                    card_id,
-                    reason,
-                }
+                Request::Block { op_ref, card_id, reason }
             }
-            MessageType::Unblock => Request::Unblock {
-                op_ref: r.u64()?,
-                card_id: r.card_id()?,
-            },
-            MessageType::Replace => Request::Replace {
-                op_ref: r.u64()?,
-                card_id: r.card_id()?,
-            },
-            MessageType::Close => Request::Close {
-                op_ref: r.u64()?,
-                card_id: r.card_id()?,
-            },
+            MessageType::Unblock => Request::Unblock { op_ref: r.u64()?, card_id: r.card_id()? },
+            MessageType::Replace => Request::Replace { op_ref: r.u64()?, card_id: r.card_id()? },
+            MessageType::Close => Request::Close { op_ref: r.u64()?, card_id: r.card_id()? },
             MessageType::OfflineBatch => {
                 let n = r.count("records", true, MAX_OFFLINE_RECORDS)?;
                 let mut records = Vec::with_capacity(n);
@@ -773,10 +722,7 @@ impl Request {
                 for _ in 0..n {
                     cursor.push(r.u64()?);
                 }
-                Request::HotlistSync {
-                    cursor,
-                    max_entries,
-                }
+                Request::HotlistSync { cursor, max_entries }
             }
             other => {
                 return Err(DecodeError::UnknownType {
@@ -816,10 +762,7 @@ impl Response {
         while !message.is_char_boundary(end) {
             end -= 1;
         }
-        Response::Error {
-            code: code as u16,
-            message: message[..end].to_owned(),
-        }
+        Response::Error { code: code as u16, message: message[..end].to_owned() }
     }
 
     /// Appends the complete frame (header and body) to `out`. On error nothing is written.
@@ -1051,18 +994,9 @@ impl Response {
                     };
                     let v = r.u8()?;
                     let reason = BlockReason::from_u8(v).ok_or(bad_value("reason", v.into()))?;
-                    entries.push(HotlistEntry {
-                        card_id,
-                        listed,
-                        reason,
-                        version: r.u64()?,
-                    });
+                    entries.push(HotlistEntry { card_id, listed, reason, version: r.u64()? });
                 }
-                Response::HotlistSync(HotlistChanges {
-                    cursor,
-                    more,
-                    entries,
-                })
+                Response::HotlistSync(HotlistChanges { cursor, more, entries })
             }
             MessageType::Error => {
                 let code = r.u16()?;

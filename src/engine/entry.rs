@@ -102,12 +102,7 @@ impl Entry {
         let status = Status::from_u8(take(1)[0]).ok_or(EntryError("status"))?;
         let card_id = CardId(u64_of(take(8)));
         let atc_bytes = take(4);
-        let atc = Atc(u32::from_be_bytes([
-            atc_bytes[0],
-            atc_bytes[1],
-            atc_bytes[2],
-            atc_bytes[3],
-        ]));
+        let atc = Atc(u32::from_be_bytes([atc_bytes[0], atc_bytes[1], atc_bytes[2], atc_bytes[3]]));
         let amount = Amount(u64_of(take(8)) as i64);
         let balance_after = Amount(u64_of(take(8)) as i64);
         let time_ms = u64_of(take(8));

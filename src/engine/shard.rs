@@ -37,10 +37,7 @@ pub enum StoreError {
     #[error("derived state inconsistent: {0}")]
     State(String),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// Key material the engine needs. Never logged (no Debug).
@@ -103,11 +100,7 @@ pub enum Op<'a> {
 pub enum Output {
     Response(Response),
     Offline(Vec<(u16, CardResult)>),
-    Hotlist {
-        version: u64,
-        entries: Vec<HotlistEntry>,
-        more: bool,
-    },
+    Hotlist { version: u64, entries: Vec<HotlistEntry>, more: bool },
 }
 
 /// An entry decided in the current batch (not yet in sled).
@@ -155,10 +148,8 @@ impl Shard {
     ) -> Result<(Shard, OpenReport), StoreError> {
         let journal_dir = options.dir.join("journal");
         let state_dir = options.dir.join("state");
-        std::fs::create_dir_all(&journal_dir).map_err(|source| StoreError::Io {
-            path: journal_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&journal_dir)
+            .map_err(|source| StoreError::Io { path: journal_dir.clone(), source })?;
         let mut rebuilt = false;
         loop {
             let db = match open_sled(&state_dir) {
@@ -202,12 +193,8 @@ impl Shard {
                 continue;
             }
             shard.persist()?;
-            let report = OpenReport {
-                cards: shard.cards.len(),
-                replayed,
-                last_seq,
-                rebuilt_state: rebuilt,
-            };
+            let report =
+                OpenReport { cards: shard.cards.len(), replayed, last_seq, rebuilt_state: rebuilt };
             return Ok((shard, report));
         }
     }
@@ -280,9 +267,7 @@ impl Shard {
     }
 
     fn journal(&mut self) -> Result<&mut Journal, StoreError> {
-        self.journal
-            .as_mut()
-            .ok_or_else(|| StoreError::State("journal not open".into()))
+        self.journal.as_mut().ok_or_else(|| StoreError::State("journal not open".into()))
     }
 
     /// Makes every decided record durable with one sync. Err is fail-stop.
@@ -353,9 +338,8 @@ impl Shard {
                         linked_card: CardId(0),
                     },
                 );
-                self.next_card = self
-                    .next_card
-                    .max(super::card_counter(entry.card_id, self.count) + 1);
+                self.next_card =
+                    self.next_card.max(super::card_counter(entry.card_id, self.count) + 1);
                 self.dirty.insert(entry.card_id);
             }
             EntryKind::ReplacedOut if approved => {
@@ -377,9 +361,8 @@ impl Shard {
                         linked_card: entry.card_id,
                     },
                 );
-                self.next_card = self
-                    .next_card
-                    .max(super::card_counter(entry.other_card, self.count) + 1);
+                self.next_card =
+                    self.next_card.max(super::card_counter(entry.other_card, self.count) + 1);
                 self.dirty.insert(entry.card_id);
                 self.dirty.insert(entry.other_card);
             }
@@ -415,8 +398,7 @@ impl Shard {
             self.batch_atc.insert((entry.card_id, entry.atc), index);
         }
         if is_staff(entry.kind) {
-            self.batch_ops
-                .insert((entry.terminal.clone(), entry.reference), index);
+            self.batch_ops.insert((entry.terminal.clone(), entry.reference), index);
         }
         self.batch.push(Pending { seq, entry });
     }
@@ -429,9 +411,7 @@ impl Shard {
         now_ms: u64,
     ) -> Result<Output, StoreError> {
         match op {
-            Op::Request(request) => self
-                .request(terminal, request, now_ms)
-                .map(Output::Response),
+            Op::Request(request) => self.request(terminal, request, now_ms).map(Output::Response),
             Op::Offline(records) => {
                 let mut results = Vec::with_capacity(records.len());
                 for (position, record) in records {
@@ -457,33 +437,17 @@ impl Shard {
                 self.money(terminal, request.message_type(), auth, *amount, now_ms)
             }
             Request::Balance { auth } => self.balance(terminal, auth, now_ms),
-            Request::History {
-                auth,
-                before_seq,
-                limit,
-            } => self.history(terminal, auth, *before_seq, *limit, now_ms),
+            Request::History { auth, before_seq, limit } => {
+                self.history(terminal, auth, *before_seq, *limit, now_ms)
+            }
             Request::Identity { auth } => self.identity(terminal, auth, now_ms),
             Request::Issue { op_ref, deposit } => self.issue(terminal, *op_ref, *deposit, now_ms),
-            Request::Block {
-                op_ref,
-                card_id,
-                reason,
-            } => self.staff(
-                terminal,
-                EntryKind::Block,
-                *op_ref,
-                *card_id,
-                Some(*reason),
-                now_ms,
-            ),
-            Request::Unblock { op_ref, card_id } => self.staff(
-                terminal,
-                EntryKind::Unblock,
-                *op_ref,
-                *card_id,
-                None,
-                now_ms,
-            ),
+            Request::Block { op_ref, card_id, reason } => {
+                self.staff(terminal, EntryKind::Block, *op_ref, *card_id, Some(*reason), now_ms)
+            }
+            Request::Unblock { op_ref, card_id } => {
+                self.staff(terminal, EntryKind::Unblock, *op_ref, *card_id, None, now_ms)
+            }
             Request::Close { op_ref, card_id } => {
                 self.staff(terminal, EntryKind::Close, *op_ref, *card_id, None, now_ms)
             }
@@ -491,9 +455,7 @@ impl Shard {
                 self.replace(terminal, *op_ref, *card_id, now_ms)
             }
             Request::Hello { .. } | Request::OfflineBatch { .. } | Request::HotlistSync { .. } => {
-                Err(StoreError::State(
-                    "connection-level request routed to a shard".into(),
-                ))
+                Err(StoreError::State("connection-level request routed to a shard".into()))
             }
         }
     }
@@ -580,9 +542,7 @@ impl Shard {
         let (card, seq) = state::parse_index_value(index_value)
             .ok_or_else(|| StoreError::State("index value malformed".into()))?;
         let Some(bytes) = self.db.get(state::history_key(card, seq))? else {
-            return Err(StoreError::State(format!(
-                "index points at missing history seq {seq}"
-            )));
+            return Err(StoreError::State(format!("index points at missing history seq {seq}")));
         };
         let entry = Entry::decode(&bytes).map_err(|source| StoreError::Entry { seq, source })?;
         Ok(Some((seq, entry)))
@@ -650,18 +610,10 @@ impl Shard {
                 }
                 _ => {
                     tracing::warn!(card = %auth.card_id.masked(), terminal, atc = auth.atc.0, "replayed counter declined");
-                    CardResult {
-                        balance: card.balance,
-                        ..unauthenticated(Status::Replay, auth)
-                    }
+                    CardResult { balance: card.balance, ..unauthenticated(Status::Replay, auth) }
                 }
             };
-            return Ok(wrap(self.seal_card(
-                &key,
-                message_type,
-                &auth.cryptogram,
-                result,
-            )));
+            return Ok(wrap(self.seal_card(&key, message_type, &auth.cryptogram, result)));
         }
         let status = self.money_status(&card, kind, amount, now_ms);
         let mut after = card;
@@ -692,12 +644,7 @@ impl Shard {
         };
         let seq = self.journal_entry(entry.clone())?;
         let result = card_result(&entry, seq);
-        Ok(wrap(self.seal_card(
-            &key,
-            message_type,
-            &auth.cryptogram,
-            result,
-        )))
+        Ok(wrap(self.seal_card(&key, message_type, &auth.cryptogram, result)))
     }
 
     fn money_status(
@@ -761,12 +708,7 @@ impl Shard {
             journal_seq: 0,
             mac: Mac::default(),
         };
-        Ok(Response::Balance(self.seal_card(
-            &key,
-            MessageType::Balance,
-            &auth.cryptogram,
-            result,
-        )))
+        Ok(Response::Balance(self.seal_card(&key, MessageType::Balance, &auth.cryptogram, result)))
     }
 
     fn history(
@@ -794,11 +736,7 @@ impl Shard {
             0 => 16,
             n => n.min(MAX_HISTORY_PAGE),
         };
-        let before = if before_seq == 0 {
-            u64::MAX
-        } else {
-            before_seq
-        };
+        let before = if before_seq == 0 { u64::MAX } else { before_seq };
         let mut entries = Vec::with_capacity(limit + 1);
         // Entries of this batch are newer than anything in sled.
         for p in self.batch.iter().rev() {
@@ -916,9 +854,7 @@ impl Shard {
                 result.expires_ms,
                 &entry.terminal,
             );
-            result
-                .signature
-                .copy_from_slice(self.secrets.assertion.sign(&message).as_ref());
+            result.signature.copy_from_slice(self.secrets.assertion.sign(&message).as_ref());
         }
         let mut response = Response::Identity(result);
         seal(&key, &auth.cryptogram, &mut response);
@@ -961,10 +897,7 @@ impl Shard {
             Some((seq, e)) if e.kind == EntryKind::Offline && e.binding == record.certificate => {
                 card_result(&e, seq)
             }
-            Some(_) => CardResult {
-                balance: card.balance,
-                ..unauth(Status::Replay)
-            },
+            Some(_) => CardResult { balance: card.balance, ..unauth(Status::Replay) },
             None => {
                 let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
                     Status::CardClosed
@@ -1076,16 +1009,8 @@ impl Shard {
                     status,
                     card_id,
                     atc: Atc(0),
-                    amount: if status == Status::Approved {
-                        deposit
-                    } else {
-                        Amount(0)
-                    },
-                    balance_after: if status == Status::Approved {
-                        deposit
-                    } else {
-                        Amount(0)
-                    },
+                    amount: if status == Status::Approved { deposit } else { Amount(0) },
+                    balance_after: if status == Status::Approved { deposit } else { Amount(0) },
                     time_ms: now_ms,
                     reference: op_ref,
                     binding: Mac::default(),
@@ -1127,11 +1052,8 @@ impl Shard {
             mac: Mac::default(),
         };
         if entry.status != Status::Approved {
-            result.card_id = if entry.status == Status::ReferenceReused {
-                CardId(0)
-            } else {
-                new_card
-            };
+            result.card_id =
+                if entry.status == Status::ReferenceReused { CardId(0) } else { new_card };
             result.balance = Amount(0);
             return result;
         }
@@ -1139,11 +1061,8 @@ impl Shard {
             return result;
         };
         result.card_key = *key.bytes();
-        let mut response = if old_card.0 == 0 {
-            Response::Issue(result)
-        } else {
-            Response::Replace(result)
-        };
+        let mut response =
+            if old_card.0 == 0 { Response::Issue(result) } else { Response::Replace(result) };
         seal(&key, &staff_binding(entry.reference), &mut response);
         match response {
             Response::Issue(r) | Response::Replace(r) => r,
@@ -1201,13 +1120,7 @@ impl Shard {
             }
         };
         let moved = Amount(entry.amount.0.saturating_neg());
-        Ok(Response::Replace(self.issue_result(
-            &entry,
-            seq,
-            entry.other_card,
-            old,
-            moved,
-        )))
+        Ok(Response::Replace(self.issue_result(&entry, seq, entry.other_card, old, moved)))
     }
 
     fn staff(
@@ -1223,10 +1136,7 @@ impl Shard {
             Some(found) => found,
             None => {
                 let Some(card) = self.cards.get(&card_id).copied() else {
-                    return Ok(wrap_staff(
-                        kind,
-                        declined_staff(Status::UnknownCard, card_id),
-                    ));
+                    return Ok(wrap_staff(kind, declined_staff(Status::UnknownCard, card_id)));
                 };
                 let retired = matches!(card.state, CardState::Closed | CardState::Replaced);
                 let mut after = card;
@@ -1288,11 +1198,7 @@ impl Shard {
         result.journal_seq = seq;
         result.balance = entry.balance_after;
         result.hotlist_version = entry.hotlist_version;
-        result.refunded = if kind == EntryKind::Close {
-            Amount(entry.extra)
-        } else {
-            Amount(0)
-        };
+        result.refunded = if kind == EntryKind::Close { Amount(entry.extra) } else { Amount(0) };
         result.card_state = match (entry.status, kind) {
             (Status::Approved, EntryKind::Block) => CardState::Blocked,
             (Status::Approved, EntryKind::Close) => CardState::Closed,
@@ -1341,11 +1247,7 @@ impl Shard {
             }
         }
         let version = entries.last().map_or(since, |e| e.version);
-        Ok(Output::Hotlist {
-            version,
-            entries,
-            more,
-        })
+        Ok(Output::Hotlist { version, entries, more })
     }
 }
 
@@ -1355,11 +1257,7 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
     // a bounded time before treating the state as unreadable.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        match sled::Config::new()
-            .path(dir)
-            .cache_capacity(64 * 1024 * 1024)
-            .open()
-        {
+        match sled::Config::new().path(dir).cache_capacity(64 * 1024 * 1024).open() {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e))
                 if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
@@ -1382,10 +1280,8 @@ fn move_aside(dir: &Path) -> Result<(), StoreError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let aside = dir.with_file_name(format!("state.broken-{stamp}"));
-    std::fs::rename(dir, &aside).map_err(|source| StoreError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
+    std::fs::rename(dir, &aside)
+        .map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
     tracing::warn!(moved_to = %aside.display(), "previous state kept aside for inspection");
     Ok(())
 }
@@ -1402,10 +1298,7 @@ fn is_staff(kind: EntryKind) -> bool {
 }
 
 fn block_reason_of(entry: &Entry, current: BlockReason) -> BlockReason {
-    u8::try_from(entry.extra)
-        .ok()
-        .and_then(BlockReason::from_u8)
-        .unwrap_or(current)
+    u8::try_from(entry.extra).ok().and_then(BlockReason::from_u8).unwrap_or(current)
 }
 
 /// The sled writes of one committed entry: history under each card it touches, and its index.
@@ -1447,29 +1340,17 @@ fn hotlist_entry_of(entry: &Entry) -> Option<HotlistEntry> {
         HotlistChange::Listed(r) => (true, r),
         HotlistChange::Unlisted(r) => (false, r),
     };
-    Some(HotlistEntry {
-        card_id: entry.card_id,
-        listed,
-        reason,
-        version: entry.hotlist_version,
-    })
+    Some(HotlistEntry { card_id: entry.card_id, listed, reason, version: entry.hotlist_version })
 }
 
 fn parse_hotlist(version: u64, v: &[u8]) -> Result<HotlistEntry, StoreError> {
     if v.len() != 10 {
-        return Err(StoreError::State(format!(
-            "hotlist entry {version} malformed"
-        )));
+        return Err(StoreError::State(format!("hotlist entry {version} malformed")));
     }
     let card_id = CardId(state::be_u64(&v[..8]).unwrap_or(0));
     let reason = BlockReason::from_u8(v[9])
         .ok_or_else(|| StoreError::State(format!("hotlist entry {version} reason")))?;
-    Ok(HotlistEntry {
-        card_id,
-        listed: v[8] == 1,
-        reason,
-        version,
-    })
+    Ok(HotlistEntry { card_id, listed: v[8] == 1, reason, version })
 }
 
 fn unauthenticated(status: Status, auth: &CardAuth) -> CardResult {
@@ -1499,11 +1380,7 @@ fn history_entry(entry: &Entry, seq: u64, viewer: CardId) -> HistoryEntry {
     let moved = Amount(entry.amount.0.saturating_neg());
     HistoryEntry {
         journal_seq: seq,
-        kind: if incoming {
-            EntryKind::ReplacedIn
-        } else {
-            entry.kind
-        },
+        kind: if incoming { EntryKind::ReplacedIn } else { entry.kind },
         status: entry.status,
         amount: if incoming { moved } else { entry.amount },
         balance_after: if incoming { moved } else { entry.balance_after },

@@ -75,9 +75,7 @@ impl CardRecord {
             state: CardState::from_u8(bytes[0])?,
             block_reason: BlockReason::from_u8(bytes[1])?,
             balance: Amount(u64_at(2) as i64),
-            last_atc: Atc(u32::from_be_bytes([
-                bytes[10], bytes[11], bytes[12], bytes[13],
-            ])),
+            last_atc: Atc(u32::from_be_bytes([bytes[10], bytes[11], bytes[12], bytes[13]])),
             key_version: KeyVersion(u16::from_be_bytes([bytes[14], bytes[15]])),
             issued_ms: u64_at(16),
             linked_card: CardId(u64_at(24)),

@@ -51,11 +51,7 @@ impl Slot {
         if !self.armed.load(Ordering::Acquire) || !self.armed.swap(false, Ordering::AcqRel) {
             return None;
         }
-        self.fault
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .map(Fault::to_error)
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).take().map(Fault::to_error)
     }
 }
 

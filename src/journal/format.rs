@@ -64,10 +64,7 @@ pub fn encode_segment_header(segment_bytes: u64) -> [u8; SEGMENT_HEADER_LEN as u
 pub fn check_segment_header(file: &[u8]) -> Result<(), String> {
     let hl = SEGMENT_HEADER_LEN as usize;
     if file.len() < hl {
-        return Err(format!(
-            "segment is {} bytes, shorter than its header",
-            file.len()
-        ));
+        return Err(format!("segment is {} bytes, shorter than its header", file.len()));
     }
     let h = &file[..hl];
     if h[0..8] != SEGMENT_MAGIC {
@@ -85,10 +82,7 @@ pub fn check_segment_header(file: &[u8]) -> Result<(), String> {
     }
     let size = le_u64(h, 16);
     if size != file.len() as u64 {
-        return Err(format!(
-            "header says {size} bytes but the file has {}",
-            file.len()
-        ));
+        return Err(format!("header says {size} bytes but the file has {}", file.len()));
     }
     if !size.is_multiple_of(8) {
         return Err(format!("segment size {size} is not a multiple of 8"));
@@ -164,15 +158,11 @@ pub fn parse_record(buf: &[u8], off: usize) -> Parsed<'_> {
         return Parsed::End;
     }
     if len > MAX_PAYLOAD {
-        return Parsed::Bad(format!(
-            "payload length {len} exceeds the maximum {MAX_PAYLOAD}"
-        ));
+        return Parsed::Bad(format!("payload length {len} exceeds the maximum {MAX_PAYLOAD}"));
     }
     let end = hdr_end + len;
     if end > buf.len() {
-        return Parsed::Bad(format!(
-            "record of {len} bytes extends past the end of the segment"
-        ));
+        return Parsed::Bad(format!("record of {len} bytes extends past the end of the segment"));
     }
     let stored = le_u32(buf, off + 4);
     let actual = crc32c::crc32c(&buf[off + 8..end]);
@@ -196,10 +186,7 @@ pub fn parse_record(buf: &[u8], off: usize) -> Parsed<'_> {
 /// Exclusive end (rounded up to 8) of the last non-zero byte in `buf[from..]`, or `from` if all
 /// of it is zero.
 pub fn nonzero_extent_end(buf: &[u8], from: usize) -> usize {
-    match buf
-        .get(from..)
-        .and_then(|rest| rest.iter().rposition(|b| *b != 0))
-    {
+    match buf.get(from..).and_then(|rest| rest.iter().rposition(|b| *b != 0)) {
         Some(i) => ((from + i + 1 + 7) & !7).min(buf.len()),
         None => from,
     }

@@ -126,12 +126,7 @@ pub enum JournalError {
     Io { path: PathBuf, source: io::Error },
     /// Damage before the tail: the journal refuses to open.
     #[error("journal corrupt in {} at offset {offset} (seq {seq}): {reason}", path.display())]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        seq: u64,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, seq: u64, reason: String },
     /// An earlier write or sync failed; nothing more may be acknowledged. Reopen to recover.
     #[error("journal poisoned by an earlier write/sync failure")]
     Poisoned,
@@ -158,10 +153,7 @@ pub struct JournalOptions {
 
 impl Default for JournalOptions {
     fn default() -> Self {
-        Self {
-            segment_bytes: DEFAULT_SEGMENT_BYTES,
-            faults: None,
-        }
+        Self { segment_bytes: DEFAULT_SEGMENT_BYTES, faults: None }
     }
 }
 
@@ -324,20 +316,12 @@ impl Journal {
                     segment::prepare(dir, options.segment_bytes, None).map_err(io_err(dir))?;
                 let capacity = prepared.capacity;
                 let (file, path) = segment::install(prepared, dir, 1)?;
-                Segment {
-                    file,
-                    path,
-                    capacity,
-                    write_off: SEGMENT_HEADER_LEN,
-                }
+                Segment { file, path, capacity, write_off: SEGMENT_HEADER_LEN }
             }
             Some((k, off)) => {
                 let path = out.segments[k].path.clone();
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
+                let file =
+                    OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
                 let capacity = file.metadata().map_err(io_err(&path))?.len();
                 if let Some(torn) = &out.torn {
                     tracing::warn!(
@@ -359,12 +343,7 @@ impl Journal {
                         sync_dir(dir)?;
                     }
                 }
-                Segment {
-                    file,
-                    path,
-                    capacity,
-                    write_off: off,
-                }
+                Segment { file, path, capacity, write_off: off }
             }
         };
         let mut journal = Journal {
@@ -428,28 +407,17 @@ impl Journal {
         }
         let max = self.max_payload();
         if payload.len() > max {
-            return Err(JournalError::PayloadTooLarge {
-                len: payload.len(),
-                max,
-            });
+            return Err(JournalError::PayloadTooLarge { len: payload.len(), max });
         }
         let seq = self.next_seq;
         let size = record_size(payload.len()) as u64;
         if self.pend_off + size > self.pend_cap {
-            self.breaks.push(Break {
-                buf_off: self.buf.len(),
-                first_seq: seq,
-            });
+            self.breaks.push(Break { buf_off: self.buf.len(), first_seq: seq });
             self.pend_off = SEGMENT_HEADER_LEN;
             self.pend_cap = self.segment_bytes;
         }
-        self.last_hash = encode_record(
-            &mut self.buf,
-            seq,
-            self.committed_next_seq,
-            &self.last_hash,
-            payload,
-        );
+        self.last_hash =
+            encode_record(&mut self.buf, seq, self.committed_next_seq, &self.last_hash, payload);
         self.pend_off += size;
         self.next_seq += 1;
         self.pending += 1;
@@ -521,27 +489,17 @@ impl Journal {
         debug_assert!(seg.write_off + chunk.len() as u64 <= seg.capacity);
         if let Some(e) = self.faults.as_ref().and_then(|f| f.take_write_fault()) {
             // Simulate a short write before the failure.
-            let _ = seg
-                .file
-                .write_all_at(&chunk[..chunk.len() / 2], seg.write_off);
-            return Err(JournalError::Io {
-                path: seg.path.clone(),
-                source: e,
-            });
+            let _ = seg.file.write_all_at(&chunk[..chunk.len() / 2], seg.write_off);
+            return Err(JournalError::Io { path: seg.path.clone(), source: e });
         }
-        seg.file
-            .write_all_at(chunk, seg.write_off)
-            .map_err(io_err(&seg.path))?;
+        seg.file.write_all_at(chunk, seg.write_off).map_err(io_err(&seg.path))?;
         seg.write_off += chunk.len() as u64;
         Ok(())
     }
 
     fn sync(&self, seg: &Segment) -> Result<(), JournalError> {
         if let Some(e) = self.faults.as_ref().and_then(|f| f.take_sync_fault()) {
-            return Err(JournalError::Io {
-                path: seg.path.clone(),
-                source: e,
-            });
+            return Err(JournalError::Io { path: seg.path.clone(), source: e });
         }
         seg.file.sync_data().map_err(io_err(&seg.path))
     }
@@ -572,12 +530,7 @@ impl Journal {
         };
         let capacity = prepared.capacity;
         let (file, path) = segment::install(prepared, &self.dir, first_seq)?;
-        let new = Segment {
-            file,
-            path,
-            capacity,
-            write_off: SEGMENT_HEADER_LEN,
-        };
+        let new = Segment { file, path, capacity, write_off: SEGMENT_HEADER_LEN };
         let old = std::mem::replace(&mut self.active, new);
         self.spawn_preparer();
         Ok(old)

@@ -40,20 +40,13 @@ pub struct Outcome {
 }
 
 fn corrupt(path: &Path, offset: u64, seq: u64, reason: String) -> JournalError {
-    JournalError::Corrupt {
-        path: path.to_path_buf(),
-        offset,
-        seq,
-        reason,
-    }
+    JournalError::Corrupt { path: path.to_path_buf(), offset, seq, reason }
 }
 
 /// Reads a whole segment into `buf` and checks its header.
 fn load(seg: &SegmentFile, buf: &mut Vec<u8>, seq: u64) -> Result<(), JournalError> {
     buf.clear();
-    File::open(&seg.path)
-        .and_then(|mut f| f.read_to_end(buf))
-        .map_err(io_err(&seg.path))?;
+    File::open(&seg.path).and_then(|mut f| f.read_to_end(buf)).map_err(io_err(&seg.path))?;
     check_segment_header(buf).map_err(|reason| corrupt(&seg.path, 0, seq, reason))
 }
 
@@ -65,12 +58,7 @@ struct Chain {
 }
 
 pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome, JournalError> {
-    let mut chain = Chain {
-        next_seq: 1,
-        prev_hash: [0; 32],
-        batch_start: 0,
-        records: 0,
-    };
+    let mut chain = Chain { next_seq: 1, prev_hash: [0; 32], batch_start: 0, records: 0 };
     let Some(first) = segments.first() else {
         return Ok(Outcome {
             segments,
@@ -174,10 +162,9 @@ pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome
                     ),
                 }
             }
-            None => (
-                "non-zero bytes where the end of data was expected".to_string(),
-                Some(off + 8),
-            ),
+            None => {
+                ("non-zero bytes where the end of data was expected".to_string(), Some(off + 8))
+            }
             Some(reason) => (reason, Some(off + 8)),
         };
         // Hole at (k, off). It is a torn tail only if nothing valid of a later batch follows.
@@ -189,12 +176,7 @@ pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome
         }
         for later in &segments[k + 1..] {
             load(later, &mut buf, s).map_err(|e| match e {
-                JournalError::Corrupt {
-                    path,
-                    offset,
-                    reason,
-                    ..
-                } => JournalError::Corrupt {
+                JournalError::Corrupt { path, offset, reason, .. } => JournalError::Corrupt {
                     path,
                     offset,
                     seq: s,

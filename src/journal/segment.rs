@@ -18,10 +18,7 @@ static ZEROS: [u8; 256 * 1024] = [0u8; 256 * 1024];
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 pub fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
-    move |source| JournalError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| JournalError::Io { path: path.to_path_buf(), source }
 }
 
 /// `00000000000000000001.seg` for first seq 1.
@@ -56,10 +53,7 @@ pub fn list_dir(dir: &Path) -> Result<(Vec<SegmentFile>, Vec<PathBuf>), JournalE
             continue;
         };
         if let Some(first_seq) = parse_segment_name(name) {
-            segments.push(SegmentFile {
-                path: entry.path(),
-                first_seq,
-            });
+            segments.push(SegmentFile { path: entry.path(), first_seq });
         } else if name.ends_with(TMP_SUFFIX) {
             tmp.push(entry.path());
         } else {
@@ -72,9 +66,7 @@ pub fn list_dir(dir: &Path) -> Result<(Vec<SegmentFile>, Vec<PathBuf>), JournalE
 
 /// fsync a directory so renames / creations / removals in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<(), JournalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 /// Writes zeros to `file` over `[from, to)`.
@@ -82,10 +74,7 @@ pub fn write_zeros(file: &File, from: u64, to: u64, cancel: Option<&AtomicBool>)
     let mut off = from;
     while off < to {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            return Err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "preallocation cancelled",
-            ));
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "preallocation cancelled"));
         }
         let n = (to - off).min(ZEROS.len() as u64);
         // n <= ZEROS.len(), so the cast and slice are in range.
@@ -109,25 +98,14 @@ pub fn prepare(dir: &Path, capacity: u64, cancel: Option<&AtomicBool>) -> io::Re
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let tmp_path = dir.join(format!(
-        "prealloc-{}-{n}-{nanos}{TMP_SUFFIX}",
-        std::process::id()
-    ));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp_path)?;
+    let tmp_path = dir.join(format!("prealloc-{}-{n}-{nanos}{TMP_SUFFIX}", std::process::id()));
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp_path)?;
     let filled = file
         .write_all_at(&encode_segment_header(capacity), 0)
         .and_then(|()| write_zeros(&file, SEGMENT_HEADER_LEN, capacity, cancel))
         .and_then(|()| file.sync_all());
     match filled {
-        Ok(()) => Ok(Prepared {
-            file,
-            tmp_path,
-            capacity,
-        }),
+        Ok(()) => Ok(Prepared { file, tmp_path, capacity }),
         Err(e) => {
             let _ = fs::remove_file(&tmp_path);
             Err(e)

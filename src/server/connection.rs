@@ -188,11 +188,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 _ = self.shared.failed.cancelled() => return,
             }
         }
-        self.error_frame(
-            RequestId(0),
-            ErrorCode::ShuttingDown,
-            "server shutting down",
-        );
+        self.error_frame(RequestId(0), ErrorCode::ShuttingDown, "server shutting down");
     }
 
     async fn flush(&mut self) -> Result<(), End> {
@@ -303,19 +299,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                     }
                 }
-                self.pending.insert(
-                    request_id,
-                    Gather::Offline {
-                        results,
-                        parts_left,
-                    },
-                );
+                self.pending.insert(request_id, Gather::Offline { results, parts_left });
                 self.maybe_finish(request_id);
             }
-            Request::HotlistSync {
-                cursor,
-                max_entries,
-            } => {
+            Request::HotlistSync { cursor, max_entries } => {
                 if !cursor.is_empty() && cursor.len() != shard_count {
                     self.error_frame(
                         request_id,
@@ -329,23 +316,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     n => n.min(MAX_HOTLIST_ENTRIES),
                 };
                 let per_shard = (max / shard_count).max(1);
-                let since: Vec<u64> = if cursor.is_empty() {
-                    vec![0; shard_count]
-                } else {
-                    cursor
-                };
+                let since: Vec<u64> = if cursor.is_empty() { vec![0; shard_count] } else { cursor };
                 let mut parts_left = 0;
                 for (shard, from) in since.iter().enumerate() {
                     // On Busy that shard's cursor stays where it was and `more` is set.
                     if self
-                        .submit(
-                            shard,
-                            request_id,
-                            Work::Hotlist {
-                                since: *from,
-                                max: per_shard,
-                            },
-                        )
+                        .submit(shard, request_id, Work::Hotlist { since: *from, max: per_shard })
                         .is_ok()
                     {
                         parts_left += 1;
@@ -354,12 +330,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let more = parts_left < shard_count;
                 self.pending.insert(
                     request_id,
-                    Gather::Hotlist {
-                        cursor: since,
-                        entries: Vec::new(),
-                        more,
-                        parts_left,
-                    },
+                    Gather::Hotlist { cursor: since, entries: Vec::new(), more, parts_left },
                 );
                 self.maybe_finish(request_id);
             }
@@ -381,12 +352,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Queues work on a shard; a full queue is `Busy`, a stopped shard `Unavailable`.
     fn submit(&self, shard: usize, request_id: RequestId, work: Work) -> Result<(), Status> {
-        let job = Job {
-            terminal: self.terminal.clone(),
-            request_id,
-            work,
-            reply: self.reply_tx.clone(),
-        };
+        let job =
+            Job { terminal: self.terminal.clone(), request_id, work, reply: self.reply_tx.clone() };
         match self.shared.shards[shard].try_send(job) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(Status::Busy),
@@ -397,10 +364,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn accept_reply(&mut self, reply: Reply) {
         let request_id = reply.request_id;
         let Some(gather) = self.pending.get_mut(&request_id) else {
-            tracing::error!(
-                request_id = request_id.0,
-                "reply for a request not in flight"
-            );
+            tracing::error!(request_id = request_id.0, "reply for a request not in flight");
             return;
         };
         match (gather, reply.output) {
@@ -409,13 +373,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.respond(request_id, &response);
                 return;
             }
-            (
-                Gather::Offline {
-                    results,
-                    parts_left,
-                },
-                Output::Offline(part),
-            ) => {
+            (Gather::Offline { results, parts_left }, Output::Offline(part)) => {
                 for (i, result) in part {
                     if let Some(slot) = results.get_mut(usize::from(i)) {
                         *slot = Some(result);
@@ -424,17 +382,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 *parts_left -= 1;
             }
             (
-                Gather::Hotlist {
-                    cursor,
-                    entries,
-                    more,
-                    parts_left,
-                },
-                Output::Hotlist {
-                    version,
-                    entries: part,
-                    more: part_more,
-                },
+                Gather::Hotlist { cursor, entries, more, parts_left },
+                Output::Hotlist { version, entries: part, more: part_more },
             ) => {
                 if let Some(slot) = cursor.get_mut(usize::from(reply.shard)) {
                     *slot = version;
@@ -463,16 +412,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 // Every position was filled by a shard or by a Busy decline above.
                 Response::OfflineBatch(results.into_iter().flatten().collect())
             }
-            Some(Gather::Hotlist {
-                cursor,
-                entries,
-                more,
-                ..
-            }) => Response::HotlistSync(HotlistChanges {
-                cursor,
-                more,
-                entries,
-            }),
+            Some(Gather::Hotlist { cursor, entries, more, .. }) => {
+                Response::HotlistSync(HotlistChanges { cursor, more, entries })
+            }
             _ => return,
         };
         self.respond(request_id, &response);

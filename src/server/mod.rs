@@ -129,9 +129,7 @@ pub fn load_secrets(keys_dir: &Path, cutoffs: &[(u16, u64)]) -> anyhow::Result<S
 impl RunningServer {
     /// Opens every shard (recovering journals), binds the listener, and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-        config
-            .validate()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let lock = lock_data_dir(&config.data_dir)?;
         let count = shard_count(&config.data_dir, config.shards)?;
         let tls = crate::tls::server_config(&config.keys_dir, config.crl.as_deref())?;
@@ -253,10 +251,7 @@ impl RunningServer {
         let _ = self.accept_task.await;
         self.tracker.close();
         let drain = Duration::from_millis(self.shared.config.drain_timeout_ms + 2_000);
-        if tokio::time::timeout(drain, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(drain, self.tracker.wait()).await.is_err() {
             tracing::warn!("connections still open after the drain timeout; closing them");
         }
         self.stopping.store(true, Ordering::Release);
@@ -397,10 +392,7 @@ pub fn permitted(role: Role, request: &Request) -> bool {
                 Role::Reader,
                 Purchase { .. } | Balance { .. } | OfflineBatch { .. } | HotlistSync { .. }
             )
-            | (
-                Role::Kiosk,
-                Balance { .. } | History { .. } | TopUp { .. } | Identity { .. }
-            )
+            | (Role::Kiosk, Balance { .. } | History { .. } | TopUp { .. } | Identity { .. })
             | (
                 Role::Counter,
                 Issue { .. }
@@ -519,18 +511,13 @@ pub fn declined(request: &Request, status: Status) -> Response {
         Request::Unblock { .. } => Response::Unblock(staff),
         Request::Close { .. } => Response::Close(staff),
         Request::OfflineBatch { records } => Response::OfflineBatch(
-            records
-                .iter()
-                .map(|r| CardResult {
-                    card_id: r.card_id,
-                    atc: r.atc,
-                    ..card
-                })
-                .collect(),
+            records.iter().map(|r| CardResult { card_id: r.card_id, atc: r.atc, ..card }).collect(),
         ),
-        Request::Hello { .. } | Request::HotlistSync { .. } => {
-            Response::error(citycard_protocol::ErrorCode::Internal, "not declinable")
-        }
+        // Their answers have no status field; Hello is never refused.
+        Request::Hello { .. } | Request::HotlistSync { .. } => Response::error(
+            citycard_protocol::ErrorCode::NotPermitted,
+            "this terminal's role may not send this request",
+        ),
     }
 }
 

@@ -87,26 +87,15 @@ pub fn run(mut ctx: WorkerContext) {
             let op = match &job.work {
                 Work::Request(request) => Op::Request(request),
                 Work::Offline(records) => Op::Offline(records),
-                Work::Hotlist { since, max } => Op::Hotlist {
-                    since: *since,
-                    max: *max,
-                },
+                Work::Hotlist { since, max } => Op::Hotlist { since: *since, max: *max },
             };
             match ctx.shard.execute(&job.terminal, op, now_ms) {
-                Ok(output) => replies.push((
-                    job.reply,
-                    Reply {
-                        request_id: job.request_id,
-                        shard: index,
-                        output,
-                    },
-                )),
+                Ok(output) => replies
+                    .push((job.reply, Reply { request_id: job.request_id, shard: index, output })),
                 Err(e) => return fail(&ctx, "decide", &e),
             }
         }
-        ctx.shared
-            .last_batch
-            .store(replies.len() as u64, Ordering::Relaxed);
+        ctx.shared.last_batch.store(replies.len() as u64, Ordering::Relaxed);
         if let Err(e) = ctx.shard.commit() {
             return fail(&ctx, "journal commit", &e);
         }
@@ -117,9 +106,7 @@ pub fn run(mut ctx: WorkerContext) {
         if let Err(e) = ctx.shard.persist() {
             return fail(&ctx, "state persist", &e);
         }
-        ctx.shared
-            .hotlist_version
-            .store(ctx.shard.hotlist_version(), Ordering::Release);
+        ctx.shared.hotlist_version.store(ctx.shard.hotlist_version(), Ordering::Release);
     }
     if let Err(e) = ctx.shard.flush_state() {
         tracing::warn!(shard = ctx.shard.index(), error = %e, "state flush at shutdown failed; it is rebuilt from the journal on start");
