@@ -143,7 +143,7 @@ impl RunningServer {
                 dir: shard_dir(&config.data_dir, index),
                 journal: JournalOptions {
                     segment_bytes: config.segment_bytes,
-                    ..Default::default()
+                    faults: config.journal_faults.clone(),
                 },
                 limits: config.limits,
             };
