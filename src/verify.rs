@@ -74,7 +74,7 @@ pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
 
 fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> anyhow::Result<()> {
     let dir = crate::server::shard_dir(data_dir, index);
-    let db = sled::Config::new().path(dir.join("state")).open();
+    let db = crate::engine::shard::open_sled(&dir.join("state"));
     let db = match db {
         Ok(db) => Some(db),
         Err(e) => {

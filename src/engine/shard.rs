@@ -1251,7 +1251,7 @@ impl Shard {
     }
 }
 
-fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
+pub(crate) fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
     // sled releases its file lock from background threads shortly after the last handle of a
     // closed database is dropped; a reopen within the same process can race that, so retry for
     // a bounded time before treating the state as unreadable.
