@@ -339,7 +339,13 @@ impl Harness {
                     ),
                     _ => (
                         Request::Close { op_ref, card_id: id },
-                        if live { Status::Approved } else { Status::CardClosed },
+                        if !live {
+                            Status::CardClosed
+                        } else if balance < 0 {
+                            Status::InvalidState
+                        } else {
+                            Status::Approved
+                        },
                     ),
                 };
                 let response = self.run(&request);
@@ -369,6 +375,10 @@ impl Harness {
                 let (balance, live, blocked) = self.model.cards[&id];
                 if !live {
                     assert_eq!(r.status, Status::CardClosed);
+                    return;
+                }
+                if balance < 0 {
+                    assert_eq!(r.status, Status::InvalidState, "an overdrawn card is not replaced");
                     return;
                 }
                 assert_eq!(

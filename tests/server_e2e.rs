@@ -65,6 +65,14 @@ async fn every_operation_end_to_end() {
         other => panic!("{other:?}"),
     }
 
+    // The same op_ref with a different deposit is not a retry.
+    match counter.call(&Request::Issue { op_ref: 1, deposit: Amount(2_000) }).await {
+        Response::Issue(r) => {
+            assert_eq!((r.status, r.card_key), (Status::ReferenceReused, [0; 32]))
+        }
+        other => panic!("{other:?}"),
+    }
+
     // Purchase, with its response MAC.
     let request = card.purchase(250, "reader-1");
     let binding = request.card_auth().unwrap().cryptogram;

@@ -972,9 +972,11 @@ impl Shard {
         op_ref: u64,
         kind: EntryKind,
         card: CardId,
+        extra: Option<i64>,
     ) -> Result<Option<(u64, Entry)>, StoreError> {
         Ok(self.op_entry(terminal, op_ref)?.map(|(seq, e)| {
-            if e.kind == kind && (kind == EntryKind::Issue || e.card_id == card) {
+            let same_card = kind == EntryKind::Issue || e.card_id == card;
+            if e.kind == kind && same_card && extra.is_none_or(|x| x == e.extra) {
                 (seq, e)
             } else {
                 let mut reused = e;
@@ -991,7 +993,13 @@ impl Shard {
         deposit: Amount,
         now_ms: u64,
     ) -> Result<Response, StoreError> {
-        let (seq, entry) = match self.staff_retry(terminal, op_ref, EntryKind::Issue, CardId(0))? {
+        let (seq, entry) = match self.staff_retry(
+            terminal,
+            op_ref,
+            EntryKind::Issue,
+            CardId(0),
+            Some(deposit.0),
+        )? {
             Some(found) => found,
             None => {
                 let status = if deposit.0 < 0 || deposit.0 > self.limits.max_balance {
@@ -1077,48 +1085,53 @@ impl Shard {
         old: CardId,
         now_ms: u64,
     ) -> Result<Response, StoreError> {
-        let (seq, entry) = match self.staff_retry(terminal, op_ref, EntryKind::ReplacedOut, old)? {
-            Some(found) => found,
-            None => {
-                let Some(card) = self.cards.get(&old).copied() else {
-                    return Ok(Response::Replace(declined_issue(Status::UnknownCard, old)));
-                };
-                let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
-                    Status::CardClosed
-                } else {
-                    Status::Approved
-                };
-                let new_card = if status == Status::Approved {
-                    super::card_id_for(self.index, self.count, self.next_card)
-                } else {
-                    CardId(0)
-                };
-                let mut after = card;
-                if status == Status::Approved {
-                    after.state = CardState::Replaced;
-                    after.balance = Amount(0);
+        let (seq, entry) =
+            match self.staff_retry(terminal, op_ref, EntryKind::ReplacedOut, old, None)? {
+                Some(found) => found,
+                None => {
+                    let Some(card) = self.cards.get(&old).copied() else {
+                        return Ok(Response::Replace(declined_issue(Status::UnknownCard, old)));
+                    };
+                    let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
+                        Status::CardClosed
+                    } else if card.balance.0 < 0 {
+                        // An overdrawn card's debt must be settled (top-up) before it moves.
+                        Status::InvalidState
+                    } else {
+                        Status::Approved
+                    };
+                    let new_card = if status == Status::Approved {
+                        super::card_id_for(self.index, self.count, self.next_card)
+                    } else {
+                        CardId(0)
+                    };
+                    let mut after = card;
+                    if status == Status::Approved {
+                        after.state = CardState::Replaced;
+                        after.balance = Amount(0);
+                    }
+                    let (hotlist_version, hotlist_change) =
+                        self.next_hotlist(card.hotlisted(), &after);
+                    let entry = Entry {
+                        kind: EntryKind::ReplacedOut,
+                        status,
+                        card_id: old,
+                        atc: Atc(0),
+                        amount: Amount(after.balance.0 - card.balance.0),
+                        balance_after: after.balance,
+                        time_ms: now_ms,
+                        reference: op_ref,
+                        binding: Mac::default(),
+                        other_card: new_card,
+                        key_version: self.secrets.current_version,
+                        hotlist_version,
+                        hotlist_change,
+                        extra: 0,
+                        terminal: terminal.to_owned(),
+                    };
+                    (self.journal_entry(entry.clone())?, entry)
                 }
-                let (hotlist_version, hotlist_change) = self.next_hotlist(card.hotlisted(), &after);
-                let entry = Entry {
-                    kind: EntryKind::ReplacedOut,
-                    status,
-                    card_id: old,
-                    atc: Atc(0),
-                    amount: Amount(after.balance.0 - card.balance.0),
-                    balance_after: after.balance,
-                    time_ms: now_ms,
-                    reference: op_ref,
-                    binding: Mac::default(),
-                    other_card: new_card,
-                    key_version: self.secrets.current_version,
-                    hotlist_version,
-                    hotlist_change,
-                    extra: 0,
-                    terminal: terminal.to_owned(),
-                };
-                (self.journal_entry(entry.clone())?, entry)
-            }
-        };
+            };
         let moved = Amount(entry.amount.0.saturating_neg());
         Ok(Response::Replace(self.issue_result(&entry, seq, entry.other_card, old, moved)))
     }
@@ -1132,7 +1145,13 @@ impl Shard {
         reason: Option<BlockReason>,
         now_ms: u64,
     ) -> Result<Response, StoreError> {
-        let (seq, entry) = match self.staff_retry(terminal, op_ref, kind, card_id)? {
+        let (seq, entry) = match self.staff_retry(
+            terminal,
+            op_ref,
+            kind,
+            card_id,
+            reason.map(|r| i64::from(r as u8)),
+        )? {
             Some(found) => found,
             None => {
                 let Some(card) = self.cards.get(&card_id).copied() else {
@@ -1153,6 +1172,8 @@ impl Shard {
                         after.state = CardState::Active;
                         Status::Approved
                     }
+                    // A negative balance cannot be refunded: it must be topped up first.
+                    _ if card.balance.0 < 0 => Status::InvalidState,
                     _ => {
                         after.state = CardState::Closed;
                         after.balance = Amount(0);
@@ -1181,7 +1202,7 @@ impl Shard {
                     hotlist_change,
                     // Block: the reason; close: the refund.
                     extra: if kind == EntryKind::Block {
-                        i64::from(after.block_reason as u8)
+                        i64::from(reason.unwrap_or(BlockReason::Other) as u8)
                     } else {
                         refunded
                     },
