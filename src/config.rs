@@ -9,6 +9,8 @@ use crate::engine::Limits;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`); keep it on loopback.
+    pub admin: SocketAddr,
     pub keys_dir: PathBuf,
     pub data_dir: PathBuf,
     /// Shards (worker threads, journals); None = number of cores. Fixed per data directory.
@@ -51,6 +53,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 7701)),
             keys_dir: PathBuf::from("keys"),
             data_dir: PathBuf::from("data"),
             shards: None,
@@ -106,5 +109,183 @@ impl Config {
             return Err("segment_bytes must be at least 65536".into());
         }
         Ok(())
+    }
+}
+
+/// One layer of settings: the TOML file, or the command line with environment variables (clap
+/// merges those two). Every field is optional; a later layer wins. Unknown keys are refused so a
+/// misspelt key fails at start instead of being ignored.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub listen: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub keys: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub shards: Option<u16>,
+    pub pin_cores: Option<bool>,
+    pub crl: Option<PathBuf>,
+    pub max_connections: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    pub handshake_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub frame_timeout_ms: Option<u64>,
+    pub write_timeout_ms: Option<u64>,
+    pub queue_depth: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub drain_timeout_ms: Option<u64>,
+    pub max_balance: Option<i64>,
+    pub max_amount: Option<i64>,
+    pub identity_ttl_ms: Option<u64>,
+    pub key_cache_max: Option<usize>,
+    pub segment_bytes: Option<u64>,
+    /// `[[key_cutoff]]` tables: `version` and `after_ms`.
+    pub key_cutoff: Option<Vec<KeyCutoff>>,
+}
+
+#[derive(Clone, Copy, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyCutoff {
+    pub version: u16,
+    pub after_ms: u64,
+}
+
+impl Settings {
+    /// Reads a TOML file; errors name the file, the key and the reason.
+    pub fn from_file(path: &std::path::Path) -> Result<Settings, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn apply(&self, c: &mut Config) {
+        macro_rules! set {
+            ($($field:ident),*) => { $(if let Some(v) = self.$field.clone() { c.$field = v; })* };
+        }
+        set!(listen, admin, max_connections, max_in_flight, handshake_timeout_ms, idle_timeout_ms);
+        set!(frame_timeout_ms, write_timeout_ms, queue_depth, max_batch, drain_timeout_ms);
+        set!(pin_cores, segment_bytes);
+        if let Some(v) = &self.keys {
+            c.keys_dir = v.clone();
+        }
+        if let Some(v) = &self.data {
+            c.data_dir = v.clone();
+        }
+        if self.shards.is_some() {
+            c.shards = self.shards;
+        }
+        if self.crl.is_some() {
+            c.crl = self.crl.clone();
+        }
+        if let Some(v) = self.max_balance {
+            c.limits.max_balance = v;
+        }
+        if let Some(v) = self.max_amount {
+            c.limits.max_amount = v;
+        }
+        if let Some(v) = self.identity_ttl_ms {
+            c.limits.identity_ttl_ms = v;
+        }
+        if let Some(v) = self.key_cache_max {
+            c.limits.key_cache_max = v;
+        }
+        if let Some(cutoffs) = &self.key_cutoff {
+            c.key_cutoffs = cutoffs.iter().map(|k| (k.version, k.after_ms)).collect();
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then each layer in order (file, then command line and environment), then
+    /// validation.
+    pub fn from_layers(layers: &[&Settings]) -> Result<Config, String> {
+        let mut config = Config::default();
+        for layer in layers {
+            layer.apply(&mut config);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML (what `citycard config show` prints). It holds no
+    /// secret: keys live in files under `keys`, which are named, never read out.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
+        line("listen", format!("\"{}\"", self.listen));
+        line("admin", format!("\"{}\"", self.admin));
+        line("keys", format!("{:?}", self.keys_dir.display().to_string()));
+        line("data", format!("{:?}", self.data_dir.display().to_string()));
+        match self.shards {
+            Some(n) => line("shards", n.to_string()),
+            None => {
+                line("# shards", "number of cores (fixed once the data directory exists)".into())
+            }
+        }
+        line("pin_cores", self.pin_cores.to_string());
+        if let Some(crl) = &self.crl {
+            line("crl", format!("{:?}", crl.display().to_string()));
+        }
+        line("max_connections", self.max_connections.to_string());
+        line("max_in_flight", self.max_in_flight.to_string());
+        line("handshake_timeout_ms", self.handshake_timeout_ms.to_string());
+        line("idle_timeout_ms", self.idle_timeout_ms.to_string());
+        line("frame_timeout_ms", self.frame_timeout_ms.to_string());
+        line("write_timeout_ms", self.write_timeout_ms.to_string());
+        line("queue_depth", self.queue_depth.to_string());
+        line("max_batch", self.max_batch.to_string());
+        line("drain_timeout_ms", self.drain_timeout_ms.to_string());
+        line("max_balance", self.limits.max_balance.to_string());
+        line("max_amount", self.limits.max_amount.to_string());
+        line("identity_ttl_ms", self.limits.identity_ttl_ms.to_string());
+        line("key_cache_max", self.limits.key_cache_max.to_string());
+        line("segment_bytes", self.segment_bytes.to_string());
+        line("# issuer and assertion keys", "read from the keys directory (never printed)".into());
+        for (version, after_ms) in &self.key_cutoffs {
+            out.push_str(&format!("[[key_cutoff]]\nversion = {version}\nafter_ms = {after_ms}\n"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_bad_values_name_the_key() {
+        let file: Settings =
+            toml::from_str("max_in_flight = 8\nidle_timeout_ms = 1000\n").unwrap_or_default();
+        let cli = Settings { max_in_flight: Some(16), ..Settings::default() };
+        let config = Config::from_layers(&[&file, &cli]).unwrap_or_default();
+        assert_eq!((config.max_in_flight, config.idle_timeout_ms), (16, 1000));
+
+        let zero = Settings { queue_depth: Some(0), ..Settings::default() };
+        let err = Config::from_layers(&[&zero]).err().unwrap_or_default();
+        assert!(err.contains("queue_depth"), "{err}");
+        let unknown = toml::from_str::<Settings>("max_inflight = 3\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(unknown.contains("max_inflight"), "{unknown}");
+        let wrong_type = toml::from_str::<Settings>("max_in_flight = \"many\"\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(wrong_type.contains("max_in_flight"), "{wrong_type}");
+    }
+
+    #[test]
+    fn rendered_config_reads_back_the_same() {
+        let config = Config { max_batch: 77, key_cutoffs: vec![(1, 5)], ..Config::default() };
+        let text = config.render();
+        let settings: Result<Settings, _> = toml::from_str(&text);
+        let back = settings.map(|s| Config::from_layers(&[&s]));
+        match back {
+            Ok(Ok(back)) => {
+                assert_eq!(back.max_batch, 77);
+                assert_eq!(back.key_cutoffs, vec![(1, 5)]);
+            }
+            other => panic!("render did not round-trip: {other:?}\n{text}"),
+        }
     }
 }

@@ -8,12 +8,16 @@
 //! - [`engine`]: the shard engine: decisions, journal records, derived state in sled.
 //! - [`server`]: TLS listener, connection tasks, shard worker threads, shutdown.
 //! - [`verify`]: the offline audit of a data directory.
+//! - [`metrics`]: lock-free counters and histograms; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod engine;
 pub mod journal;
 pub mod keys;
+pub mod metrics;
+pub mod report;
 pub mod server;
 pub mod tls;
 pub mod verify;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use citycard::config::Config;
+use citycard::admin::{self, Health, State};
+use citycard::config::{Config, KeyCutoff, Settings};
 use citycard::keys::{self, Role, TerminalId};
 use citycard::server::RunningServer;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -35,6 +36,16 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Settlement reports for auditors (read the journals only: safe beside a running server).
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Audit a data directory offline (the server must be stopped); exits 1 on any finding.
     Verify {
         #[arg(long, default_value = "data", env = "CITYCARD_DATA")]
@@ -42,20 +53,32 @@ enum Command {
     },
 }
 
+/// Settings for `serve` and `config show`. Layers: defaults, then `--config FILE` (TOML), then
+/// environment variables, then flags (clap merges the last two: a flag beats its variable).
 #[derive(clap::Args)]
 struct ServeArgs {
-    #[arg(long, default_value = "keys", env = "CITYCARD_KEYS")]
-    keys: PathBuf,
-    #[arg(long, default_value = "data", env = "CITYCARD_DATA")]
-    data: PathBuf,
-    #[arg(long, default_value = "127.0.0.1:7700", env = "CITYCARD_LISTEN")]
-    listen: SocketAddr,
-    /// Number of shards (default: number of cores). Fixed once a data directory exists.
+    /// TOML configuration file (see citycard.example.toml).
+    #[arg(long, env = "CITYCARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Keys directory [default: keys].
+    #[arg(long, env = "CITYCARD_KEYS")]
+    keys: Option<PathBuf>,
+    /// Data directory [default: data].
+    #[arg(long, env = "CITYCARD_DATA")]
+    data: Option<PathBuf>,
+    /// Terminal listener [default: 127.0.0.1:7700].
+    #[arg(long, env = "CITYCARD_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Admin listener for /metrics, /healthz, /readyz (plain HTTP; keep it on loopback)
+    /// [default: 127.0.0.1:7701].
+    #[arg(long, env = "CITYCARD_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// Number of shards [default: number of cores]. Fixed once a data directory exists.
     #[arg(long, env = "CITYCARD_SHARDS")]
     shards: Option<u16>,
     /// Pin each shard thread to a core.
     #[arg(long, env = "CITYCARD_PIN_CORES")]
-    pin_cores: bool,
+    pin_cores: Option<bool>,
     /// CRL (PEM) of revoked terminal certificates.
     #[arg(long, env = "CITYCARD_CRL")]
     crl: Option<PathBuf>,
@@ -69,6 +92,8 @@ struct ServeArgs {
     idle_timeout_ms: Option<u64>,
     #[arg(long, env = "CITYCARD_FRAME_TIMEOUT_MS")]
     frame_timeout_ms: Option<u64>,
+    #[arg(long, env = "CITYCARD_WRITE_TIMEOUT_MS")]
+    write_timeout_ms: Option<u64>,
     #[arg(long, env = "CITYCARD_QUEUE_DEPTH")]
     queue_depth: Option<usize>,
     #[arg(long, env = "CITYCARD_MAX_BATCH")]
@@ -81,10 +106,87 @@ struct ServeArgs {
     /// Highest amount of one transaction, minor units.
     #[arg(long, env = "CITYCARD_MAX_AMOUNT")]
     max_amount: Option<i64>,
+    #[arg(long, env = "CITYCARD_IDENTITY_TTL_MS")]
+    identity_ttl_ms: Option<u64>,
+    #[arg(long, env = "CITYCARD_SEGMENT_BYTES")]
+    segment_bytes: Option<u64>,
     /// Key version cut-off, VERSION=UNIX_MS (repeatable): cards on that version are declined
     /// from then on.
     #[arg(long = "key-cutoff", value_parser = parse_cutoff)]
     key_cutoffs: Vec<(u16, u64)>,
+}
+
+impl ServeArgs {
+    /// The effective configuration; an error names the key and the reason.
+    fn config(&self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => {
+                Settings::from_file(path).map_err(|e| anyhow::anyhow!("configuration: {e}"))?
+            }
+            None => Settings::default(),
+        };
+        let cli = Settings {
+            listen: self.listen,
+            admin: self.admin,
+            keys: self.keys.clone(),
+            data: self.data.clone(),
+            shards: self.shards,
+            pin_cores: self.pin_cores,
+            crl: self.crl.clone(),
+            max_connections: self.max_connections,
+            max_in_flight: self.max_in_flight,
+            handshake_timeout_ms: self.handshake_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            frame_timeout_ms: self.frame_timeout_ms,
+            write_timeout_ms: self.write_timeout_ms,
+            queue_depth: self.queue_depth,
+            max_batch: self.max_batch,
+            drain_timeout_ms: self.drain_timeout_ms,
+            max_balance: self.max_balance,
+            max_amount: self.max_amount,
+            identity_ttl_ms: self.identity_ttl_ms,
+            key_cache_max: None,
+            segment_bytes: self.segment_bytes,
+            key_cutoff: (!self.key_cutoffs.is_empty()).then(|| {
+                self.key_cutoffs
+                    .iter()
+                    .map(|(version, after_ms)| KeyCutoff { version: *version, after_ms: *after_ms })
+                    .collect()
+            }),
+        };
+        Config::from_layers(&[&file, &cli])
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+    }
+}
+
+#[derive(Subcommand)]
+enum ReportCommand {
+    /// Per-terminal and per-operation totals of one UTC day as signed CSV; exits 1 if the day
+    /// does not reconcile.
+    Settlement {
+        #[arg(long, default_value = "data", env = "CITYCARD_DATA")]
+        data: PathBuf,
+        #[arg(long, default_value = "keys", env = "CITYCARD_KEYS")]
+        keys: PathBuf,
+        /// The day, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        date: String,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check a signed settlement report against assertion.pub.
+    Check {
+        #[arg(long, default_value = "keys", env = "CITYCARD_KEYS")]
+        keys: PathBuf,
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (defaults, file, environment, flags) as TOML.
+    Show(Box<ServeArgs>),
 }
 
 #[derive(Subcommand)]
@@ -129,7 +231,12 @@ fn parse_cutoff(s: &str) -> Result<(u16, u64), String> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: journald and log collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -143,6 +250,30 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Keys { command } => keys_command(command),
         Command::Verify { data } => verify(&data),
+        Command::Report { command: ReportCommand::Settlement { data, keys, date, out } } => {
+            citycard::report::run_settlement(&data, &keys, &date, out.as_deref()).map(
+                |reconciled| {
+                    if reconciled {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!(
+                            "citycard: the day does not reconcile (see the # lines of the report)"
+                        );
+                        ExitCode::from(1)
+                    }
+                },
+            )
+        }
+        Command::Report { command: ReportCommand::Check { keys, file } } => {
+            citycard::report::run_check(&file, &keys).map(|()| {
+                println!("{}: signature OK", file.display());
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Config { command: ConfigCommand::Show(args) } => args.config().map(|config| {
+            print!("{}", config.render());
+            ExitCode::SUCCESS
+        }),
     };
     match result {
         Ok(code) => code,
@@ -173,7 +304,7 @@ fn keys_command(command: KeysCommand) -> anyhow::Result<ExitCode> {
         KeysCommand::RotateIssuer { dir } => {
             let version = keys::add_issuer_version(&dir)?;
             println!(
-                "added issuer key version {version}; restart the server to issue cards with it"
+                "added issuer key version {version}; send SIGHUP to the server (or restart it) to issue cards with it"
             );
         }
     }
@@ -203,35 +334,7 @@ fn verify(data: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let mut config = Config {
-        listen: args.listen,
-        keys_dir: args.keys,
-        data_dir: args.data,
-        shards: args.shards,
-        pin_cores: args.pin_cores,
-        crl: args.crl,
-        key_cutoffs: args.key_cutoffs,
-        ..Config::default()
-    };
-    macro_rules! set {
-        ($($field:ident),*) => { $(if let Some(v) = args.$field { config.$field = v; })* };
-    }
-    set!(
-        max_connections,
-        max_in_flight,
-        handshake_timeout_ms,
-        idle_timeout_ms,
-        frame_timeout_ms,
-        queue_depth,
-        max_batch,
-        drain_timeout_ms
-    );
-    if let Some(v) = args.max_balance {
-        config.limits.max_balance = v;
-    }
-    if let Some(v) = args.max_amount {
-        config.limits.max_amount = v;
-    }
+    let config = args.config()?;
     if !keys::has_keys(&config.keys_dir) {
         tracing::warn!(dir = %config.keys_dir.display(), "no keys found: generating a DEVELOPMENT key set; never use it in production");
         keys::init(&config.keys_dir).context("generating development keys")?;
@@ -242,19 +345,57 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async move {
-        let server = RunningServer::start(config).await?;
+        let health = Health::new();
+        let admin = admin::spawn(config.admin, health.clone()).await?;
+        tracing::info!(%admin, "admin listener (metrics, healthz, readyz)");
+        let server = match RunningServer::start(config).await {
+            Ok(server) => server,
+            Err(e) => {
+                health.set(State::Failed);
+                return Err(e);
+            }
+        };
+        health.attach(server.shared());
+        health.set(State::Ready);
         println!("citycard listening on {}", server.local_addr);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = server.failed() => {
-                tracing::error!("storage failure: exiting without draining");
-                return Ok(ExitCode::from(70));
+        notify_systemd("READY=1");
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("SIGINT: draining");
+                    break;
+                }
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: draining");
+                    break;
+                }
+                _ = hangup.recv() => match server.reload_keys() {
+                    Ok(version) => tracing::info!(current_version = version, "SIGHUP: issuer keys reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: key reload failed; keeping the old keys"),
+                },
+                _ = server.failed() => {
+                    health.set(State::Failed);
+                    tracing::error!("storage failure: exiting without draining");
+                    return Ok(ExitCode::from(70));
+                }
             }
         }
+        health.set(State::Draining);
+        notify_systemd("STOPPING=1");
         server.stop().await?;
         tracing::info!("stopped cleanly");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Tells systemd (Type=notify) about readiness; a no-op outside systemd.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    if let Err(e) = socket.send_to(state.as_bytes(), &path) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
 }

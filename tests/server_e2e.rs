@@ -461,3 +461,48 @@ async fn assert_refused(addr: std::net::SocketAddr, config: std::sync::Arc<rustl
         .expect("no verdict");
     assert!(matches!(read, Ok(0) | Err(_)), "server answered an unauthenticated client: {read:?}");
 }
+
+#[tokio::test]
+async fn issuer_key_rotation_while_serving() {
+    let env = Env::new();
+    let server = env.start().await;
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut old = issue(&mut counter, 1, 1_000).await;
+    assert_eq!(citycard::keys::add_issuer_version(&env.keys).unwrap(), 2);
+    assert_eq!(server.reload_keys().unwrap(), 2);
+    // Requests keep flowing across the reload; the new card gets the new version.
+    let issued = match counter.call(&Request::Issue { op_ref: 2, deposit: Amount(1_000) }).await {
+        Response::Issue(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((issued.status, issued.key_version.0), (Status::Approved, 2));
+    let mut new = Card::from_issue(&issued);
+    for _ in 0..3 {
+        let r = card_result(reader.call(&old.purchase(10, "reader-1")).await);
+        assert_eq!(r.status, Status::Approved, "an old-version card keeps working");
+        let r = card_result(reader.call(&new.purchase(10, "reader-1")).await);
+        assert_eq!(r.status, Status::Approved);
+    }
+    drop(reader);
+    drop(counter);
+    server.stop().await.unwrap();
+
+    // After the cut-off of version 1, its cards are declined and must be replaced.
+    let mut config = env.config();
+    config.key_cutoffs = vec![(1, 0)];
+    let server = citycard::server::RunningServer::start(config).await.unwrap();
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let r = card_result(reader.call(&old.purchase(10, "reader-1")).await);
+    assert_eq!((r.status, r.balance.0), (Status::KeyVersionRetired, 970));
+    let r = card_result(reader.call(&new.purchase(10, "reader-1")).await);
+    assert_eq!(r.status, Status::Approved);
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    match counter.call(&Request::Replace { op_ref: 3, card_id: old.id }).await {
+        Response::Replace(r) => {
+            assert_eq!((r.status, r.key_version.0, r.balance.0), (Status::Approved, 2, 970))
+        }
+        other => panic!("{other:?}"),
+    }
+    server.stop().await.unwrap();
+}

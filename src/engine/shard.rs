@@ -248,6 +248,12 @@ impl Shard {
         self.index
     }
 
+    /// Installs new key material (issuer key rotation). Cached card keys stay valid: a card's
+    /// key depends only on its own key version, which never changes.
+    pub fn replace_secrets(&mut self, secrets: Arc<Secrets>) {
+        self.secrets = secrets;
+    }
+
     pub fn hotlist_version(&self) -> u64 {
         self.hotlist_version
     }

@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::engine::{Secrets, Shard, ShardOptions};
 use crate::journal::JournalOptions;
 use crate::keys::{self, Role};
+use crate::metrics::METRICS;
 use worker::{Job, WorkerContext, WorkerShared};
 
 /// What every connection task shares.
@@ -234,6 +235,34 @@ impl RunningServer {
         })
     }
 
+    /// Reloads the issuer and assertion keys from the keys directory (after
+    /// `citycard keys rotate-issuer`): cards issued or replaced from now on use the newest
+    /// version. Each shard applies it between two of its jobs, so no request sees half a change.
+    pub fn reload_keys(&self) -> anyhow::Result<u16> {
+        let config = &self.shared.config;
+        let secrets = Arc::new(load_secrets(&config.keys_dir, &config.key_cutoffs)?);
+        let version = secrets.current_version.0;
+        let (reply, _) = tokio::sync::mpsc::unbounded_channel();
+        for (index, shard) in self.shared.shards.iter().enumerate() {
+            let job = Job {
+                terminal: Arc::from("reload"),
+                request_id: citycard_protocol::RequestId(0),
+                work: worker::Work::Reload(secrets.clone()),
+                reply: reply.clone(),
+            };
+            // A control message waits for queue space (bounded) instead of being refused Busy.
+            shard
+                .send_timeout(job, Duration::from_secs(5))
+                .map_err(|_| anyhow::anyhow!("shard {index} did not take the key reload"))?;
+        }
+        Ok(version)
+    }
+
+    /// The state the admin listener reads (queues, connections, hotlist versions).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     /// Resolves when a shard's storage failed (the process must then exit without draining).
     pub async fn failed(&self) {
         self.shared.failed.cancelled().await
@@ -267,6 +296,11 @@ impl RunningServer {
     }
 }
 
+/// TLS handshakes in progress at once: bounds the CPU a handshake flood can take, and keeps
+/// clients that connect and never speak TLS from holding terminal connection slots (they hold a
+/// handshake slot until the handshake timeout instead).
+const MAX_HANDSHAKES: usize = 256;
+
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -274,8 +308,7 @@ async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
-    // Over-limit connections get a TLS handshake and an Error frame; bound those too.
-    let refusals = Arc::new(Semaphore::new(64));
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -286,26 +319,35 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Ok(handshake_slot) = handshakes.clone().try_acquire_owned() else {
+            METRICS.handshake_failure("other");
+            tracing::warn!(%peer, "too many handshakes in progress; dropping the connection");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let shared = shared.clone();
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tracker.spawn(async move {
-                    serve_connection(tcp, peer, acceptor, shared).await;
+        let slots = slots.clone();
+        tracker.spawn(async move {
+            let stream = match handshake(tcp, &acceptor, &shared).await {
+                Ok(stream) => stream,
+                Err(reason) => {
+                    tracing::info!(%peer, reason, "connection refused");
+                    return;
+                }
+            };
+            drop(handshake_slot);
+            match slots.try_acquire_owned() {
+                Ok(permit) => {
+                    serve_connection(stream, peer, shared).await;
                     drop(permit);
-                });
-            }
-            Err(_) => {
-                tracing::warn!(%peer, "connection limit reached; refusing");
-                if let Ok(permit) = refusals.clone().try_acquire_owned() {
-                    tracker.spawn(async move {
-                        refuse_connection(tcp, acceptor, &shared).await;
-                        drop(permit);
-                    });
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "connection limit reached; refusing");
+                    refuse_connection(stream).await;
                 }
             }
-        }
+        });
     }
 }
 
@@ -319,49 +361,48 @@ async fn handshake(
         Ok(Ok(stream)) => {
             let (_, conn) = stream.get_ref();
             if conn.alpn_protocol() != Some(crate::tls::ALPN) {
+                METRICS.handshake_failure("no_alpn");
                 return Err("client did not offer ALPN citycard/1".into());
             }
             Ok(stream)
         }
-        Ok(Err(e)) => Err(format!("handshake failed: {e}")),
-        Err(_) => Err("handshake timed out".into()),
+        Ok(Err(e)) => {
+            METRICS.handshake_failure(handshake_reason(&e));
+            Err(format!("handshake failed: {e}"))
+        }
+        Err(_) => {
+            METRICS.handshake_failure("timeout");
+            Err("handshake timed out".into())
+        }
     }
 }
 
-async fn refuse_connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: &Shared) {
-    if let Ok(mut stream) = handshake(tcp, &acceptor, shared).await {
-        use tokio::io::AsyncWriteExt;
-        let mut buf = bytes::BytesMut::new();
-        let _ = Response::error(
-            citycard_protocol::ErrorCode::TooManyConnections,
-            "server at its connection limit",
-        )
-        .encode(citycard_protocol::RequestId(0), &mut buf);
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let _ = stream.write_all(&buf).await;
-            let _ = stream.shutdown().await;
-        })
-        .await;
-    }
+async fn refuse_connection(mut stream: tokio_rustls::server::TlsStream<TcpStream>) {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = bytes::BytesMut::new();
+    let _ = Response::error(
+        citycard_protocol::ErrorCode::TooManyConnections,
+        "server at its connection limit",
+    )
+    .encode(citycard_protocol::RequestId(0), &mut buf);
+    // Bounded: a client that does not read its refusal is dropped anyway.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&buf).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 async fn serve_connection(
-    tcp: TcpStream,
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
     shared: Arc<Shared>,
 ) {
-    let stream = match handshake(tcp, &acceptor, &shared).await {
-        Ok(stream) => stream,
-        Err(reason) => {
-            tracing::info!(%peer, reason, "connection refused");
-            return;
-        }
-    };
     let identity = crate::tls::peer_identity(stream.get_ref().1);
     let (terminal, role) = match identity {
         Ok(identity) => identity,
         Err(e) => {
+            METRICS.handshake_failure("no_identity");
             tracing::warn!(%peer, error = %e, "client certificate lacks a terminal identity");
             return;
         }
@@ -369,6 +410,7 @@ async fn serve_connection(
     let span = tracing::info_span!("connection", terminal = %terminal, role = %role, %peer);
     let _entered = span.clone();
     shared.connections.fetch_add(1, Ordering::Relaxed);
+    METRICS.connection_opened();
     let terminal: Arc<str> = Arc::from(terminal.as_str());
     let end = {
         use tracing::Instrument;
@@ -380,6 +422,29 @@ async fn serve_connection(
     };
     shared.connections.fetch_sub(1, Ordering::Relaxed);
     tracing::info!(parent: &span, end = ?end, "terminal disconnected");
+}
+
+/// Sorts a failed handshake into the reasons `/metrics` counts.
+fn handshake_reason(error: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = error.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
+        return "other";
+    };
+    match tls {
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::NoApplicationProtocol => "no_alpn",
+        Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => "unknown_ca",
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "expired",
+        Error::InvalidCertificate(CertificateError::Revoked) => "revoked",
+        Error::InvalidCertificate(
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. },
+        ) => "wrong_purpose",
+        _ => "other",
+    }
 }
 
 /// Which operations each role may call (DESIGN.md "Terminal roles").

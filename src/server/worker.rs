@@ -11,12 +11,18 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Op, Output, Shard};
+use crate::metrics::METRICS;
 
 /// What a connection asks a shard to do.
 pub enum Work {
     Request(Request),
     Offline(Vec<(u16, OfflineRecord)>),
-    Hotlist { since: u64, max: usize },
+    Hotlist {
+        since: u64,
+        max: usize,
+    },
+    /// New key material (issuer key rotation); applies to every later job of the shard.
+    Reload(Arc<crate::engine::Secrets>),
 }
 
 pub struct Job {
@@ -81,6 +87,11 @@ pub fn run(mut ctx: WorkerContext) {
                 Err(_) => break,
             }
         }
+        if ctx.failed.is_cancelled() {
+            // Another shard's storage failed: the process is stopping, so decide nothing more
+            // (nothing decided now could be answered anyway).
+            break;
+        }
         let now_ms = crate::now_ms();
         let index = ctx.shard.index();
         for job in jobs.drain(..) {
@@ -88,6 +99,15 @@ pub fn run(mut ctx: WorkerContext) {
                 Work::Request(request) => Op::Request(request),
                 Work::Offline(records) => Op::Offline(records),
                 Work::Hotlist { since, max } => Op::Hotlist { since: *since, max: *max },
+                Work::Reload(secrets) => {
+                    ctx.shard.replace_secrets(secrets.clone());
+                    tracing::info!(
+                        shard = index,
+                        current_version = secrets.current_version.0,
+                        "issuer keys reloaded"
+                    );
+                    continue;
+                }
             };
             match ctx.shard.execute(&job.terminal, op, now_ms) {
                 Ok(output) => replies
@@ -96,9 +116,12 @@ pub fn run(mut ctx: WorkerContext) {
             }
         }
         ctx.shared.last_batch.store(replies.len() as u64, Ordering::Relaxed);
+        METRICS.batch(replies.len() as u64);
+        let sync_started = std::time::Instant::now();
         if let Err(e) = ctx.shard.commit() {
             return fail(&ctx, "journal commit", &e);
         }
+        METRICS.journal_sync_us(sync_started.elapsed().as_micros() as u64);
         for (to, reply) in replies.drain(..) {
             // A closed connection simply no longer wants its answer; the transaction stands.
             let _ = to.send(reply);

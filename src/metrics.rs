@@ -1,0 +1,244 @@
+//! Process-wide counters and histograms, lock-free (relaxed atomics), rendered in the
+//! Prometheus text format by the admin listener.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use citycard_protocol::{MessageType, Status};
+
+/// Request types with metrics, in wire order (Hello = 0x01 ... HotlistSync = 0x0D).
+const OPS: usize = 13;
+const STATUSES: usize = 16;
+/// Histogram bucket upper bounds in microseconds.
+const BOUNDS_US: [u64; 16] = [
+    50, 100, 200, 300, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 10_000, 20_000, 50_000,
+    100_000, 1_000_000,
+];
+
+const OP_NAMES: [&str; OPS] = [
+    "hello",
+    "purchase",
+    "top_up",
+    "balance",
+    "history",
+    "identity",
+    "issue",
+    "block",
+    "unblock",
+    "replace",
+    "close",
+    "offline_batch",
+    "hotlist_sync",
+];
+
+pub struct Histogram {
+    buckets: [AtomicU64; BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    const fn new() -> Histogram {
+        Histogram {
+            buckets: [const { AtomicU64::new(0) }; BOUNDS_US.len() + 1],
+            sum_us: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record_us(&self, us: u64) {
+        let i = BOUNDS_US.iter().position(|b| us <= *b).unwrap_or(BOUNDS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, scale: f64) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, bound) in BOUNDS_US.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}",
+                *bound as f64 * scale
+            );
+        }
+        cumulative += self.buckets[BOUNDS_US.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum_us.load(Ordering::Relaxed) as f64 * scale
+        );
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
+/// Why TLS handshakes failed, as counted.
+pub const HANDSHAKE_REASONS: [&str; 9] = [
+    "no_certificate",
+    "unknown_ca",
+    "expired",
+    "revoked",
+    "wrong_purpose",
+    "no_alpn",
+    "timeout",
+    "no_identity",
+    "other",
+];
+
+pub struct Metrics {
+    transactions: [[AtomicU64; STATUSES]; OPS],
+    latency: [Histogram; OPS],
+    journal_sync: Histogram,
+    batch_size: Histogram,
+    handshake_failures: [AtomicU64; HANDSHAKE_REASONS.len()],
+    protocol_errors: [AtomicU64; 16],
+    connections_total: AtomicU64,
+    busy: AtomicU64,
+}
+
+pub static METRICS: Metrics = Metrics {
+    transactions: [const { [const { AtomicU64::new(0) }; STATUSES] }; OPS],
+    latency: [const { Histogram::new() }; OPS],
+    journal_sync: Histogram::new(),
+    batch_size: Histogram::new(),
+    handshake_failures: [const { AtomicU64::new(0) }; HANDSHAKE_REASONS.len()],
+    protocol_errors: [const { AtomicU64::new(0) }; 16],
+    connections_total: AtomicU64::new(0),
+    busy: AtomicU64::new(0),
+};
+
+fn op_index(message_type: MessageType) -> Option<usize> {
+    let v = message_type as u8;
+    (1..=OPS as u8).contains(&v).then(|| usize::from(v - 1))
+}
+
+impl Metrics {
+    /// One answered request: its type, result and latency from frame decode to answer.
+    pub fn request(&self, message_type: MessageType, status: Option<Status>, latency_us: u64) {
+        let Some(op) = op_index(message_type) else { return };
+        let status = status.map_or(0, |s| s as usize).min(STATUSES - 1);
+        self.transactions[op][status].fetch_add(1, Ordering::Relaxed);
+        self.latency[op].record_us(latency_us);
+        if status == Status::Busy as usize {
+            self.busy.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn journal_sync_us(&self, us: u64) {
+        self.journal_sync.record_us(us);
+    }
+
+    pub fn batch(&self, jobs: u64) {
+        self.batch_size.record_us(jobs);
+    }
+
+    pub fn handshake_failure(&self, reason: &str) {
+        let i = HANDSHAKE_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(HANDSHAKE_REASONS.len() - 1);
+        self.handshake_failures[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn protocol_error(&self, code: u16) {
+        self.protocol_errors[usize::from(code).min(15)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition. `gauges` are rendered as given (name, labels, value).
+    pub fn render(&self, gauges: &[(&str, String, u64)]) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let _ = writeln!(out, "# TYPE citycard_build_info gauge");
+        let _ = writeln!(out, "citycard_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(out, "# TYPE citycard_transactions_total counter");
+        for (op, row) in self.transactions.iter().enumerate() {
+            for (status, count) in row.iter().enumerate() {
+                let n = count.load(Ordering::Relaxed);
+                if n == 0 {
+                    continue;
+                }
+                let name = Status::from_u8(status as u8)
+                    .map_or_else(|| "other".to_owned(), |s| format!("{s:?}"));
+                let _ = writeln!(
+                    out,
+                    "citycard_transactions_total{{op=\"{}\",result=\"{name}\"}} {n}",
+                    OP_NAMES[op]
+                );
+            }
+        }
+        let _ = writeln!(out, "# TYPE citycard_request_seconds histogram");
+        for (op, h) in self.latency.iter().enumerate() {
+            if h.count.load(Ordering::Relaxed) > 0 {
+                h.render(
+                    &mut out,
+                    "citycard_request_seconds",
+                    &format!("op=\"{}\"", OP_NAMES[op]),
+                    1e-6,
+                );
+            }
+        }
+        let _ = writeln!(out, "# TYPE citycard_journal_sync_seconds histogram");
+        self.journal_sync.render(&mut out, "citycard_journal_sync_seconds", "", 1e-6);
+        let _ = writeln!(out, "# TYPE citycard_batch_jobs histogram");
+        self.batch_size.render(&mut out, "citycard_batch_jobs", "", 1.0);
+        let _ = writeln!(out, "# TYPE citycard_tls_handshake_failures_total counter");
+        for (i, reason) in HANDSHAKE_REASONS.iter().enumerate() {
+            let n = self.handshake_failures[i].load(Ordering::Relaxed);
+            let _ =
+                writeln!(out, "citycard_tls_handshake_failures_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(out, "# TYPE citycard_protocol_errors_total counter");
+        for (code, count) in self.protocol_errors.iter().enumerate() {
+            let n = count.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(out, "citycard_protocol_errors_total{{code=\"{code}\"}} {n}");
+            }
+        }
+        let _ = writeln!(out, "# TYPE citycard_connections_total counter");
+        let _ = writeln!(
+            out,
+            "citycard_connections_total {}",
+            self.connections_total.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# TYPE citycard_busy_total counter");
+        let _ = writeln!(out, "citycard_busy_total {}", self.busy.load(Ordering::Relaxed));
+        let mut last = "";
+        for (name, labels, value) in gauges {
+            if *name != last {
+                let _ = writeln!(out, "# TYPE {name} gauge");
+                last = name;
+            }
+            if labels.is_empty() {
+                let _ = writeln!(out, "{name} {value}");
+            } else {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new();
+        h.record_us(40);
+        h.record_us(150);
+        h.record_us(5_000_000);
+        let mut out = String::new();
+        h.render(&mut out, "x", "", 1.0);
+        assert!(out.contains("x_bucket{le=\"50\"} 1"), "{out}");
+        assert!(out.contains("x_bucket{le=\"200\"} 2"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3"), "{out}");
+        assert!(out.contains("x_count{} 3"), "{out}");
+    }
+}
