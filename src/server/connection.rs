@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use citycard_protocol::frame::decode_frame;
 use citycard_protocol::{
-    frame_to_request, Amount, CardResult, DecodeError, ErrorCode, HotlistChanges, Mac, Request,
-    RequestId, Response, ServerInfo, Status, MAX_HOTLIST_ENTRIES,
+    frame_to_request, Amount, CardResult, DecodeError, ErrorCode, HotlistChanges, Mac, MessageType,
+    Request, RequestId, Response, ServerInfo, Status, MAX_HOTLIST_ENTRIES,
 };
 use crossbeam::channel::TrySendError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,11 +21,20 @@ use super::worker::{Job, Reply, Work};
 use super::{declined, permitted, route, set_status, Shared};
 use crate::engine::Output;
 use crate::keys::Role;
+use crate::metrics::METRICS;
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// A request split across shards, waiting for its parts.
+/// A request waiting for its answer.
+struct InFlight {
+    /// When its frame was decoded (request latency is measured from here).
+    started: Instant,
+    message_type: MessageType,
+    gather: Gather,
+}
+
+/// How the answer is put together: one shard's reply, or parts from several shards.
 enum Gather {
     Single,
     Offline {
@@ -47,7 +56,7 @@ pub struct Connection<S> {
     shared: Arc<Shared>,
     read_buf: BytesMut,
     write_buf: BytesMut,
-    pending: HashMap<RequestId, Gather>,
+    pending: HashMap<RequestId, InFlight>,
     reply_tx: mpsc::UnboundedSender<Reply>,
     reply_rx: mpsc::UnboundedReceiver<Reply>,
 }
@@ -122,8 +131,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 }
             }
-            if !self.read_buf.is_empty() && frame_started.is_none() {
-                frame_started = Some(Instant::now());
+            // The frame timer runs only while the server is reading and holds part of a frame.
+            // At the in-flight limit it does not read (back-pressure): waiting bytes are then
+            // the server's doing, not a slow client's.
+            // postmortem: bytes waiting behind the in-flight limit used to start the timer, so
+            // a pipelining terminal was cut with FrameTimeout when its answers took longer
+            // than the frame timeout (found by adversarial.rs).
+            if self.pending.len() < max_in_flight && !self.read_buf.is_empty() {
+                frame_started.get_or_insert_with(Instant::now);
+            } else {
+                frame_started = None;
             }
             if !self.write_buf.is_empty() {
                 if let Err(end) = self.flush().await {
@@ -210,6 +227,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// Answers a request and records its metrics.
+    fn finish(
+        &mut self,
+        request_id: RequestId,
+        message_type: MessageType,
+        started: Instant,
+        response: &Response,
+    ) {
+        let latency_us = started.elapsed().as_micros() as u64;
+        METRICS.request(message_type, response_status(response), latency_us);
+        self.respond(request_id, response);
+    }
+
     fn respond(&mut self, request_id: RequestId, response: &Response) {
         if let Err(e) = response.encode(request_id, &mut self.write_buf) {
             // Our own answers are built within the limits; this is a bug, not peer input.
@@ -230,12 +260,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         request_id: Option<RequestId>,
     ) -> Option<End> {
         let code = error.code();
+        METRICS.protocol_error(code as u16);
         tracing::info!(terminal = %self.terminal, error = %error, "malformed frame");
         self.error_frame(request_id.unwrap_or(RequestId(0)), code, &error.to_string());
         code.closes_connection().then_some(End::Protocol(code))
     }
 
     fn dispatch(&mut self, request_id: RequestId, request: Request) {
+        let started = Instant::now();
+        let message_type = request.message_type();
         if self.pending.contains_key(&request_id) {
             self.error_frame(
                 request_id,
@@ -246,7 +279,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         if !permitted(self.role, &request) {
             tracing::warn!(terminal = %self.terminal, role = %self.role, request = ?request.message_type(), "operation not permitted for the role");
-            self.respond(request_id, &declined(&request, Status::NotPermitted));
+            self.finish(
+                request_id,
+                message_type,
+                started,
+                &declined(&request, Status::NotPermitted),
+            );
             return;
         }
         let shard_count = self.shared.shards.len();
@@ -265,7 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     shard_count: shard_count as u16,
                     max_in_flight: self.shared.config.max_in_flight as u16,
                 };
-                self.respond(request_id, &Response::ServerInfo(info));
+                self.finish(request_id, message_type, started, &Response::ServerInfo(info));
             }
             Request::OfflineBatch { records } => {
                 let mut parts: Vec<Vec<(u16, citycard_protocol::OfflineRecord)>> =
@@ -299,7 +337,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                     }
                 }
-                self.pending.insert(request_id, Gather::Offline { results, parts_left });
+                let gather = Gather::Offline { results, parts_left };
+                self.pending.insert(request_id, InFlight { started, message_type, gather });
                 self.maybe_finish(request_id);
             }
             Request::HotlistSync { cursor, max_entries } => {
@@ -328,10 +367,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 }
                 let more = parts_left < shard_count;
-                self.pending.insert(
-                    request_id,
-                    Gather::Hotlist { cursor: since, entries: Vec::new(), more, parts_left },
-                );
+                let gather =
+                    Gather::Hotlist { cursor: since, entries: Vec::new(), more, parts_left };
+                self.pending.insert(request_id, InFlight { started, message_type, gather });
                 self.maybe_finish(request_id);
             }
             request => {
@@ -339,11 +377,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let mut refused = declined(&request, Status::Busy);
                 match self.submit(shard, request_id, Work::Request(request)) {
                     Ok(()) => {
-                        self.pending.insert(request_id, Gather::Single);
+                        let gather = Gather::Single;
+                        self.pending.insert(request_id, InFlight { started, message_type, gather });
                     }
                     Err(status) => {
                         set_status(&mut refused, status);
-                        self.respond(request_id, &refused);
+                        self.finish(request_id, message_type, started, &refused);
                     }
                 }
             }
@@ -363,14 +402,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     fn accept_reply(&mut self, reply: Reply) {
         let request_id = reply.request_id;
-        let Some(gather) = self.pending.get_mut(&request_id) else {
+        let Some(InFlight { started, message_type, gather }) = self.pending.get_mut(&request_id)
+        else {
             tracing::error!(request_id = request_id.0, "reply for a request not in flight");
             return;
         };
         match (gather, reply.output) {
             (Gather::Single, Output::Response(response)) => {
+                let (started, message_type) = (*started, *message_type);
                 self.pending.remove(&request_id);
-                self.respond(request_id, &response);
+                self.finish(request_id, message_type, started, &response);
                 return;
             }
             (Gather::Offline { results, parts_left }, Output::Offline(part)) => {
@@ -398,7 +439,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     fn maybe_finish(&mut self, request_id: RequestId) {
-        let done = match self.pending.get(&request_id) {
+        let done = match self.pending.get(&request_id).map(|f| &f.gather) {
             Some(Gather::Offline { parts_left, .. }) | Some(Gather::Hotlist { parts_left, .. }) => {
                 *parts_left == 0
             }
@@ -407,17 +448,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if !done {
             return;
         }
-        let response = match self.pending.remove(&request_id) {
-            Some(Gather::Offline { results, .. }) => {
+        let Some(InFlight { started, message_type, gather }) = self.pending.remove(&request_id)
+        else {
+            return;
+        };
+        let response = match gather {
+            Gather::Offline { results, .. } => {
                 // Every position was filled by a shard or by a Busy decline above.
                 Response::OfflineBatch(results.into_iter().flatten().collect())
             }
-            Some(Gather::Hotlist { cursor, entries, more, .. }) => {
+            Gather::Hotlist { cursor, entries, more, .. } => {
                 Response::HotlistSync(HotlistChanges { cursor, more, entries })
             }
-            _ => return,
+            Gather::Single => return,
         };
-        self.respond(request_id, &response);
+        self.finish(request_id, message_type, started, &response);
     }
 }
 
@@ -426,5 +471,19 @@ fn role_byte(role: Role) -> u8 {
         Role::Reader => 1,
         Role::Kiosk => 2,
         Role::Counter => 3,
+    }
+}
+
+/// The status of an answer, for the transactions metric (None for status-less answers).
+fn response_status(response: &Response) -> Option<Status> {
+    match response {
+        Response::Purchase(r) | Response::TopUp(r) | Response::Balance(r) => Some(r.status),
+        Response::History(h) => Some(h.status),
+        Response::Identity(i) => Some(i.status),
+        Response::Issue(i) | Response::Replace(i) => Some(i.status),
+        Response::Block(s) | Response::Unblock(s) | Response::Close(s) => Some(s.status),
+        Response::OfflineBatch(results) => results.first().map(|r| r.status),
+        Response::ServerInfo(_) | Response::HotlistSync(_) => Some(Status::Approved),
+        Response::Error { .. } => None,
     }
 }

@@ -1,0 +1,50 @@
+//! Replays the committed `engine_ops` fuzz corpus and regressions (fuzz/corpus/engine_ops,
+//! fuzz/regressions/engine_ops) plus a few seeded random inputs through the same interpreter
+//! the fuzzer runs, so the engine invariants are checked on every `cargo test` without
+//! libFuzzer or nightly.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+include!("../fuzz/engine_ops.rs");
+
+fn files(dir: &str) -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut out: Vec<_> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries.map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect(),
+        Err(_) => Vec::new(),
+    };
+    out.sort();
+    out
+}
+
+#[test]
+fn engine_ops_corpus_replays_clean() {
+    let corpus = files("fuzz/corpus/engine_ops");
+    assert!(!corpus.is_empty(), "the seed corpus is missing");
+    let total: u64 = corpus.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    assert!(
+        corpus.len() <= 32 && total <= 4096,
+        "seed corpus grew: {} files, {total} bytes",
+        corpus.len()
+    );
+    for path in corpus.iter().chain(files("fuzz/regressions/engine_ops").iter()) {
+        eprintln!("replaying {}", path.display());
+        run_ops(&std::fs::read(path).unwrap());
+    }
+}
+
+#[test]
+fn engine_ops_seeded_random_inputs() {
+    let mut state = 0x0E16_1DE5_u64;
+    for _ in 0..24 {
+        let input: Vec<u8> = (0..400)
+            .map(|_| {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) as u8
+            })
+            .collect();
+        run_ops(&input);
+    }
+}
