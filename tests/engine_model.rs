@@ -59,6 +59,9 @@ enum Step {
     Close(usize),
     Replace(usize),
     Commit,
+    /// Commit and hand the entries to sled's writer without waiting: later reads must see
+    /// them through the overlay or sled, whichever has them.
+    CommitAndHandOff,
     /// Reopen; uncommitted decisions are lost (and were never acknowledged).
     Restart {
         commit_first: bool,
@@ -81,6 +84,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0usize..8).prop_map(Step::Close),
         1 => (0usize..8).prop_map(Step::Replace),
         4 => Just(Step::Commit),
+        3 => Just(Step::CommitAndHandOff),
         1 => (any::<bool>(), any::<bool>()).prop_map(|(c, p)| Step::Restart { commit_first: c, persist_first: p }),
     ]
 }
@@ -390,6 +394,12 @@ impl Harness {
                 self.wallet.push((r.card_id, CardKey::from_bytes(r.card_key), 0));
             }
             Step::Commit => self.commit(),
+            Step::CommitAndHandOff => {
+                self.shard().commit().unwrap();
+                self.shard().hand_off().unwrap();
+                self.committed = self.model.clone();
+                self.committed_wallet = self.wallet.clone();
+            }
             Step::Restart { commit_first, persist_first } => {
                 if commit_first {
                     self.shard().commit().unwrap();

@@ -77,6 +77,10 @@ pub fn run(mut ctx: WorkerContext) {
                 if ctx.stopping.load(Ordering::Acquire) && ctx.queue.is_empty() {
                     break;
                 }
+                // Idle: let old overlay entries reach sled.
+                if let Err(e) = ctx.shard.persist_due() {
+                    return fail(&ctx, "state persist", &e);
+                }
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -126,10 +130,13 @@ pub fn run(mut ctx: WorkerContext) {
             // A closed connection simply no longer wants its answer; the transaction stands.
             let _ = to.send(reply);
         }
-        if let Err(e) = ctx.shard.persist() {
+        if let Err(e) = ctx.shard.persist_due() {
             return fail(&ctx, "state persist", &e);
         }
         ctx.shared.hotlist_version.store(ctx.shard.hotlist_version(), Ordering::Release);
+    }
+    if let Err(e) = ctx.shard.persist() {
+        return fail(&ctx, "state persist at shutdown", &e);
     }
     if let Err(e) = ctx.shard.flush_state() {
         tracing::warn!(shard = ctx.shard.index(), error = %e, "state flush at shutdown failed; it is rebuilt from the journal on start");
