@@ -18,12 +18,40 @@ pub fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     let dir = exe.parent().ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
     let candidate = dir.join("citycard");
     if !candidate.is_file() {
+        build_server(dir);
+    }
+    if !candidate.is_file() {
         bail!(
             "no citycard binary at {} (build it with `cargo build --release -p citycard`, or pass --server-bin)",
             candidate.display()
         );
     }
     Ok(candidate)
+}
+
+/// A fresh clone that ran only `cargo run -p citycard-loadtest` has no server binary yet: build
+/// it with the same profile into the same target directory (the workspace is known at compile
+/// time), so `--spawn` works as the one command it is meant to be.
+fn build_server(target_profile_dir: &Path) {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let release = target_profile_dir.file_name().is_some_and(|n| n == "release");
+    eprintln!(
+        "citycard binary not built yet: running cargo build -p citycard{}",
+        if release { " --release" } else { "" }
+    );
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo.current_dir(&workspace).args(["build", "-p", "citycard"]);
+    if release {
+        cargo.arg("--release");
+    }
+    if let Some(target) = target_profile_dir.parent() {
+        cargo.env("CARGO_TARGET_DIR", target);
+    }
+    match cargo.status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => eprintln!("cargo build -p citycard failed ({status})"),
+        Err(e) => eprintln!("could not run cargo: {e}"),
+    }
 }
 
 fn run_quietly(command: &mut Command, what: &str) -> anyhow::Result<()> {
