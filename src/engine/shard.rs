@@ -696,7 +696,7 @@ impl Shard {
         Ok((card, key))
     }
 
-    fn retired(&self, card: &CardRecord, now_ms: u64) -> bool {
+    fn key_retired(&self, card: &CardRecord, now_ms: u64) -> bool {
         self.secrets
             .retire_after_ms
             .get(&card.key_version.0)
@@ -840,10 +840,10 @@ impl Shard {
         amount: Amount,
         now_ms: u64,
     ) -> Status {
-        if matches!(card.state, CardState::Closed | CardState::Replaced) {
+        if card.retired() {
             return Status::CardClosed;
         }
-        if self.retired(card, now_ms) {
+        if self.key_retired(card, now_ms) {
             return Status::KeyVersionRetired;
         }
         if amount.0 <= 0 || amount.0 > self.limits.max_amount {
@@ -881,11 +881,7 @@ impl Shard {
             Ok(found) => found,
             Err(status) => return Ok(Response::Balance(unauthenticated(status, auth))),
         };
-        let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
-            Status::CardClosed
-        } else {
-            Status::Approved
-        };
+        let status = if card.retired() { Status::CardClosed } else { Status::Approved };
         let result = CardResult {
             status,
             card_id: auth.card_id,
@@ -999,9 +995,9 @@ impl Shard {
                 }
             }
         } else {
-            let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
+            let status = if card.retired() {
                 Status::CardClosed
-            } else if self.retired(&card, now_ms) {
+            } else if self.key_retired(&card, now_ms) {
                 Status::KeyVersionRetired
             } else if card.hotlisted().is_some() {
                 Status::CardBlocked
@@ -1085,7 +1081,7 @@ impl Shard {
             }
             Some(_) => CardResult { balance: card.balance, ..unauth(Status::Replay) },
             None => {
-                let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
+                let status = if card.retired() {
                     Status::CardClosed
                 } else if record.amount.0 <= 0 || record.amount.0 > self.limits.max_amount {
                     Status::InvalidAmount
@@ -1278,7 +1274,7 @@ impl Shard {
                     let Some(card) = self.cards.get(&old).copied() else {
                         return Ok(Response::Replace(declined_issue(Status::UnknownCard, old)));
                     };
-                    let status = if matches!(card.state, CardState::Closed | CardState::Replaced) {
+                    let status = if card.retired() {
                         Status::CardClosed
                     } else if card.balance.0 < 0 {
                         // An overdrawn card's debt must be settled (top-up) before it moves.
@@ -1343,7 +1339,7 @@ impl Shard {
                 let Some(card) = self.cards.get(&card_id).copied() else {
                     return Ok(wrap_staff(kind, declined_staff(Status::UnknownCard, card_id)));
                 };
-                let retired = matches!(card.state, CardState::Closed | CardState::Replaced);
+                let retired = card.retired();
                 let mut after = card;
                 let status = match kind {
                     _ if retired => Status::CardClosed,

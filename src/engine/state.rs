@@ -42,6 +42,11 @@ impl CardRecord {
         }
     }
 
+    /// Closed or replaced: the card never works again.
+    pub fn retired(&self) -> bool {
+        matches!(self.state, CardState::Closed | CardState::Replaced)
+    }
+
     /// The state reported to counters (Overdrawn is derived from the balance).
     pub fn reported_state(&self) -> CardState {
         match self.state {
