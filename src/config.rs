@@ -102,8 +102,14 @@ impl Config {
                 return Err(format!("shards must be 1..={}", citycard_protocol::MAX_SHARDS));
             }
         }
-        if self.limits.max_balance <= 0 || self.limits.max_amount <= 0 {
-            return Err("max_balance and max_amount must be positive".into());
+        // A trillion currency units bounds every sum the engine forms far inside i64.
+        const MONEY_LIMIT: i64 = 100_000_000_000_000;
+        for (key, value) in
+            [("max_balance", self.limits.max_balance), ("max_amount", self.limits.max_amount)]
+        {
+            if value <= 0 || value > MONEY_LIMIT {
+                return Err(format!("{key} must be 1..={MONEY_LIMIT} minor units"));
+            }
         }
         if self.segment_bytes < 64 * 1024 {
             return Err("segment_bytes must be at least 65536".into());

@@ -506,3 +506,30 @@ async fn issuer_key_rotation_while_serving() {
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_retried_staff_decline_repeats_its_original_answer() {
+    let env = Env::new();
+    let server = env.start().await;
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let card = issue(&mut counter, 1, 500).await;
+    let block = |op_ref| Request::Block { op_ref, card_id: card.id, reason: BlockReason::Lost };
+    let first = counter.call(&block(2)).await;
+    let declined = counter.call(&block(3)).await;
+    match &declined {
+        Response::Block(s) => {
+            assert_eq!((s.status, s.card_state), (Status::InvalidState, CardState::Blocked))
+        }
+        other => panic!("{other:?}"),
+    }
+    // The card changes state; the retry of the decline must still say what it said.
+    match counter.call(&Request::Unblock { op_ref: 4, card_id: card.id }).await {
+        Response::Unblock(s) => assert_eq!(s.status, Status::Approved),
+        other => panic!("{other:?}"),
+    }
+    // postmortem: the decline's card state used to be read from the card at retry time, so
+    // the retry answered Active with another MAC (found in review).
+    assert_eq!(counter.call(&block(3)).await, declined);
+    assert_eq!(counter.call(&block(2)).await, first);
+    server.stop().await.unwrap();
+}

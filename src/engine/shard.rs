@@ -236,6 +236,10 @@ impl Persister {
     fn check(&self) -> Result<(), StoreError> {
         match self.error.lock().ok().and_then(|slot| slot.clone()) {
             Some(message) => Err(StoreError::State(format!("sled write failed: {message}"))),
+            // The thread only ends early by dying (the queue is still open): fail-stop too.
+            None if self.thread.as_ref().is_some_and(|t| t.is_finished()) => {
+                Err(StoreError::State("persister thread died".into()))
+            }
             None => Ok(()),
         }
     }
@@ -363,7 +367,8 @@ impl Shard {
             cards.insert(CardId(id), record);
         }
         let hotlist_version = match db.scan_prefix([state::HOTLIST]).next_back() {
-            Some(item) => state::be_u64(&item?.0[1..]).unwrap_or(0),
+            Some(item) => state::be_u64(&item?.0[1..])
+                .ok_or_else(|| StoreError::State("hotlist key malformed".into()))?,
             None => 0,
         };
         let persister = Persister::start(db.clone(), options.index, applied_seq)?;
@@ -862,7 +867,12 @@ impl Shard {
             _ => {
                 if card.state == CardState::Blocked {
                     Status::CardBlocked
-                } else if card.balance.0 + amount.0 > self.limits.max_balance {
+                } else if card
+                    .balance
+                    .0
+                    .checked_add(amount.0)
+                    .is_none_or(|b| b > self.limits.max_balance)
+                {
                     Status::OverBalanceCap
                 } else {
                     Status::Approved
@@ -1083,7 +1093,10 @@ impl Shard {
             None => {
                 let status = if card.retired() {
                     Status::CardClosed
-                } else if record.amount.0 <= 0 || record.amount.0 > self.limits.max_amount {
+                } else if record.amount.0 <= 0
+                    || record.amount.0 > self.limits.max_amount
+                    || card.balance.0.checked_sub(record.amount.0).is_none()
+                {
                     Status::InvalidAmount
                 } else {
                     // Offline spending already happened at the gate: it applies even when it
@@ -1377,7 +1390,8 @@ impl Shard {
                     balance_after: after.balance,
                     time_ms: now_ms,
                     reference: op_ref,
-                    binding: Mac::default(),
+                    // The card's state when this was decided, so a retried decline repeats it.
+                    binding: state_binding(card.reported_state()),
                     other_card: CardId(0),
                     key_version: card.key_version,
                     hotlist_version,
@@ -1407,7 +1421,7 @@ impl Shard {
             (Status::Approved, EntryKind::Close) => CardState::Closed,
             (Status::Approved, _) if entry.balance_after.0 < 0 => CardState::Overdrawn,
             (Status::Approved, _) => CardState::Active,
-            _ => card.map_or(CardState::Active, |c| c.reported_state()),
+            _ => CardState::from_u8(entry.binding.0[0]).unwrap_or(CardState::Active),
         };
         let mut response = wrap_staff(kind, result);
         if let Some(card) = card {
@@ -1648,4 +1662,12 @@ pub fn seal(key: &CardKey, binding: &Mac, response: &mut Response) {
 /// changed nothing at 1 or 64 terminals, so sled's defaults stay.)
 fn sled_config(dir: &Path) -> sled::Config {
     sled::Config::new().path(dir).cache_capacity(64 * 1024 * 1024)
+}
+
+/// The binding field of a block/unblock/close entry: the card's reported state at decision
+/// time in byte 0 (a retried decline answers it again, byte for byte).
+fn state_binding(state: CardState) -> Mac {
+    let mut b = [0u8; 16];
+    b[0] = state as u8;
+    Mac(b)
 }

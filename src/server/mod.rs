@@ -286,10 +286,12 @@ impl RunningServer {
         self.stopping.store(true, Ordering::Release);
         let failed = self.shared.failed.is_cancelled();
         drop(self.shared);
+        let mut panicked = false;
         for handle in self.workers {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+            let joined = tokio::task::spawn_blocking(move || handle.join()).await;
+            panicked |= !matches!(joined, Ok(Ok(())));
         }
-        if failed {
+        if failed || panicked {
             bail!("a shard's storage failed; see the log");
         }
         Ok(())

@@ -62,7 +62,21 @@ pub struct WorkerContext {
 /// How long a worker waits on an empty queue before re-checking for shutdown.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 
+/// Turns a panic of the shard thread into the same fail-stop as a storage error: otherwise the
+/// process would run on with one shard gone and its terminals waiting for answers.
+struct FailOnPanic(CancellationToken);
+
+impl Drop for FailOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("shard thread panicked; stopping without acknowledging anything more");
+            self.0.cancel();
+        }
+    }
+}
+
 pub fn run(mut ctx: WorkerContext) {
+    let _guard = FailOnPanic(ctx.failed.clone());
     if let Some(core) = ctx.pin_core {
         if !core_affinity::set_for_current(core) {
             tracing::warn!(shard = ctx.shard.index(), "could not pin the shard thread");
