@@ -61,7 +61,7 @@ fn spawn_server(keys: &Path, data: &Path, log: &Path) -> Server {
         .arg(keys)
         .arg("--data")
         .arg(data)
-        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--shards", "2"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

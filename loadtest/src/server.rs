@@ -119,7 +119,7 @@ impl Spawned {
             .arg(&keys)
             .arg("--data")
             .arg(&data)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
