@@ -23,7 +23,7 @@ use citycard_protocol::{
     decode_response, frame_to_request, Amount, ErrorCode, MessageType, Request, RequestId,
     Response, Status,
 };
-use common::{balance_of, issue, Card, Client, Env};
+use common::{balance_of, issue, Card, Client, Env, Rng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -140,25 +140,6 @@ async fn hello_ok(client: &mut Client) {
     match client.call(&Request::Hello { client_time_ms: 1 }).await {
         Response::ServerInfo(_) => {}
         other => panic!("Hello not answered: {other:?}"),
-    }
-}
-
-/// A small seeded generator (SplitMix64) so every run sends the same "random" bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
     }
 }
 

@@ -20,7 +20,7 @@ use citycard::engine::entry::Entry;
 use citycard_protocol::{
     decode_response, Amount, CardId, CardResult, EntryKind, Request, RequestId, Response, Status,
 };
-use common::Card;
+use common::{Card, Rng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -30,21 +30,6 @@ const DRIVERS: usize = 4;
 const DEPOSIT: i64 = 5_000;
 /// Requests one driver keeps in flight per connection (one per card at most).
 const PIPELINE: usize = 8;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The server as a child process.

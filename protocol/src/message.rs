@@ -756,6 +756,48 @@ impl Response {
         }
     }
 
+    /// The result status (the first record's for an offline batch); None for answers without a
+    /// status field (ServerInfo, HotlistChanges, Error).
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            Response::Purchase(r) | Response::TopUp(r) | Response::Balance(r) => Some(r.status),
+            Response::History(h) => Some(h.status),
+            Response::Identity(i) => Some(i.status),
+            Response::Issue(i) | Response::Replace(i) => Some(i.status),
+            Response::Block(s) | Response::Unblock(s) | Response::Close(s) => Some(s.status),
+            Response::OfflineBatch(results) => results.first().map(|r| r.status),
+            Response::ServerInfo(_) | Response::HotlistSync(_) | Response::Error { .. } => None,
+        }
+    }
+
+    /// Sets the status (of every record, for an offline batch); no-op without a status field.
+    pub fn set_status(&mut self, status: Status) {
+        match self {
+            Response::Purchase(r) | Response::TopUp(r) | Response::Balance(r) => r.status = status,
+            Response::History(h) => h.status = status,
+            Response::Identity(i) => i.status = status,
+            Response::Issue(i) | Response::Replace(i) => i.status = status,
+            Response::Block(s) | Response::Unblock(s) | Response::Close(s) => s.status = status,
+            Response::OfflineBatch(results) => results.iter_mut().for_each(|r| r.status = status),
+            Response::ServerInfo(_) | Response::HotlistSync(_) | Response::Error { .. } => {}
+        }
+    }
+
+    /// The response MAC of a single-card answer (the last 16 bytes of its body).
+    pub fn mac_mut(&mut self) -> Option<&mut Mac> {
+        match self {
+            Response::Purchase(r) | Response::TopUp(r) | Response::Balance(r) => Some(&mut r.mac),
+            Response::History(h) => Some(&mut h.mac),
+            Response::Identity(i) => Some(&mut i.mac),
+            Response::Issue(i) | Response::Replace(i) => Some(&mut i.mac),
+            Response::Block(s) | Response::Unblock(s) | Response::Close(s) => Some(&mut s.mac),
+            Response::OfflineBatch(_)
+            | Response::ServerInfo(_)
+            | Response::HotlistSync(_)
+            | Response::Error { .. } => None,
+        }
+    }
+
     /// An error frame body for `code` with a short explanation (cut to the limit).
     pub fn error(code: crate::ErrorCode, message: &str) -> Response {
         let mut end = message.len().min(MAX_ERROR_MESSAGE);

@@ -121,6 +121,9 @@ const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
 /// Sealed chunks waiting for the persister; a full queue makes the shard wait (back-pressure
 /// keeps the overlay bounded if sled falls behind).
 const PERSIST_QUEUE: usize = 2;
+/// Longest a synchronous persist (shutdown, replay) waits for sled before it is an error: a few
+/// chunks take well under a second, so two minutes means sled is stuck.
+const PERSIST_WAIT: Duration = Duration::from_secs(120);
 
 /// A run of committed entries with lookup maps, newest chunk last.
 struct Chunk {
@@ -456,11 +459,13 @@ impl Shard {
         self.seal()?;
         // Bounded: the persister applies at most PERSIST_QUEUE batches; a stuck sled shows as
         // an error rather than a hang.
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + PERSIST_WAIT;
         while self.persister.done() < self.applied_seq {
             self.persister.check()?;
             if Instant::now() >= deadline {
-                return Err(StoreError::State("sled did not apply the state within 120 s".into()));
+                return Err(StoreError::State(format!(
+                    "sled did not apply the state within {PERSIST_WAIT:?}"
+                )));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -576,9 +581,6 @@ impl Shard {
                         match entry.kind {
                             EntryKind::Block => {
                                 card.state = CardState::Blocked;
-                                if let HotlistChange::Listed(reason) = entry.hotlist_change {
-                                    card.block_reason = reason;
-                                }
                                 card.block_reason = block_reason_of(&entry, card.block_reason);
                             }
                             EntryKind::Unblock => card.state = CardState::Active,
@@ -833,8 +835,10 @@ impl Shard {
             extra: amount.0,
             terminal: terminal.to_owned(),
         };
-        let seq = self.journal_entry(entry.clone())?;
-        let result = card_result(&entry, seq);
+        // The answer is read off the entry before it moves into the journal (no clone on the
+        // per-transaction path).
+        let mut result = card_result(&entry, 0);
+        result.journal_seq = self.journal_entry(entry)?;
         Ok(wrap(self.seal_card(&key, message_type, &auth.cryptogram, result)))
     }
 
@@ -1126,8 +1130,9 @@ impl Shard {
                     terminal: terminal.to_owned(),
                 };
                 let _ = now_ms;
-                let seq = self.journal_entry(entry.clone())?;
-                card_result(&entry, seq)
+                let mut result = card_result(&entry, 0);
+                result.journal_seq = self.journal_entry(entry)?;
+                result
             }
         };
         Ok(self.seal_card(&key, MessageType::OfflineBatch, &record.certificate, result))
@@ -1648,13 +1653,8 @@ pub fn seal(key: &CardKey, binding: &Mac, response: &mut Response) {
     }
     let split = body.len() - 16;
     let mac = key.response_mac(response.message_type() as u8, binding, &body[..split]);
-    match response {
-        Response::Purchase(r) | Response::TopUp(r) | Response::Balance(r) => r.mac = mac,
-        Response::History(h) => h.mac = mac,
-        Response::Identity(i) => i.mac = mac,
-        Response::Issue(i) | Response::Replace(i) => i.mac = mac,
-        Response::Block(s) | Response::Unblock(s) | Response::Close(s) => s.mac = mac,
-        _ => {}
+    if let Some(slot) = response.mac_mut() {
+        *slot = mac;
     }
 }
 

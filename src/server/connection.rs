@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::worker::{Job, Reply, Work};
-use super::{declined, permitted, route, set_status, Shared};
+use super::{declined, permitted, route, Shared};
 use crate::engine::Output;
 use crate::keys::Role;
 use crate::metrics::METRICS;
@@ -236,7 +236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         response: &Response,
     ) {
         let latency_us = started.elapsed().as_micros() as u64;
-        METRICS.request(message_type, response_status(response), latency_us);
+        METRICS.request(message_type, response.status(), latency_us);
         self.respond(request_id, response);
     }
 
@@ -381,7 +381,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         self.pending.insert(request_id, InFlight { started, message_type, gather });
                     }
                     Err(status) => {
-                        set_status(&mut refused, status);
+                        refused.set_status(status);
                         self.finish(request_id, message_type, started, &refused);
                     }
                 }
@@ -471,19 +471,5 @@ fn role_byte(role: Role) -> u8 {
         Role::Reader => 1,
         Role::Kiosk => 2,
         Role::Counter => 3,
-    }
-}
-
-/// The status of an answer, for the transactions metric (None for status-less answers).
-fn response_status(response: &Response) -> Option<Status> {
-    match response {
-        Response::Purchase(r) | Response::TopUp(r) | Response::Balance(r) => Some(r.status),
-        Response::History(h) => Some(h.status),
-        Response::Identity(i) => Some(i.status),
-        Response::Issue(i) | Response::Replace(i) => Some(i.status),
-        Response::Block(s) | Response::Unblock(s) | Response::Close(s) => Some(s.status),
-        Response::OfflineBatch(results) => results.first().map(|r| r.status),
-        Response::ServerInfo(_) | Response::HotlistSync(_) => Some(Status::Approved),
-        Response::Error { .. } => None,
     }
 }

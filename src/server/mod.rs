@@ -252,7 +252,7 @@ impl RunningServer {
             };
             // A control message waits for queue space (bounded) instead of being refused Busy.
             shard
-                .send_timeout(job, Duration::from_secs(5))
+                .send_timeout(job, RELOAD_QUEUE_WAIT)
                 .map_err(|_| anyhow::anyhow!("shard {index} did not take the key reload"))?;
         }
         Ok(version)
@@ -297,6 +297,10 @@ impl RunningServer {
         Ok(())
     }
 }
+
+/// How long a key reload waits for room in a full shard queue (a full queue drains in well under
+/// a second; longer means the shard is stuck, and the reload is reported as failed).
+const RELOAD_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// TLS handshakes in progress at once: bounds the CPU a handshake flood can take, and keeps
 /// clients that connect and never speak TLS from holding terminal connection slots (they hold a
@@ -585,18 +589,5 @@ pub fn declined(request: &Request, status: Status) -> Response {
             citycard_protocol::ErrorCode::NotPermitted,
             "this terminal's role may not send this request",
         ),
-    }
-}
-
-/// Overwrites the status of a response built by [`declined`].
-pub fn set_status(response: &mut Response, status: Status) {
-    match response {
-        Response::Purchase(r) | Response::TopUp(r) | Response::Balance(r) => r.status = status,
-        Response::History(h) => h.status = status,
-        Response::Identity(i) => i.status = status,
-        Response::Issue(i) | Response::Replace(i) => i.status = status,
-        Response::Block(s) | Response::Unblock(s) | Response::Close(s) => s.status = status,
-        Response::OfflineBatch(results) => results.iter_mut().for_each(|r| r.status = status),
-        _ => {}
     }
 }
