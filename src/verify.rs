@@ -18,7 +18,39 @@ use crate::journal;
 struct Ledger {
     balance: i64,
     last_atc: u32,
+    /// Bit i set: ATC `last_atc - i` was used (the late-ATC window of PROTOCOL.md 6.1).
+    recent_atcs: u64,
     retired: bool,
+}
+
+impl Ledger {
+    fn new(balance: i64) -> Ledger {
+        Ledger { balance, last_atc: 0, recent_atcs: 0, retired: false }
+    }
+
+    /// Records a use of `atc`, or says why it breaks the exactly-once rules. Online ATCs must
+    /// be new and above `last_atc - ATC_LATE_WINDOW`; offline ATCs may be older, and only their
+    /// reuse inside the window can be seen here (the engine's index checks the rest).
+    fn use_atc(&mut self, atc: u32, online: bool) -> Result<(), String> {
+        if atc > self.last_atc {
+            let shift = atc - self.last_atc;
+            self.recent_atcs = if shift >= 64 { 0 } else { self.recent_atcs << shift };
+            self.recent_atcs |= 1;
+            self.last_atc = atc;
+            return Ok(());
+        }
+        let below = self.last_atc - atc;
+        if online && (atc == 0 || below >= citycard_protocol::ATC_LATE_WINDOW) {
+            return Err(format!("ATC {atc} too far below the last one {}", self.last_atc));
+        }
+        if below < 64 {
+            if self.recent_atcs & (1 << below) != 0 {
+                return Err(format!("ATC {atc} used twice"));
+            }
+            self.recent_atcs |= 1 << below;
+        }
+        Ok(())
+    }
 }
 
 /// Money flows over all shards, in minor units.
@@ -161,7 +193,9 @@ fn check_entry(
                 )));
             }
             if e.uses_atc() {
-                l.last_atc = l.last_atc.max(e.atc.0);
+                if let Err(what) = l.use_atc(e.atc.0, e.kind != EntryKind::Offline) {
+                    problems.push(at(what));
+                }
             }
         }
         return;
@@ -177,8 +211,7 @@ fn check_entry(
             problems.push(at(format!("deposit {} but balance {}", e.amount.0, e.balance_after.0)));
         }
         totals.deposits += e.amount.0;
-        ledger
-            .insert(e.card_id, Ledger { balance: e.balance_after.0, last_atc: 0, retired: false });
+        ledger.insert(e.card_id, Ledger::new(e.balance_after.0));
         return;
     }
     let Some(l) = ledger.get_mut(&e.card_id) else {
@@ -195,10 +228,9 @@ fn check_entry(
         problems.push(at(format!("{:?} approved on a closed or replaced card", e.kind)));
     }
     if e.uses_atc() {
-        if e.atc.0 <= l.last_atc && e.kind != EntryKind::Offline {
-            problems.push(at(format!("ATC {} not above the last one {}", e.atc.0, l.last_atc)));
+        if let Err(what) = l.use_atc(e.atc.0, e.kind != EntryKind::Offline) {
+            problems.push(at(what));
         }
-        l.last_atc = l.last_atc.max(e.atc.0);
     }
     l.balance = e.balance_after.0;
     let sign_ok = match e.kind {
@@ -217,7 +249,9 @@ fn check_entry(
         EntryKind::Close => {
             totals.refunds -= e.amount.0;
             l.retired = true;
-            e.balance_after.0 == 0 && e.extra == -e.amount.0
+            // A refund empties the card; a blocked debtor closes with its debt kept.
+            let emptied = e.balance_after.0 == 0 || (e.balance_after.0 < 0 && e.amount.0 == 0);
+            emptied && e.extra == -e.amount.0 && e.extra >= 0
         }
         EntryKind::ReplacedOut => {
             l.retired = true;
@@ -225,8 +259,9 @@ fn check_entry(
             if ledger.contains_key(&e.other_card) {
                 problems.push(at("replacement card id already in use".into()));
             }
-            ledger.insert(e.other_card, Ledger { balance: moved, last_atc: 0, retired: false });
-            e.balance_after.0 == 0
+            ledger.insert(e.other_card, Ledger::new(moved));
+            // The balance moved, or a blocked debtor's debt stayed on the old card.
+            e.balance_after.0 == 0 || (e.balance_after.0 < 0 && e.amount.0 == 0)
         }
         _ => e.amount.0 == 0,
     };

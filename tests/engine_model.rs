@@ -345,7 +345,8 @@ impl Harness {
                         Request::Close { op_ref, card_id: id },
                         if !live {
                             Status::CardClosed
-                        } else if balance < 0 {
+                        } else if balance < 0 && !blocked {
+                            // Protocol 1.1: only a blocked debtor closes with its debt kept.
                             Status::InvalidState
                         } else {
                             Status::Approved
@@ -363,8 +364,9 @@ impl Harness {
                         Step::Block(_) => (balance, live, true),
                         Step::Unblock(_) => (balance, live, false),
                         _ => {
-                            assert_eq!(s.refunded.0, balance);
-                            (0, false, blocked)
+                            assert_eq!(s.refunded.0, balance.max(0));
+                            assert_eq!(s.balance.0, balance.min(0), "a debt stays on the card");
+                            (balance.min(0), false, blocked)
                         }
                     };
                     self.model.cards.insert(id, next);
@@ -381,16 +383,21 @@ impl Harness {
                     assert_eq!(r.status, Status::CardClosed);
                     return;
                 }
-                if balance < 0 {
-                    assert_eq!(r.status, Status::InvalidState, "an overdrawn card is not replaced");
+                if balance < 0 && !blocked {
+                    assert_eq!(
+                        r.status,
+                        Status::InvalidState,
+                        "an overdrawn card is topped up first"
+                    );
                     return;
                 }
+                // A positive balance moves; a blocked debtor's debt stays on the old card.
                 assert_eq!(
                     (r.status, r.balance.0, r.replaced_card_id),
-                    (Status::Approved, balance, id)
+                    (Status::Approved, balance.max(0), id)
                 );
-                self.model.cards.insert(id, (0, false, blocked));
-                self.model.cards.insert(r.card_id, (balance, true, false));
+                self.model.cards.insert(id, (balance.min(0), false, blocked));
+                self.model.cards.insert(r.card_id, (balance.max(0), true, false));
                 self.wallet.push((r.card_id, CardKey::from_bytes(r.card_key), 0));
             }
             Step::Commit => self.commit(),

@@ -51,6 +51,13 @@ pub const MAX_HOTLIST_ENTRIES: usize = 1024;
 pub const MAX_SHARDS: usize = 64;
 /// Longest error message text in bytes.
 pub const MAX_ERROR_MESSAGE: usize = 256;
+/// How far below a card's last ATC an online card request may still come, as long as that
+/// (card, ATC) was never used (PROTOCOL.md 6.1, "late ATCs"). A request answered Busy or
+/// Unavailable was not done, so its ATC must stay usable after later ATCs of the same card were
+/// decided (pipelined on the same connection, or sent from another terminal). 64 covers a full
+/// in-flight window of one connection (`max_in_flight`) and keeps the set of ATCs the server must
+/// remember per card small and fixed.
+pub const ATC_LATE_WINDOW: u32 = 64;
 
 /// Result of a card or staff operation (one byte on the wire).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

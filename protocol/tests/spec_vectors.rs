@@ -76,6 +76,7 @@ const EXPECTED: &[&str] = &[
     "unblock-response",
     "replace-response",
     "close-response",
+    "close-response-blocked-debtor",
     "offline-results-response",
     "hotlist-changes-response",
     "error-response",
@@ -648,6 +649,8 @@ fn vectors() -> Vec<Vector> {
         ("block-response", 21, 5002u64, CARD, CardState::Blocked, 3750, 0, 4u64, 1046u64),
         ("unblock-response", 22, 5003, CARD, CardState::Active, 3750, 0, 5, 1047),
         ("close-response", 24, 5005, CARD_NEW, CardState::Closed, 0, 3750, 2, 1049),
+        // Protocol 1.1: a blocked debtor closes with its debt kept and nothing refunded.
+        ("close-response-blocked-debtor", 26, 5006, CARD, CardState::Closed, -200, 0, 6, 1052),
     ] {
         let result = StaffResult {
             status: Status::Approved,

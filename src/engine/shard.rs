@@ -18,7 +18,7 @@ use citycard_protocol::crypto::{assertion_bytes, staff_binding, CardKey};
 use citycard_protocol::{
     Amount, Atc, BlockReason, CardAuth, CardId, CardResult, CardState, EntryKind, HistoryEntry,
     HistoryPage, HotlistEntry, IdentityResult, IssueResult, KeyVersion, Mac, MessageType,
-    OfflineRecord, Request, Response, StaffResult, Status, MAX_HISTORY_PAGE,
+    OfflineRecord, Request, Response, StaffResult, Status, ATC_LATE_WINDOW, MAX_HISTORY_PAGE,
 };
 use ring::signature::Ed25519KeyPair;
 
@@ -194,6 +194,16 @@ impl Overlay {
             self.chunks.pop_front();
         }
     }
+}
+
+/// What a consuming card request's ATC is, for the exactly-once rules.
+enum AtcUse {
+    /// Not used: decide the request.
+    Fresh,
+    /// Used by this journaled entry: a retry of the same request, or a replay.
+    Used(u64, Entry),
+    /// Not used, but too far below the card's last ATC: a replay.
+    Stale,
 }
 
 /// The thread that applies sealed chunks to sled, in order.
@@ -703,6 +713,26 @@ impl Shard {
         Ok((card, key))
     }
 
+    /// Whether a consuming card request's ATC is new, was used, or is too old (PROTOCOL.md 6.1).
+    /// A used ATC is found in the (card, ATC) index whatever its age, so a retry always gets
+    /// its original answer. An unused ATC at or below the card's last one is still new within
+    /// [`ATC_LATE_WINDOW`]: a request answered Busy or Unavailable was never done, and a later
+    /// ATC of the same card may have been decided in the meantime. ATC 0 is never valid (a new
+    /// card's last ATC is 0, so its first online ATC is 1).
+    fn atc_use(&self, card: &CardRecord, auth: &CardAuth) -> Result<AtcUse, StoreError> {
+        if auth.atc > card.last_atc {
+            return Ok(AtcUse::Fresh);
+        }
+        if let Some((seq, entry)) = self.atc_entry(auth.card_id, auth.atc)? {
+            return Ok(AtcUse::Used(seq, entry));
+        }
+        if auth.atc.0 != 0 && card.last_atc.0 - auth.atc.0 < ATC_LATE_WINDOW {
+            Ok(AtcUse::Fresh)
+        } else {
+            Ok(AtcUse::Stale)
+        }
+    }
+
     fn key_retired(&self, card: &CardRecord, now_ms: u64) -> bool {
         self.secrets
             .retire_after_ms
@@ -796,16 +826,17 @@ impl Shard {
             Ok(found) => found,
             Err(status) => return Ok(wrap(unauthenticated(status, auth))),
         };
-        if auth.atc <= card.last_atc {
-            let result = match self.atc_entry(auth.card_id, auth.atc)? {
-                Some((seq, e)) if e.kind == kind && e.binding == auth.cryptogram => {
-                    card_result(&e, seq)
-                }
-                _ => {
-                    tracing::warn!(card = %auth.card_id.masked(), terminal, atc = auth.atc.0, "replayed counter declined");
-                    CardResult { balance: card.balance, ..unauthenticated(Status::Replay, auth) }
-                }
-            };
+        let earlier = match self.atc_use(&card, auth)? {
+            AtcUse::Fresh => None,
+            AtcUse::Used(seq, e) if e.kind == kind && e.binding == auth.cryptogram => {
+                Some(card_result(&e, seq))
+            }
+            AtcUse::Used(..) | AtcUse::Stale => {
+                tracing::warn!(card = %auth.card_id.masked(), terminal, atc = auth.atc.0, "replayed counter declined");
+                Some(CardResult { balance: card.balance, ..unauthenticated(Status::Replay, auth) })
+            }
+        };
+        if let Some(result) = earlier {
             return Ok(wrap(self.seal_card(&key, message_type, &auth.cryptogram, result)));
         }
         let status = self.money_status(&card, kind, amount, now_ms);
@@ -997,45 +1028,46 @@ impl Shard {
             Ok(found) => found,
             Err(status) => return Ok(Response::Identity(declined(status))),
         };
-        let (seq, entry) = if auth.atc <= card.last_atc {
-            match self.atc_entry(auth.card_id, auth.atc)? {
-                Some((seq, e)) if e.kind == EntryKind::Identity && e.binding == auth.cryptogram => {
-                    (seq, e)
-                }
-                _ => {
-                    let mut response = Response::Identity(declined(Status::Replay));
-                    seal(&key, &auth.cryptogram, &mut response);
-                    return Ok(response);
-                }
+        let (seq, entry) = match self.atc_use(&card, auth)? {
+            AtcUse::Used(seq, e)
+                if e.kind == EntryKind::Identity && e.binding == auth.cryptogram =>
+            {
+                (seq, e)
             }
-        } else {
-            let status = if card.retired() {
-                Status::CardClosed
-            } else if self.key_retired(&card, now_ms) {
-                Status::KeyVersionRetired
-            } else if card.hotlisted().is_some() {
-                Status::CardBlocked
-            } else {
-                Status::Approved
-            };
-            let entry = Entry {
-                kind: EntryKind::Identity,
-                status,
-                card_id: auth.card_id,
-                atc: auth.atc,
-                amount: Amount(0),
-                balance_after: card.balance,
-                time_ms: now_ms,
-                reference: auth.nonce,
-                binding: auth.cryptogram,
-                other_card: CardId(0),
-                key_version: card.key_version,
-                hotlist_version: 0,
-                hotlist_change: HotlistChange::None,
-                extra: now_ms.saturating_add(self.limits.identity_ttl_ms) as i64,
-                terminal: terminal.to_owned(),
-            };
-            (self.journal_entry(entry.clone())?, entry)
+            AtcUse::Used(..) | AtcUse::Stale => {
+                let mut response = Response::Identity(declined(Status::Replay));
+                seal(&key, &auth.cryptogram, &mut response);
+                return Ok(response);
+            }
+            AtcUse::Fresh => {
+                let status = if card.retired() {
+                    Status::CardClosed
+                } else if self.key_retired(&card, now_ms) {
+                    Status::KeyVersionRetired
+                } else if card.hotlisted().is_some() {
+                    Status::CardBlocked
+                } else {
+                    Status::Approved
+                };
+                let entry = Entry {
+                    kind: EntryKind::Identity,
+                    status,
+                    card_id: auth.card_id,
+                    atc: auth.atc,
+                    amount: Amount(0),
+                    balance_after: card.balance,
+                    time_ms: now_ms,
+                    reference: auth.nonce,
+                    binding: auth.cryptogram,
+                    other_card: CardId(0),
+                    key_version: card.key_version,
+                    hotlist_version: 0,
+                    hotlist_change: HotlistChange::None,
+                    extra: now_ms.saturating_add(self.limits.identity_ttl_ms) as i64,
+                    terminal: terminal.to_owned(),
+                };
+                (self.journal_entry(entry.clone())?, entry)
+            }
         };
         let mut result = declined(entry.status);
         result.journal_seq = seq;
@@ -1294,8 +1326,11 @@ impl Shard {
                     };
                     let status = if card.retired() {
                         Status::CardClosed
-                    } else if card.balance.0 < 0 {
-                        // An overdrawn card's debt must be settled (top-up) before it moves.
+                    } else if card.balance.0 < 0 && card.state != CardState::Blocked {
+                        // An overdrawn card that is not blocked can still be topped up: its
+                        // debt is settled that way before it moves. A blocked debtor (stolen,
+                        // then overdrawn offline) cannot be topped up, so it is replaced with
+                        // its debt left on the old card (below).
                         Status::InvalidState
                     } else {
                         Status::Approved
@@ -1308,7 +1343,9 @@ impl Shard {
                     let mut after = card;
                     if status == Status::Approved {
                         after.state = CardState::Replaced;
-                        after.balance = Amount(0);
+                        // A positive balance moves to the new card; a debt stays recorded on
+                        // the retired card, and the new card starts at 0.
+                        after.balance = Amount(card.balance.0.min(0));
                     }
                     let (hotlist_version, hotlist_change) =
                         self.next_hotlist(card.hotlisted(), &after);
@@ -1372,17 +1409,21 @@ impl Shard {
                         after.state = CardState::Active;
                         Status::Approved
                     }
-                    // A negative balance cannot be refunded: it must be topped up first.
-                    _ if card.balance.0 < 0 => Status::InvalidState,
+                    // A negative balance cannot be refunded. An overdrawn card that is not
+                    // blocked is topped up first; a blocked one cannot be, so it closes with
+                    // its debt kept on the closed card and nothing refunded.
+                    _ if card.balance.0 < 0 && card.state != CardState::Blocked => {
+                        Status::InvalidState
+                    }
                     _ => {
                         after.state = CardState::Closed;
-                        after.balance = Amount(0);
+                        after.balance = Amount(card.balance.0.min(0));
                         Status::Approved
                     }
                 };
                 let (hotlist_version, hotlist_change) = self.next_hotlist(card.hotlisted(), &after);
                 let refunded = if kind == EntryKind::Close && status == Status::Approved {
-                    card.balance.0
+                    card.balance.0.max(0)
                 } else {
                     0
                 };

@@ -59,6 +59,9 @@ pub struct Connection<S> {
     pending: HashMap<RequestId, InFlight>,
     reply_tx: mpsc::UnboundedSender<Reply>,
     reply_rx: mpsc::UnboundedReceiver<Reply>,
+    /// The Error frame that ends the connection, sent after the answers still owed for the
+    /// requests accepted before it (PROTOCOL.md 5.1: every accepted request gets its answer).
+    closing: Option<(RequestId, ErrorCode, String)>,
 }
 
 /// Why a connection ended (for the log).
@@ -87,13 +90,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             pending: HashMap::new(),
             reply_tx,
             reply_rx,
+            closing: None,
         }
     }
 
     pub async fn run(mut self) -> End {
         let end = self.serve().await;
-        if matches!(end, End::Shutdown) {
+        // Requests accepted before the end were (or are being) executed: answer them first.
+        // Only a storage failure leaves their outcome unknown (Error Internal), and a broken
+        // or stuck socket cannot carry answers at all.
+        if matches!(end, End::Shutdown | End::Protocol(_) | End::FrameTimeout | End::ClientClosed) {
             self.drain().await;
+        }
+        if let Some((request_id, code, message)) = self.closing.take() {
+            self.error_frame(request_id, code, &message);
         }
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
@@ -175,24 +185,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     if frame_started.is_some() {
-                        self.error_frame(RequestId(0), ErrorCode::FrameTimeout, "frame not completed in time");
+                        self.close_with(RequestId(0), ErrorCode::FrameTimeout, "frame not completed in time");
                         return End::FrameTimeout;
                     }
                     if self.pending.is_empty() {
                         return End::Idle;
                     }
                 }
-                _ = self.shared.shutdown.cancelled() => return End::Shutdown,
+                _ = self.shared.shutdown.cancelled() => {
+                    self.close_with(RequestId(0), ErrorCode::ShuttingDown, "server shutting down");
+                    return End::Shutdown;
+                }
                 _ = self.shared.failed.cancelled() => {
-                    self.error_frame(RequestId(0), ErrorCode::Internal, "server storage failed");
+                    self.close_with(RequestId(0), ErrorCode::Internal, "server storage failed");
                     return End::ServerFailed;
                 }
             }
         }
     }
 
-    /// After shutdown was requested: wait (bounded) for answers already owed, then tell the
-    /// terminal the server is going away.
+    /// Before closing: wait (bounded by the drain timeout) for the answers already owed. When
+    /// the storage fails meanwhile their outcome is unknown, and the terminal is told so.
     async fn drain(&mut self) {
         let deadline = Instant::now() + Duration::from_millis(self.shared.config.drain_timeout_ms);
         while !self.pending.is_empty() {
@@ -202,10 +215,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
-                _ = self.shared.failed.cancelled() => return,
+                _ = self.shared.failed.cancelled() => {
+                    self.close_with(RequestId(0), ErrorCode::Internal, "server storage failed");
+                    return;
+                }
             }
         }
-        self.error_frame(RequestId(0), ErrorCode::ShuttingDown, "server shutting down");
+    }
+
+    /// Sets the Error frame that ends the connection (the first reason wins, except that a
+    /// storage failure overrides: the terminal must learn that outcomes are unknown).
+    fn close_with(&mut self, request_id: RequestId, code: ErrorCode, message: &str) {
+        if self.closing.is_none() || code == ErrorCode::Internal {
+            self.closing = Some((request_id, code, message.to_owned()));
+        }
     }
 
     async fn flush(&mut self) -> Result<(), End> {
@@ -262,8 +285,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let code = error.code();
         METRICS.protocol_error(code as u16);
         tracing::info!(terminal = %self.terminal, error = %error, "malformed frame");
-        self.error_frame(request_id.unwrap_or(RequestId(0)), code, &error.to_string());
-        code.closes_connection().then_some(End::Protocol(code))
+        let request_id = request_id.unwrap_or(RequestId(0));
+        if code.closes_connection() {
+            // Sent after the answers to the requests accepted before this frame.
+            self.close_with(request_id, code, &error.to_string());
+            return Some(End::Protocol(code));
+        }
+        self.error_frame(request_id, code, &error.to_string());
+        None
     }
 
     fn dispatch(&mut self, request_id: RequestId, request: Request) {
