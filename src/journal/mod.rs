@@ -114,8 +114,10 @@ pub use format::{
     DEFAULT_SEGMENT_BYTES, FORMAT_VERSION, MAX_PAYLOAD, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
     RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
+pub use scan::Anchor;
 
-use format::{encode_record, max_payload_for, record_size, RecordHash};
+pub use format::RecordHash;
+use format::{encode_record, max_payload_for, record_size};
 use segment::{io_err, sync_dir, Prepared};
 
 /// Errors of the journal.
@@ -140,6 +142,74 @@ pub enum JournalError {
     /// For use by `visit` callbacks that reject a record.
     #[error("record {seq} rejected: {reason}")]
     Rejected { seq: u64, reason: String },
+    /// The journal does not pass through a checkpoint's record: the checkpoint cannot be used
+    /// (the caller falls back to a full scan).
+    #[error("journal disagrees with the checkpoint at seq {seq}: {reason}")]
+    AnchorMismatch { seq: u64, reason: String },
+}
+
+/// Where [`Journal::open_from`] and [`read_from`] start reading.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// Every record from seq 1, reading archived segments from `archive` first.
+    Full { archive: Option<&'a Path> },
+    /// From the segment holding a checkpoint's record; earlier segments are not read.
+    Anchor(Anchor),
+}
+
+/// The segments a scan reads: the live directory's, and for a full scan the archive's before
+/// them (a segment in both, left by a copy to another disk that crashed before the original
+/// was removed, is read from the live directory).
+fn segments_for(
+    dir: &Path,
+    start: Start<'_>,
+) -> Result<(Vec<segment::SegmentFile>, Vec<PathBuf>), JournalError> {
+    let (mut live, tmp) = segment::list_dir(dir)?;
+    if let Start::Full { archive: Some(archive) } = start {
+        if archive.is_dir() {
+            let (archived, _) = segment::list_dir(archive)?;
+            let first_live = live.first().map_or(u64::MAX, |s| s.first_seq);
+            let mut all: Vec<_> =
+                archived.into_iter().filter(|s| s.first_seq < first_live).collect();
+            all.append(&mut live);
+            live = all;
+        }
+    }
+    Ok((live, tmp))
+}
+
+/// Moves every segment of `dir` whose records all lie below `seq` (a checkpoint) to `archive`,
+/// oldest first, keeping the segment that holds `seq` and all later ones. A rename when both
+/// are on one filesystem; otherwise copy, `fsync`, then remove the original, so a crash leaves
+/// the segment in at least one place. Returns the number of segments moved.
+pub fn archive_below(dir: &Path, archive: &Path, seq: u64) -> Result<usize, JournalError> {
+    let (segments, _) = segment::list_dir(dir)?;
+    let Some(keep) = segments.iter().rposition(|s| s.first_seq <= seq) else {
+        return Ok(0);
+    };
+    if keep == 0 {
+        return Ok(0);
+    }
+    fs::create_dir_all(archive).map_err(io_err(archive))?;
+    for seg in &segments[..keep] {
+        let name = seg.path.file_name().map(PathBuf::from).unwrap_or_default();
+        let to = archive.join(&name);
+        match fs::rename(&seg.path, &to) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                let partial = archive.join(name.with_extension("seg.partial"));
+                fs::copy(&seg.path, &partial).map_err(io_err(&partial))?;
+                File::open(&partial).and_then(|f| f.sync_all()).map_err(io_err(&partial))?;
+                fs::rename(&partial, &to).map_err(io_err(&to))?;
+                sync_dir(archive)?;
+                fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+            }
+            Err(e) => return Err(JournalError::Io { path: seg.path.clone(), source: e }),
+        }
+    }
+    sync_dir(archive)?;
+    sync_dir(dir)?;
+    Ok(keep)
 }
 
 /// Options for [`Journal::open`].
@@ -216,10 +286,23 @@ impl JournalReader {
 /// damage as [`JournalError::Corrupt`].
 pub fn read_all(
     dir: &Path,
+    visit: impl FnMut(u64, &[u8]) -> Result<(), JournalError>,
+) -> Result<ReadSummary, JournalError> {
+    read_from(dir, Start::Full { archive: None }, visit)
+}
+
+/// [`read_all`] from a chosen start: the archive followed by the live journal, or a checkpoint.
+pub fn read_from(
+    dir: &Path,
+    start: Start<'_>,
     mut visit: impl FnMut(u64, &[u8]) -> Result<(), JournalError>,
 ) -> Result<ReadSummary, JournalError> {
-    let (segments, _tmp) = segment::list_dir(dir)?;
-    let out = scan::scan(segments, &mut visit)?;
+    let (segments, _tmp) = segments_for(dir, start)?;
+    let anchor = match start {
+        Start::Anchor(a) => Some(a),
+        Start::Full { .. } => None,
+    };
+    let out = scan::scan(segments, anchor, &mut visit)?;
     let segments = u32::try_from(out.segments.len()).unwrap_or(u32::MAX);
     let torn_tail = out.torn.as_ref().map(|t| TornTail {
         path: out.segments[t.segment].path.clone(),
@@ -292,6 +375,18 @@ impl Journal {
     pub fn open(
         dir: &Path,
         options: JournalOptions,
+        visit: impl FnMut(u64, &[u8]) -> Result<(), JournalError>,
+    ) -> Result<Journal, JournalError> {
+        Self::open_from(dir, options, Start::Full { archive: None }, visit)
+    }
+
+    /// [`Journal::open`] reading from `start`: a full scan that reads the archive first, or a
+    /// scan from a checkpoint that reads only the segment holding it and later ones (so a
+    /// restart reads at most the records since the checkpoint plus one segment).
+    pub fn open_from(
+        dir: &Path,
+        options: JournalOptions,
+        start: Start<'_>,
         mut visit: impl FnMut(u64, &[u8]) -> Result<(), JournalError>,
     ) -> Result<Journal, JournalError> {
         options.validate()?;
@@ -301,7 +396,7 @@ impl Journal {
                 sync_dir(parent)?;
             }
         }
-        let (segments, tmp) = segment::list_dir(dir)?;
+        let (segments, tmp) = segments_for(dir, start)?;
         if !tmp.is_empty() {
             for path in &tmp {
                 tracing::info!(file = %path.display(), "removing leftover temporary journal file");
@@ -309,7 +404,11 @@ impl Journal {
             }
             sync_dir(dir)?;
         }
-        let out = scan::scan(segments, &mut visit)?;
+        let anchor = match start {
+            Start::Anchor(a) => Some(a),
+            Start::Full { .. } => None,
+        };
+        let out = scan::scan(segments, anchor, &mut visit)?;
         let active = match out.tail {
             None => {
                 let prepared =
@@ -320,6 +419,17 @@ impl Journal {
             }
             Some((k, off)) => {
                 let path = out.segments[k].path.clone();
+                if path.parent() != Some(dir) {
+                    // Archived segments are read-only history; the tail is always live.
+                    return Err(JournalError::Corrupt {
+                        path,
+                        offset: 0,
+                        seq: out.next_seq,
+                        reason: "the journal's last segment is in the archive, not in the \
+                                 journal directory"
+                            .into(),
+                    });
+                }
                 let file =
                     OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
                 let capacity = file.metadata().map_err(io_err(&path))?.len();
@@ -375,6 +485,12 @@ impl Journal {
     /// Seq of the last durable record (0 if none).
     pub fn last_committed_seq(&self) -> u64 {
         self.committed_next_seq - 1
+    }
+
+    /// Hash of the last appended record (of the last committed one when nothing is pending):
+    /// what a checkpoint at [`Journal::last_committed_seq`] records as its [`Anchor`].
+    pub fn last_hash(&self) -> RecordHash {
+        self.last_hash
     }
 
     /// Number of records appended but not committed.

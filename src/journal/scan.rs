@@ -37,6 +37,18 @@ pub struct Outcome {
     /// `(segment index, offset)` where the next record goes; `None` if there are no segments.
     pub tail: Option<(usize, u64)>,
     pub torn: Option<Torn>,
+    /// Hash of the record at the anchor's seq, when the scan saw it (directly, or as the
+    /// `prev_hash` of the record after it).
+    pub anchor_hash: Option<RecordHash>,
+}
+
+/// A record known to be in the journal with this hash: a checkpoint. A scan from an anchor
+/// starts at the segment holding `seq` instead of at seq 1, and checks that the chain it reads
+/// passes through the anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor {
+    pub seq: u64,
+    pub hash: RecordHash,
 }
 
 fn corrupt(path: &Path, offset: u64, seq: u64, reason: String) -> JournalError {
@@ -52,13 +64,76 @@ fn load(seg: &SegmentFile, buf: &mut Vec<u8>, seq: u64) -> Result<(), JournalErr
 
 struct Chain {
     next_seq: u64,
-    prev_hash: RecordHash,
+    /// Hash of the previous record; `None` before the first record of a scan that started
+    /// after seq 1 (the record before it lies in an archived segment).
+    prev_hash: Option<RecordHash>,
     batch_start: u64,
     records: u64,
 }
 
-pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome, JournalError> {
-    let mut chain = Chain { next_seq: 1, prev_hash: [0; 32], batch_start: 0, records: 0 };
+/// Where a scan starts and what it must pass through.
+fn start(
+    segments: &[SegmentFile],
+    anchor: Option<Anchor>,
+) -> Result<(usize, Option<Anchor>), JournalError> {
+    let Some(anchor) = anchor.filter(|a| a.seq > 0) else {
+        return Ok((0, None));
+    };
+    match segments.iter().rposition(|s| s.first_seq <= anchor.seq) {
+        Some(k) => Ok((k, Some(anchor))),
+        None => Err(JournalError::AnchorMismatch {
+            seq: anchor.seq,
+            reason: "no journal segment holds the checkpoint's record".into(),
+        }),
+    }
+}
+
+/// Scans `segments` (sorted by first seq). Without an anchor the journal must start at seq 1
+/// and every record is visited. With one, the scan starts at the segment holding the anchor's
+/// record (earlier segments are not read), and fails with `AnchorMismatch` unless the record
+/// after the anchor links to the anchor's hash (or the journal ends at the anchor with it).
+pub fn scan(
+    segments: Vec<SegmentFile>,
+    anchor: Option<Anchor>,
+    visit: &mut Visit<'_>,
+) -> Result<Outcome, JournalError> {
+    let (first_index, anchor) = start(&segments, anchor)?;
+    let outcome = scan_from(segments, first_index, anchor.map(|a| a.seq), visit)?;
+    if let Some(a) = anchor {
+        let last = outcome.next_seq - 1;
+        if last < a.seq {
+            return Err(JournalError::AnchorMismatch {
+                seq: a.seq,
+                reason: format!("the journal ends at seq {last}, before the checkpoint"),
+            });
+        }
+        if outcome.anchor_hash != Some(a.hash) {
+            return Err(JournalError::AnchorMismatch {
+                seq: a.seq,
+                reason: "the journal's record at the checkpoint has another hash".into(),
+            });
+        }
+    }
+    Ok(outcome)
+}
+
+fn scan_from(
+    mut segments: Vec<SegmentFile>,
+    first_index: usize,
+    anchor_seq: Option<u64>,
+    visit: &mut Visit<'_>,
+) -> Result<Outcome, JournalError> {
+    // Segments before the start are not part of this scan (they are below a checkpoint).
+    segments.drain(..first_index);
+    let first_seq = segments.first().map_or(1, |s| s.first_seq);
+    let mut chain = Chain {
+        next_seq: first_seq,
+        prev_hash: (first_seq == 1).then_some([0; 32]),
+        batch_start: 0,
+        records: 0,
+    };
+    // The scan starts at the segment holding the anchor's record, so it reads that record.
+    let mut anchor_hash = None;
     let Some(first) = segments.first() else {
         return Ok(Outcome {
             segments,
@@ -67,9 +142,10 @@ pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome
             last_hash: [0; 32],
             tail: None,
             torn: None,
+            anchor_hash: None,
         });
     };
-    if first.first_seq != 1 {
+    if anchor_seq.is_none() && first.first_seq != 1 {
         return Err(corrupt(
             &first.path,
             0,
@@ -103,7 +179,7 @@ pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome
                             format!("sequence gap: expected seq {expect}, found {}", r.seq),
                         ));
                     }
-                    if r.prev_hash != chain.prev_hash {
+                    if chain.prev_hash.is_some_and(|h| h != r.prev_hash) {
                         return Err(corrupt(
                             &seg.path,
                             at,
@@ -112,8 +188,11 @@ pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome
                                 .into(),
                         ));
                     }
+                    // The first record of a scan from an anchor may continue a batch that
+                    // began in the segment before.
                     let batch_ok = r.batch_start == r.seq
-                        || (chain.records > 0 && r.batch_start == chain.batch_start);
+                        || (chain.records > 0 && r.batch_start == chain.batch_start)
+                        || (chain.records == 0 && first_seq != 1 && r.batch_start < r.seq);
                     if !batch_ok {
                         return Err(corrupt(
                             &seg.path,
@@ -123,7 +202,11 @@ pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome
                         ));
                     }
                     visit(r.seq, r.payload)?;
-                    chain.prev_hash = super::format::record_hash(r.bytes);
+                    let hash = super::format::record_hash(r.bytes);
+                    if anchor_seq == Some(r.seq) {
+                        anchor_hash = Some(hash);
+                    }
+                    chain.prev_hash = Some(hash);
                     chain.batch_start = r.batch_start;
                     chain.next_seq += 1;
                     chain.records += 1;
@@ -142,9 +225,10 @@ pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome
                             segments,
                             records: chain.records,
                             next_seq: s,
-                            last_hash: chain.prev_hash,
+                            last_hash: chain.prev_hash.unwrap_or_default(),
                             tail: Some((k, off as u64)),
                             torn: None,
+                            anchor_hash,
                         })
                     }
                     Some(next) if next.first_seq == s => {
@@ -194,7 +278,8 @@ pub fn scan(segments: Vec<SegmentFile>, visit: &mut Visit<'_>) -> Result<Outcome
             segments,
             records: chain.records,
             next_seq: s,
-            last_hash: chain.prev_hash,
+            last_hash: chain.prev_hash.unwrap_or_default(),
+            anchor_hash,
             tail: Some((k, hole_off)),
             torn: Some(Torn {
                 segment: k,

@@ -723,3 +723,86 @@ fn journal_is_send_and_injector_is_sync() {
     assert_send_sync::<FaultInjector>();
     assert_send_sync::<JournalError>();
 }
+
+/// Checkpoints: a scan from an anchor reads only the segment holding it and later ones, the
+/// segments below it can be archived, and a full scan reads archive and journal as one chain.
+#[test]
+fn anchored_open_and_archive() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("journal");
+    let archive = tmp.path().join("archive");
+    let (mut j, _) = open_collect(&dir, opts(SEG))?;
+    append_batches(&mut j, &[7, 30, 1, 55, 12, 40])?;
+    let anchor = Anchor { seq: j.last_committed_seq(), hash: j.last_hash() };
+    append_batches(&mut j, &[9, 3])?;
+    let last = j.next_seq() - 1;
+    drop(j);
+    let segments_before = list_dir(&dir)?.0.len();
+    assert!(segments_before > 3, "the test needs several segments");
+
+    let moved = archive_below(&dir, &archive, anchor.seq)?;
+    assert!(moved > 0);
+    assert_eq!(list_dir(&dir)?.0.len() + moved, segments_before);
+    assert_eq!(list_dir(&archive)?.0.len(), moved);
+    let first_live = list_dir(&dir)?.0[0].first_seq;
+    assert!(first_live <= anchor.seq);
+
+    // From the anchor: only live segments are read, the records after it all visited.
+    let mut seen = Vec::new();
+    let mut j = Journal::open_from(&dir, opts(SEG), Start::Anchor(anchor), |s, p| {
+        seen.push((s, p.to_vec()));
+        Ok(())
+    })?;
+    assert_eq!(seen, expected(first_live..=last));
+    append_batches(&mut j, &[4])?;
+    let last = j.next_seq() - 1;
+    drop(j);
+
+    // A full scan needs the archive; with it, one unbroken chain from seq 1.
+    assert!(matches!(read_collect(&dir), Err(JournalError::Corrupt { .. })));
+    let mut all = Vec::new();
+    let summary = read_from(&dir, Start::Full { archive: Some(&archive) }, |s, p| {
+        all.push((s, p.to_vec()));
+        Ok(())
+    })?;
+    assert_eq!(all, expected(1..=last));
+    assert_eq!(summary.last_seq, last);
+
+    // A checkpoint the journal does not pass through is refused, never trusted.
+    let wrong = Anchor { seq: anchor.seq, hash: [7; 32] };
+    let err = Journal::open_from(&dir, opts(SEG), Start::Anchor(wrong), |_, _| Ok(()));
+    assert!(matches!(err, Err(JournalError::AnchorMismatch { .. })), "{err:?}");
+    let beyond = Anchor { seq: last + 10, hash: anchor.hash };
+    let err = read_from(&dir, Start::Anchor(beyond), |_, _| Ok(()));
+    assert!(matches!(err, Err(JournalError::AnchorMismatch { .. })), "{err:?}");
+    let below = Anchor { seq: 1, hash: anchor.hash };
+    let err = read_from(&dir, Start::Anchor(below), |_, _| Ok(()));
+    assert!(matches!(err, Err(JournalError::AnchorMismatch { .. })), "archived: {err:?}");
+    // A damaged record after the anchor is still corruption, not a fallback.
+    let locs = layout(&dir)?;
+    let target = find(&locs, last - 5)?;
+    patch(&target.path, |b| b[target.off as usize + 60] ^= 0xff)?;
+    let err = read_from(&dir, Start::Anchor(anchor), |_, _| Ok(()));
+    assert!(matches!(err, Err(JournalError::Corrupt { .. })), "{err:?}");
+    Ok(())
+}
+
+/// A segment left in both places by a copy to another disk that crashed before the original
+/// was removed is read once.
+#[test]
+fn segment_in_archive_and_journal_is_read_once() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("journal");
+    let archive = tmp.path().join("archive");
+    let last = write_batches(&dir, SEG, &[40, 40, 40, 40])?;
+    fs::create_dir_all(&archive)?;
+    let first = list_dir(&dir)?.0[0].path.clone();
+    fs::copy(&first, archive.join(first.file_name().ok_or("name")?))?;
+    let mut all = Vec::new();
+    read_from(&dir, Start::Full { archive: Some(&archive) }, |s, p| {
+        all.push((s, p.to_vec()));
+        Ok(())
+    })?;
+    assert_eq!(all, expected(1..=last));
+    Ok(())
+}
