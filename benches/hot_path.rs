@@ -125,6 +125,8 @@ fn shard_path(c: &mut Criterion) {
         dir: dir.path().to_owned(),
         journal: JournalOptions { segment_bytes: 256 * 1024 * 1024, faults: None },
         limits: Limits { max_balance: i64::MAX / 4, max_amount: i64::MAX / 4, ..Limits::default() },
+        checkpoint: citycard::engine::CheckpointPolicy::default(),
+        archive: None,
     };
     let (mut shard, _) = Shard::open(options, secrets).expect("open");
     const CARDS: usize = 1_000;

@@ -111,6 +111,8 @@ fn open(dir: &std::path::Path, secrets: &Arc<Secrets>) -> Shard {
         dir: dir.join("shard-0"),
         journal: JournalOptions { segment_bytes: 64 * 1024, faults: None },
         limits: limits(),
+        checkpoint: citycard::engine::CheckpointPolicy::default(),
+        archive: None,
     };
     Shard::open(options, secrets.clone()).expect("Shard::open failed").0
 }

@@ -44,6 +44,10 @@ pub struct Config {
     pub key_cutoffs: Vec<(u16, u64)>,
     /// Journal segment size in bytes (preallocated).
     pub segment_bytes: u64,
+    /// When each shard takes a checkpoint (bounds restart time, lets old segments be archived).
+    pub checkpoint: crate::engine::CheckpointPolicy,
+    /// Where journal segments below a checkpoint go: `DIR/shard-N`. None = `data/shard-N/archive`.
+    pub archive_dir: Option<PathBuf>,
     /// Test seam: injected journal write/sync failures (shared by every shard). None in
     /// production.
     pub journal_faults: Option<std::sync::Arc<crate::journal::FaultInjector>>,
@@ -71,6 +75,8 @@ impl Default for Config {
             limits: Limits::default(),
             key_cutoffs: Vec::new(),
             segment_bytes: 64 * 1024 * 1024,
+            checkpoint: crate::engine::CheckpointPolicy::default(),
+            archive_dir: None,
             journal_faults: None,
         }
     }
@@ -88,6 +94,8 @@ impl Config {
             ("write_timeout_ms", self.write_timeout_ms),
             ("queue_depth", self.queue_depth as u64),
             ("max_batch", self.max_batch as u64),
+            ("checkpoint_records", self.checkpoint.records),
+            ("checkpoint_interval_ms", self.checkpoint.interval_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -145,6 +153,9 @@ pub struct Settings {
     pub identity_ttl_ms: Option<u64>,
     pub key_cache_max: Option<usize>,
     pub segment_bytes: Option<u64>,
+    pub checkpoint_records: Option<u64>,
+    pub checkpoint_interval_ms: Option<u64>,
+    pub archive: Option<PathBuf>,
     /// `[[key_cutoff]]` tables: `version` and `after_ms`.
     pub key_cutoff: Option<Vec<KeyCutoff>>,
 }
@@ -193,6 +204,15 @@ impl Settings {
         }
         if let Some(v) = self.key_cache_max {
             c.limits.key_cache_max = v;
+        }
+        if let Some(v) = self.checkpoint_records {
+            c.checkpoint.records = v;
+        }
+        if let Some(v) = self.checkpoint_interval_ms {
+            c.checkpoint.interval_ms = v;
+        }
+        if self.archive.is_some() {
+            c.archive_dir = self.archive.clone();
         }
         if let Some(cutoffs) = &self.key_cutoff {
             c.key_cutoffs = cutoffs.iter().map(|k| (k.version, k.after_ms)).collect();
@@ -245,6 +265,12 @@ impl Config {
         line("identity_ttl_ms", self.limits.identity_ttl_ms.to_string());
         line("key_cache_max", self.limits.key_cache_max.to_string());
         line("segment_bytes", self.segment_bytes.to_string());
+        line("checkpoint_records", self.checkpoint.records.to_string());
+        line("checkpoint_interval_ms", self.checkpoint.interval_ms.to_string());
+        match &self.archive_dir {
+            Some(dir) => line("archive", format!("{:?}", dir.display().to_string())),
+            None => line("# archive", "data/shard-N/archive".into()),
+        }
         line("# issuer and assertion keys", "read from the keys directory (never printed)".into());
         for (version, after_ms) in &self.key_cutoffs {
             out.push_str(&format!("[[key_cutoff]]\nversion = {version}\nafter_ms = {after_ms}\n"));

@@ -110,6 +110,15 @@ struct ServeArgs {
     identity_ttl_ms: Option<u64>,
     #[arg(long, env = "CITYCARD_SEGMENT_BYTES")]
     segment_bytes: Option<u64>,
+    /// A checkpoint after this many journal records per shard (bounds the replay at start).
+    #[arg(long, env = "CITYCARD_CHECKPOINT_RECORDS")]
+    checkpoint_records: Option<u64>,
+    /// Or after this long, if anything was written.
+    #[arg(long, env = "CITYCARD_CHECKPOINT_INTERVAL_MS")]
+    checkpoint_interval_ms: Option<u64>,
+    /// Where journal segments below a checkpoint go (DIR/shard-N); default data/shard-N/archive.
+    #[arg(long, env = "CITYCARD_ARCHIVE")]
+    archive: Option<PathBuf>,
     /// Key version cut-off, VERSION=UNIX_MS (repeatable): cards on that version are declined
     /// from then on.
     #[arg(long = "key-cutoff", value_parser = parse_cutoff)]
@@ -147,6 +156,9 @@ impl ServeArgs {
             identity_ttl_ms: self.identity_ttl_ms,
             key_cache_max: None,
             segment_bytes: self.segment_bytes,
+            checkpoint_records: self.checkpoint_records,
+            checkpoint_interval_ms: self.checkpoint_interval_ms,
+            archive: self.archive.clone(),
             key_cutoff: (!self.key_cutoffs.is_empty()).then(|| {
                 self.key_cutoffs
                     .iter()

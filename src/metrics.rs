@@ -97,6 +97,7 @@ pub struct Metrics {
     protocol_errors: [AtomicU64; 16],
     connections_total: AtomicU64,
     busy: AtomicU64,
+    checkpoints: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -108,6 +109,7 @@ pub static METRICS: Metrics = Metrics {
     protocol_errors: [const { AtomicU64::new(0) }; 16],
     connections_total: AtomicU64::new(0),
     busy: AtomicU64::new(0),
+    checkpoints: AtomicU64::new(0),
 };
 
 fn op_index(message_type: MessageType) -> Option<usize> {
@@ -145,6 +147,11 @@ impl Metrics {
 
     pub fn protocol_error(&self, code: u16) {
         self.protocol_errors[usize::from(code).min(15)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A checkpoint was written (any shard).
+    pub fn checkpoint(&self, _seq: u64) {
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn connection_opened(&self) {
@@ -208,6 +215,12 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE citycard_busy_total counter");
         let _ = writeln!(out, "citycard_busy_total {}", self.busy.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# TYPE citycard_checkpoints_total counter");
+        let _ = writeln!(
+            out,
+            "citycard_checkpoints_total {}",
+            self.checkpoints.load(Ordering::Relaxed)
+        );
         let mut last = "";
         for (name, labels, value) in gauges {
             if *name != last {

@@ -543,9 +543,11 @@ pub fn settlement(data_dir: &Path, date: Date) -> anyhow::Result<Settlement> {
     let shards = read_shard_count(data_dir)?;
     let mut total = Settlement::empty(date);
     total.shards = shards;
+    let archive_root = crate::server::archive_root(data_dir, None)?;
     for index in 0..shards {
         let dir = crate::server::shard_dir(data_dir, index).join("journal");
-        let shard = settle_journal(&dir, date)
+        let archive = crate::server::archive_dir(data_dir, archive_root.as_deref(), index);
+        let shard = settle_journal(&dir, &archive, date)
             .with_context(|| format!("shard {index}: reading {}", dir.display()))?;
         total.merge(shard);
     }
@@ -553,11 +555,12 @@ pub fn settlement(data_dir: &Path, date: Date) -> anyhow::Result<Settlement> {
 }
 
 /// One journal's part of the settlement, retrying scans that may have raced with the writer.
-fn settle_journal(dir: &Path, date: Date) -> anyhow::Result<Settlement> {
+fn settle_journal(dir: &Path, archive: &Path, date: Date) -> anyhow::Result<Settlement> {
     let mut attempt = 1;
     loop {
         let mut part = Settlement::empty(date);
-        let scanned = journal::read_all(dir, |seq, payload| {
+        let start = journal::Start::Full { archive: Some(archive) };
+        let scanned = journal::read_from(dir, start, |seq, payload| {
             let entry = Entry::decode(payload)
                 .map_err(|e| JournalError::Rejected { seq, reason: e.to_string() })?;
             part.add(&entry);
@@ -574,7 +577,11 @@ fn settle_journal(dir: &Path, date: Date) -> anyhow::Result<Settlement> {
                 }
                 return Ok(part);
             }
-            Err(e @ JournalError::Corrupt { .. }) if attempt < SCAN_ATTEMPTS => {
+            // A segment the server archived between listing and reading shows as a gap or
+            // as a file gone: read again.
+            Err(e @ (JournalError::Corrupt { .. } | JournalError::Io { .. }))
+                if attempt < SCAN_ATTEMPTS =>
+            {
                 tracing::info!(journal = %dir.display(), error = %e, attempt, "rescanning");
                 attempt += 1;
                 std::thread::sleep(SCAN_RETRY_PAUSE);

@@ -124,7 +124,10 @@ fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> 
     let mut snapshot: Option<BTreeMap<CardId, Ledger>> = (applied == 0).then(BTreeMap::new);
     let mut problems = Vec::new();
     let mut totals = Totals::default();
-    let summary = journal::read_all(&dir.join("journal"), |seq, payload| {
+    let archive_root = crate::server::archive_root(data_dir, None)?;
+    let archive = crate::server::archive_dir(data_dir, archive_root.as_deref(), index);
+    let start = journal::Start::Full { archive: Some(&archive) };
+    let summary = journal::read_from(&dir.join("journal"), start, |seq, payload| {
         totals.records += 1;
         match Entry::decode(payload) {
             Ok(entry) => {
@@ -147,6 +150,7 @@ fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> 
     if let Some(torn) = &summary.torn_tail {
         report.torn_tails.push(format!("shard {index}: {torn:?} (truncated on next start)"));
     }
+    check_checkpoint(index, &dir, applied, &mut problems);
     if applied > summary.last_seq {
         problems.push(format!(
             "shard {index}: state applied up to seq {applied} but the journal ends at {}",
@@ -270,6 +274,28 @@ fn check_entry(
             "{:?} with amount {} and balance after {}",
             e.kind, e.amount.0, e.balance_after.0
         )));
+    }
+}
+
+/// A checkpoint must lie on the journal's chain, and the state must be at or past it.
+fn check_checkpoint(index: u16, dir: &Path, applied: u64, problems: &mut Vec<String>) {
+    let checkpoint = match crate::engine::checkpoint::Checkpoint::load(dir) {
+        Ok(Some(cp)) => cp,
+        Ok(None) => return,
+        Err(e) => {
+            problems.push(format!("shard {index}: {e}; a restart reads the whole journal"));
+            return;
+        }
+    };
+    let start = journal::Start::Anchor(checkpoint.anchor());
+    if let Err(e) = journal::read_from(&dir.join("journal"), start, |_, _| Ok(())) {
+        problems.push(format!("shard {index}: checkpoint at seq {}: {e}", checkpoint.seq));
+    }
+    if applied != 0 && applied < checkpoint.seq {
+        problems.push(format!(
+            "shard {index}: state applied up to seq {applied}, behind its checkpoint at {}",
+            checkpoint.seq
+        ));
     }
 }
 

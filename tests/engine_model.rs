@@ -36,6 +36,8 @@ fn open(dir: &std::path::Path, secrets: &Arc<Secrets>) -> Shard {
         dir: dir.to_owned(),
         journal: JournalOptions { segment_bytes: 64 * 1024, faults: None },
         limits: Limits { max_balance: MAX_BALANCE, max_amount: MAX_AMOUNT, ..Limits::default() },
+        checkpoint: citycard::engine::CheckpointPolicy::default(),
+        archive: None,
     };
     Shard::open(options, secrets.clone()).unwrap().0
 }

@@ -1,11 +1,13 @@
 //! The shard engine: decides card and staff operations, journals them (group commit), and keeps
 //! the derived state in memory and sled. One `Shard` is owned by one thread.
 
+pub mod checkpoint;
 pub mod entry;
 pub mod shard;
 pub mod state;
 
-pub use shard::{Limits, Op, Output, Secrets, Shard, ShardOptions, StoreError};
+pub use checkpoint::CheckpointPolicy;
+pub use shard::{Limits, Op, OpenReport, Output, Secrets, Shard, ShardOptions, StoreError};
 
 use citycard_protocol::CardId;
 

@@ -22,6 +22,9 @@ use citycard_protocol::{
 };
 use ring::signature::Ed25519KeyPair;
 
+use super::checkpoint::{Checkpoint, CheckpointPolicy, StateDigest};
+use crate::journal::Start;
+
 use super::entry::{Entry, EntryError, HotlistChange};
 use super::state::{self, CardRecord};
 use crate::journal::{Journal, JournalError, JournalOptions};
@@ -40,6 +43,10 @@ pub enum StoreError {
     State(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// The derived state opens but does not match what it records about itself (its card
+    /// digest): it is rebuilt from the journal, never trusted.
+    #[error("derived state disagrees with itself: {0}")]
+    Disagrees(String),
 }
 
 /// Key material the engine needs. Never logged (no Debug).
@@ -81,10 +88,20 @@ impl Default for Limits {
 pub struct ShardOptions {
     pub index: u16,
     pub count: u16,
-    /// `data/shard-N`: holds `journal/` and `state/` (sled).
+    /// `data/shard-N`: holds `journal/`, `state/` (sled), `checkpoint` and by default
+    /// `archive/`.
     pub dir: PathBuf,
     pub journal: JournalOptions,
     pub limits: Limits,
+    pub checkpoint: CheckpointPolicy,
+    /// Where journal segments below the checkpoint go; None = `dir/archive`.
+    pub archive: Option<PathBuf>,
+}
+
+impl ShardOptions {
+    pub fn archive_dir(&self) -> PathBuf {
+        self.archive.clone().unwrap_or_else(|| self.dir.join("archive"))
+    }
 }
 
 /// One unit of work for a shard.
@@ -207,8 +224,54 @@ enum AtcUse {
 }
 
 /// The thread that applies sealed chunks to sled, in order.
+/// One sealed chunk for the persister, and the checkpoint to take once sled holds it.
+struct PersistJob {
+    batch: sled::Batch,
+    last_seq: u64,
+    checkpoint: Option<Checkpoint>,
+}
+
+/// Where the persister writes checkpoints and archives segments.
+#[derive(Clone)]
+struct CheckpointPlace {
+    shard_dir: PathBuf,
+    journal_dir: PathBuf,
+    archive_dir: PathBuf,
+}
+
+impl CheckpointPlace {
+    /// Flushes sled (so the state on disk is at or past the checkpoint), writes the checkpoint,
+    /// then archives the segments below it. A failure here loses nothing (the journal is the
+    /// truth and the previous checkpoint stays valid), so it is logged and retried at the next
+    /// checkpoint instead of stopping the server.
+    fn take(&self, db: &sled::Db, index: u16, checkpoint: &Checkpoint) {
+        if let Err(e) = db.flush() {
+            tracing::error!(shard = index, error = %e, "state flush for a checkpoint failed");
+            return;
+        }
+        if let Err(e) = checkpoint.store(&self.shard_dir) {
+            tracing::error!(shard = index, path = %self.shard_dir.display(), error = %e, "writing the checkpoint failed");
+            return;
+        }
+        crate::metrics::METRICS.checkpoint(checkpoint.seq);
+        match crate::journal::archive_below(&self.journal_dir, &self.archive_dir, checkpoint.seq) {
+            Ok(0) => {}
+            Ok(moved) => tracing::info!(
+                shard = index,
+                segments = moved,
+                archive = %self.archive_dir.display(),
+                checkpoint_seq = checkpoint.seq,
+                "archived journal segments below the checkpoint"
+            ),
+            Err(e) => {
+                tracing::error!(shard = index, error = %e, "archiving journal segments failed")
+            }
+        }
+    }
+}
+
 struct Persister {
-    queue: Option<crossbeam::channel::Sender<(sled::Batch, u64)>>,
+    queue: Option<crossbeam::channel::Sender<PersistJob>>,
     /// Highest seq sled has applied.
     done: Arc<std::sync::atomic::AtomicU64>,
     /// Set if a sled write failed (fail-stop).
@@ -217,17 +280,27 @@ struct Persister {
 }
 
 impl Persister {
-    fn start(db: sled::Db, index: u16, applied: u64) -> Result<Persister, StoreError> {
-        let (queue, jobs) = crossbeam::channel::bounded::<(sled::Batch, u64)>(PERSIST_QUEUE);
+    fn start(
+        db: sled::Db,
+        index: u16,
+        applied: u64,
+        place: CheckpointPlace,
+    ) -> Result<Persister, StoreError> {
+        let (queue, jobs) = crossbeam::channel::bounded::<PersistJob>(PERSIST_QUEUE);
         let done = Arc::new(std::sync::atomic::AtomicU64::new(applied));
         let error = Arc::new(std::sync::Mutex::new(None));
         let (thread_done, thread_error) = (done.clone(), error.clone());
         let thread = std::thread::Builder::new()
             .name(format!("persist-{index}"))
             .spawn(move || {
-                for (batch, last_seq) in jobs {
+                for PersistJob { batch, last_seq, checkpoint } in jobs {
                     match db.apply_batch(batch) {
-                        Ok(()) => thread_done.store(last_seq, std::sync::atomic::Ordering::Release),
+                        Ok(()) => {
+                            thread_done.store(last_seq, std::sync::atomic::Ordering::Release);
+                            if let Some(checkpoint) = checkpoint {
+                                place.take(&db, index, &checkpoint);
+                            }
+                        }
                         Err(e) => {
                             // The mutex only carries this one message; poisoning cannot hide it.
                             if let Ok(mut slot) = thread_error.lock() {
@@ -287,6 +360,13 @@ pub struct Shard {
     dirty: HashSet<CardId>,
     persister: Persister,
     scratch: Vec<u8>,
+    /// Digest of every card record as applied (kept current by `apply`).
+    digest: StateDigest,
+    place: CheckpointPlace,
+    checkpoint_policy: CheckpointPolicy,
+    /// Seq of the last checkpoint handed to the persister, and when.
+    checkpoint_seq: u64,
+    checkpoint_at: Instant,
 }
 
 /// What recovery found, for the startup log.
@@ -296,19 +376,32 @@ pub struct OpenReport {
     pub replayed: u64,
     pub last_seq: u64,
     pub rebuilt_state: bool,
+    /// The checkpoint the journal was read from (0: read from seq 1).
+    pub from_checkpoint: u64,
 }
 
 impl Shard {
-    /// Opens the shard, replaying journal records that sled has not applied. A missing or
-    /// unreadable sled database, or one ahead of the journal, is moved aside and rebuilt.
+    /// Opens the shard, replaying journal records that sled has not applied. The journal is
+    /// read from the last checkpoint when the derived state is at or past it; otherwise (no
+    /// checkpoint, a checkpoint the journal disagrees with, or a state rebuilt from nothing)
+    /// from seq 1, archive first. A missing or unreadable sled database, one ahead of the
+    /// journal, or one whose card digest disagrees is moved aside and rebuilt.
     pub fn open(
         options: ShardOptions,
         secrets: Arc<Secrets>,
     ) -> Result<(Shard, OpenReport), StoreError> {
         let journal_dir = options.dir.join("journal");
         let state_dir = options.dir.join("state");
+        let archive_dir = options.archive_dir();
         std::fs::create_dir_all(&journal_dir)
             .map_err(|source| StoreError::Io { path: journal_dir.clone(), source })?;
+        let mut checkpoint = match Checkpoint::load(&options.dir) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(shard = options.index, error = %e, "checkpoint unusable; reading the whole journal");
+                None
+            }
+        };
         let mut rebuilt = false;
         loop {
             let db = match open_sled(&state_dir) {
@@ -320,20 +413,51 @@ impl Shard {
                     open_sled(&state_dir)?
                 }
             };
-            let mut shard = Shard::from_db(&options, secrets.clone(), db)?;
+            let mut shard = match Shard::from_db(&options, secrets.clone(), db) {
+                Ok(shard) => shard,
+                Err(StoreError::Disagrees(reason)) => {
+                    tracing::warn!(shard = options.index, %reason, "state disagrees with itself; rebuilding it from the journal");
+                    move_aside(&state_dir)?;
+                    rebuilt = true;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let applied_before = shard.applied_seq;
+            let start = match checkpoint {
+                Some(cp) if applied_before >= cp.seq => Start::Anchor(cp.anchor()),
+                _ => Start::Full { archive: Some(&archive_dir) },
+            };
             let mut replayed = 0u64;
             let mut replay_error: Option<StoreError> = None;
-            let journal = Journal::open(&journal_dir, options.journal.clone(), |seq, payload| {
-                if seq <= applied_before || replay_error.is_some() {
-                    return Ok(());
+            let opened =
+                Journal::open_from(&journal_dir, options.journal.clone(), start, |seq, payload| {
+                    if seq <= applied_before || replay_error.is_some() {
+                        return Ok(());
+                    }
+                    if let Err(e) = shard.replay_record(seq, payload) {
+                        replay_error = Some(e);
+                    }
+                    replayed += 1;
+                    Ok(())
+                });
+            let journal = match opened {
+                Ok(journal) => journal,
+                Err(JournalError::AnchorMismatch { seq, reason }) => {
+                    tracing::warn!(
+                        shard = options.index,
+                        checkpoint_seq = seq,
+                        %reason,
+                        "checkpoint disagrees with the journal; rebuilding the state from the whole journal"
+                    );
+                    drop(shard);
+                    move_aside(&state_dir)?;
+                    rebuilt = true;
+                    checkpoint = None;
+                    continue;
                 }
-                if let Err(e) = shard.replay_record(seq, payload) {
-                    replay_error = Some(e);
-                }
-                replayed += 1;
-                Ok(())
-            })?;
+                Err(e) => return Err(e.into()),
+            };
             if let Some(e) = replay_error {
                 return Err(e);
             }
@@ -349,11 +473,26 @@ impl Shard {
                 drop(shard);
                 move_aside(&state_dir)?;
                 rebuilt = true;
+                checkpoint = None;
                 continue;
             }
             shard.persist()?;
-            let report =
-                OpenReport { cards: shard.cards.len(), replayed, last_seq, rebuilt_state: rebuilt };
+            let from_checkpoint = match start {
+                Start::Anchor(a) => a.seq,
+                Start::Full { .. } => 0,
+            };
+            // A start that replayed a long stretch records where it got to, so the next one
+            // does not replay it again.
+            if checkpoint.is_none_or(|cp| cp.seq < last_seq) {
+                shard.checkpoint_now()?;
+            }
+            let report = OpenReport {
+                cards: shard.cards.len(),
+                replayed,
+                last_seq,
+                rebuilt_state: rebuilt,
+                from_checkpoint,
+            };
             return Ok((shard, report));
         }
     }
@@ -370,21 +509,41 @@ impl Shard {
         };
         let mut cards = HashMap::new();
         let mut next_card = 0u64;
+        let mut digest = StateDigest::default();
         for item in db.scan_prefix([state::CARD]) {
             let (k, v) = item?;
             let id = state::be_u64(&k[1..])
-                .ok_or_else(|| StoreError::State("card key malformed".into()))?;
+                .ok_or_else(|| StoreError::Disagrees("card key malformed".into()))?;
             let record = CardRecord::decode(&v)
-                .ok_or_else(|| StoreError::State(format!("card record {id} malformed")))?;
+                .ok_or_else(|| StoreError::Disagrees(format!("card record {id} malformed")))?;
             next_card = next_card.max(super::card_counter(CardId(id), options.count) + 1);
+            digest.add(CardId(id), &record);
             cards.insert(CardId(id), record);
+        }
+        // The digest sled wrote with its applied_seq must match the cards it holds: a state
+        // that lost or changed card records is rebuilt, not served. (A state written before
+        // digests existed has none; it is checked from the next chunk on.)
+        if let Some(stored) = db.get(state::META_DIGEST)? {
+            let stored = StateDigest::from_bytes(&stored)
+                .ok_or_else(|| StoreError::Disagrees("card digest malformed".into()))?;
+            if stored != digest {
+                return Err(StoreError::Disagrees(format!(
+                    "the {} card records do not match the card digest recorded at seq {applied_seq}",
+                    cards.len()
+                )));
+            }
         }
         let hotlist_version = match db.scan_prefix([state::HOTLIST]).next_back() {
             Some(item) => state::be_u64(&item?.0[1..])
                 .ok_or_else(|| StoreError::State("hotlist key malformed".into()))?,
             None => 0,
         };
-        let persister = Persister::start(db.clone(), options.index, applied_seq)?;
+        let place = CheckpointPlace {
+            shard_dir: options.dir.clone(),
+            journal_dir: options.dir.join("journal"),
+            archive_dir: options.archive_dir(),
+        };
+        let persister = Persister::start(db.clone(), options.index, applied_seq, place.clone())?;
         Ok(Shard {
             index: options.index,
             count: options.count,
@@ -401,6 +560,11 @@ impl Shard {
             dirty: HashSet::new(),
             persister,
             scratch: Vec::with_capacity(256),
+            digest,
+            place,
+            checkpoint_policy: options.checkpoint,
+            checkpoint_seq: applied_seq,
+            checkpoint_at: Instant::now(),
         })
     }
 
@@ -463,6 +627,55 @@ impl Shard {
         self.seal()
     }
 
+    /// The checkpoint to take with a chunk ending at `last_seq`, when the policy says one is
+    /// due. Only on the live path: during replay the journal (and so the record hash) is not
+    /// open yet, and the start takes one at its end instead.
+    fn checkpoint_due(&mut self, last_seq: u64) -> Option<Checkpoint> {
+        let journal = self.journal.as_ref()?;
+        let since = last_seq.saturating_sub(self.checkpoint_seq);
+        let due = since >= self.checkpoint_policy.records
+            || (since > 0
+                && self.checkpoint_at.elapsed()
+                    >= Duration::from_millis(self.checkpoint_policy.interval_ms));
+        if !due {
+            return None;
+        }
+        // seal runs only with nothing pending, so the last appended record is `last_seq`.
+        debug_assert_eq!(journal.last_committed_seq(), last_seq);
+        if journal.last_committed_seq() != last_seq {
+            return None;
+        }
+        self.checkpoint_seq = last_seq;
+        self.checkpoint_at = Instant::now();
+        Some(self.checkpoint_at_seq(last_seq, journal.last_hash()))
+    }
+
+    fn checkpoint_at_seq(&self, seq: u64, hash: crate::journal::RecordHash) -> Checkpoint {
+        Checkpoint {
+            seq,
+            hash,
+            digest: self.digest,
+            cards: u32::try_from(self.cards.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Writes everything committed to sled and takes a checkpoint at the last committed seq,
+    /// on this thread (at the end of a start and at shutdown, when the persister is idle).
+    pub fn checkpoint_now(&mut self) -> Result<(), StoreError> {
+        self.persist()?;
+        let journal =
+            self.journal.as_ref().ok_or_else(|| StoreError::State("journal not open".into()))?;
+        let seq = journal.last_committed_seq();
+        if seq == 0 {
+            return Ok(());
+        }
+        let checkpoint = self.checkpoint_at_seq(seq, journal.last_hash());
+        self.place.take(&self.db, self.index, &checkpoint);
+        self.checkpoint_seq = seq;
+        self.checkpoint_at = Instant::now();
+        Ok(())
+    }
+
     /// Writes everything committed into sled and waits until it is there (shutdown, replay,
     /// tests).
     pub fn persist(&mut self) -> Result<(), StoreError> {
@@ -508,10 +721,13 @@ impl Shard {
             }
         }
         batch.insert(state::META_APPLIED, &last_seq.to_be_bytes()[..]);
+        batch.insert(state::META_DIGEST, &self.digest.to_bytes()[..]);
         chunk.sealed_at = Some(last_seq);
         self.applied_seq = last_seq;
+        let checkpoint = self.checkpoint_due(last_seq);
+        let job = PersistJob { batch, last_seq, checkpoint };
         let queue = self.persister.queue.as_ref();
-        if queue.is_none_or(|q| q.send((batch, last_seq)).is_err()) {
+        if queue.is_none_or(|q| q.send(job).is_err()) {
             self.persister.check()?;
             return Err(StoreError::State("persister thread stopped".into()));
         }
@@ -538,6 +754,8 @@ impl Shard {
     /// Applies a decided entry to memory and queues its sled writes. Shared by the live path
     /// and replay, so both produce the same state.
     fn apply(&mut self, seq: u64, entry: Entry) {
+        let touched = [entry.card_id, entry.other_card];
+        let before = touched.map(|id| self.cards.get(&id).copied());
         let approved = entry.status == Status::Approved;
         match entry.kind {
             EntryKind::Issue if approved => {
@@ -600,6 +818,21 @@ impl Shard {
                     }
                     self.dirty.insert(entry.card_id);
                 }
+            }
+        }
+        for (i, id) in touched.into_iter().enumerate() {
+            if id.0 == 0 || (i == 1 && id == touched[0]) {
+                continue;
+            }
+            let after = self.cards.get(&id);
+            if before[i].as_ref() == after {
+                continue;
+            }
+            if let Some(old) = &before[i] {
+                self.digest.remove(id, old);
+            }
+            if let Some(new) = after {
+                self.digest.add(id, new);
             }
         }
         if entry.hotlist_version != 0 {

@@ -11,6 +11,9 @@ pub(crate) const ATC_INDEX: u8 = b'a';
 pub(crate) const OP_INDEX: u8 = b'o';
 pub(crate) const HOTLIST: u8 = b'h';
 pub(crate) const META_APPLIED: &[u8] = b"m:applied_seq";
+/// The [`super::checkpoint::StateDigest`] of all card records at `applied_seq`, written in the
+/// same batch.
+pub(crate) const META_DIGEST: &[u8] = b"m:card_digest";
 
 /// A card as the engine keeps it in memory and in sled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

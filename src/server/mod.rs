@@ -109,6 +109,48 @@ pub fn shard_dir(data_dir: &Path, index: u16) -> PathBuf {
     data_dir.join(format!("shard-{index}"))
 }
 
+/// File in the data directory naming an archive root outside it (absent: each shard archives
+/// into `shard-N/archive`).
+const ARCHIVE_ROOT_FILE: &str = "archive";
+
+/// Records or checks where the data directory's archive lives, so that `verify` and settlement
+/// reports find it without being told. Like the shard count, it cannot silently change: old
+/// segments would be left behind where nothing reads them.
+pub fn archive_root(data_dir: &Path, wanted: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    let path = data_dir.join(ARCHIVE_ROOT_FILE);
+    let recorded = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(PathBuf::from(text.trim_end_matches('\n'))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    match (recorded, wanted) {
+        (Some(recorded), Some(wanted)) if recorded != wanted => bail!(
+            "data directory {} archives to {}; --archive {} cannot change that (move the archive and edit {})",
+            data_dir.display(),
+            recorded.display(),
+            wanted.display(),
+            path.display()
+        ),
+        (Some(recorded), _) => Ok(Some(recorded)),
+        (None, Some(wanted)) => {
+            let text = wanted
+                .to_str()
+                .with_context(|| format!("archive path {} is not UTF-8", wanted.display()))?;
+            crate::durable_write(&path, format!("{text}\n").as_bytes())?;
+            Ok(Some(wanted.to_path_buf()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Where shard `index` archives journal segments (see [`archive_root`]).
+pub fn archive_dir(data_dir: &Path, root: Option<&Path>, index: u16) -> PathBuf {
+    match root {
+        Some(root) => root.join(format!("shard-{index}")),
+        None => shard_dir(data_dir, index).join("archive"),
+    }
+}
+
 /// Loads the issuer and assertion keys the engine needs.
 pub fn load_secrets(keys_dir: &Path, cutoffs: &[(u16, u64)]) -> anyhow::Result<Secrets> {
     let issuer = keys::IssuerKeys::load(&keys_dir.join(keys::ISSUER_KEYS))?;
@@ -133,6 +175,7 @@ impl RunningServer {
         config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let lock = lock_data_dir(&config.data_dir)?;
         let count = shard_count(&config.data_dir, config.shards)?;
+        let archive = archive_root(&config.data_dir, config.archive_dir.as_deref())?;
         let tls = crate::tls::server_config(&config.keys_dir, config.crl.as_deref())?;
         let secrets = Arc::new(load_secrets(&config.keys_dir, &config.key_cutoffs)?);
 
@@ -147,6 +190,8 @@ impl RunningServer {
                     faults: config.journal_faults.clone(),
                 },
                 limits: config.limits,
+                checkpoint: config.checkpoint,
+                archive: Some(archive_dir(&config.data_dir, archive.as_deref(), index)),
             };
             let secrets = secrets.clone();
             opened.push(std::thread::spawn(move || Shard::open(options, secrets)));
@@ -163,6 +208,7 @@ impl RunningServer {
                 replayed = report.replayed,
                 last_seq = report.last_seq,
                 rebuilt_state = report.rebuilt_state,
+                from_checkpoint = report.from_checkpoint,
                 "shard recovered"
             );
             shards.push(shard);

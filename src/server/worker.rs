@@ -149,11 +149,10 @@ pub fn run(mut ctx: WorkerContext) {
         }
         ctx.shared.hotlist_version.store(ctx.shard.hotlist_version(), Ordering::Release);
     }
-    if let Err(e) = ctx.shard.persist() {
+    // Everything to sled, flushed, and a checkpoint at the last record: the next start reads
+    // nothing but the tail of the journal.
+    if let Err(e) = ctx.shard.checkpoint_now() {
         return fail(&ctx, "state persist at shutdown", &e);
-    }
-    if let Err(e) = ctx.shard.flush_state() {
-        tracing::warn!(shard = ctx.shard.index(), error = %e, "state flush at shutdown failed; it is rebuilt from the journal on start");
     }
     tracing::info!(shard = ctx.shard.index(), "shard stopped");
 }
