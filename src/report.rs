@@ -839,6 +839,7 @@ mod tests {
             hotlist_change: HotlistChange::None,
             extra: 0,
             terminal: terminal.into(),
+            prev_pos: crate::journal::Pos::NONE,
         }
     }
 

@@ -57,7 +57,7 @@ pub struct StateDigest([u64; 4]);
 
 impl StateDigest {
     fn term(id: CardId, record: &CardRecord) -> [u64; 4] {
-        let mut input = [0u8; 8 + 32];
+        let mut input = [0u8; 8 + super::state::CARD_RECORD_LEN];
         input[..8].copy_from_slice(&id.0.to_be_bytes());
         input[8..].copy_from_slice(&record.encode());
         let h = ring::digest::digest(&ring::digest::SHA256, &input);
@@ -192,6 +192,7 @@ mod tests {
             key_version: KeyVersion(1),
             issued_ms: 9,
             linked_card: CardId(0),
+            last_pos: crate::journal::Pos { segment: 1, offset: 32 },
         }
     }
 

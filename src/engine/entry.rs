@@ -3,9 +3,12 @@
 
 use citycard_protocol::{Amount, Atc, BlockReason, CardId, EntryKind, KeyVersion, Mac, Status};
 
-/// Encoding version byte at the front of every payload.
-const ENTRY_VERSION: u8 = 1;
-const FIXED_LEN: usize = 92;
+use crate::journal::Pos;
+
+/// Encoding version byte at the front of every payload. Version 2 added `prev_pos` (the
+/// per-card chain through the journal); version 1 entries are refused by name.
+const ENTRY_VERSION: u8 = 2;
+const FIXED_LEN: usize = 92 + Pos::LEN;
 
 /// How an operation changed a card's hotlist standing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +48,9 @@ pub struct Entry {
     pub extra: i64,
     /// Terminal that sent the request (certificate CN, at most 32 bytes).
     pub terminal: String,
+    /// Where `card_id`'s previous journaled operation lies (`Pos::NONE` for its first): the
+    /// chain history pages and retries walk, so sled need not hold a copy of every record.
+    pub prev_pos: Pos,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,7 @@ impl Entry {
         out.push(change);
         out.push(reason);
         out.extend_from_slice(&self.extra.to_be_bytes());
+        out.extend_from_slice(&self.prev_pos.to_bytes());
         let terminal = &self.terminal.as_bytes()[..self.terminal.len().min(32)];
         out.push(terminal.len() as u8);
         out.extend_from_slice(terminal);
@@ -95,8 +102,10 @@ impl Entry {
             a.copy_from_slice(s);
             u64::from_be_bytes(a)
         };
-        if take(1)[0] != ENTRY_VERSION {
-            return Err(EntryError("unknown entry version"));
+        match take(1)[0] {
+            ENTRY_VERSION => {}
+            1 => return Err(EntryError("entry version 1 (data directory older than 2026-12)")),
+            _ => return Err(EntryError("unknown entry version")),
         }
         let kind = EntryKind::from_u8(take(1)[0]).ok_or(EntryError("kind"))?;
         let status = Status::from_u8(take(1)[0]).ok_or(EntryError("status"))?;
@@ -128,6 +137,7 @@ impl Entry {
             _ => return Err(EntryError("hotlist change")),
         };
         let extra = u64_of(take(8)) as i64;
+        let prev_pos = Pos::from_bytes(take(Pos::LEN)).ok_or(EntryError("prev_pos"))?;
         let terminal_len = usize::from(take(1)[0]);
         if bytes.len() != FIXED_LEN + terminal_len {
             return Err(EntryError("length"));
@@ -151,6 +161,7 @@ impl Entry {
             hotlist_change,
             extra,
             terminal,
+            prev_pos,
         })
     }
 
@@ -185,6 +196,7 @@ mod tests {
             hotlist_change: HotlistChange::Listed(BlockReason::Overdrawn),
             extra: -5,
             terminal: "reader-1".into(),
+            prev_pos: Pos { segment: 1, offset: 32 },
         };
         let mut buf = Vec::new();
         entry.encode(&mut buf);

@@ -23,7 +23,7 @@ use citycard_protocol::{
 use ring::signature::Ed25519KeyPair;
 
 use super::checkpoint::{Checkpoint, CheckpointPolicy, StateDigest};
-use crate::journal::Start;
+use crate::journal::{JournalFiles, Pos, Start};
 
 use super::entry::{Entry, EntryError, HotlistChange};
 use super::state::{self, CardRecord};
@@ -125,6 +125,8 @@ pub enum Output {
 /// An entry decided but not yet confirmed in sled.
 struct Pending {
     seq: u64,
+    /// Where it lies in the journal (once committed).
+    pos: Pos,
     entry: Entry,
 }
 
@@ -145,7 +147,9 @@ const PERSIST_WAIT: Duration = Duration::from_secs(120);
 /// A run of committed entries with lookup maps, newest chunk last.
 struct Chunk {
     entries: Vec<Pending>,
-    atc: HashMap<(CardId, Atc), usize>,
+    /// Entries by journal position: the per-card chain passes through here before the
+    /// records are readable from the journal files (they may not be committed yet).
+    by_pos: HashMap<Pos, usize>,
     ops: HashMap<(String, u64), usize>,
     started: Instant,
     /// Set when handed to the persister: the highest seq it holds.
@@ -156,7 +160,7 @@ impl Chunk {
     fn new() -> Chunk {
         Chunk {
             entries: Vec::new(),
-            atc: HashMap::new(),
+            by_pos: HashMap::new(),
             ops: HashMap::new(),
             started: Instant::now(),
             sealed_at: None,
@@ -171,23 +175,21 @@ struct Overlay {
 }
 
 impl Overlay {
-    fn push(&mut self, seq: u64, entry: Entry) {
+    fn push(&mut self, seq: u64, pos: Pos, entry: Entry) {
         if self.chunks.back().is_none_or(|c| c.sealed_at.is_some()) {
             self.chunks.push_back(Chunk::new());
         }
         let Some(chunk) = self.chunks.back_mut() else { return };
         let index = chunk.entries.len();
-        if entry.uses_atc() {
-            chunk.atc.insert((entry.card_id, entry.atc), index);
-        }
+        chunk.by_pos.insert(pos, index);
         if is_staff(entry.kind) {
             chunk.ops.insert((entry.terminal.clone(), entry.reference), index);
         }
-        chunk.entries.push(Pending { seq, entry });
+        chunk.entries.push(Pending { seq, pos, entry });
     }
 
-    fn atc(&self, card: CardId, atc: Atc) -> Option<&Pending> {
-        self.chunks.iter().rev().find_map(|c| c.atc.get(&(card, atc)).map(|i| &c.entries[*i]))
+    fn at(&self, pos: Pos) -> Option<&Pending> {
+        self.chunks.iter().rev().find_map(|c| c.by_pos.get(&pos).map(|i| &c.entries[*i]))
     }
 
     fn op(&self, terminal: &str, op_ref: u64) -> Option<&Pending> {
@@ -211,6 +213,26 @@ impl Overlay {
             self.chunks.pop_front();
         }
     }
+}
+
+/// How far back a card's chain is walked to find the record that used an online ATC. A retry
+/// comes within seconds or minutes, so its record is among the card's newest; 256 records cover
+/// the whole late-ATC window even with many staff operations and offline records in between,
+/// and bound the reads one request can cause.
+const ATC_LOOKUP_DEPTH: usize = 256;
+/// The same for offline records, which are uploaded hours or days after use while the card goes
+/// on being used: deeper, because an offline record wrongly refused is money not collected.
+const OFFLINE_LOOKUP_DEPTH: usize = 4_096;
+/// Most records one History request walks (64 full pages).
+const HISTORY_WALK_MAX: usize = 4_096;
+
+/// What walking a card's chain found for an ATC.
+enum AtcLookup {
+    Used(u64, Entry),
+    /// The whole chain was walked: never used.
+    Unused,
+    /// The walk stopped at its depth: not known.
+    Unknown,
 }
 
 /// What a consuming card request's ATC is, for the exactly-once rules.
@@ -363,6 +385,8 @@ pub struct Shard {
     /// Digest of every card record as applied (kept current by `apply`).
     digest: StateDigest,
     place: CheckpointPlace,
+    /// Reads committed records by position (history pages, retries, staff op lookups).
+    files: JournalFiles,
     checkpoint_policy: CheckpointPolicy,
     /// Seq of the last checkpoint handed to the persister, and when.
     checkpoint_seq: u64,
@@ -430,17 +454,21 @@ impl Shard {
             };
             let mut replayed = 0u64;
             let mut replay_error: Option<StoreError> = None;
-            let opened =
-                Journal::open_from(&journal_dir, options.journal.clone(), start, |seq, payload| {
+            let opened = Journal::open_at(
+                &journal_dir,
+                options.journal.clone(),
+                start,
+                |seq, pos, payload| {
                     if seq <= applied_before || replay_error.is_some() {
                         return Ok(());
                     }
-                    if let Err(e) = shard.replay_record(seq, payload) {
+                    if let Err(e) = shard.replay_record(seq, pos, payload) {
                         replay_error = Some(e);
                     }
                     replayed += 1;
                     Ok(())
-                });
+                },
+            );
             let journal = match opened {
                 Ok(journal) => journal,
                 Err(JournalError::AnchorMismatch { seq, reason }) => {
@@ -561,6 +589,7 @@ impl Shard {
             persister,
             scratch: Vec::with_capacity(256),
             digest,
+            files: JournalFiles::new(options.dir.join("journal"), options.archive_dir()),
             place,
             checkpoint_policy: options.checkpoint,
             checkpoint_seq: applied_seq,
@@ -712,7 +741,7 @@ impl Shard {
         let mut batch = sled::Batch::default();
         let mut last_seq = self.applied_seq;
         for p in &chunk.entries {
-            write_index(&mut batch, &p.entry, p.seq, &mut self.scratch);
+            write_index(&mut batch, &p.entry, p.seq, p.pos);
             last_seq = last_seq.max(p.seq);
         }
         for id in self.dirty.drain() {
@@ -740,9 +769,9 @@ impl Shard {
         Ok(())
     }
 
-    fn replay_record(&mut self, seq: u64, payload: &[u8]) -> Result<(), StoreError> {
+    fn replay_record(&mut self, seq: u64, pos: Pos, payload: &[u8]) -> Result<(), StoreError> {
         let entry = Entry::decode(payload).map_err(|source| StoreError::Entry { seq, source })?;
-        self.apply(seq, entry);
+        self.apply(seq, pos, entry);
         // Bound the replay batch so a long journal tail does not build one giant sled batch.
         if self.overlay.current().is_some_and(|c| c.entries.len() >= PERSIST_MAX_RECORDS) {
             self.seal()?;
@@ -753,7 +782,7 @@ impl Shard {
 
     /// Applies a decided entry to memory and queues its sled writes. Shared by the live path
     /// and replay, so both produce the same state.
-    fn apply(&mut self, seq: u64, entry: Entry) {
+    fn apply(&mut self, seq: u64, pos: Pos, entry: Entry) {
         let touched = [entry.card_id, entry.other_card];
         let before = touched.map(|id| self.cards.get(&id).copied());
         let approved = entry.status == Status::Approved;
@@ -769,6 +798,7 @@ impl Shard {
                         key_version: entry.key_version,
                         issued_ms: entry.time_ms,
                         linked_card: CardId(0),
+                        last_pos: pos,
                     },
                 );
                 self.next_card =
@@ -781,6 +811,7 @@ impl Shard {
                     old.state = CardState::Replaced;
                     old.balance = entry.balance_after;
                     old.linked_card = entry.other_card;
+                    old.last_pos = pos;
                 }
                 self.cards.insert(
                     entry.other_card,
@@ -792,6 +823,8 @@ impl Shard {
                         key_version: entry.key_version,
                         issued_ms: entry.time_ms,
                         linked_card: entry.card_id,
+                        // The replacement's chain starts at the record that created it.
+                        last_pos: pos,
                     },
                 );
                 self.next_card =
@@ -801,6 +834,7 @@ impl Shard {
             }
             _ => {
                 if let Some(card) = self.cards.get_mut(&entry.card_id) {
+                    card.last_pos = pos;
                     if entry.uses_atc() {
                         card.last_atc = card.last_atc.max(entry.atc);
                     }
@@ -838,7 +872,7 @@ impl Shard {
         if entry.hotlist_version != 0 {
             self.hotlist_version = self.hotlist_version.max(entry.hotlist_version);
         }
-        self.overlay.push(seq, entry);
+        self.overlay.push(seq, pos, entry);
     }
 
     /// Decides `op`, journals the outcome (in memory until `commit`), and returns the answer.
@@ -952,17 +986,19 @@ impl Shard {
     /// [`ATC_LATE_WINDOW`]: a request answered Busy or Unavailable was never done, and a later
     /// ATC of the same card may have been decided in the meantime. ATC 0 is never valid (a new
     /// card's last ATC is 0, so its first online ATC is 1).
-    fn atc_use(&self, card: &CardRecord, auth: &CardAuth) -> Result<AtcUse, StoreError> {
+    fn atc_use(&mut self, card: &CardRecord, auth: &CardAuth) -> Result<AtcUse, StoreError> {
         if auth.atc > card.last_atc {
             return Ok(AtcUse::Fresh);
         }
-        if let Some((seq, entry)) = self.atc_entry(auth.card_id, auth.atc)? {
-            return Ok(AtcUse::Used(seq, entry));
-        }
-        if auth.atc.0 != 0 && card.last_atc.0 - auth.atc.0 < ATC_LATE_WINDOW {
-            Ok(AtcUse::Fresh)
-        } else {
-            Ok(AtcUse::Stale)
+        match self.atc_entry(auth.card_id, auth.atc, ATC_LOOKUP_DEPTH)? {
+            AtcLookup::Used(seq, entry) => Ok(AtcUse::Used(seq, entry)),
+            AtcLookup::Unused
+                if auth.atc.0 != 0 && card.last_atc.0 - auth.atc.0 < ATC_LATE_WINDOW =>
+            {
+                Ok(AtcUse::Fresh)
+            }
+            // Not provably unused (too old, or deeper than the walk goes): never decide it.
+            AtcLookup::Unused | AtcLookup::Unknown => Ok(AtcUse::Stale),
         }
     }
 
@@ -973,44 +1009,100 @@ impl Shard {
             .is_some_and(|cutoff| now_ms >= *cutoff)
     }
 
-    /// The entry that consumed (card, ATC), from the overlay or sled.
-    fn atc_entry(&self, card: CardId, atc: Atc) -> Result<Option<(u64, Entry)>, StoreError> {
-        if let Some(p) = self.overlay.atc(card, atc) {
-            return Ok(Some((p.seq, p.entry.clone())));
+    /// The record at `pos`: from the overlay while it may not be committed yet, otherwise
+    /// from the journal files.
+    fn record_at(&mut self, pos: Pos) -> Result<(u64, Entry), StoreError> {
+        if let Some(p) = self.overlay.at(pos) {
+            return Ok((p.seq, p.entry.clone()));
         }
-        match self.db.get(state::atc_key(card, atc))? {
-            Some(v) => self.indexed_entry(&v),
-            None => Ok(None),
-        }
+        let (seq, payload) = self.files.read(pos)?;
+        let entry = Entry::decode(payload).map_err(|source| StoreError::Entry { seq, source })?;
+        Ok((seq, entry))
     }
 
-    fn op_entry(&self, terminal: &str, op_ref: u64) -> Result<Option<(u64, Entry)>, StoreError> {
+    /// Walks `card`'s chain of journal records, newest first, calling `visit` until it returns
+    /// false, the chain ends, or `max` records were seen. Returns whether the chain ended, that
+    /// is whether every record of the card was seen.
+    fn walk_card(
+        &mut self,
+        card: CardId,
+        max: usize,
+        mut visit: impl FnMut(u64, &Entry) -> bool,
+    ) -> Result<bool, StoreError> {
+        let mut cur = self.cards.get(&card).map_or(Pos::NONE, |c| c.last_pos);
+        for _ in 0..max {
+            if cur.is_none() {
+                return Ok(true);
+            }
+            let (seq, entry) = self.record_at(cur)?;
+            let next = if entry.card_id == card {
+                entry.prev_pos
+            } else if entry.other_card == card {
+                // The replace that created this card: the start of its chain.
+                Pos::NONE
+            } else {
+                return Err(StoreError::State(format!(
+                    "the chain of card {} passes through seq {seq}, a record of another card",
+                    card.masked()
+                )));
+            };
+            if !visit(seq, &entry) {
+                return Ok(false);
+            }
+            cur = next;
+        }
+        Ok(cur.is_none())
+    }
+
+    /// The entry that consumed (card, ATC), found by walking the card's chain at most `depth`
+    /// records back.
+    fn atc_entry(&mut self, card: CardId, atc: Atc, depth: usize) -> Result<AtcLookup, StoreError> {
+        let mut found = None;
+        let complete = self.walk_card(card, depth, |seq, e| {
+            if e.card_id == card && e.uses_atc() && e.atc == atc {
+                found = Some((seq, e.clone()));
+                return false;
+            }
+            true
+        })?;
+        Ok(match found {
+            Some((seq, entry)) => AtcLookup::Used(seq, entry),
+            None if complete => AtcLookup::Unused,
+            None => AtcLookup::Unknown,
+        })
+    }
+
+    fn op_entry(
+        &mut self,
+        terminal: &str,
+        op_ref: u64,
+    ) -> Result<Option<(u64, Entry)>, StoreError> {
         if let Some(p) = self.overlay.op(terminal, op_ref) {
             return Ok(Some((p.seq, p.entry.clone())));
         }
-        match self.db.get(state::op_key(terminal, op_ref))? {
-            Some(v) => self.indexed_entry(&v),
-            None => Ok(None),
-        }
-    }
-
-    fn indexed_entry(&self, index_value: &[u8]) -> Result<Option<(u64, Entry)>, StoreError> {
-        let (card, seq) = state::parse_index_value(index_value)
-            .ok_or_else(|| StoreError::State("index value malformed".into()))?;
-        let Some(bytes) = self.db.get(state::history_key(card, seq))? else {
-            return Err(StoreError::State(format!("index points at missing history seq {seq}")));
+        let Some(value) = self.db.get(state::op_key(terminal, op_ref))? else {
+            return Ok(None);
         };
-        let entry = Entry::decode(&bytes).map_err(|source| StoreError::Entry { seq, source })?;
+        let (seq, pos) = state::parse_index_value(&value)
+            .ok_or_else(|| StoreError::State("op_ref index value malformed".into()))?;
+        let (found, entry) = self.record_at(pos)?;
+        if found != seq {
+            return Err(StoreError::State(format!(
+                "op_ref index points at seq {seq} but the journal holds seq {found} there"
+            )));
+        }
         Ok(Some((seq, entry)))
     }
 
-    fn journal_entry(&mut self, entry: Entry) -> Result<u64, StoreError> {
+    fn journal_entry(&mut self, mut entry: Entry) -> Result<u64, StoreError> {
+        // Link the card's chain: the new record points at the card's previous one.
+        entry.prev_pos = self.cards.get(&entry.card_id).map_or(Pos::NONE, |c| c.last_pos);
         entry.encode(&mut self.scratch);
         let scratch = std::mem::take(&mut self.scratch);
-        let appended = self.journal().and_then(|j| Ok(j.append(&scratch)?));
+        let appended = self.journal().and_then(|j| Ok(j.append_at(&scratch)?));
         self.scratch = scratch;
-        let seq = appended?;
-        self.apply(seq, entry);
+        let (seq, pos) = appended?;
+        self.apply(seq, pos, entry);
         Ok(seq)
     }
 
@@ -1098,6 +1190,7 @@ impl Shard {
             hotlist_change,
             extra: amount.0,
             terminal: terminal.to_owned(),
+            prev_pos: Pos::NONE,
         };
         // The answer is read off the entry before it moves into the journal (no clone on the
         // per-transaction path).
@@ -1197,35 +1290,14 @@ impl Shard {
             n => n.min(MAX_HISTORY_PAGE),
         };
         let before = if before_seq == 0 { u64::MAX } else { before_seq };
-        let mut entries = Vec::with_capacity(limit + 1);
-        // Overlay entries are newer than anything only in sled.
-        for p in self.overlay.iter().rev() {
-            if entries.len() > limit {
-                break;
+        let mut entries: Vec<HistoryEntry> = Vec::with_capacity(limit + 1);
+        // The card's chain runs newest first, through the overlay and the journal files.
+        self.walk_card(auth.card_id, HISTORY_WALK_MAX, |seq, entry| {
+            if seq < before {
+                entries.push(history_entry(entry, seq, auth.card_id));
             }
-            if p.seq < before
-                && (p.entry.card_id == auth.card_id || p.entry.other_card == auth.card_id)
-            {
-                entries.push(history_entry(&p.entry, p.seq, auth.card_id));
-            }
-        }
-        if entries.len() <= limit {
-            let start = state::history_key(auth.card_id, 0);
-            let end = state::history_key(auth.card_id, before);
-            for item in self.db.range(start..end).rev() {
-                let (k, v) = item?;
-                let seq = state::be_u64(&k[9..]).unwrap_or(0);
-                if entries.iter().any(|e: &HistoryEntry| e.journal_seq == seq) {
-                    continue;
-                }
-                let entry =
-                    Entry::decode(&v).map_err(|source| StoreError::Entry { seq, source })?;
-                entries.push(history_entry(&entry, seq, auth.card_id));
-                if entries.len() > limit {
-                    break;
-                }
-            }
-        }
+            entries.len() <= limit
+        })?;
         let next_before_seq = if entries.len() > limit {
             entries.truncate(limit);
             entries.last().map_or(0, |e| e.journal_seq)
@@ -1298,6 +1370,7 @@ impl Shard {
                     hotlist_change: HotlistChange::None,
                     extra: now_ms.saturating_add(self.limits.identity_ttl_ms) as i64,
                     terminal: terminal.to_owned(),
+                    prev_pos: Pos::NONE,
                 };
                 (self.journal_entry(entry.clone())?, entry)
             }
@@ -1354,12 +1427,25 @@ impl Shard {
             tracing::warn!(card = %record.card_id.masked(), terminal, "bad offline certificate");
             return Ok(unauth(Status::BadCryptogram));
         }
-        let result = match self.atc_entry(record.card_id, record.atc)? {
-            Some((seq, e)) if e.kind == EntryKind::Offline && e.binding == record.certificate => {
+        let lookup = if record.atc > card.last_atc {
+            // Above every ATC the card has used: new, no walk needed.
+            AtcLookup::Unused
+        } else {
+            self.atc_entry(record.card_id, record.atc, OFFLINE_LOOKUP_DEPTH)?
+        };
+        let result = match lookup {
+            AtcLookup::Used(seq, e)
+                if e.kind == EntryKind::Offline && e.binding == record.certificate =>
+            {
                 card_result(&e, seq)
             }
-            Some(_) => CardResult { balance: card.balance, ..unauth(Status::Replay) },
-            None => {
+            AtcLookup::Used(..) | AtcLookup::Unknown => {
+                if matches!(lookup, AtcLookup::Unknown) {
+                    tracing::warn!(card = %record.card_id.masked(), terminal, atc = record.atc.0, "offline record older than the card's chain walk; refused as a replay");
+                }
+                CardResult { balance: card.balance, ..unauth(Status::Replay) }
+            }
+            AtcLookup::Unused => {
                 let status = if card.retired() {
                     Status::CardClosed
                 } else if record.amount.0 <= 0
@@ -1393,6 +1479,7 @@ impl Shard {
                     hotlist_change,
                     extra: record.amount.0,
                     terminal: terminal.to_owned(),
+                    prev_pos: Pos::NONE,
                 };
                 let _ = now_ms;
                 let mut result = card_result(&entry, 0);
@@ -1432,7 +1519,7 @@ impl Shard {
 
     /// The original answer to a retried staff operation, or ReferenceReused.
     fn staff_retry(
-        &self,
+        &mut self,
         terminal: &str,
         op_ref: u64,
         kind: EntryKind,
@@ -1493,6 +1580,7 @@ impl Shard {
                     hotlist_change: HotlistChange::None,
                     extra: deposit.0,
                     terminal: terminal.to_owned(),
+                    prev_pos: Pos::NONE,
                 };
                 (self.journal_entry(entry.clone())?, entry)
             }
@@ -1598,6 +1686,7 @@ impl Shard {
                         hotlist_change,
                         extra: 0,
                         terminal: terminal.to_owned(),
+                        prev_pos: Pos::NONE,
                     };
                     (self.journal_entry(entry.clone())?, entry)
                 }
@@ -1682,6 +1771,7 @@ impl Shard {
                         refunded
                     },
                     terminal: terminal.to_owned(),
+                    prev_pos: Pos::NONE,
                 };
                 (self.journal_entry(entry.clone())?, entry)
             }
@@ -1798,28 +1888,14 @@ fn block_reason_of(entry: &Entry, current: BlockReason) -> BlockReason {
 }
 
 /// The sled writes of one committed entry: history under each card it touches, and its index.
-fn write_index(batch: &mut sled::Batch, entry: &Entry, seq: u64, scratch: &mut Vec<u8>) {
-    entry.encode(scratch);
-    if entry.card_id.0 != 0 {
-        batch.insert(&state::history_key(entry.card_id, seq)[..], &scratch[..]);
-    }
-    if entry.other_card.0 != 0 {
-        batch.insert(&state::history_key(entry.other_card, seq)[..], &scratch[..]);
-    }
-    if entry.uses_atc() {
-        batch.insert(
-            &state::atc_key(entry.card_id, entry.atc)[..],
-            &state::index_value(entry.card_id, seq)[..],
-        );
-    }
+/// The sled writes one entry needs beyond its card records: none for card transactions (their
+/// history and retries are served from the journal through the card's chain), an op_ref index
+/// entry for staff operations, and the hotlist change if any.
+fn write_index(batch: &mut sled::Batch, entry: &Entry, seq: u64, pos: Pos) {
     if is_staff(entry.kind) {
-        // A declined issue has no card: its history lives under card 0.
-        if entry.card_id.0 == 0 {
-            batch.insert(&state::history_key(CardId(0), seq)[..], &scratch[..]);
-        }
         batch.insert(
             state::op_key(&entry.terminal, entry.reference),
-            &state::index_value(entry.card_id, seq)[..],
+            &state::index_value(seq, pos)[..],
         );
     }
     if let Some(h) = hotlist_entry_of(entry) {

@@ -1,13 +1,16 @@
-//! Derived state in sled: card records, the (card, ATC) and (terminal, op_ref) indexes, per-card
-//! history, the hotlist and the last journal sequence applied. Everything here can be rebuilt
-//! from the journal; one sled batch per commit keeps it consistent with `applied_seq`.
+//! Derived state in sled: card records (each the head of the card's chain of journal records),
+//! the (terminal, op_ref) index of staff operations, the hotlist, the last journal sequence
+//! applied and the card digest at it. Per-card history and the (card, ATC) lookups are not kept
+//! here: they are read from the journal by walking the card's chain, so sled holds a few bytes
+//! per card instead of a second copy of every record. Everything here can be rebuilt from the
+//! journal; one sled batch per chunk keeps it consistent with `applied_seq`.
 
 use citycard_protocol::{Amount, Atc, BlockReason, CardId, CardState, KeyVersion};
 
+use crate::journal::Pos;
+
 /// Key prefixes in the single sled tree.
 pub(crate) const CARD: u8 = b'c';
-pub(crate) const HISTORY: u8 = b'x';
-pub(crate) const ATC_INDEX: u8 = b'a';
 pub(crate) const OP_INDEX: u8 = b'o';
 pub(crate) const HOTLIST: u8 = b'h';
 pub(crate) const META_APPLIED: &[u8] = b"m:applied_seq";
@@ -28,9 +31,12 @@ pub struct CardRecord {
     pub issued_ms: u64,
     /// Replace link: the card this one replaced, or that replaced it (0 when none).
     pub linked_card: CardId,
+    /// Where the card's newest journaled operation lies: the head of its chain (see
+    /// `Entry::prev_pos`).
+    pub last_pos: Pos,
 }
 
-const CARD_RECORD_LEN: usize = 1 + 1 + 8 + 4 + 2 + 8 + 8;
+pub const CARD_RECORD_LEN: usize = 1 + 1 + 8 + 4 + 2 + 8 + 8 + Pos::LEN;
 
 impl CardRecord {
     /// Whether terminals must refuse the card, and why.
@@ -67,6 +73,7 @@ impl CardRecord {
         out[14..16].copy_from_slice(&self.key_version.0.to_be_bytes());
         out[16..24].copy_from_slice(&self.issued_ms.to_be_bytes());
         out[24..32].copy_from_slice(&self.linked_card.0.to_be_bytes());
+        out[32..].copy_from_slice(&self.last_pos.to_bytes());
         out
     }
 
@@ -87,6 +94,7 @@ impl CardRecord {
             key_version: KeyVersion(u16::from_be_bytes([bytes[14], bytes[15]])),
             issued_ms: u64_at(16),
             linked_card: CardId(u64_at(24)),
+            last_pos: Pos::from_bytes(&bytes[32..])?,
         })
     }
 }
@@ -95,22 +103,6 @@ pub(crate) fn card_key(card: CardId) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = CARD;
     k[1..].copy_from_slice(&card.0.to_be_bytes());
-    k
-}
-
-pub(crate) fn history_key(card: CardId, seq: u64) -> [u8; 17] {
-    let mut k = [0u8; 17];
-    k[0] = HISTORY;
-    k[1..9].copy_from_slice(&card.0.to_be_bytes());
-    k[9..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-pub(crate) fn atc_key(card: CardId, atc: Atc) -> [u8; 13] {
-    let mut k = [0u8; 13];
-    k[0] = ATC_INDEX;
-    k[1..9].copy_from_slice(&card.0.to_be_bytes());
-    k[9..].copy_from_slice(&atc.0.to_be_bytes());
     k
 }
 
@@ -139,23 +131,19 @@ pub(crate) fn hotlist_value(card: CardId, listed: bool, reason: BlockReason) -> 
     v
 }
 
-/// Value of an index key (ATC or op_ref): the card whose history holds the entry, and its seq.
-pub(crate) fn index_value(card: CardId, seq: u64) -> [u8; 16] {
-    let mut v = [0u8; 16];
-    v[..8].copy_from_slice(&card.0.to_be_bytes());
-    v[8..].copy_from_slice(&seq.to_be_bytes());
+/// Value of an op_ref index key: the seq of the journal record and where it lies.
+pub(crate) fn index_value(seq: u64, pos: Pos) -> [u8; 8 + Pos::LEN] {
+    let mut v = [0u8; 8 + Pos::LEN];
+    v[..8].copy_from_slice(&seq.to_be_bytes());
+    v[8..].copy_from_slice(&pos.to_bytes());
     v
 }
 
-pub(crate) fn parse_index_value(v: &[u8]) -> Option<(CardId, u64)> {
-    if v.len() != 16 {
+pub(crate) fn parse_index_value(v: &[u8]) -> Option<(u64, Pos)> {
+    if v.len() != 8 + Pos::LEN {
         return None;
     }
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&v[..8]);
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&v[8..]);
-    Some((CardId(u64::from_be_bytes(a)), u64::from_be_bytes(b)))
+    Some((be_u64(&v[..8])?, Pos::from_bytes(&v[8..])?))
 }
 
 pub(crate) fn be_u64(v: &[u8]) -> Option<u64> {

@@ -96,6 +96,7 @@
 
 mod fault;
 mod format;
+mod read;
 mod scan;
 mod segment;
 #[cfg(test)]
@@ -114,7 +115,8 @@ pub use format::{
     DEFAULT_SEGMENT_BYTES, FORMAT_VERSION, MAX_PAYLOAD, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
     RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
-pub use scan::Anchor;
+pub use read::JournalFiles;
+pub use scan::{Anchor, Pos};
 
 pub use format::RecordHash;
 use format::{encode_record, max_payload_for, record_size};
@@ -302,7 +304,7 @@ pub fn read_from(
         Start::Anchor(a) => Some(a),
         Start::Full { .. } => None,
     };
-    let out = scan::scan(segments, anchor, &mut visit)?;
+    let out = scan::scan(segments, anchor, &mut |seq, _, payload| visit(seq, payload))?;
     let segments = u32::try_from(out.segments.len()).unwrap_or(u32::MAX);
     let torn_tail = out.torn.as_ref().map(|t| TornTail {
         path: out.segments[t.segment].path.clone(),
@@ -362,6 +364,8 @@ pub struct Journal {
     retired: Vec<Segment>,
     /// Where the next pending record goes in the (possibly future) tail segment.
     pend_off: u64,
+    /// First seq (= name) of the segment the next pending record goes to.
+    pend_segment: u64,
     pend_cap: u64,
     pending: usize,
     poisoned: bool,
@@ -389,6 +393,16 @@ impl Journal {
         start: Start<'_>,
         mut visit: impl FnMut(u64, &[u8]) -> Result<(), JournalError>,
     ) -> Result<Journal, JournalError> {
+        Self::open_at(dir, options, start, |seq, _, payload| visit(seq, payload))
+    }
+
+    /// [`Journal::open_from`], telling `visit` where each record lies too.
+    pub fn open_at(
+        dir: &Path,
+        options: JournalOptions,
+        start: Start<'_>,
+        mut visit: impl FnMut(u64, Pos, &[u8]) -> Result<(), JournalError>,
+    ) -> Result<Journal, JournalError> {
         options.validate()?;
         if !dir.is_dir() {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -409,6 +423,7 @@ impl Journal {
             Start::Full { .. } => None,
         };
         let out = scan::scan(segments, anchor, &mut visit)?;
+        let active_first_seq = out.tail.map_or(1, |(k, _)| out.segments[k].first_seq);
         let active = match out.tail {
             None => {
                 let prepared =
@@ -462,6 +477,7 @@ impl Journal {
             faults: options.faults,
             pend_off: active.write_off,
             pend_cap: active.capacity,
+            pend_segment: active_first_seq,
             active,
             preparer: None,
             next_seq: out.next_seq,
@@ -515,6 +531,11 @@ impl Journal {
 
     /// Adds a record to the pending batch in memory; returns its seq. Not durable until commit.
     pub fn append(&mut self, payload: &[u8]) -> Result<u64, JournalError> {
+        self.append_at(payload).map(|(seq, _)| seq)
+    }
+
+    /// [`Journal::append`], also returning where the record will lie once committed.
+    pub fn append_at(&mut self, payload: &[u8]) -> Result<(u64, Pos), JournalError> {
         if self.poisoned {
             return Err(JournalError::Poisoned);
         }
@@ -531,13 +552,16 @@ impl Journal {
             self.breaks.push(Break { buf_off: self.buf.len(), first_seq: seq });
             self.pend_off = SEGMENT_HEADER_LEN;
             self.pend_cap = self.segment_bytes;
+            self.pend_segment = seq;
         }
+        // Segments are at most MAX_SEGMENT_BYTES (1 GiB), so the offset fits in u32.
+        let pos = Pos { segment: self.pend_segment, offset: self.pend_off as u32 };
         self.last_hash =
             encode_record(&mut self.buf, seq, self.committed_next_seq, &self.last_hash, payload);
         self.pend_off += size;
         self.next_seq += 1;
         self.pending += 1;
-        Ok(seq)
+        Ok((seq, pos))
     }
 
     /// Writes all pending records (one write per segment touched) and makes them durable with

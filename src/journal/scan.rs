@@ -10,7 +10,42 @@ use super::format::{
 use super::segment::{io_err, SegmentFile};
 use super::JournalError;
 
-pub type Visit<'a> = dyn FnMut(u64, &[u8]) -> Result<(), JournalError> + 'a;
+pub type Visit<'a> = dyn FnMut(u64, Pos, &[u8]) -> Result<(), JournalError> + 'a;
+
+/// Where a record lies: the segment (named by its first seq) and the offset in it. Stable for
+/// the life of the record: archiving moves a segment file but keeps its name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pos {
+    /// First seq of the segment; 0 means "no record" (no segment starts at 0).
+    pub segment: u64,
+    pub offset: u32,
+}
+
+impl Pos {
+    pub const NONE: Pos = Pos { segment: 0, offset: 0 };
+    pub const LEN: usize = 12;
+
+    pub fn is_none(&self) -> bool {
+        self.segment == 0
+    }
+
+    pub fn to_bytes(self) -> [u8; Pos::LEN] {
+        let mut out = [0u8; Pos::LEN];
+        out[..8].copy_from_slice(&self.segment.to_be_bytes());
+        out[8..].copy_from_slice(&self.offset.to_be_bytes());
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<Pos> {
+        let bytes: &[u8; Pos::LEN] = bytes.try_into().ok()?;
+        let mut segment = [0u8; 8];
+        segment.copy_from_slice(&bytes[..8]);
+        Some(Pos {
+            segment: u64::from_be_bytes(segment),
+            offset: u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+        })
+    }
+}
 
 /// Where the valid data ends because of a torn tail.
 #[derive(Debug, Clone)]
@@ -201,7 +236,9 @@ fn scan_from(
                             format!("invalid batch_start {} for seq {}", r.batch_start, r.seq),
                         ));
                     }
-                    visit(r.seq, r.payload)?;
+                    // Segments are at most 1 GiB, so an offset fits in u32.
+                    let pos = Pos { segment: seg.first_seq, offset: at as u32 };
+                    visit(r.seq, pos, r.payload)?;
                     let hash = super::format::record_hash(r.bytes);
                     if anchor_seq == Some(r.seq) {
                         anchor_hash = Some(hash);
