@@ -9,8 +9,14 @@ use crate::engine::Limits;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
-    /// Plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`); keep it on loopback.
+    /// Admin listener (`/metrics`, `/healthz`, `/readyz`). Plain HTTP, allowed on loopback only,
+    /// unless `admin_tls`.
     pub admin: SocketAddr,
+    /// Serve the admin listener over mutual TLS (server certificate and CA of the keys
+    /// directory, CRL applied); only `monitor` client certificates may read it. Required when
+    /// `admin` is not a loopback address: metrics name terminals and reveal load, and plain
+    /// HTTP on a network would hand them to anyone who can connect.
+    pub admin_tls: bool,
     pub keys_dir: PathBuf,
     pub data_dir: PathBuf,
     /// Shards (worker threads, journals); None = number of cores. Fixed per data directory.
@@ -54,6 +60,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             admin: SocketAddr::from(([127, 0, 0, 1], 7701)),
+            admin_tls: false,
             keys_dir: PathBuf::from("keys"),
             data_dir: PathBuf::from("data"),
             shards: None,
@@ -114,6 +121,14 @@ impl Config {
         if self.segment_bytes < 64 * 1024 {
             return Err("segment_bytes must be at least 65536".into());
         }
+        if !self.admin.ip().is_loopback() && !self.admin_tls {
+            return Err(format!(
+                "admin = {} is not a loopback address, and plain HTTP there would serve metrics \
+                 to the network: set admin_tls = true (mutual TLS, monitor certificates only) \
+                 or bind the admin listener to 127.0.0.1",
+                self.admin
+            ));
+        }
         Ok(())
     }
 }
@@ -126,6 +141,7 @@ impl Config {
 pub struct Settings {
     pub listen: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub admin_tls: Option<bool>,
     pub keys: Option<PathBuf>,
     pub data: Option<PathBuf>,
     pub shards: Option<u16>,
@@ -169,7 +185,7 @@ impl Settings {
         }
         set!(listen, admin, max_connections, max_in_flight, handshake_timeout_ms, idle_timeout_ms);
         set!(frame_timeout_ms, write_timeout_ms, queue_depth, max_batch, drain_timeout_ms);
-        set!(pin_cores, segment_bytes);
+        set!(pin_cores, segment_bytes, admin_tls);
         if let Some(v) = &self.keys {
             c.keys_dir = v.clone();
         }
@@ -219,6 +235,7 @@ impl Config {
         let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
         line("listen", format!("\"{}\"", self.listen));
         line("admin", format!("\"{}\"", self.admin));
+        line("admin_tls", self.admin_tls.to_string());
         line("keys", format!("{:?}", self.keys_dir.display().to_string()));
         line("data", format!("{:?}", self.data_dir.display().to_string()));
         match self.shards {

@@ -59,6 +59,9 @@ pub struct Connection<S> {
     pending: HashMap<RequestId, InFlight>,
     reply_tx: mpsc::UnboundedSender<Reply>,
     reply_rx: mpsc::UnboundedReceiver<Reply>,
+    /// Cancelled when this terminal's certificate was revoked (a CRL reload): the connection
+    /// answers what it accepted, then closes. Never cancelled unless [`Self::closed_by`] set it.
+    close: tokio_util::sync::CancellationToken,
 }
 
 /// Why a connection ended (for the log).
@@ -71,6 +74,8 @@ pub enum End {
     Protocol(ErrorCode),
     Io(std::io::Error),
     Shutdown,
+    /// The terminal's certificate was revoked while it was connected.
+    Revoked,
     ServerFailed,
 }
 
@@ -87,13 +92,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             pending: HashMap::new(),
             reply_tx,
             reply_rx,
+            close: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Closes the connection (after draining) when `token` is cancelled.
+    pub fn closed_by(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.close = token;
+        self
     }
 
     pub async fn run(mut self) -> End {
         let end = self.serve().await;
-        if matches!(end, End::Shutdown) {
-            self.drain().await;
+        match end {
+            End::Shutdown => {
+                self.drain(ErrorCode::ShuttingDown, "server shutting down").await;
+            }
+            End::Revoked => {
+                self.drain(ErrorCode::NotPermitted, "terminal certificate revoked").await;
+            }
+            _ => {}
         }
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
@@ -183,6 +201,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 }
                 _ = self.shared.shutdown.cancelled() => return End::Shutdown,
+                _ = self.close.cancelled() => return End::Revoked,
                 _ = self.shared.failed.cancelled() => {
                     self.error_frame(RequestId(0), ErrorCode::Internal, "server storage failed");
                     return End::ServerFailed;
@@ -191,9 +210,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// After shutdown was requested: wait (bounded) for answers already owed, then tell the
-    /// terminal the server is going away.
-    async fn drain(&mut self) {
+    /// After shutdown or revocation: wait (bounded) for answers already owed, then tell the
+    /// terminal why the connection ends.
+    async fn drain(&mut self, code: ErrorCode, message: &str) {
         let deadline = Instant::now() + Duration::from_millis(self.shared.config.drain_timeout_ms);
         while !self.pending.is_empty() {
             tokio::select! {
@@ -205,7 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 _ = self.shared.failed.cancelled() => return,
             }
         }
-        self.error_frame(RequestId(0), ErrorCode::ShuttingDown, "server shutting down");
+        self.error_frame(RequestId(0), code, message);
     }
 
     async fn flush(&mut self) -> Result<(), End> {
@@ -471,5 +490,7 @@ fn role_byte(role: Role) -> u8 {
         Role::Reader => 1,
         Role::Kiosk => 2,
         Role::Counter => 3,
+        // Refused before a connection is built (serve_connection); 0 is no role on the wire.
+        Role::Monitor => 0,
     }
 }
