@@ -298,14 +298,31 @@ mod tests {
     }
 
     #[test]
+    fn admin_off_loopback_needs_tls() {
+        let open = Settings { admin: "0.0.0.0:7701".parse().ok(), ..Settings::default() };
+        let err = Config::from_layers(&[&open]).err().unwrap_or_default();
+        assert!(err.contains("admin_tls"), "{err}");
+        let tls = Settings { admin_tls: Some(true), ..open };
+        assert!(Config::from_layers(&[&tls]).is_ok());
+        let ipv6_loopback = Settings { admin: "[::1]:7701".parse().ok(), ..Settings::default() };
+        assert!(Config::from_layers(&[&ipv6_loopback]).is_ok());
+    }
+
+    #[test]
     fn rendered_config_reads_back_the_same() {
-        let config = Config { max_batch: 77, key_cutoffs: vec![(1, 5)], ..Config::default() };
+        let config = Config {
+            max_batch: 77,
+            admin_tls: true,
+            key_cutoffs: vec![(1, 5)],
+            ..Config::default()
+        };
         let text = config.render();
         let settings: Result<Settings, _> = toml::from_str(&text);
         let back = settings.map(|s| Config::from_layers(&[&s]));
         match back {
             Ok(Ok(back)) => {
                 assert_eq!(back.max_batch, 77);
+                assert!(back.admin_tls);
                 assert_eq!(back.key_cutoffs, vec![(1, 5)]);
             }
             other => panic!("render did not round-trip: {other:?}\n{text}"),
