@@ -96,6 +96,8 @@ pub async fn spawn(
                 let served = tokio::time::timeout(REQUEST_TIMEOUT, async {
                     match tls {
                         None => serve(stream, &health, Access::Allowed).await,
+                        // A trust without an admin config: TLS was asked for but is not set
+                        // up, so nothing is served in the clear.
                         Some(None) => Ok(()),
                         Some(Some(config)) => serve_tls(stream, peer, config, &health).await,
                     }

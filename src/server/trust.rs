@@ -147,12 +147,16 @@ impl Trust {
         close: CancellationToken,
     ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let revoked = self.current().is_some_and(|c| c.revoked.contains(&certificate.serial_hex));
-        if revoked {
-            METRICS.revoked_connection_closed();
-            close.cancel();
-        }
+        // Lock order `live`, then `current` (as in reload): either the reload sees this entry,
+        // or this check sees the reload's CRL. Without it a connection registering while a
+        // reload ran could miss both.
         if let Ok(mut live) = self.live.lock() {
+            let revoked =
+                self.current().is_some_and(|c| c.revoked.contains(&certificate.serial_hex));
+            if revoked {
+                METRICS.revoked_connection_closed();
+                close.cancel();
+            }
             live.insert(id, Live { terminal: terminal.to_owned(), certificate, close });
         }
         Registration { trust: self.clone(), id }
@@ -171,10 +175,10 @@ impl Trust {
             }
         };
         let revoked = next.revoked.clone();
+        let live = self.live.lock().map_err(|_| lock_poisoned())?;
         *self.current.write().map_err(|_| lock_poisoned())? = next;
         METRICS.trust_reload(true);
         let mut closed = 0;
-        let live = self.live.lock().map_err(|_| lock_poisoned())?;
         for connection in live.values() {
             if revoked.contains(&connection.certificate.serial_hex)
                 && !connection.close.is_cancelled()
@@ -236,5 +240,62 @@ impl Trust {
             current.revoked.len() as i64,
         ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{Role, TerminalId};
+
+    fn facts(keys_dir: &std::path::Path, terminal: &str) -> CertificateFacts {
+        let certs = tls::load_certs(&keys_dir.join(format!("terminals/{terminal}.pem")));
+        let certs = certs.unwrap_or_default();
+        assert!(!certs.is_empty(), "no certificate for {terminal}");
+        tls::certificate_facts(&certs[0]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn reload_closes_revoked_registrations_and_a_bad_crl_keeps_the_old_one() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tmp.path();
+        keys::init(dir).unwrap_or_else(|e| panic!("{e}"));
+        let old = TerminalId::new("old-1").unwrap_or_else(|e| panic!("{e}"));
+        keys::issue_terminal(dir, &old, Role::Reader).unwrap_or_else(|e| panic!("{e}"));
+        let crl = keys::revoke(dir, &old).unwrap_or_else(|e| panic!("{e}"));
+        let config =
+            Config { keys_dir: dir.to_path_buf(), crl: Some(crl.clone()), ..Config::default() };
+        let trust = Trust::load(&config).unwrap_or_else(|e| panic!("{e}"));
+
+        // Registering an already revoked certificate closes it at once.
+        let old_close = CancellationToken::new();
+        let _old = trust.register("old-1", facts(dir, "old-1"), old_close.clone());
+        assert!(old_close.is_cancelled());
+
+        let reader_close = CancellationToken::new();
+        let kiosk_close = CancellationToken::new();
+        let reader = trust.register("reader-1", facts(dir, "reader-1"), reader_close.clone());
+        let _kiosk = trust.register("kiosk-1", facts(dir, "kiosk-1"), kiosk_close.clone());
+        let id = TerminalId::new("reader-1").unwrap_or_else(|e| panic!("{e}"));
+        keys::revoke(dir, &id).unwrap_or_else(|e| panic!("{e}"));
+        let outcome = trust.reload().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(outcome, ReloadOutcome { revoked_certificates: 2, connections_closed: 1 });
+        assert!(reader_close.is_cancelled());
+        assert!(!kiosk_close.is_cancelled());
+        drop(reader);
+
+        std::fs::write(&crl, b"not a crl").unwrap_or_else(|e| panic!("{e}"));
+        assert!(trust.reload().is_err());
+        let gauges = trust.gauges();
+        let revoked = gauges.iter().find(|g| g.name == "citycard_crl_revoked_certificates");
+        assert_eq!(revoked.map(|g| g.value), Some(2), "old CRL stays in force");
+        let terminals: Vec<&str> = gauges
+            .iter()
+            .filter(|g| g.labels.contains("kind=\"terminal\""))
+            .map(|g| g.labels.as_str())
+            .collect();
+        // reader-1's registration was dropped; old-1 and kiosk-1 are still registered.
+        assert_eq!(terminals.len(), 2, "{terminals:?}");
+        assert!(terminals.iter().all(|l| !l.contains("reader-1")), "{terminals:?}");
     }
 }
