@@ -1,5 +1,5 @@
-//! The admin listener: plain HTTP on loopback with `/metrics` (Prometheus), `/healthz` and
-//! `/readyz`. It starts before recovery so operators can see "starting", and says "draining"
+//! The admin listener: `/metrics` (Prometheus), `/healthz` and `/readyz` over plain HTTP on
+//! loopback, or over mutual TLS for `monitor` certificates (config `admin_tls`). It starts before recovery so operators can see "starting", and says "draining"
 //! during shutdown.
 
 use std::net::SocketAddr;
@@ -8,10 +8,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::metrics::METRICS;
+use crate::keys::Role;
+use crate::metrics::{Gauge, METRICS};
+use crate::server::trust::Trust;
 use crate::server::Shared;
 
 /// Lifecycle as reported by `/readyz` and `/healthz`.
@@ -25,15 +27,20 @@ pub enum State {
 }
 
 /// Shared between the admin listener and whoever drives the server's lifecycle.
-#[derive(Default)]
 pub struct Health {
     state: AtomicU8,
     server: OnceLock<Arc<Shared>>,
+    /// When the process started, Unix seconds (`citycard_start_time_seconds`).
+    started_unix_secs: i64,
 }
 
 impl Health {
     pub fn new() -> Arc<Health> {
-        Arc::new(Health::default())
+        Arc::new(Health {
+            state: AtomicU8::new(State::Starting as u8),
+            server: OnceLock::new(),
+            started_unix_secs: (crate::now_ms() / 1000) as i64,
+        })
     }
 
     pub fn set(&self, state: State) {
@@ -57,27 +64,48 @@ impl Health {
 
 /// Most bytes of an admin request we read: a GET line and a few headers.
 const MAX_REQUEST: usize = 4096;
-/// A scrape that does not send its request within this is dropped.
+/// A scrape that does not finish its TLS handshake and send its request within this is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Concurrent admin connections; more are closed at once (it is a loopback tool, not a service).
+/// Concurrent admin connections; more are closed at once (a scraper or two, not a service).
 const MAX_ADMIN_CONNECTIONS: usize = 32;
 
-/// Binds the admin address and serves until the process ends.
-pub async fn spawn(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<SocketAddr> {
+/// Binds the admin address and serves until the process ends. With `trust` carrying an admin
+/// TLS config (config `admin_tls`), every connection must complete mutual TLS with a
+/// certificate from the CA whose role is `monitor`; other roles get `403`. Without it the
+/// listener is plain HTTP, which [`crate::config::Config::validate`] allows on loopback only.
+pub async fn spawn(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    trust: Option<Arc<Trust>>,
+) -> anyhow::Result<SocketAddr> {
     let listener =
         TcpListener::bind(addr).await.with_context(|| format!("binding admin listener {addr}"))?;
     let local = listener.local_addr()?;
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
             let health = health.clone();
+            // Taken per connection, so a SIGHUP reload (new CRL) applies to the next scrape.
+            let tls = trust.as_ref().map(|t| t.admin_config());
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, serve(&mut stream, &health)).await;
+                let served = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                    match tls {
+                        None => serve(stream, &health, Access::Allowed).await,
+                        // A trust without an admin config: TLS was asked for but is not set
+                        // up, so nothing is served in the clear.
+                        Some(None) => Ok(()),
+                        Some(Some(config)) => serve_tls(stream, peer, config, &health).await,
+                    }
+                })
+                .await;
+                if let Ok(Err(e)) = served {
+                    tracing::debug!(%peer, error = %e, "admin request failed");
+                }
                 drop(permit);
             });
         }
@@ -85,7 +113,46 @@ pub async fn spawn(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<Sock
     Ok(local)
 }
 
-async fn serve(stream: &mut tokio::net::TcpStream, health: &Health) -> std::io::Result<()> {
+/// Whether the peer may read the admin endpoints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Allowed,
+    /// TLS peer with a valid certificate of another role: answered 403.
+    Forbidden,
+}
+
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    health: &Health,
+) -> std::io::Result<()> {
+    let stream = match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "admin TLS handshake refused");
+            return Ok(());
+        }
+    };
+    let access = match crate::tls::peer_identity(stream.get_ref().1) {
+        Ok((_, Role::Monitor)) => Access::Allowed,
+        Ok((id, role)) => {
+            tracing::warn!(%peer, terminal = %id, %role, "admin listener refused a non-monitor certificate");
+            Access::Forbidden
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "admin client certificate lacks an identity");
+            Access::Forbidden
+        }
+    };
+    serve(stream, health, access).await
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    health: &Health,
+    access: Access,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
@@ -99,7 +166,9 @@ async fn serve(stream: &mut tokio::net::TcpStream, health: &Health) -> std::io::
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = if method != "GET" {
+    let (status, content_type, body) = if access == Access::Forbidden {
+        ("403 Forbidden", "text/plain", "a monitor certificate is required\n".to_owned())
+    } else if method != "GET" {
         ("405 Method Not Allowed", "text/plain", "only GET\n".to_owned())
     } else {
         match path {
@@ -127,31 +196,64 @@ async fn serve(stream: &mut tokio::net::TcpStream, health: &Health) -> std::io::
 }
 
 fn render(health: &Health) -> String {
-    let mut gauges =
-        vec![("citycard_up", String::new(), u64::from(health.state() == State::Ready))];
+    let state = health.state();
+    let mut gauges = vec![Gauge::new(
+        "citycard_up",
+        "1 when the server is ready to serve terminals",
+        "",
+        i64::from(state == State::Ready),
+    )];
+    for (name, s) in [
+        ("starting", State::Starting),
+        ("ready", State::Ready),
+        ("draining", State::Draining),
+        ("failed", State::Failed),
+    ] {
+        gauges.push(Gauge::new(
+            "citycard_state",
+            "Lifecycle state, one series per state; 1 marks the current one",
+            &format!("state=\"{name}\""),
+            i64::from(state == s),
+        ));
+    }
+    gauges.push(Gauge::new(
+        "citycard_start_time_seconds",
+        "Unix time the process started (a change means a restart)",
+        "",
+        health.started_unix_secs,
+    ));
     if let Some(shared) = health.server.get() {
-        gauges.push((
+        gauges.push(Gauge::new(
             "citycard_connections",
-            String::new(),
-            shared.connections.load(Ordering::Relaxed),
+            "Open terminal connections",
+            "",
+            shared.connections.load(Ordering::Relaxed) as i64,
         ));
         for (i, queue) in shared.shards.iter().enumerate() {
-            gauges.push(("citycard_queue_depth", format!("shard=\"{i}\""), queue.len() as u64));
+            gauges.push(Gauge::new(
+                "citycard_queue_depth",
+                "Jobs waiting in a shard's queue",
+                &format!("shard=\"{i}\""),
+                queue.len() as i64,
+            ));
         }
         for (i, w) in shared.workers.iter().enumerate() {
-            gauges.push((
+            gauges.push(Gauge::new(
                 "citycard_last_batch_jobs",
-                format!("shard=\"{i}\""),
-                w.last_batch.load(Ordering::Relaxed),
+                "Jobs in a shard's most recent group commit",
+                &format!("shard=\"{i}\""),
+                w.last_batch.load(Ordering::Relaxed) as i64,
             ));
         }
         for (i, w) in shared.workers.iter().enumerate() {
-            gauges.push((
+            gauges.push(Gauge::new(
                 "citycard_hotlist_version",
-                format!("shard=\"{i}\""),
-                w.hotlist_version.load(Ordering::Relaxed),
+                "A shard's hotlist version (card blocks and unblocks so far)",
+                &format!("shard=\"{i}\""),
+                w.hotlist_version.load(Ordering::Relaxed) as i64,
             ));
         }
+        gauges.extend(shared.trust.gauges());
     }
     METRICS.render(&gauges)
 }

@@ -9,8 +9,14 @@ use crate::engine::Limits;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
-    /// Plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`); keep it on loopback.
+    /// Admin listener (`/metrics`, `/healthz`, `/readyz`). Plain HTTP, allowed on loopback only,
+    /// unless `admin_tls`.
     pub admin: SocketAddr,
+    /// Serve the admin listener over mutual TLS (server certificate and CA of the keys
+    /// directory, CRL applied); only `monitor` client certificates may read it. Required when
+    /// `admin` is not a loopback address: metrics name terminals and reveal load, and plain
+    /// HTTP on a network would hand them to anyone who can connect.
+    pub admin_tls: bool,
     pub keys_dir: PathBuf,
     pub data_dir: PathBuf,
     /// Shards (worker threads, journals); None = number of cores. Fixed per data directory.
@@ -58,6 +64,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             admin: SocketAddr::from(([127, 0, 0, 1], 7701)),
+            admin_tls: false,
             keys_dir: PathBuf::from("keys"),
             data_dir: PathBuf::from("data"),
             shards: None,
@@ -122,6 +129,14 @@ impl Config {
         if self.segment_bytes < 64 * 1024 {
             return Err("segment_bytes must be at least 65536".into());
         }
+        if !self.admin.ip().is_loopback() && !self.admin_tls {
+            return Err(format!(
+                "admin = {} is not a loopback address, and plain HTTP there would serve metrics \
+                 to the network: set admin_tls = true (mutual TLS, monitor certificates only) \
+                 or bind the admin listener to 127.0.0.1",
+                self.admin
+            ));
+        }
         Ok(())
     }
 }
@@ -134,6 +149,7 @@ impl Config {
 pub struct Settings {
     pub listen: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub admin_tls: Option<bool>,
     pub keys: Option<PathBuf>,
     pub data: Option<PathBuf>,
     pub shards: Option<u16>,
@@ -180,7 +196,7 @@ impl Settings {
         }
         set!(listen, admin, max_connections, max_in_flight, handshake_timeout_ms, idle_timeout_ms);
         set!(frame_timeout_ms, write_timeout_ms, queue_depth, max_batch, drain_timeout_ms);
-        set!(pin_cores, segment_bytes);
+        set!(pin_cores, segment_bytes, admin_tls);
         if let Some(v) = &self.keys {
             c.keys_dir = v.clone();
         }
@@ -239,6 +255,7 @@ impl Config {
         let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
         line("listen", format!("\"{}\"", self.listen));
         line("admin", format!("\"{}\"", self.admin));
+        line("admin_tls", self.admin_tls.to_string());
         line("keys", format!("{:?}", self.keys_dir.display().to_string()));
         line("data", format!("{:?}", self.data_dir.display().to_string()));
         match self.shards {
@@ -307,14 +324,31 @@ mod tests {
     }
 
     #[test]
+    fn admin_off_loopback_needs_tls() {
+        let open = Settings { admin: "0.0.0.0:7701".parse().ok(), ..Settings::default() };
+        let err = Config::from_layers(&[&open]).err().unwrap_or_default();
+        assert!(err.contains("admin_tls"), "{err}");
+        let tls = Settings { admin_tls: Some(true), ..open };
+        assert!(Config::from_layers(&[&tls]).is_ok());
+        let ipv6_loopback = Settings { admin: "[::1]:7701".parse().ok(), ..Settings::default() };
+        assert!(Config::from_layers(&[&ipv6_loopback]).is_ok());
+    }
+
+    #[test]
     fn rendered_config_reads_back_the_same() {
-        let config = Config { max_batch: 77, key_cutoffs: vec![(1, 5)], ..Config::default() };
+        let config = Config {
+            max_batch: 77,
+            admin_tls: true,
+            key_cutoffs: vec![(1, 5)],
+            ..Config::default()
+        };
         let text = config.render();
         let settings: Result<Settings, _> = toml::from_str(&text);
         let back = settings.map(|s| Config::from_layers(&[&s]));
         match back {
             Ok(Ok(back)) => {
                 assert_eq!(back.max_batch, 77);
+                assert!(back.admin_tls);
                 assert_eq!(back.key_cutoffs, vec![(1, 5)]);
             }
             other => panic!("render did not round-trip: {other:?}\n{text}"),

@@ -66,7 +66,7 @@ pub enum KeysError {
     AlreadyExists(PathBuf),
     #[error("invalid terminal id {0:?}: must be 1 to 32 bytes of A-Z, a-z, 0-9, '.', '_' or '-'")]
     InvalidTerminalId(String),
-    #[error("invalid terminal role {0:?}: expected reader, kiosk or counter")]
+    #[error("invalid terminal role {0:?}: expected reader, kiosk, counter or monitor")]
     InvalidRole(String),
     #[error("{}: PEM: {source}", path.display())]
     Pem {
@@ -113,17 +113,26 @@ pub enum Role {
     Reader,
     Kiosk,
     Counter,
+    /// A monitoring system (Prometheus): may scrape the admin listener over TLS, may not open
+    /// a terminal connection (the terminal listener closes it right after the handshake).
+    Monitor,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Reader, Role::Kiosk, Role::Counter];
+    pub const ALL: [Role; 4] = [Role::Reader, Role::Kiosk, Role::Counter, Role::Monitor];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Reader => "reader",
             Role::Kiosk => "kiosk",
             Role::Counter => "counter",
+            Role::Monitor => "monitor",
         }
+    }
+
+    /// True for the roles that speak the terminal protocol.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Role::Monitor)
     }
 }
 
@@ -135,6 +144,7 @@ impl FromStr for Role {
             "reader" => Ok(Role::Reader),
             "kiosk" => Ok(Role::Kiosk),
             "counter" => Ok(Role::Counter),
+            "monitor" => Ok(Role::Monitor),
             other => Err(KeysError::InvalidRole(other.to_string())),
         }
     }
@@ -249,7 +259,7 @@ fn random_serial() -> Result<SerialNumber, KeysError> {
 }
 
 /// Canonical hex of a DER INTEGER's content bytes (leading zero bytes removed).
-fn serial_hex(raw: &[u8]) -> String {
+pub fn serial_hex(raw: &[u8]) -> String {
     let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
     to_hex(&raw[start..])
 }
@@ -691,7 +701,8 @@ fn parse_revoked(path: &Path, text: &str) -> Result<Vec<RevokedEntry>, KeysError
 
 /// Revokes a terminal's certificate: adds its serial to `revoked.txt` and regenerates
 /// `crl.pem` (signed by the CA) from the whole list. Revoking twice is harmless. Returns the
-/// CRL path. A running server reads the CRL when its config is built ([`crate::tls`]).
+/// CRL path. A running server reads the CRL at start and again on SIGHUP
+/// ([`crate::server::trust`]).
 pub fn revoke(dir: &Path, id: &TerminalId) -> Result<PathBuf, KeysError> {
     let (cert_path, _) = terminal_paths(dir, id);
     let der = load_first_cert(&cert_path)?;

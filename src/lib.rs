@@ -6,7 +6,8 @@
 //! - [`tls`]: rustls server/client configuration and terminal identity from certificates.
 //! - [`journal`]: the per-shard append-only journal (source of truth, group commit).
 //! - [`engine`]: the shard engine: decisions, journal records, derived state in sled.
-//! - [`server`]: TLS listener, connection tasks, shard worker threads, shutdown.
+//! - [`server`]: TLS listener, connection tasks, shard worker threads, shutdown; `server::trust`
+//!   holds the TLS configs and open connections a SIGHUP CRL reload works on.
 //! - [`verify`]: the offline audit of a data directory.
 //! - [`metrics`]: lock-free counters and histograms; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 #![forbid(unsafe_code)]

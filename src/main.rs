@@ -8,6 +8,7 @@ use anyhow::Context;
 use citycard::admin::{self, Health, State};
 use citycard::config::{Config, KeyCutoff, Settings};
 use citycard::keys::{self, Role, TerminalId};
+use citycard::server::trust::Trust;
 use citycard::server::RunningServer;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -69,10 +70,13 @@ struct ServeArgs {
     /// Terminal listener [default: 127.0.0.1:7700].
     #[arg(long, env = "CITYCARD_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Admin listener for /metrics, /healthz, /readyz (plain HTTP; keep it on loopback)
-    /// [default: 127.0.0.1:7701].
+    /// Admin listener for /metrics, /healthz, /readyz [default: 127.0.0.1:7701]. Plain HTTP
+    /// on loopback; any other address needs --admin-tls true.
     #[arg(long, env = "CITYCARD_ADMIN")]
     admin: Option<SocketAddr>,
+    /// Serve the admin listener over mutual TLS to `monitor` certificates only.
+    #[arg(long, env = "CITYCARD_ADMIN_TLS")]
+    admin_tls: Option<bool>,
     /// Number of shards [default: number of cores]. Fixed once a data directory exists.
     #[arg(long, env = "CITYCARD_SHARDS")]
     shards: Option<u16>,
@@ -137,6 +141,7 @@ impl ServeArgs {
         let cli = Settings {
             listen: self.listen,
             admin: self.admin,
+            admin_tls: self.admin_tls,
             keys: self.keys.clone(),
             data: self.data.clone(),
             shards: self.shards,
@@ -209,7 +214,8 @@ enum KeysCommand {
         #[arg(long, default_value = "keys")]
         dir: PathBuf,
     },
-    /// Issue a terminal certificate (CN = id, OU = role).
+    /// Issue a client certificate (CN = id, OU = role: reader, kiosk, counter, or monitor for
+    /// scraping a TLS admin listener).
     Terminal {
         #[arg(long, default_value = "keys")]
         dir: PathBuf,
@@ -218,7 +224,8 @@ enum KeysCommand {
         #[arg(long)]
         role: String,
     },
-    /// Revoke a terminal certificate: writes crl.pem (serve with --crl DIR/crl.pem).
+    /// Revoke a terminal certificate: writes crl.pem (serve with --crl DIR/crl.pem; SIGHUP
+    /// applies it to a running server).
     Revoke {
         #[arg(long, default_value = "keys")]
         dir: PathBuf,
@@ -311,7 +318,11 @@ fn keys_command(command: KeysCommand) -> anyhow::Result<ExitCode> {
         }
         KeysCommand::Revoke { dir, id } => {
             let crl = keys::revoke(&dir, &TerminalId::new(id)?)?;
-            println!("wrote {} (restart the server with --crl {})", crl.display(), crl.display());
+            println!(
+                "wrote {}; a server running with --crl {} applies it on SIGHUP (open connections of the terminal are closed)",
+                crl.display(),
+                crl.display()
+            );
         }
         KeysCommand::RotateIssuer { dir } => {
             let version = keys::add_issuer_version(&dir)?;
@@ -358,9 +369,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("starting the runtime")?;
     runtime.block_on(async move {
         let health = Health::new();
-        let admin = admin::spawn(config.admin, health.clone()).await?;
-        tracing::info!(%admin, "admin listener (metrics, healthz, readyz)");
-        let server = match RunningServer::start(config).await {
+        let trust = Trust::load(&config).context("loading TLS material")?;
+        let admin_trust = config.admin_tls.then(|| trust.clone());
+        let admin = admin::spawn(config.admin, health.clone(), admin_trust).await?;
+        let scheme = if config.admin_tls { "https" } else { "http" };
+        tracing::info!(%admin, scheme, "admin listener (metrics, healthz, readyz)");
+        let server = match RunningServer::start_with_trust(config, trust).await {
             Ok(server) => server,
             Err(e) => {
                 health.set(State::Failed);
@@ -384,10 +398,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     tracing::info!("SIGTERM: draining");
                     break;
                 }
-                _ = hangup.recv() => match server.reload_keys() {
-                    Ok(version) => tracing::info!(current_version = version, "SIGHUP: issuer keys reloaded"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: key reload failed; keeping the old keys"),
-                },
+                _ = hangup.recv() => {
+                    match server.reload_keys() {
+                        Ok(version) => tracing::info!(current_version = version, "SIGHUP: issuer keys reloaded"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: key reload failed; keeping the old keys"),
+                    }
+                    match server.reload_trust() {
+                        Ok(done) => tracing::info!(
+                            revoked_certificates = done.revoked_certificates,
+                            connections_closed = done.connections_closed,
+                            "SIGHUP: CRL and TLS configuration reloaded"
+                        ),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: CRL or TLS reload failed; keeping the old ones"),
+                    }
+                }
                 _ = server.failed() => {
                     health.set(State::Failed);
                     tracing::error!("storage failure: exiting without draining");

@@ -53,7 +53,9 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str, scale: f64) {
+    /// `per_unit`: recorded values per exported unit (1e6 for microseconds as seconds). Dividing
+    /// (not multiplying by 1e-6) keeps bounds like 0.00005 exact in the text.
+    fn render(&self, out: &mut String, name: &str, labels: &str, per_unit: f64) {
         let mut cumulative = 0;
         let sep = if labels.is_empty() { "" } else { "," };
         for (i, bound) in BOUNDS_US.iter().enumerate() {
@@ -61,22 +63,23 @@ impl Histogram {
             let _ = writeln!(
                 out,
                 "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}",
-                *bound as f64 * scale
+                *bound as f64 / per_unit
             );
         }
         cumulative += self.buckets[BOUNDS_US.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
         let _ = writeln!(
             out,
-            "{name}_sum{{{labels}}} {}",
-            self.sum_us.load(Ordering::Relaxed) as f64 * scale
+            "{name}_sum{braced} {}",
+            self.sum_us.load(Ordering::Relaxed) as f64 / per_unit
         );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}_count{braced} {}", self.count.load(Ordering::Relaxed));
     }
 }
 
 /// Why TLS handshakes failed, as counted.
-pub const HANDSHAKE_REASONS: [&str; 9] = [
+pub const HANDSHAKE_REASONS: [&str; 10] = [
     "no_certificate",
     "unknown_ca",
     "expired",
@@ -85,8 +88,30 @@ pub const HANDSHAKE_REASONS: [&str; 9] = [
     "no_alpn",
     "timeout",
     "no_identity",
+    "wrong_role",
     "other",
 ];
+
+/// A gauge sample the admin listener passes to [`Metrics::render`].
+pub struct Gauge {
+    pub name: &'static str,
+    pub help: &'static str,
+    /// Rendered label pairs without braces (`shard="0"`), or empty.
+    pub labels: String,
+    pub value: i64,
+}
+
+impl Gauge {
+    pub fn new(name: &'static str, help: &'static str, labels: &str, value: i64) -> Gauge {
+        Gauge { name, help, labels: labels.to_owned(), value }
+    }
+}
+
+/// `# HELP` and `# TYPE` lines of one family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
 
 pub struct Metrics {
     transactions: [[AtomicU64; STATUSES]; OPS],
@@ -98,6 +123,9 @@ pub struct Metrics {
     connections_total: AtomicU64,
     busy: AtomicU64,
     checkpoints: AtomicU64,
+    trust_reloads: AtomicU64,
+    trust_reload_failures: AtomicU64,
+    revoked_connections_closed: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -110,6 +138,9 @@ pub static METRICS: Metrics = Metrics {
     connections_total: AtomicU64::new(0),
     busy: AtomicU64::new(0),
     checkpoints: AtomicU64::new(0),
+    trust_reloads: AtomicU64::new(0),
+    trust_reload_failures: AtomicU64::new(0),
+    revoked_connections_closed: AtomicU64::new(0),
 };
 
 fn op_index(message_type: MessageType) -> Option<usize> {
@@ -158,12 +189,29 @@ impl Metrics {
         self.connections_total.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Prometheus text exposition. `gauges` are rendered as given (name, labels, value).
-    pub fn render(&self, gauges: &[(&str, String, u64)]) -> String {
+    /// A CRL / TLS config reload on SIGHUP that succeeded or was refused (old trust kept).
+    pub fn trust_reload(&self, ok: bool) {
+        let counter = if ok { &self.trust_reloads } else { &self.trust_reload_failures };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An open connection told to close because its certificate was revoked.
+    pub fn revoked_connection_closed(&self) {
+        self.revoked_connections_closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition: every family with `# HELP` and `# TYPE`, then `gauges` as
+    /// given (grouped by name, in order of first appearance).
+    pub fn render(&self, gauges: &[Gauge]) -> String {
         let mut out = String::with_capacity(16 * 1024);
-        let _ = writeln!(out, "# TYPE citycard_build_info gauge");
+        family(&mut out, "citycard_build_info", "gauge", "Version of the running citycard");
         let _ = writeln!(out, "citycard_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-        let _ = writeln!(out, "# TYPE citycard_transactions_total counter");
+        family(
+            &mut out,
+            "citycard_transactions_total",
+            "counter",
+            "Answered requests by operation and result (Approved or the decline status)",
+        );
         for (op, row) in self.transactions.iter().enumerate() {
             for (status, count) in row.iter().enumerate() {
                 let n = count.load(Ordering::Relaxed);
@@ -179,58 +227,99 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(out, "# TYPE citycard_request_seconds histogram");
+        family(
+            &mut out,
+            "citycard_request_seconds",
+            "histogram",
+            "Request latency from frame decoded to answer queued, by operation",
+        );
         for (op, h) in self.latency.iter().enumerate() {
             if h.count.load(Ordering::Relaxed) > 0 {
                 h.render(
                     &mut out,
                     "citycard_request_seconds",
                     &format!("op=\"{}\"", OP_NAMES[op]),
-                    1e-6,
+                    1e6,
                 );
             }
         }
-        let _ = writeln!(out, "# TYPE citycard_journal_sync_seconds histogram");
-        self.journal_sync.render(&mut out, "citycard_journal_sync_seconds", "", 1e-6);
-        let _ = writeln!(out, "# TYPE citycard_batch_jobs histogram");
+        family(
+            &mut out,
+            "citycard_journal_sync_seconds",
+            "histogram",
+            "Duration of one journal group commit sync (fdatasync)",
+        );
+        self.journal_sync.render(&mut out, "citycard_journal_sync_seconds", "", 1e6);
+        family(&mut out, "citycard_batch_jobs", "histogram", "Jobs covered by one group commit");
         self.batch_size.render(&mut out, "citycard_batch_jobs", "", 1.0);
-        let _ = writeln!(out, "# TYPE citycard_tls_handshake_failures_total counter");
+        family(
+            &mut out,
+            "citycard_tls_handshake_failures_total",
+            "counter",
+            "Refused terminal TLS handshakes by reason",
+        );
         for (i, reason) in HANDSHAKE_REASONS.iter().enumerate() {
             let n = self.handshake_failures[i].load(Ordering::Relaxed);
             let _ =
                 writeln!(out, "citycard_tls_handshake_failures_total{{reason=\"{reason}\"}} {n}");
         }
-        let _ = writeln!(out, "# TYPE citycard_protocol_errors_total counter");
+        family(
+            &mut out,
+            "citycard_protocol_errors_total",
+            "counter",
+            "Malformed frames answered with an error frame, by error code",
+        );
         for (code, count) in self.protocol_errors.iter().enumerate() {
             let n = count.load(Ordering::Relaxed);
             if n > 0 {
                 let _ = writeln!(out, "citycard_protocol_errors_total{{code=\"{code}\"}} {n}");
             }
         }
-        let _ = writeln!(out, "# TYPE citycard_connections_total counter");
-        let _ = writeln!(
-            out,
-            "citycard_connections_total {}",
-            self.connections_total.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(out, "# TYPE citycard_busy_total counter");
-        let _ = writeln!(out, "citycard_busy_total {}", self.busy.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# TYPE citycard_checkpoints_total counter");
-        let _ = writeln!(
-            out,
-            "citycard_checkpoints_total {}",
-            self.checkpoints.load(Ordering::Relaxed)
-        );
-        let mut last = "";
-        for (name, labels, value) in gauges {
-            if *name != last {
-                let _ = writeln!(out, "# TYPE {name} gauge");
-                last = name;
+        let counters = [
+            (
+                "citycard_connections_total",
+                "Terminal connections accepted since start",
+                &self.connections_total,
+            ),
+            ("citycard_busy_total", "Requests answered Busy (a shard queue was full)", &self.busy),
+            (
+                "citycard_trust_reloads_total",
+                "Successful CRL and TLS configuration reloads (SIGHUP)",
+                &self.trust_reloads,
+            ),
+            (
+                "citycard_trust_reload_failures_total",
+                "Refused CRL or TLS configuration reloads; the previous trust stayed in force",
+                &self.trust_reload_failures,
+            ),
+            (
+                "citycard_checkpoints_total",
+                "Checkpoints written (all shards): each bounds the next start's replay",
+                &self.checkpoints,
+            ),
+            (
+                "citycard_revoked_connections_closed_total",
+                "Open connections closed because their certificate was revoked",
+                &self.revoked_connections_closed,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        for gauge in gauges {
+            if seen.contains(&gauge.name) {
+                continue;
             }
-            if labels.is_empty() {
-                let _ = writeln!(out, "{name} {value}");
-            } else {
-                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            seen.push(gauge.name);
+            family(&mut out, gauge.name, "gauge", gauge.help);
+            for g in gauges.iter().filter(|g| g.name == gauge.name) {
+                if g.labels.is_empty() {
+                    let _ = writeln!(out, "{} {}", g.name, g.value);
+                } else {
+                    let _ = writeln!(out, "{}{{{}}} {}", g.name, g.labels, g.value);
+                }
             }
         }
         out
@@ -252,6 +341,6 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"50\"} 1"), "{out}");
         assert!(out.contains("x_bucket{le=\"200\"} 2"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3"), "{out}");
-        assert!(out.contains("x_count{} 3"), "{out}");
+        assert!(out.contains("x_count 3"), "{out}");
     }
 }

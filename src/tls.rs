@@ -53,29 +53,96 @@ fn load_roots(ca_pem: &Path) -> Result<Arc<RootCertStore>, KeysError> {
     Ok(Arc::new(roots))
 }
 
-fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, KeysError> {
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
+/// Largest CRL file the server reads: a revoked entry is about 40 bytes, so 16 MiB holds some
+/// 400,000 revocations, far beyond a city's terminal fleet, and bounds what a bad file costs.
+pub const MAX_CRL_BYTES: u64 = 16 * 1024 * 1024;
+
+/// A CRL that was read, parsed and checked against the CA: signed by `ca.pem`, issued in its
+/// name. `revoked` holds the canonical serial hex ([`crate::keys::serial_hex`]) of every entry
+/// so live connections can be matched against it.
+#[derive(Clone, Debug)]
+pub struct Crl {
+    ders: Vec<CertificateRevocationListDer<'static>>,
+    pub revoked: std::collections::HashSet<String>,
+}
+
+/// Reads the CRL(s) in the PEM file `path` and checks each against `keys_dir/ca.pem`: a CRL
+/// from another CA would make every terminal's revocation status unknown and lock the whole
+/// fleet out, so it is refused here with a clear error instead.
+pub fn load_crl(keys_dir: &Path, path: &Path) -> Result<Crl, KeysError> {
+    let bad = |reason: String| KeysError::Format { path: path.to_path_buf(), reason };
+    let len = std::fs::metadata(path)
+        .map_err(|source| KeysError::Io { path: path.to_path_buf(), source })?
+        .len();
+    if len > MAX_CRL_BYTES {
+        return Err(bad(format!("{len} bytes is more than the limit of {MAX_CRL_BYTES}")));
+    }
+    let ders = CertificateRevocationListDer::pem_file_iter(path)
         .map_err(pem_err(path))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem_err(path))?;
-    if crls.is_empty() {
+    if ders.is_empty() {
         return Err(pem_err(path)(rustls_pki_types::pem::Error::NoItemsFound));
     }
-    Ok(crls)
+    let ca_der = load_certs(&keys_dir.join(crate::keys::CA_CERT))?;
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der[0].as_ref())
+        .map_err(|e| bad(format!("CA certificate does not parse: {e}")))?;
+    let mut revoked = std::collections::HashSet::new();
+    for der in &ders {
+        let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+            .map_err(|e| bad(format!("not a CRL: {e}")))?;
+        if crl.issuer().as_raw() != ca.subject().as_raw() {
+            return Err(bad(format!("issued by {}, not by the CA {}", crl.issuer(), ca.subject())));
+        }
+        crl.verify_signature(ca.public_key())
+            .map_err(|e| bad(format!("signature does not verify with the CA key: {e}")))?;
+        for entry in crl.iter_revoked_certificates() {
+            revoked.insert(crate::keys::serial_hex(entry.raw_serial()));
+        }
+    }
+    Ok(Crl { ders, revoked })
+}
+
+/// What the server keeps about a verified peer or its own certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateFacts {
+    /// Canonical serial hex, as in `revoked.txt`.
+    pub serial_hex: String,
+    /// End of validity, Unix seconds.
+    pub not_after_unix_secs: i64,
+}
+
+pub fn certificate_facts(cert: &CertificateDer<'_>) -> Result<CertificateFacts, KeysError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| KeysError::PeerIdentity(format!("unparsable certificate: {e}")))?;
+    Ok(CertificateFacts {
+        serial_hex: crate::keys::serial_hex(x509.raw_serial()),
+        not_after_unix_secs: x509.validity().not_after.timestamp(),
+    })
 }
 
 /// Server config: TLS 1.3 only, client certificate required and verified against
 /// `keys_dir/ca.pem` (and against `crl` when given; a certificate whose status the CRL cannot
 /// tell is refused), server identity from `server.pem` / `server.key`, ALPN `citycard/1`,
 /// no 0-RTT, no session resumption (no tickets, no session cache), no key log.
-///
-/// The CRL is read once here: to apply a new revocation, build a new config.
 pub fn server_config(keys_dir: &Path, crl: Option<&Path>) -> Result<Arc<ServerConfig>, KeysError> {
+    let crl = crl.map(|path| load_crl(keys_dir, path)).transpose()?;
+    server_config_with(keys_dir, crl.as_ref(), Some(ALPN))
+}
+
+/// [`server_config`] from an already checked CRL. `alpn` is the one protocol offered (the
+/// terminal listener's `citycard/1`), or None for the admin listener, which speaks HTTP/1.1
+/// to any scraper.
+pub fn server_config_with(
+    keys_dir: &Path,
+    crl: Option<&Crl>,
+    alpn: Option<&[u8]>,
+) -> Result<Arc<ServerConfig>, KeysError> {
     let provider = provider();
     let roots = load_roots(&keys_dir.join(crate::keys::CA_CERT))?;
     let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
     if let Some(crl) = crl {
-        verifier = verifier.with_crls(load_crls(crl)?);
+        verifier = verifier.with_crls(crl.ders.clone());
     }
     let verifier = verifier.build()?;
 
@@ -85,7 +152,7 @@ pub fn server_config(keys_dir: &Path, crl: Option<&Path>) -> Result<Arc<ServerCo
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = alpn.map(|p| vec![p.to_vec()]).unwrap_or_default();
     config.max_early_data_size = 0;
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});

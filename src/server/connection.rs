@@ -62,6 +62,9 @@ pub struct Connection<S> {
     /// The Error frame that ends the connection, sent after the answers still owed for the
     /// requests accepted before it (PROTOCOL.md 5.1: every accepted request gets its answer).
     closing: Option<(RequestId, ErrorCode, String)>,
+    /// Cancelled when this terminal's certificate was revoked (a CRL reload): the connection
+    /// answers what it accepted, then closes. Never cancelled unless [`Self::closed_by`] set it.
+    close: tokio_util::sync::CancellationToken,
 }
 
 /// Why a connection ended (for the log).
@@ -74,6 +77,8 @@ pub enum End {
     Protocol(ErrorCode),
     Io(std::io::Error),
     Shutdown,
+    /// The terminal's certificate was revoked while it was connected.
+    Revoked,
     ServerFailed,
 }
 
@@ -91,7 +96,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             reply_tx,
             reply_rx,
             closing: None,
+            close: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Closes the connection (after draining) when `token` is cancelled.
+    pub fn closed_by(mut self, token: tokio_util::sync::CancellationToken) -> Self {
+        self.close = token;
+        self
     }
 
     pub async fn run(mut self) -> End {
@@ -99,7 +111,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // Requests accepted before the end were (or are being) executed: answer them first.
         // Only a storage failure leaves their outcome unknown (Error Internal), and a broken
         // or stuck socket cannot carry answers at all.
-        if matches!(end, End::Shutdown | End::Protocol(_) | End::FrameTimeout | End::ClientClosed) {
+        if matches!(
+            end,
+            End::Shutdown | End::Revoked | End::Protocol(_) | End::FrameTimeout | End::ClientClosed
+        ) {
             self.drain().await;
         }
         if let Some((request_id, code, message)) = self.closing.take() {
@@ -195,6 +210,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 _ = self.shared.shutdown.cancelled() => {
                     self.close_with(RequestId(0), ErrorCode::ShuttingDown, "server shutting down");
                     return End::Shutdown;
+                }
+                _ = self.close.cancelled() => {
+                    self.close_with(RequestId(0), ErrorCode::NotPermitted, "terminal certificate revoked");
+                    return End::Revoked;
                 }
                 _ = self.shared.failed.cancelled() => {
                     self.close_with(RequestId(0), ErrorCode::Internal, "server storage failed");
@@ -500,5 +519,7 @@ fn role_byte(role: Role) -> u8 {
         Role::Reader => 1,
         Role::Kiosk => 2,
         Role::Counter => 3,
+        // Refused before a connection is built (serve_connection); 0 is no role on the wire.
+        Role::Monitor => 0,
     }
 }

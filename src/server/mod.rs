@@ -1,6 +1,7 @@
 //! The TLS listener, connection limits, shard workers and the shutdown sequence.
 
 pub mod connection;
+pub mod trust;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -40,6 +41,8 @@ pub struct Shared {
     /// Cancelled when a shard's storage failed.
     pub failed: CancellationToken,
     pub connections: AtomicU64,
+    /// TLS configs for new handshakes and the registry of open connections (CRL reload).
+    pub trust: Arc<trust::Trust>,
 }
 
 /// A started server. Dropping it does not stop it; call [`RunningServer::stop`].
@@ -173,10 +176,20 @@ impl RunningServer {
     /// Opens every shard (recovering journals), binds the listener, and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let trust = trust::Trust::load(&config)?;
+        Self::start_with_trust(config, trust).await
+    }
+
+    /// [`RunningServer::start`] with TLS material already loaded (the binary shares it with the
+    /// admin listener, which starts first).
+    pub async fn start_with_trust(
+        config: Config,
+        trust: Arc<trust::Trust>,
+    ) -> anyhow::Result<RunningServer> {
+        config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let lock = lock_data_dir(&config.data_dir)?;
         let count = shard_count(&config.data_dir, config.shards)?;
         let archive = archive_root(&config.data_dir, config.archive_dir.as_deref())?;
-        let tls = crate::tls::server_config(&config.keys_dir, config.crl.as_deref())?;
         let secrets = Arc::new(load_secrets(&config.keys_dir, &config.key_cutoffs)?);
 
         let mut opened = Vec::new();
@@ -262,14 +275,10 @@ impl RunningServer {
             shutdown: shutdown.clone(),
             failed,
             connections: AtomicU64::new(0),
+            trust,
         });
         let tracker = TaskTracker::new();
-        let accept_task = tokio::spawn(accept_loop(
-            listener,
-            TlsAcceptor::from(tls),
-            shared.clone(),
-            tracker.clone(),
-        ));
+        let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), tracker.clone()));
         Ok(RunningServer {
             local_addr,
             shared,
@@ -302,6 +311,13 @@ impl RunningServer {
                 .map_err(|_| anyhow::anyhow!("shard {index} did not take the key reload"))?;
         }
         Ok(version)
+    }
+
+    /// Re-reads the CRL (and CA and server certificate) for new handshakes and closes, after
+    /// their in-flight requests, the open connections whose certificate is now revoked. On
+    /// error (a bad CRL, say) the old trust stays in force.
+    pub fn reload_trust(&self) -> anyhow::Result<trust::ReloadOutcome> {
+        Ok(self.shared.trust.reload()?)
     }
 
     /// The state the admin listener reads (queues, connections, hotlist versions).
@@ -353,12 +369,7 @@ const RELOAD_QUEUE_WAIT: Duration = Duration::from_secs(5);
 /// handshake slot until the handshake timeout instead).
 const MAX_HANDSHAKES: usize = 256;
 
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    tracker: TaskTracker,
-) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
     let slots = Arc::new(Semaphore::new(shared.config.max_connections));
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
@@ -377,7 +388,14 @@ async fn accept_loop(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        // Read per accept, so a SIGHUP reload applies to the next handshake.
+        let Some(config) = shared.trust.terminal_config() else {
+            tracing::error!(
+                "TLS configuration unavailable (lock poisoned); dropping the connection"
+            );
+            continue;
+        };
+        let acceptor = TlsAcceptor::from(config);
         let shared = shared.clone();
         let slots = slots.clone();
         tracker.spawn(async move {
@@ -459,6 +477,25 @@ async fn serve_connection(
             return;
         }
     };
+    if !role.is_terminal() {
+        METRICS.handshake_failure("wrong_role");
+        tracing::warn!(%peer, terminal = %terminal, %role, "certificate role may not open a terminal connection");
+        return;
+    }
+    let certificate = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        Some(leaf) => crate::tls::certificate_facts(leaf),
+        None => Err(crate::keys::KeysError::PeerIdentity("no client certificate".into())),
+    };
+    let certificate = match certificate {
+        Ok(facts) => facts,
+        Err(e) => {
+            METRICS.handshake_failure("no_identity");
+            tracing::warn!(%peer, error = %e, "client certificate unreadable");
+            return;
+        }
+    };
+    let close = CancellationToken::new();
+    let _registration = shared.trust.register(terminal.as_str(), certificate, close.clone());
     let span = tracing::info_span!("connection", terminal = %terminal, role = %role, %peer);
     let _entered = span.clone();
     shared.connections.fetch_add(1, Ordering::Relaxed);
@@ -468,6 +505,7 @@ async fn serve_connection(
         use tracing::Instrument;
         tracing::info!(parent: &span, "terminal connected");
         connection::Connection::new(stream, terminal, role, shared.clone())
+            .closed_by(close)
             .run()
             .instrument(span.clone())
             .await
