@@ -2,10 +2,12 @@
 //! the derived state in memory and sled. One `Shard` is owned by one thread.
 
 pub mod entry;
+pub mod recovery;
 pub mod shard;
 pub mod state;
 
-pub use shard::{Limits, Op, Output, Secrets, Shard, ShardOptions, StoreError};
+pub use recovery::RebuildReason;
+pub use shard::{Limits, Op, OpenReport, Output, Secrets, Shard, ShardOptions, StoreError};
 
 use citycard_protocol::CardId;
 

@@ -9,7 +9,7 @@
 //! to anyone before `commit` returns Ok.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use citycard_protocol::{
 use ring::signature::Ed25519KeyPair;
 
 use super::entry::{Entry, EntryError, HotlistChange};
+use super::recovery::{self, RebuildReason, Verdict};
 use super::state::{self, CardRecord};
 use crate::journal::{Journal, JournalError, JournalOptions};
 
@@ -40,6 +41,14 @@ pub enum StoreError {
     State(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// The environment failed the derived state (disk full, I/O error, no permission,
+    /// read-only filesystem): the data is not at fault, so nothing was rebuilt or moved.
+    #[error(
+        "storage error on {}: {cause} (not corruption: the state was left in place; {})",
+        path.display(),
+        super::recovery::operator_hint(cause)
+    )]
+    Storage { path: PathBuf, cause: std::io::Error },
 }
 
 /// Key material the engine needs. Never logged (no Debug).
@@ -202,12 +211,19 @@ struct Persister {
     /// Highest seq sled has applied.
     done: Arc<std::sync::atomic::AtomicU64>,
     /// Set if a sled write failed (fail-stop).
-    error: Arc<std::sync::Mutex<Option<String>>>,
+    error: Arc<std::sync::Mutex<Option<sled::Error>>>,
+    /// The sled directory, for error messages.
+    state_dir: PathBuf,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Persister {
-    fn start(db: sled::Db, index: u16, applied: u64) -> Result<Persister, StoreError> {
+    fn start(
+        db: sled::Db,
+        index: u16,
+        applied: u64,
+        state_dir: PathBuf,
+    ) -> Result<Persister, StoreError> {
         let (queue, jobs) = crossbeam::channel::bounded::<(sled::Batch, u64)>(PERSIST_QUEUE);
         let done = Arc::new(std::sync::atomic::AtomicU64::new(applied));
         let error = Arc::new(std::sync::Mutex::new(None));
@@ -221,7 +237,7 @@ impl Persister {
                         Err(e) => {
                             // The mutex only carries this one message; poisoning cannot hide it.
                             if let Ok(mut slot) = thread_error.lock() {
-                                *slot = Some(e.to_string());
+                                *slot = Some(e);
                             }
                             return;
                         }
@@ -229,7 +245,7 @@ impl Persister {
                 }
             })
             .map_err(|source| StoreError::Io { path: PathBuf::from("persister thread"), source })?;
-        Ok(Persister { queue: Some(queue), done, error, thread: Some(thread) })
+        Ok(Persister { queue: Some(queue), done, error, state_dir, thread: Some(thread) })
     }
 
     fn done(&self) -> u64 {
@@ -238,7 +254,7 @@ impl Persister {
 
     fn check(&self) -> Result<(), StoreError> {
         match self.error.lock().ok().and_then(|slot| slot.clone()) {
-            Some(message) => Err(StoreError::State(format!("sled write failed: {message}"))),
+            Some(e) => Err(super::recovery::write_error(e, &self.state_dir)),
             // The thread only ends early by dying (the queue is still open): fail-stop too.
             None if self.thread.as_ref().is_some_and(|t| t.is_finished()) => {
                 Err(StoreError::State("persister thread died".into()))
@@ -280,17 +296,23 @@ pub struct Shard {
 }
 
 /// What recovery found, for the startup log.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct OpenReport {
     pub cards: usize,
+    /// Journal records applied at start (all of them when the state was rebuilt).
     pub replayed: u64,
     pub last_seq: u64,
+    /// Whether the derived state was rebuilt from the journal; `rebuild` says why.
     pub rebuilt_state: bool,
+    pub rebuild: Option<RebuildReason>,
 }
 
 impl Shard {
-    /// Opens the shard, replaying journal records that sled has not applied. A missing or
-    /// unreadable sled database, or one ahead of the journal, is moved aside and rebuilt.
+    /// Opens the shard, replaying journal records that sled has not applied. A state that sled
+    /// reports as corrupt, that fails its checks, or that is ahead of the journal is moved
+    /// aside and rebuilt; a missing or empty one is rebuilt in place. A failure of the
+    /// environment (disk full, I/O error, permissions) stops with [`StoreError::Storage`] and
+    /// leaves the state untouched (see [`super::recovery`]).
     pub fn open(
         options: ShardOptions,
         secrets: Arc<Secrets>,
@@ -299,18 +321,27 @@ impl Shard {
         let state_dir = options.dir.join("state");
         std::fs::create_dir_all(&journal_dir)
             .map_err(|source| StoreError::Io { path: journal_dir.clone(), source })?;
-        let mut rebuilt = false;
-        loop {
-            let db = match open_sled(&state_dir) {
-                Ok(db) => db,
-                Err(e) => {
-                    tracing::warn!(shard = options.index, error = %e, "state unreadable; rebuilding from the journal");
-                    move_aside(&state_dir)?;
-                    rebuilt = true;
-                    open_sled(&state_dir)?
-                }
+        let mut rebuild: Option<RebuildReason> = None;
+        // Two rounds at most: the second starts from an empty state, which can be neither
+        // damaged nor ahead of the journal.
+        for _round in 0..2 {
+            let opened = recovery::open_sled(&state_dir)
+                .and_then(|db| Shard::from_db(&options, secrets.clone(), db));
+            let mut shard = match opened {
+                Ok(shard) => shard,
+                Err(e) => match recovery::classify(e, &state_dir) {
+                    Verdict::Rebuild(reason) if rebuild.is_none() => {
+                        tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "derived state is damaged; rebuilding it from the journal");
+                        recovery::move_aside(&state_dir)?;
+                        rebuild = Some(reason);
+                        continue;
+                    }
+                    Verdict::Rebuild(reason) => {
+                        return Err(StoreError::State(format!("fresh state unusable: {reason}")))
+                    }
+                    Verdict::Stop(e) => return Err(e),
+                },
             };
-            let mut shard = Shard::from_db(&options, secrets.clone(), db)?;
             let applied_before = shard.applied_seq;
             let mut replayed = 0u64;
             let mut replay_error: Option<StoreError> = None;
@@ -330,22 +361,28 @@ impl Shard {
             let last_seq = journal.next_seq() - 1;
             shard.journal = Some(journal);
             if applied_before > last_seq {
-                tracing::warn!(
-                    shard = options.index,
-                    applied_seq = applied_before,
-                    last_seq,
-                    "state is ahead of the journal; rebuilding it from the journal"
-                );
+                let reason =
+                    RebuildReason::AheadOfJournal { applied_seq: applied_before, last_seq };
+                tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "derived state is ahead of the journal; rebuilding it from the journal");
                 drop(shard);
-                move_aside(&state_dir)?;
-                rebuilt = true;
+                recovery::move_aside(&state_dir)?;
+                rebuild = Some(reason);
                 continue;
             }
+            if rebuild.is_none() && applied_before == 0 && replayed > 0 {
+                rebuild = Some(RebuildReason::Missing);
+            }
             shard.persist()?;
-            let report =
-                OpenReport { cards: shard.cards.len(), replayed, last_seq, rebuilt_state: rebuilt };
+            let report = OpenReport {
+                cards: shard.cards.len(),
+                replayed,
+                last_seq,
+                rebuilt_state: rebuild.is_some(),
+                rebuild,
+            };
             return Ok((shard, report));
         }
+        Err(StoreError::State("state still ahead of the journal after a rebuild".into()))
     }
 
     fn from_db(
@@ -374,7 +411,8 @@ impl Shard {
                 .ok_or_else(|| StoreError::State("hotlist key malformed".into()))?,
             None => 0,
         };
-        let persister = Persister::start(db.clone(), options.index, applied_seq)?;
+        let persister =
+            Persister::start(db.clone(), options.index, applied_seq, options.dir.join("state"))?;
         Ok(Shard {
             index: options.index,
             count: options.count,
@@ -510,7 +548,7 @@ impl Shard {
 
     /// Flushes sled to disk (for a clean shutdown; correctness never depends on it).
     pub fn flush_state(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.db.flush().map_err(|e| super::recovery::write_error(e, &self.persister.state_dir))?;
         Ok(())
     }
 
@@ -1473,41 +1511,6 @@ impl Shard {
     }
 }
 
-pub(crate) fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
-    // sled releases its file lock from background threads shortly after the last handle of a
-    // closed database is dropped; a reopen within the same process can race that, so retry for
-    // a bounded time before treating the state as unreadable.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        match sled_config(dir).open() {
-            Ok(db) => return Ok(db),
-            Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
-            {
-                if Instant::now() >= deadline {
-                    return Err(StoreError::Sled(sled::Error::Io(e)));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-fn move_aside(dir: &Path) -> Result<(), StoreError> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let aside = dir.with_file_name(format!("state.broken-{stamp}"));
-    std::fs::rename(dir, &aside)
-        .map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
-    tracing::warn!(moved_to = %aside.display(), "previous state kept aside for inspection");
-    Ok(())
-}
-
 fn is_staff(kind: EntryKind) -> bool {
     matches!(
         kind,
@@ -1660,10 +1663,6 @@ pub fn seal(key: &CardKey, binding: &Mac, response: &mut Response) {
 
 /// sled settings: a bounded page cache. (Measured: HighThroughput mode and no periodic flush
 /// changed nothing at 1 or 64 terminals, so sled's defaults stay.)
-fn sled_config(dir: &Path) -> sled::Config {
-    sled::Config::new().path(dir).cache_capacity(64 * 1024 * 1024)
-}
-
 /// The binding field of a block/unblock/close entry: the card's reported state at decision
 /// time in byte 0 (a retried decline answers it again, byte for byte).
 fn state_binding(state: CardState) -> Mac {

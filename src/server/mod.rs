@@ -163,6 +163,8 @@ impl RunningServer {
                 replayed = report.replayed,
                 last_seq = report.last_seq,
                 rebuilt_state = report.rebuilt_state,
+                rebuild_reason = report.rebuild.as_ref().map_or("none", |r| r.label()),
+                rebuild_detail = %report.rebuild.as_ref().map(ToString::to_string).unwrap_or_default(),
                 "shard recovered"
             );
             shards.push(shard);

@@ -153,7 +153,7 @@ pub fn run(mut ctx: WorkerContext) {
         return fail(&ctx, "state persist at shutdown", &e);
     }
     if let Err(e) = ctx.shard.flush_state() {
-        tracing::warn!(shard = ctx.shard.index(), error = %e, "state flush at shutdown failed; it is rebuilt from the journal on start");
+        tracing::warn!(shard = ctx.shard.index(), error = %e, "state flush at shutdown failed; the start replays the journal records sled is missing");
     }
     tracing::info!(shard = ctx.shard.index(), "shard stopped");
 }
