@@ -378,6 +378,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Ok(server) => server,
             Err(e) => {
                 health.set(State::Failed);
+                if storage_environment_fault(&e) {
+                    // The disk, not the data: say so, keep the state, and exit with a code of
+                    // its own so the operator (or a unit's ExecStopPost) can tell the two apart.
+                    tracing::error!(error = %format!("{e:#}"), "storage error at start; refusing to start, the state is kept as it is");
+                    eprintln!("citycard: error: {e:#}");
+                    return Ok(ExitCode::from(EXIT_STORAGE_AT_START));
+                }
+                tracing::error!(error = %format!("{e:#}"), "start failed");
                 return Err(e);
             }
         };
@@ -424,6 +432,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         server.stop().await?;
         tracing::info!("stopped cleanly");
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Exit status when the start is refused because storage failed (disk full, I/O error,
+/// permissions, read-only filesystem): EX_IOERR of sysexits.h.
+const EXIT_STORAGE_AT_START: u8 = 74;
+
+/// Whether a start failure is the environment's fault rather than the data's.
+fn storage_environment_fault(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<citycard::engine::StoreError>().is_some_and(|e| e.is_environment())
+            || cause.downcast_ref::<citycard::journal::JournalError>().is_some_and(|e| {
+                matches!(e, citycard::journal::JournalError::Io { source, .. }
+                    if citycard::engine::recovery::is_environment(source))
+            })
     })
 }
 

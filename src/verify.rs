@@ -106,9 +106,16 @@ pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
 
 fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> anyhow::Result<()> {
     let dir = crate::server::shard_dir(data_dir, index);
-    let db = crate::engine::shard::open_sled(&dir.join("state"));
+    let db = crate::engine::recovery::open_sled(&dir.join("state"));
     let db = match db {
         Ok(db) => Some(db),
+        Err(e) if e.is_environment() => {
+            report.problems.push(format!(
+                "shard {index}: state cannot be opened ({e}); the server refuses to start until \
+                 this is fixed"
+            ));
+            None
+        }
         Err(e) => {
             report
                 .problems

@@ -3,10 +3,12 @@
 
 pub mod checkpoint;
 pub mod entry;
+pub mod recovery;
 pub mod shard;
 pub mod state;
 
 pub use checkpoint::CheckpointPolicy;
+pub use recovery::RebuildReason;
 pub use shard::{Limits, Op, OpenReport, Output, Secrets, Shard, ShardOptions, StoreError};
 
 use citycard_protocol::CardId;

@@ -9,7 +9,7 @@
 //! to anyone before `commit` returns Ok.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use super::checkpoint::{Checkpoint, CheckpointPolicy, StateDigest};
 use crate::journal::{JournalFiles, Pos, Start};
 
 use super::entry::{Entry, EntryError, HotlistChange};
+use super::recovery::{self, RebuildReason, Verdict};
 use super::state::{self, CardRecord};
 use crate::journal::{Journal, JournalError, JournalOptions};
 
@@ -47,6 +48,14 @@ pub enum StoreError {
     /// digest): it is rebuilt from the journal, never trusted.
     #[error("derived state disagrees with itself: {0}")]
     Disagrees(String),
+    /// The environment failed the derived state (disk full, I/O error, no permission,
+    /// read-only filesystem): the data is not at fault, so nothing was rebuilt or moved.
+    #[error(
+        "storage error on {}: {cause} (not corruption: the state was left in place; {})",
+        path.display(),
+        super::recovery::operator_hint(cause)
+    )]
+    Storage { path: PathBuf, cause: std::io::Error },
 }
 
 /// Key material the engine needs. Never logged (no Debug).
@@ -297,7 +306,9 @@ struct Persister {
     /// Highest seq sled has applied.
     done: Arc<std::sync::atomic::AtomicU64>,
     /// Set if a sled write failed (fail-stop).
-    error: Arc<std::sync::Mutex<Option<String>>>,
+    error: Arc<std::sync::Mutex<Option<sled::Error>>>,
+    /// The sled directory, for error messages.
+    state_dir: PathBuf,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -306,6 +317,7 @@ impl Persister {
         db: sled::Db,
         index: u16,
         applied: u64,
+        state_dir: PathBuf,
         place: CheckpointPlace,
     ) -> Result<Persister, StoreError> {
         let (queue, jobs) = crossbeam::channel::bounded::<PersistJob>(PERSIST_QUEUE);
@@ -326,7 +338,7 @@ impl Persister {
                         Err(e) => {
                             // The mutex only carries this one message; poisoning cannot hide it.
                             if let Ok(mut slot) = thread_error.lock() {
-                                *slot = Some(e.to_string());
+                                *slot = Some(e);
                             }
                             return;
                         }
@@ -334,7 +346,7 @@ impl Persister {
                 }
             })
             .map_err(|source| StoreError::Io { path: PathBuf::from("persister thread"), source })?;
-        Ok(Persister { queue: Some(queue), done, error, thread: Some(thread) })
+        Ok(Persister { queue: Some(queue), done, error, state_dir, thread: Some(thread) })
     }
 
     fn done(&self) -> u64 {
@@ -343,7 +355,7 @@ impl Persister {
 
     fn check(&self) -> Result<(), StoreError> {
         match self.error.lock().ok().and_then(|slot| slot.clone()) {
-            Some(message) => Err(StoreError::State(format!("sled write failed: {message}"))),
+            Some(e) => Err(super::recovery::write_error(e, &self.state_dir)),
             // The thread only ends early by dying (the queue is still open): fail-stop too.
             None if self.thread.as_ref().is_some_and(|t| t.is_finished()) => {
                 Err(StoreError::State("persister thread died".into()))
@@ -394,22 +406,28 @@ pub struct Shard {
 }
 
 /// What recovery found, for the startup log.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct OpenReport {
     pub cards: usize,
+    /// Journal records applied at start (all of them when the state was rebuilt).
     pub replayed: u64,
     pub last_seq: u64,
+    /// Whether the derived state was rebuilt from the journal; `rebuild` says why.
     pub rebuilt_state: bool,
     /// The checkpoint the journal was read from (0: read from seq 1).
     pub from_checkpoint: u64,
+    pub rebuild: Option<RebuildReason>,
 }
 
 impl Shard {
     /// Opens the shard, replaying journal records that sled has not applied. The journal is
     /// read from the last checkpoint when the derived state is at or past it; otherwise (no
-    /// checkpoint, a checkpoint the journal disagrees with, or a state rebuilt from nothing)
-    /// from seq 1, archive first. A missing or unreadable sled database, one ahead of the
-    /// journal, or one whose card digest disagrees is moved aside and rebuilt.
+    /// checkpoint, a state rebuilt from nothing) from seq 1, archive first. A state that sled
+    /// reports as corrupt, that fails its checks (its card digest included), that is ahead of
+    /// the journal, or whose checkpoint the journal does not pass through is moved aside and
+    /// rebuilt; a missing or empty one is rebuilt in place. A failure of the environment (disk
+    /// full, I/O error, permissions) stops with [`StoreError::Storage`] and leaves the state
+    /// untouched (see [`super::recovery`]).
     pub fn open(
         options: ShardOptions,
         secrets: Arc<Secrets>,
@@ -426,26 +444,27 @@ impl Shard {
                 None
             }
         };
-        let mut rebuilt = false;
-        loop {
-            let db = match open_sled(&state_dir) {
-                Ok(db) => db,
-                Err(e) => {
-                    tracing::warn!(shard = options.index, error = %e, "state unreadable; rebuilding from the journal");
-                    move_aside(&state_dir)?;
-                    rebuilt = true;
-                    open_sled(&state_dir)?
-                }
-            };
-            let mut shard = match Shard::from_db(&options, secrets.clone(), db) {
+        let mut rebuild: Option<RebuildReason> = None;
+        // Three rounds at most: a damaged state is set aside in the first; a checkpoint or
+        // state the journal disagrees with in the first or second; the last starts from an
+        // empty state without a checkpoint, which can disagree with nothing.
+        for _round in 0..3 {
+            let opened = recovery::open_sled(&state_dir)
+                .and_then(|db| Shard::from_db(&options, secrets.clone(), db));
+            let mut shard = match opened {
                 Ok(shard) => shard,
-                Err(StoreError::Disagrees(reason)) => {
-                    tracing::warn!(shard = options.index, %reason, "state disagrees with itself; rebuilding it from the journal");
-                    move_aside(&state_dir)?;
-                    rebuilt = true;
-                    continue;
-                }
-                Err(e) => return Err(e),
+                Err(e) => match recovery::classify(e, &state_dir) {
+                    Verdict::Rebuild(reason) if rebuild.is_none() => {
+                        tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "derived state is damaged; rebuilding it from the journal");
+                        recovery::move_aside(&state_dir)?;
+                        rebuild = Some(reason);
+                        continue;
+                    }
+                    Verdict::Rebuild(reason) => {
+                        return Err(StoreError::State(format!("fresh state unusable: {reason}")))
+                    }
+                    Verdict::Stop(e) => return Err(e),
+                },
             };
             let applied_before = shard.applied_seq;
             let start = match checkpoint {
@@ -472,15 +491,11 @@ impl Shard {
             let journal = match opened {
                 Ok(journal) => journal,
                 Err(JournalError::AnchorMismatch { seq, reason }) => {
-                    tracing::warn!(
-                        shard = options.index,
-                        checkpoint_seq = seq,
-                        %reason,
-                        "checkpoint disagrees with the journal; rebuilding the state from the whole journal"
-                    );
+                    let reason = RebuildReason::CheckpointDisagrees(format!("seq {seq}: {reason}"));
+                    tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "checkpoint disagrees with the journal; rebuilding the state from the whole journal");
                     drop(shard);
-                    move_aside(&state_dir)?;
-                    rebuilt = true;
+                    recovery::move_aside(&state_dir)?;
+                    rebuild = Some(reason);
                     checkpoint = None;
                     continue;
                 }
@@ -492,17 +507,17 @@ impl Shard {
             let last_seq = journal.next_seq() - 1;
             shard.journal = Some(journal);
             if applied_before > last_seq {
-                tracing::warn!(
-                    shard = options.index,
-                    applied_seq = applied_before,
-                    last_seq,
-                    "state is ahead of the journal; rebuilding it from the journal"
-                );
+                let reason =
+                    RebuildReason::AheadOfJournal { applied_seq: applied_before, last_seq };
+                tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "derived state is ahead of the journal; rebuilding it from the journal");
                 drop(shard);
-                move_aside(&state_dir)?;
-                rebuilt = true;
+                recovery::move_aside(&state_dir)?;
+                rebuild = Some(reason);
                 checkpoint = None;
                 continue;
+            }
+            if rebuild.is_none() && applied_before == 0 && replayed > 0 {
+                rebuild = Some(RebuildReason::Missing);
             }
             shard.persist()?;
             let from_checkpoint = match start {
@@ -518,11 +533,13 @@ impl Shard {
                 cards: shard.cards.len(),
                 replayed,
                 last_seq,
-                rebuilt_state: rebuilt,
+                rebuilt_state: rebuild.is_some(),
                 from_checkpoint,
+                rebuild,
             };
             return Ok((shard, report));
         }
+        Err(StoreError::State("state still disagrees with the journal after a rebuild".into()))
     }
 
     fn from_db(
@@ -571,7 +588,13 @@ impl Shard {
             journal_dir: options.dir.join("journal"),
             archive_dir: options.archive_dir(),
         };
-        let persister = Persister::start(db.clone(), options.index, applied_seq, place.clone())?;
+        let persister = Persister::start(
+            db.clone(),
+            options.index,
+            applied_seq,
+            options.dir.join("state"),
+            place.clone(),
+        )?;
         Ok(Shard {
             index: options.index,
             count: options.count,
@@ -765,7 +788,7 @@ impl Shard {
 
     /// Flushes sled to disk (for a clean shutdown; correctness never depends on it).
     pub fn flush_state(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.db.flush().map_err(|e| super::recovery::write_error(e, &self.persister.state_dir))?;
         Ok(())
     }
 
@@ -1837,41 +1860,6 @@ impl Shard {
     }
 }
 
-pub(crate) fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
-    // sled releases its file lock from background threads shortly after the last handle of a
-    // closed database is dropped; a reopen within the same process can race that, so retry for
-    // a bounded time before treating the state as unreadable.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        match sled_config(dir).open() {
-            Ok(db) => return Ok(db),
-            Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
-            {
-                if Instant::now() >= deadline {
-                    return Err(StoreError::Sled(sled::Error::Io(e)));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-fn move_aside(dir: &Path) -> Result<(), StoreError> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let aside = dir.with_file_name(format!("state.broken-{stamp}"));
-    std::fs::rename(dir, &aside)
-        .map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
-    tracing::warn!(moved_to = %aside.display(), "previous state kept aside for inspection");
-    Ok(())
-}
-
 fn is_staff(kind: EntryKind) -> bool {
     matches!(
         kind,
@@ -2010,10 +1998,6 @@ pub fn seal(key: &CardKey, binding: &Mac, response: &mut Response) {
 
 /// sled settings: a bounded page cache. (Measured: HighThroughput mode and no periodic flush
 /// changed nothing at 1 or 64 terminals, so sled's defaults stay.)
-fn sled_config(dir: &Path) -> sled::Config {
-    sled::Config::new().path(dir).cache_capacity(64 * 1024 * 1024)
-}
-
 /// The binding field of a block/unblock/close entry: the card's reported state at decision
 /// time in byte 0 (a retried decline answers it again, byte for byte).
 fn state_binding(state: CardState) -> Mac {

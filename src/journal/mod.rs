@@ -653,7 +653,7 @@ impl Journal {
                 None
             }
             Some(Ok(Err(e))) => {
-                tracing::warn!(error = %e, "background segment preallocation failed");
+                tracing::warn!(dir = %self.dir.display(), error = %e, "background segment preallocation failed; preallocating now");
                 None
             }
             Some(Err(_)) => {
@@ -681,7 +681,17 @@ impl Journal {
         let (dir, capacity, flag) = (self.dir.clone(), self.segment_bytes, Arc::clone(&cancel));
         let spawned = std::thread::Builder::new()
             .name("journal-prealloc".into())
-            .spawn(move || segment::prepare(&dir, capacity, Some(&flag)));
+            .spawn(move || {
+                let prepared = segment::prepare(&dir, capacity, Some(&flag));
+                if let Err(e) = &prepared {
+                    // Said now, not only at rotation: a full disk shows here first, while the
+                    // active segment still has room and the operator can still free space.
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot preallocate the next journal segment; the shard stops when its active segment is full unless space is freed");
+                    }
+                }
+                prepared
+            });
         match spawned {
             Ok(handle) => self.preparer = Some(Preparer { handle, cancel }),
             Err(e) => tracing::warn!(error = %e, "cannot spawn segment preallocation thread"),

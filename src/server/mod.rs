@@ -222,6 +222,8 @@ impl RunningServer {
                 last_seq = report.last_seq,
                 rebuilt_state = report.rebuilt_state,
                 from_checkpoint = report.from_checkpoint,
+                rebuild_reason = report.rebuild.as_ref().map_or("none", |r| r.label()),
+                rebuild_detail = %report.rebuild.as_ref().map(ToString::to_string).unwrap_or_default(),
                 "shard recovered"
             );
             shards.push(shard);
