@@ -187,6 +187,11 @@ fn parse_op(name: &str, form: &HashMap<String, String>) -> Result<Op, String> {
     })
 }
 
+fn capitalised(name: &str) -> String {
+    let mut chars = name.chars();
+    chars.next().map_or_else(String::new, |first| first.to_uppercase().chain(chars).collect())
+}
+
 /// HTML-escapes text for element content and quoted attributes.
 fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -305,7 +310,7 @@ fn answer_box(html: &mut String, answer: &Answer) {
         let id = field.name.replace(' ', "-");
         html.push_str(&format!(
             "<tr><th>{}</th><td id=\"{}\">{}</td></tr>",
-            escape(field.name),
+            escape(&capitalised(field.name)),
             escape(&id),
             escape(&field.value)
         ));
