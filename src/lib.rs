@@ -9,11 +9,13 @@
 //! - [`server`]: TLS listener, connection tasks, shard worker threads, shutdown; `server::trust`
 //!   holds the TLS configs and open connections a SIGHUP CRL reload works on.
 //! - [`verify`]: the offline audit of a data directory.
+//! - [`counter`]: the staff counter console (web page on loopback and CLI) over `citycard-client`.
 //! - [`metrics`]: lock-free counters and histograms; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod counter;
 pub mod engine;
 pub mod journal;
 pub mod keys;

@@ -52,6 +52,9 @@ enum Command {
         #[arg(long, default_value = "data", env = "CITYCARD_DATA")]
         data: PathBuf,
     },
+    /// Counter console for staff: a web page on loopback (`--listen`), or one operation for
+    /// scripts (`citycard counter topup --card N --amount M`).
+    Counter(Box<citycard::counter::cli::CounterArgs>),
 }
 
 /// Settings for `serve` and `config show`. Layers: defaults, then `--config FILE` (TOML), then
@@ -269,6 +272,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Keys { command } => keys_command(command),
         Command::Verify { data } => verify(&data),
+        Command::Counter(args) => citycard::counter::cli::run(*args),
         Command::Report { command: ReportCommand::Settlement { data, keys, date, out } } => {
             citycard::report::run_settlement(&data, &keys, &date, out.as_deref()).map(
                 |reconciled| {
