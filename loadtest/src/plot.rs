@@ -335,7 +335,7 @@ mod tests {
 
     #[test]
     fn png_has_signature_header_and_end() {
-        let mut h = crate::report::new_histogram().expect("histogram");
+        let mut h = crate::stats::new_histogram().expect("histogram");
         for v in 1..1000u64 {
             h.record(v * 7).expect("record");
         }
