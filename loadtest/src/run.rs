@@ -18,7 +18,7 @@ use crate::client::{self, Terminal};
 use crate::mix::Rng;
 use crate::options::Options;
 use crate::report::{self, RunInfo, Summary};
-use crate::stats::Stats;
+use crate::stats::{Sample, Stats};
 use crate::workload::{self, Live, Plan, Timeline, WorkerSpec};
 use crate::{cards, cpu, plot, server};
 
@@ -36,6 +36,35 @@ struct Target {
 struct Outcome {
     summary: Summary,
     hist: Histogram<u64>,
+    /// Second by second over the measured window.
+    over_time: Vec<Sample>,
+}
+
+/// Takes a [`Sample`] of the answers recorded in each second of the measured window (a part
+/// second at the end when the window is not a whole number of seconds).
+async fn sample_each_second(live: Arc<Live>, timeline: Timeline) -> Vec<Sample> {
+    let take = |t_s: f64, seconds: f64| {
+        // A short section without an await; the workers add to the window every 100 ms.
+        live.window.lock().ok().map(|mut h| {
+            let sample = Sample::of(&h, t_s, seconds);
+            h.reset();
+            sample
+        })
+    };
+    tokio::time::sleep_until(timeline.measure_start).await;
+    let _ = take(0.0, 0.0);
+    let mut samples = Vec::new();
+    let mut last = timeline.measure_start;
+    loop {
+        let next = (last + Duration::from_secs(1)).min(timeline.deadline);
+        tokio::time::sleep_until(next).await;
+        let t_s = (next - timeline.measure_start).as_secs_f64();
+        samples.extend(take(t_s, (next - last).as_secs_f64()));
+        last = next;
+        if next >= timeline.deadline {
+            return samples;
+        }
+    }
 }
 
 fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
@@ -197,6 +226,8 @@ async fn run(options: &Options, target: &Target) -> anyhow::Result<Outcome> {
         (before, after)
     });
 
+    let over_time = tokio::spawn(sample_each_second(live.clone(), timeline));
+
     // Live progress.
     let bar = progress_bar(std::io::stdout().is_terminal() && !options.no_progress);
     let mut stats = Stats::new()?;
@@ -273,7 +304,8 @@ async fn run(options: &Options, target: &Target) -> anyhow::Result<Outcome> {
         delta(server_before, server_after),
         delta(self_before, self_after),
     );
-    Ok(Outcome { summary, hist: stats.hist })
+    let over_time = over_time.await.map_err(|e| anyhow!("latency sampler: {e}"))?;
+    Ok(Outcome { summary, hist: stats.hist, over_time })
 }
 
 fn write_outputs(options: &Options, outcome: &Outcome) -> anyhow::Result<()> {
@@ -293,7 +325,7 @@ fn write_outputs(options: &Options, outcome: &Outcome) -> anyhow::Result<()> {
             "{}{rate}, {} conns, pipeline {}: {:.0} tx/s",
             s.mode, s.connections, s.pipeline, s.throughput_tps
         );
-        plot::write_png(&outcome.hist, &title, path)?;
+        plot::write_png(&outcome.hist, &outcome.over_time, &title, path)?;
     }
     Ok(())
 }

@@ -18,6 +18,31 @@ pub fn new_histogram() -> anyhow::Result<Histogram<u64>> {
         .map_err(|e| anyhow::anyhow!("creating a histogram: {e}"))
 }
 
+/// One second of the measured window: throughput and latency of the answers recorded in it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Sample {
+    /// End of the second, in seconds from the start of the measured window.
+    pub t_s: f64,
+    pub tps: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+impl Sample {
+    /// The sample of `h` (answers recorded over `seconds`), taken at `t_s`.
+    pub fn of(h: &Histogram<u64>, t_s: f64, seconds: f64) -> Sample {
+        let q = |quantile: f64| if h.is_empty() { 0 } else { h.value_at_quantile(quantile) };
+        Sample {
+            t_s,
+            tps: if seconds > 0.0 { h.len() as f64 / seconds } else { 0.0 },
+            p50_us: q(0.50),
+            p99_us: q(0.99),
+            max_us: h.max(),
+        }
+    }
+}
+
 /// Answers of one operation type.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct OpCounts {

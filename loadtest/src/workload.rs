@@ -65,7 +65,10 @@ pub struct Plan {
 pub struct Live {
     pub answered: AtomicU64,
     pub errors: AtomicU64,
+    /// Every measured latency so far (the live p99).
     pub hist: Mutex<Histogram<u64>>,
+    /// Measured latencies since the run last took a [`crate::stats::Sample`] (it resets this).
+    pub window: Mutex<Histogram<u64>>,
 }
 
 impl Live {
@@ -74,6 +77,7 @@ impl Live {
             answered: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             hist: Mutex::new(new_histogram()?),
+            window: Mutex::new(new_histogram()?),
         })
     }
 }
@@ -583,7 +587,11 @@ impl Worker {
         self.live.answered.fetch_add(std::mem::take(&mut self.live_answered), Ordering::Relaxed);
         self.live.errors.fetch_add(std::mem::take(&mut self.live_errors), Ordering::Relaxed);
         if !self.live_hist.is_empty() {
+            // Short sections without an await: the run's display and sampler read them.
             if let Ok(mut h) = self.live.hist.lock() {
+                let _ = h.add(&self.live_hist);
+            }
+            if let Ok(mut h) = self.live.window.lock() {
                 let _ = h.add(&self.live_hist);
             }
             self.live_hist.reset();
