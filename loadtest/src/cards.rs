@@ -9,6 +9,7 @@ use citycard_protocol::crypto::{response_mac_ok, staff_binding, CardKey};
 use citycard_protocol::{Amount, CardId, MessageType, Request, Response, Status};
 
 use crate::client::{code_name, now_ms, Conn, Incoming, Terminal};
+use crate::mix::Rng;
 
 /// Most issue requests in flight during setup.
 const ISSUE_IN_FLIGHT: usize = 64;
@@ -88,6 +89,27 @@ pub struct Card {
     pub reck: Reckoning,
     /// Taken out of the load after a request's outcome became unknown.
     pub dead: bool,
+}
+
+/// `count` cards made up here for a floor run (ids 1..=count, keys from `seed`): the floor
+/// server keeps no cards, so none are issued.
+pub fn made_up(count: usize, deposit: i64, seed: u64) -> Vec<Card> {
+    let mut rng = Rng::new(seed ^ 0xF100_0C4A_4D5E_ED00);
+    (1..=count as u64)
+        .map(|id| {
+            let mut key = [0u8; 32];
+            for chunk in key.chunks_mut(8) {
+                chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            Card {
+                id: CardId(id),
+                key: CardKey::from_bytes(key),
+                atc: 0,
+                reck: Reckoning::new(deposit),
+                dead: false,
+            }
+        })
+        .collect()
 }
 
 /// Issues `count` cards through a counter terminal, `ISSUE_IN_FLIGHT` issues pipelined, each

@@ -10,6 +10,8 @@
 //!   together, CPU over the measured window, the report and files.
 //! - [`options`]: the command line (clap): every option, its default and its help.
 //! - [`server`]: `--spawn`: a fresh `citycard serve` with fresh keys on 127.0.0.1.
+//! - [`floor`]: `--floor`: an in-process echo server with the real transport that decides
+//!   nothing, the floor citycard's figures are read against.
 //! - [`workload`]: the workers: the load loop (closed or open), each answer checked against its
 //!   request, the final balance check.
 //! - [`cards`]: the simulated cards (key, ATC, the tester's reckoning) and their issue.
@@ -23,6 +25,7 @@
 pub mod cards;
 pub mod client;
 pub mod cpu;
+pub mod floor;
 pub mod mix;
 pub mod options;
 pub mod plot;

@@ -82,7 +82,13 @@ pub struct Options {
     /// Start a fresh `citycard serve` (temporary data and keys, 127.0.0.1:0) and stop it after.
     #[arg(long)]
     pub spawn: bool,
-    /// The citycard binary for --spawn [default: next to this executable].
+    /// Run against the floor instead: an echo server in this process with the real server's
+    /// TLS (fresh certificates from `citycard keys init`) and frame sizes, which decides
+    /// nothing and writes nothing. Its throughput and CPU are the ceiling citycard is read
+    /// against.
+    #[arg(long)]
+    pub floor: bool,
+    /// The citycard binary for --spawn and --floor [default: next to this executable].
     #[arg(long)]
     pub server_bin: Option<PathBuf>,
     /// Extra argument for `citycard serve` with --spawn (repeatable, e.g.

@@ -16,6 +16,8 @@ pub struct Summary {
     pub mode: String,
     pub server: String,
     pub spawned: bool,
+    /// Against the floor: the in-process echo server that decides nothing.
+    pub floor: bool,
     pub server_args: Vec<String>,
     pub connections: usize,
     pub reader_connections: usize,
@@ -71,6 +73,7 @@ pub struct RunInfo {
     pub mode: String,
     pub server: String,
     pub spawned: bool,
+    pub floor: bool,
     pub server_args: Vec<String>,
     pub connections: usize,
     pub reader_connections: usize,
@@ -105,6 +108,7 @@ pub fn summarize(
         mode: info.mode.clone(),
         server: info.server.clone(),
         spawned: info.spawned,
+        floor: info.floor,
         server_args: info.server_args.clone(),
         connections: info.connections,
         reader_connections: info.reader_connections,
@@ -179,12 +183,21 @@ pub fn render_text(s: &Summary) -> String {
         s.mode, s.connections, s.reader_connections, s.kiosk_connections, s.pipeline, s.duration_s, s.warmup_s
     ));
     out.push_str(&format!(
-        "  server {}{}, {} cards of {} issued in {:.2} s, mix {}, seed {}\n",
+        "  server {}{}, {} cards {}, mix {}, seed {}\n",
         s.server,
-        if s.spawned { " (spawned)" } else { "" },
+        if s.floor {
+            " (floor: echo server in this process, decides nothing)"
+        } else if s.spawned {
+            " (spawned)"
+        } else {
+            ""
+        },
         thousands(s.cards as u64),
-        s.deposit,
-        s.setup_s,
+        if s.floor {
+            "made up by the tester (the floor keeps none)".to_owned()
+        } else {
+            format!("of {} issued in {:.2} s", s.deposit, s.setup_s)
+        },
         s.mix,
         s.seed
     ));

@@ -20,7 +20,7 @@ use crate::options::Options;
 use crate::report::{self, RunInfo, Summary};
 use crate::stats::{Sample, Stats};
 use crate::workload::{self, Live, Plan, Timeline, WorkerSpec};
-use crate::{cards, cpu, plot, server};
+use crate::{cards, cpu, floor, plot, server};
 
 fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
@@ -30,14 +30,106 @@ fn now_ns() -> u64 {
 struct Target {
     addr: String,
     keys: PathBuf,
-    server_pid: Option<String>,
+    /// The terminals are reader-N and kiosk-N, made for this run (`--spawn`, `--floor`).
+    fresh_keys: bool,
+    /// The floor server: no cards to issue, no roles to check, no balances to verify.
+    floor: bool,
+    /// Whose CPU time is the server's.
+    server_cpu: Option<cpu::Subject>,
 }
 
-struct Outcome {
-    summary: Summary,
-    hist: Histogram<u64>,
+/// The server a run goes against, held for as long as the run lasts.
+enum Server {
+    /// `--server`, started by someone else.
+    Given,
+    Spawned(server::Spawned),
+    Floor(floor::Floor),
+}
+
+impl Server {
+    /// Starts what the options ask for (`--spawn`, `--floor`, or nothing).
+    fn start(options: &Options) -> anyhow::Result<Server> {
+        if options.spawn && options.floor {
+            bail!("--spawn and --floor exclude each other: one server per run");
+        }
+        if options.floor && options.verify {
+            bail!("--verify has nothing to check with --floor: the floor server keeps no balances");
+        }
+        if !options.spawn && !options.floor {
+            return Ok(Server::Given);
+        }
+        let readers = options.connections.max(1);
+        let kiosks = if options.mix.needs_kiosk() { readers } else { 1 };
+        let bin = server::server_binary(options.server_bin.as_deref())?;
+        let what = if options.floor { "keys for the floor server" } else { "serve" };
+        println!(
+            "{} {what} (creating {} terminal certificates) ...",
+            bin.display(),
+            readers.saturating_sub(1) + kiosks.saturating_sub(1)
+        );
+        if options.floor {
+            let f = floor::Floor::start(&bin, readers, kiosks)?;
+            println!("floor echo server listening on {} (in this process)", f.addr);
+            Ok(Server::Floor(f))
+        } else {
+            let s = server::Spawned::start(&bin, readers, kiosks, &options.server_args)?;
+            println!("server pid {} listening on {}", s.pid, s.addr);
+            Ok(Server::Spawned(s))
+        }
+    }
+
+    fn target(&self, options: &Options) -> Target {
+        match self {
+            Server::Given => Target {
+                addr: options.server.clone(),
+                keys: options.keys.clone(),
+                fresh_keys: false,
+                floor: false,
+                server_cpu: None,
+            },
+            Server::Spawned(s) => Target {
+                addr: s.addr.clone(),
+                keys: s.keys.clone(),
+                fresh_keys: true,
+                floor: false,
+                server_cpu: Some(cpu::Subject::Process(s.pid.to_string())),
+            },
+            Server::Floor(f) => Target {
+                addr: f.addr.clone(),
+                keys: f.keys.clone(),
+                fresh_keys: true,
+                floor: true,
+                server_cpu: Some(cpu::Subject::Threads(floor::THREAD_NAME)),
+            },
+        }
+    }
+
+    /// Stops a server this run started: how it ended, and the problems its log shows.
+    fn stop(self) -> (Option<String>, Vec<String>) {
+        match self {
+            Server::Given => (None, Vec::new()),
+            Server::Spawned(s) => {
+                let problems = s.log_problems(10);
+                let exit = match s.stop(Duration::from_secs(20)) {
+                    Ok(text) => text,
+                    Err(e) => format!("stopping failed: {e:#}"),
+                };
+                (Some(exit), problems)
+            }
+            Server::Floor(f) => (Some(f.stop()), Vec::new()),
+        }
+    }
+}
+
+/// What a run found.
+pub struct Outcome {
+    pub summary: Summary,
+    /// Latency of every measured request, microseconds.
+    pub hist: Histogram<u64>,
     /// Second by second over the measured window.
-    over_time: Vec<Sample>,
+    pub over_time: Vec<Sample>,
+    /// WARN and ERROR lines of a spawned server's log.
+    pub server_problems: Vec<String>,
 }
 
 /// Takes a [`Sample`] of the answers recorded in each second of the measured window (a part
@@ -109,7 +201,7 @@ async fn run(options: &Options, target: &Target) -> anyhow::Result<Outcome> {
     let n = options.connections;
 
     // Terminals.
-    let (readers, kiosks, counter) = if target.server_pid.is_some() && options.spawn {
+    let (readers, kiosks, counter) = if target.fresh_keys {
         let readers: Vec<String> = (1..=n).map(|i| format!("reader-{i}")).collect();
         let kiosks: Vec<String> = (1..=n).map(|i| format!("kiosk-{i}")).collect();
         (readers, kiosks, "counter-1".to_owned())
@@ -142,18 +234,22 @@ async fn run(options: &Options, target: &Target) -> anyhow::Result<Outcome> {
     };
     let counter = terminal(&counter)?;
 
-    // Setup: issue the cards.
+    // Setup: issue the cards (the floor keeps none: they are made up here).
     let setup_started = Instant::now();
-    println!("issuing {} cards through {} at {} ...", options.cards, counter.id, target.addr);
-    let cards = cards::issue_cards(
-        &target.addr,
-        &counter,
-        options.cards,
-        options.deposit,
-        now_ns(),
-        options.timeout,
-    )
-    .await?;
+    let cards = if target.floor {
+        cards::made_up(options.cards, options.deposit, options.seed)
+    } else {
+        println!("issuing {} cards through {} at {} ...", options.cards, counter.id, target.addr);
+        cards::issue_cards(
+            &target.addr,
+            &counter,
+            options.cards,
+            options.deposit,
+            now_ns(),
+            options.timeout,
+        )
+        .await?
+    };
     let setup_s = setup_started.elapsed().as_secs_f64();
 
     // Workers, each with its share of the cards.
@@ -164,6 +260,7 @@ async fn run(options: &Options, target: &Target) -> anyhow::Result<Outcome> {
         worker_rate: options.rate.map(|r| r / n as f64),
         timeout: options.timeout,
         verify: options.verify,
+        floor: target.floor,
     });
     let live = Arc::new(Live::new()?);
     let ready = Arc::new(tokio::sync::Barrier::new(n + 1));
@@ -217,13 +314,14 @@ async fn run(options: &Options, target: &Target) -> anyhow::Result<Outcome> {
     );
 
     // Server and own CPU over the measured window.
-    let server_pid = target.server_pid.clone();
+    let server_cpu = target.server_cpu.clone();
     let cpu = tokio::spawn(async move {
+        let me = cpu::Subject::Process("self".into());
+        let read = || (server_cpu.as_ref().and_then(cpu::ticks), cpu::ticks(&me));
         tokio::time::sleep_until(timeline.measure_start).await;
-        let before = (server_pid.as_deref().and_then(cpu::cpu_ticks), cpu::cpu_ticks("self"));
+        let before = read();
         tokio::time::sleep_until(timeline.deadline).await;
-        let after = (server_pid.as_deref().and_then(cpu::cpu_ticks), cpu::cpu_ticks("self"));
-        (before, after)
+        (before, read())
     });
 
     let over_time = tokio::spawn(sample_each_second(live.clone(), timeline));
@@ -282,6 +380,7 @@ async fn run(options: &Options, target: &Target) -> anyhow::Result<Outcome> {
         mode: mode.to_owned(),
         server: target.addr.clone(),
         spawned: options.spawn,
+        floor: target.floor,
         server_args: options.server_args.clone(),
         connections: n,
         reader_connections: n,
@@ -298,14 +397,15 @@ async fn run(options: &Options, target: &Target) -> anyhow::Result<Outcome> {
         verify: options.verify,
         setup_s,
     };
-    let summary = report::summarize(
-        &info,
-        &stats,
-        delta(server_before, server_after),
-        delta(self_before, self_after),
-    );
+    let server_us = delta(server_before, server_after);
+    let mut client_us = delta(self_before, self_after);
+    if target.floor {
+        // The floor's threads are in this process: the load tester's own share is the rest.
+        client_us = client_us.zip(server_us).map(|(all, floor)| (all - floor).max(0.0));
+    }
+    let summary = report::summarize(&info, &stats, server_us, client_us);
     let over_time = over_time.await.map_err(|e| anyhow!("latency sampler: {e}"))?;
-    Ok(Outcome { summary, hist: stats.hist, over_time })
+    Ok(Outcome { summary, hist: stats.hist, over_time, server_problems: Vec::new() })
 }
 
 fn write_outputs(options: &Options, outcome: &Outcome) -> anyhow::Result<()> {
@@ -330,77 +430,49 @@ fn write_outputs(options: &Options, outcome: &Outcome) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Carries out one run as the command line asked, prints the report and writes the files;
-/// the exit status says whether it went clean (see `LONG_ABOUT`).
-pub fn main(options: &Options) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("citycard-loadtest: error: starting the runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let spawned = if options.spawn {
-        let readers = options.connections;
-        let kiosks = if options.mix.needs_kiosk() { options.connections } else { 1 };
-        let started = server::server_binary(options.server_bin.as_deref()).and_then(|bin| {
-            println!(
-                "spawning {} serve (creating {} terminal certificates) ...",
-                bin.display(),
-                readers.saturating_sub(1) + kiosks.saturating_sub(1)
-            );
-            server::Spawned::start(&bin, readers, kiosks, &options.server_args)
-        });
-        match started {
-            Ok(s) => {
-                println!("server pid {} listening on {}", s.pid, s.addr);
-                Some(s)
-            }
-            Err(e) => {
-                eprintln!("citycard-loadtest: error: {e:#}");
-                return ExitCode::from(2);
-            }
-        }
-    } else {
-        None
-    };
-    let target = match &spawned {
-        Some(s) => Target {
-            addr: s.addr.clone(),
-            keys: s.keys.clone(),
-            server_pid: Some(s.pid.to_string()),
-        },
-        None => {
-            Target { addr: options.server.clone(), keys: options.keys.clone(), server_pid: None }
-        }
-    };
+/// Carries out one run as `options` ask: starts the server they name (if any), runs the load,
+/// stops the server. Prints progress lines; the report is the caller's to print.
+pub fn execute(options: &Options) -> anyhow::Result<Outcome> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let server = Server::start(options)?;
+    let target = server.target(options);
     let result = runtime.block_on(run(options, &target));
     drop(runtime);
-    let mut server_exit = None;
-    let mut server_problems = Vec::new();
-    if let Some(s) = spawned {
-        server_problems = s.log_problems(10);
-        server_exit = Some(match s.stop(Duration::from_secs(20)) {
-            Ok(text) => text,
-            Err(e) => format!("stopping failed: {e:#}"),
-        });
+    let (server_exit, server_problems) = server.stop();
+    match result {
+        Ok(mut outcome) => {
+            outcome.summary.server_exit = server_exit;
+            outcome.server_problems = server_problems;
+            Ok(outcome)
+        }
+        Err(e) => {
+            let mut e = e;
+            if let Some(exit) = server_exit {
+                e = e.context(format!("server {exit}"));
+            }
+            for line in server_problems {
+                e = e.context(format!("server log: {line}"));
+            }
+            Err(e)
+        }
     }
-    let mut outcome = match result {
+}
+
+/// The command line's run: [`execute`], the report, the files; the exit status says whether it
+/// went clean (0), found errors, timeouts or mismatches (1), or could not be done (2).
+pub fn main(options: &Options) -> ExitCode {
+    let outcome = match execute(options) {
         Ok(outcome) => outcome,
         Err(e) => {
             eprintln!("citycard-loadtest: error: {e:#}");
-            if let Some(exit) = server_exit {
-                eprintln!("server {exit}");
-            }
-            for line in &server_problems {
-                eprintln!("server log: {line}");
-            }
             return ExitCode::from(2);
         }
     };
-    outcome.summary.server_exit = server_exit;
     print!("{}", report::render_text(&outcome.summary));
-    for line in &server_problems {
+    for line in &outcome.server_problems {
         println!("server log: {line}");
     }
     if let Err(e) = write_outputs(options, &outcome) {

@@ -15,7 +15,12 @@ pub fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let exe = std::env::current_exe().context("locating the load tester's executable")?;
-    let dir = exe.parent().ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
+    let mut dir =
+        exe.parent().ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
+    // A test binary sits in the profile's deps/ folder; the server binary one folder up.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
     let candidate = dir.join("citycard");
     if !candidate.is_file() {
         build_server(dir);

@@ -59,6 +59,9 @@ pub struct Plan {
     pub worker_rate: Option<f64>,
     pub timeout: Duration,
     pub verify: bool,
+    /// Against the floor server: answers are judged by type alone (it decides nothing, so
+    /// there is no card, ATC or MAC to check) and the terminal's role is not asked.
+    pub floor: bool,
 }
 
 /// Progress shared with the live display.
@@ -178,6 +181,20 @@ fn judge(card: &Card, tag: &Tag, frame: &Frame) -> Verdict {
         return Verdict::Failed { kind: "bad response MAC".into(), bad_mac: true };
     }
     Verdict::Answer { status, balance }
+}
+
+/// Checks a floor server's answer: the response type that answers the request, with a body
+/// that decodes as one. The floor approves everything, so that is the status.
+fn judge_floor(tag: &Tag, frame: &Frame) -> Verdict {
+    let failed = |kind: String| Verdict::Failed { kind, bad_mac: false };
+    match Response::decode_body(frame.message_type, &frame.body) {
+        Err(e) => failed(format!("undecodable {:?}: {e}", frame.message_type)),
+        Ok(Response::Error { code, .. }) => failed(format!("error frame {}", code_name(code))),
+        Ok(_) if response_type(tag.op.request_type()) != Some(frame.message_type) => {
+            failed(format!("{} answered by {:?}", tag.op.name(), frame.message_type))
+        }
+        Ok(_) => Verdict::Answer { status: Status::Approved, balance: None },
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -303,7 +320,7 @@ impl Worker {
                 Conn::connect(&self.plan.addr, term.config.clone(), &term.id, self.plan.timeout)
                     .await?;
             let info = conn.hello(now_ms(), self.plan.timeout, Tag::hello()).await?;
-            if info.role != want_role {
+            if !self.plan.floor && info.role != want_role {
                 bail!(
                     "terminal {} has role {} at the server, expected {want_role}",
                     term.id,
@@ -507,7 +524,11 @@ impl Worker {
             self.verify_answer(frame, &tag);
             return;
         }
-        let verdict = judge(&self.cards[tag.card], &tag, frame);
+        let verdict = if self.plan.floor {
+            judge_floor(&tag, frame)
+        } else {
+            judge(&self.cards[tag.card], &tag, frame)
+        };
         let (measured, in_window) = match &self.timeline {
             Some(t) => (
                 tag.intended >= t.measure_start && tag.intended < t.deadline,
