@@ -8,13 +8,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 use bytes::BytesMut;
 use citycard_protocol::frame::decode_frame;
 use citycard_protocol::{
-    DecodeError, Frame, MessageType, Request, RequestId, Response, ServerInfo,
+    DecodeError, ErrorCode, Frame, MessageType, Request, RequestId, Response, ServerInfo,
 };
 use rustls::client::Resumption;
 use rustls::{ClientConfig, RootCertStore};
@@ -32,6 +32,51 @@ pub const ALPN: &[u8] = b"citycard/1";
 pub const SERVER_NAME: &str = "localhost";
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// A terminal identity: certificate file stem (= certificate CN = terminal id) and its config.
+#[derive(Clone)]
+pub struct Terminal {
+    pub id: String,
+    pub config: Arc<ClientConfig>,
+}
+
+/// Wall-clock milliseconds since the Unix epoch (the Hello's client time).
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The name of an Error frame's code, or the number when it is not one we know.
+pub fn code_name(code: u16) -> String {
+    match ErrorCode::from_u16(code) {
+        Some(c) => format!("{c:?}"),
+        None => format!("code {code}"),
+    }
+}
+
+/// Terminal ids (certificate file stems) in `keys/terminals` whose name starts with `prefix`,
+/// in numeric order of their suffix.
+pub fn terminals_with_prefix(keys: &Path, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let dir = keys.join("terminals");
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("pem") {
+            continue;
+        }
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        if stem.starts_with(prefix) && path.with_extension("key").is_file() {
+            ids.push(stem.to_owned());
+        }
+    }
+    ids.sort_by_key(|id| {
+        let digits: String = id.chars().rev().take_while(char::is_ascii_digit).collect();
+        let n: u64 = digits.chars().rev().collect::<String>().parse().unwrap_or(0);
+        (n, id.clone())
+    });
+    Ok(ids)
+}
 
 /// Client config for terminal `terminal`: trusts `keys/ca.pem`, presents
 /// `keys/terminals/<terminal>.pem` and `.key`.
@@ -281,4 +326,23 @@ pub fn response_type(request: MessageType) -> Option<MessageType> {
         MessageType::HotlistSync => MessageType::HotlistChanges,
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_discovery_orders_by_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let terminals = dir.path().join("terminals");
+        std::fs::create_dir(&terminals).expect("mkdir");
+        for id in ["reader-10", "reader-2", "reader-1", "kiosk-1", "counter-1"] {
+            std::fs::write(terminals.join(format!("{id}.pem")), "").expect("pem");
+            std::fs::write(terminals.join(format!("{id}.key")), "").expect("key");
+        }
+        std::fs::write(terminals.join("reader-3.pem"), "").expect("pem without key");
+        let readers = terminals_with_prefix(dir.path(), "reader").expect("list");
+        assert_eq!(readers, vec!["reader-1", "reader-2", "reader-10"]);
+    }
 }

@@ -1,6 +1,6 @@
 //! `--spawn`: a fresh `citycard serve` on a temporary data directory with fresh development
-//! keys, listening on an ephemeral 127.0.0.1 port; its CPU time from `/proc/PID/stat`; and
-//! stopping it with SIGTERM (through `kill`, since this crate forbids `unsafe`).
+//! keys, listening on an ephemeral 127.0.0.1 port; and stopping it with SIGTERM (through
+//! `kill`, since this crate forbids `unsafe`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,7 +15,12 @@ pub fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let exe = std::env::current_exe().context("locating the load tester's executable")?;
-    let dir = exe.parent().ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
+    let mut dir =
+        exe.parent().ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?;
+    // A test binary sits in the profile's deps/ folder; the server binary one folder up.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
     let candidate = dir.join("citycard");
     if !candidate.is_file() {
         build_server(dir);
@@ -67,6 +72,30 @@ fn run_quietly(command: &mut Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates fresh development keys in `keys` with the citycard binary, the same certificates a
+/// real deployment's `keys init` makes: the CA, the server's certificate, reader-1, kiosk-1 and
+/// counter-1, plus `keys terminal` for reader-2.. and kiosk-2.. up to the counts asked for.
+pub fn make_keys(bin: &Path, keys: &Path, readers: usize, kiosks: usize) -> anyhow::Result<()> {
+    run_quietly(
+        Command::new(bin).arg("keys").arg("init").arg("--dir").arg(keys),
+        "citycard keys init",
+    )?;
+    for (role, count) in [("reader", readers), ("kiosk", kiosks)] {
+        for i in 2..=count {
+            run_quietly(
+                Command::new(bin).args(["keys", "terminal", "--dir"]).arg(keys).args([
+                    "--id",
+                    &format!("{role}-{i}"),
+                    "--role",
+                    role,
+                ]),
+                "citycard keys terminal",
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// A running server started by the load tester. Dropping it kills the server.
 pub struct Spawned {
     child: Option<Child>,
@@ -78,8 +107,7 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    /// Creates keys (`keys init`, plus `keys terminal` for reader-2.. and kiosk-2.. up to the
-    /// counts asked for), starts `serve`, and waits (30 s at most) for its
+    /// Creates keys ([`make_keys`]), starts `serve`, and waits (30 s at most) for its
     /// `citycard listening on ADDR` line.
     pub fn start(
         bin: &Path,
@@ -93,23 +121,7 @@ impl Spawned {
             .context("creating a temporary directory")?;
         let keys = dir.path().join("keys");
         let data = dir.path().join("data");
-        run_quietly(
-            Command::new(bin).arg("keys").arg("init").arg("--dir").arg(&keys),
-            "citycard keys init",
-        )?;
-        for (role, count) in [("reader", readers), ("kiosk", kiosks)] {
-            for i in 2..=count {
-                run_quietly(
-                    Command::new(bin).args(["keys", "terminal", "--dir"]).arg(&keys).args([
-                        "--id",
-                        &format!("{role}-{i}"),
-                        "--role",
-                        role,
-                    ]),
-                    "citycard keys terminal",
-                )?;
-            }
-        }
+        make_keys(bin, &keys, readers, kiosks)?;
         let log = dir.path().join("server.log");
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -219,47 +231,5 @@ impl Drop for Spawned {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-/// utime + stime of a process in clock ticks (`/proc/PID/stat` fields 14 and 15).
-pub fn cpu_ticks(pid: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat_cpu(&text)
-}
-
-/// Fields after the command name, which is in parentheses and may itself contain spaces.
-fn parse_stat_cpu(text: &str) -> Option<u64> {
-    let after = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // fields[0] is field 3 (state), so utime (14) is index 11 and stime (15) index 12.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`, 100 if that fails).
-pub fn clock_ticks_per_second() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|t| *t > 0)
-        .unwrap_or(100)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stat_cpu_fields() {
-        let line =
-            "1234 (citycard io) S 1 1234 1234 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 9 0 100 0 0";
-        assert_eq!(parse_stat_cpu(line), Some(300));
-        assert_eq!(parse_stat_cpu("garbage"), None);
-        assert!(cpu_ticks("self").is_some());
     }
 }

@@ -1,6 +1,6 @@
-//! Simulated cards and terminals: the operation mix, card issuance through a counter, the load
-//! loop (closed or open), the tester's own reckoning of every balance, and the final balance
-//! check.
+//! The load: each worker is one simulated terminal pair driving its share of the cards through
+//! the load loop (closed or open), checking every answer against its request, keeping the
+//! reckoning of every balance, and (with `--verify`) reading every balance back at the end.
 //!
 //! Each worker is one simulated terminal pair: a reader connection (purchases, balance
 //! inquiries) and, when the mix has top-ups or identity requests, a kiosk connection. A worker
@@ -9,22 +9,21 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail};
-use citycard_protocol::crypto::{response_mac_ok, staff_binding, CardKey};
+use citycard_protocol::crypto::response_mac_ok;
 use citycard_protocol::{
-    Amount, Atc, CardAuth, CardId, ErrorCode, Frame, Mac, MessageType, Request, Response, Status,
+    Amount, Atc, CardAuth, Frame, Mac, MessageType, Request, Response, Status,
 };
 use hdrhistogram::Histogram;
-use rustls::ClientConfig;
 use tokio::time::Instant;
 
-use crate::client::{response_type, Conn, ConnError, Incoming};
-use crate::report::{new_histogram, Stats};
+use crate::cards::Card;
+use crate::client::{code_name, now_ms, response_type, Conn, ConnError, Incoming, Terminal};
+use crate::mix::{Mix, Op, Rng};
+use crate::stats::{new_histogram, Stats};
 
-/// The default operation mix.
-pub const DEFAULT_MIX: &str = "purchase=80,balance=15,topup=4,identity=1";
 /// Purchase amounts, minor units (uniform).
 pub const PURCHASE_AMOUNTS: (i64, i64) = (1, 300);
 /// Top-up amounts, minor units (uniform).
@@ -34,354 +33,12 @@ pub const TOPUP_AMOUNTS: (i64, i64) = (100, 500);
 pub const TOPUP_CEILING: i64 = 90_000;
 /// Most requests a connection keeps outstanding during the final balance check.
 const VERIFY_IN_FLIGHT: usize = 32;
-/// Most issue requests in flight during setup.
-const ISSUE_IN_FLIGHT: usize = 64;
 /// Pause before reconnecting a failed connection.
 const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 /// Open loop: a slot may be sent this much before its time. Tokio's timers tick in whole
 /// milliseconds, so waiting for the exact slot would charge up to 1 ms of the tester's own timer
 /// lag to the server; latency is measured from the earlier of the slot and the actual send.
 const TIMER_SLACK: Duration = Duration::from_millis(1);
-/// How many mismatch descriptions are kept for the report.
-pub const MAX_SAMPLES: usize = 20;
-
-/// A card operation of the mix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Op {
-    Purchase,
-    Balance,
-    TopUp,
-    Identity,
-}
-
-impl Op {
-    pub const ALL: [Op; 4] = [Op::Purchase, Op::Balance, Op::TopUp, Op::Identity];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::Purchase => "purchase",
-            Op::Balance => "balance",
-            Op::TopUp => "topup",
-            Op::Identity => "identity",
-        }
-    }
-
-    pub fn request_type(self) -> MessageType {
-        match self {
-            Op::Purchase => MessageType::Purchase,
-            Op::Balance => MessageType::Balance,
-            Op::TopUp => MessageType::TopUp,
-            Op::Identity => MessageType::Identity,
-        }
-    }
-
-    /// Top-ups and identity go over the kiosk connection (readers may not send them).
-    pub fn on_kiosk(self) -> bool {
-        matches!(self, Op::TopUp | Op::Identity)
-    }
-
-    /// Balance is a read: its ATC must be above the card's last one but is not used up.
-    pub fn consumes_atc(self) -> bool {
-        !matches!(self, Op::Balance)
-    }
-
-    /// Balance change if the request is approved.
-    pub fn delta(self, amount: i64) -> i64 {
-        match self {
-            Op::Purchase => -amount,
-            Op::TopUp => amount,
-            Op::Balance | Op::Identity => 0,
-        }
-    }
-}
-
-/// Relative weights of the operations.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Mix {
-    weights: [u32; 4],
-}
-
-impl Mix {
-    /// Parses `name=weight,...` with names purchase, balance, topup (or top-up), identity;
-    /// unnamed operations get weight 0.
-    pub fn parse(text: &str) -> Result<Mix, String> {
-        let mut weights = [0u32; 4];
-        let mut seen = [false; 4];
-        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, weight) =
-                part.split_once('=').ok_or_else(|| format!("`{part}`: expected NAME=WEIGHT"))?;
-            let index = match name.trim().to_ascii_lowercase().as_str() {
-                "purchase" => 0,
-                "balance" => 1,
-                "topup" | "top-up" => 2,
-                "identity" => 3,
-                other => {
-                    return Err(format!(
-                        "unknown operation `{other}` (purchase, balance, topup, identity)"
-                    ))
-                }
-            };
-            if seen[index] {
-                return Err(format!("`{}` given twice", name.trim()));
-            }
-            seen[index] = true;
-            weights[index] =
-                weight.trim().parse().map_err(|e| format!("weight of `{}`: {e}", name.trim()))?;
-        }
-        if weights.iter().all(|w| *w == 0) {
-            return Err("the mix needs at least one operation with a positive weight".into());
-        }
-        if weights.iter().map(|w| u64::from(*w)).sum::<u64>() > u64::from(u32::MAX) {
-            return Err("weights too large".into());
-        }
-        Ok(Mix { weights })
-    }
-
-    pub fn weight(&self, op: Op) -> u32 {
-        self.weights[op as usize]
-    }
-
-    fn total(&self) -> u64 {
-        self.weights.iter().map(|w| u64::from(*w)).sum()
-    }
-
-    /// The operation for a uniformly random `r`.
-    pub fn pick(&self, r: u64) -> Op {
-        let mut x = r % self.total().max(1);
-        for op in Op::ALL {
-            let w = u64::from(self.weight(op));
-            if x < w {
-                return op;
-            }
-            x -= w;
-        }
-        Op::Purchase
-    }
-
-    pub fn needs_kiosk(&self) -> bool {
-        self.weight(Op::TopUp) > 0 || self.weight(Op::Identity) > 0
-    }
-}
-
-impl std::fmt::Display for Mix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = Op::ALL
-            .iter()
-            .filter(|op| self.weight(**op) > 0)
-            .map(|op| format!("{}={}", op.name(), self.weight(*op)))
-            .collect();
-        f.write_str(&parts.join(","))
-    }
-}
-
-/// splitmix64: small, fast, deterministic for a seed.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n` > 0), by multiply-high.
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n.max(1))) >> 64) as u64
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn between(&mut self, lo: i64, hi: i64) -> i64 {
-        let span = (hi - lo).max(0) as u64 + 1;
-        lo + self.below(span) as i64
-    }
-}
-
-/// What the tester believes a card's balance is: `base` plus any subset of `unknown` (the
-/// effects of requests whose answer never arrived, each either applied or not).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Reckoning {
-    pub base: i64,
-    pub unknown: Vec<i64>,
-}
-
-impl Reckoning {
-    pub fn new(balance: i64) -> Reckoning {
-        Reckoning { base: balance, unknown: Vec::new() }
-    }
-
-    /// An answered, approved change.
-    pub fn settle(&mut self, delta: i64) {
-        self.base += delta;
-    }
-
-    /// A change that may or may not have happened.
-    pub fn unsure(&mut self, delta: i64) {
-        if delta != 0 {
-            self.unknown.push(delta);
-        }
-    }
-
-    pub fn exact(&self) -> bool {
-        self.unknown.is_empty()
-    }
-
-    pub fn min(&self) -> i64 {
-        self.base + self.unknown.iter().filter(|d| **d < 0).sum::<i64>()
-    }
-
-    pub fn max(&self) -> i64 {
-        self.base + self.unknown.iter().filter(|d| **d > 0).sum::<i64>()
-    }
-
-    /// Whether the server's balance is one of the possible outcomes (exactly, for up to 16
-    /// unknown requests; within [min, max] beyond that).
-    pub fn accepts(&self, balance: i64) -> bool {
-        if self.unknown.len() > 16 {
-            return (self.min()..=self.max()).contains(&balance);
-        }
-        (0u32..(1 << self.unknown.len())).any(|mask| {
-            let sum: i64 = self
-                .unknown
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| mask & (1 << i) != 0)
-                .map(|(_, d)| *d)
-                .sum();
-            self.base + sum == balance
-        })
-    }
-
-    pub fn describe(&self) -> String {
-        if self.exact() {
-            format!("{}", self.base)
-        } else {
-            let parts: Vec<String> = self.unknown.iter().map(|d| format!("{d:+}")).collect();
-            format!("{} (plus any of {} unanswered)", self.base, parts.join(" "))
-        }
-    }
-}
-
-/// A simulated card: what a real card stores (id, key, counter) plus the tester's reckoning.
-#[derive(Clone, Debug)]
-pub struct Card {
-    pub id: CardId,
-    pub key: CardKey,
-    /// The last ATC a consuming request used (the server's last ATC is at most this).
-    pub atc: u32,
-    pub reck: Reckoning,
-    /// Taken out of the load after a request's outcome became unknown.
-    pub dead: bool,
-}
-
-/// A terminal identity: certificate file stem (= certificate CN = terminal id) and its config.
-#[derive(Clone)]
-pub struct Terminal {
-    pub id: String,
-    pub config: Arc<ClientConfig>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Issues `count` cards through a counter terminal, `ISSUE_IN_FLIGHT` issues pipelined, each
-/// with `deposit`. `op_ref_base` must not have been used by this terminal before (op_refs are
-/// exactly-once per terminal: a reused one returns the old card).
-pub async fn issue_cards(
-    addr: &str,
-    counter: &Terminal,
-    count: usize,
-    deposit: i64,
-    op_ref_base: u64,
-    timeout: Duration,
-) -> anyhow::Result<Vec<Card>> {
-    let mut conn: Conn<u64> =
-        Conn::connect(addr, counter.config.clone(), &counter.id, timeout).await?;
-    let info = conn.hello(now_ms(), timeout, 0).await?;
-    if info.role != 3 {
-        bail!("terminal {} is not a counter (server says role {})", counter.id, info.role);
-    }
-    let mut todo: std::collections::VecDeque<u64> =
-        (0..count as u64).map(|i| op_ref_base + i).collect();
-    let mut cards = Vec::with_capacity(count);
-    while cards.len() < count {
-        while conn.in_flight() < ISSUE_IN_FLIGHT {
-            let Some(op_ref) = todo.pop_front() else {
-                break;
-            };
-            conn.queue(&Request::Issue { op_ref, deposit: Amount(deposit) }, op_ref)?;
-        }
-        conn.flush().await.map_err(|e| anyhow!("issuing cards: {e}"))?;
-        let incoming = match tokio::time::timeout(timeout, conn.next()).await {
-            Err(_) => bail!(
-                "issuing cards: no answer within {timeout:?} ({} of {count} issued)",
-                cards.len()
-            ),
-            Ok(Err(e)) => bail!("issuing cards: connection failed: {e}"),
-            Ok(Ok(incoming)) => incoming,
-        };
-        let (frame, op_ref) = match incoming {
-            Incoming::Answer(frame, _, op_ref) => (frame, op_ref),
-            Incoming::Stray(frame) => bail!(
-                "issuing cards: unexpected {:?} frame (request id {})",
-                frame.message_type,
-                frame.request_id.0
-            ),
-        };
-        let result = match Response::decode_body(frame.message_type, &frame.body) {
-            Ok(Response::Issue(result)) => result,
-            Ok(Response::Error { code, message }) => {
-                bail!("issue op_ref {op_ref}: error frame {}: {message}", code_name(code))
-            }
-            Ok(other) => bail!("issue op_ref {op_ref}: answered by {:?}", other.message_type()),
-            Err(e) => bail!("issue op_ref {op_ref}: undecodable answer: {e}"),
-        };
-        match result.status {
-            Status::Approved => {}
-            Status::Busy | Status::Unavailable => {
-                // Not done: retry the same op_ref (exactly-once makes that safe).
-                todo.push_back(op_ref);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-            other => bail!("issue op_ref {op_ref} declined: {other:?}"),
-        }
-        let key = CardKey::from_bytes(result.card_key);
-        if !response_mac_ok(
-            &key,
-            MessageType::IssueResult as u8,
-            &staff_binding(op_ref),
-            &frame.body,
-        ) {
-            bail!(
-                "issue op_ref {op_ref}: bad response MAC on the answer for card {}",
-                result.card_id.0
-            );
-        }
-        if result.balance.0 != deposit {
-            bail!(
-                "issue op_ref {op_ref}: card {} has balance {} instead of the deposit {deposit}",
-                result.card_id.0,
-                result.balance.0
-            );
-        }
-        cards.push(Card {
-            id: result.card_id,
-            key,
-            atc: 0,
-            reck: Reckoning::new(deposit),
-            dead: false,
-        });
-    }
-    Ok(cards)
-}
 
 /// The shared time line of a run.
 #[derive(Clone, Copy, Debug)]
@@ -402,13 +59,19 @@ pub struct Plan {
     pub worker_rate: Option<f64>,
     pub timeout: Duration,
     pub verify: bool,
+    /// Against the floor server: answers are judged by type alone (it decides nothing, so
+    /// there is no card, ATC or MAC to check) and the terminal's role is not asked.
+    pub floor: bool,
 }
 
 /// Progress shared with the live display.
 pub struct Live {
     pub answered: AtomicU64,
     pub errors: AtomicU64,
+    /// Every measured latency so far (the live p99).
     pub hist: Mutex<Histogram<u64>>,
+    /// Measured latencies since the run last took a [`crate::stats::Sample`] (it resets this).
+    pub window: Mutex<Histogram<u64>>,
 }
 
 impl Live {
@@ -417,6 +80,7 @@ impl Live {
             answered: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             hist: Mutex::new(new_histogram()?),
+            window: Mutex::new(new_histogram()?),
         })
     }
 }
@@ -483,13 +147,6 @@ fn unauthenticated(status: Status) -> bool {
     )
 }
 
-pub fn code_name(code: u16) -> String {
-    match ErrorCode::from_u16(code) {
-        Some(c) => format!("{c:?}"),
-        None => format!("code {code}"),
-    }
-}
-
 /// Checks an answer against the request it answers: type, card, ATC, and the response MAC
 /// (binding = the request cryptogram) whenever the status implies the card was authenticated.
 fn judge(card: &Card, tag: &Tag, frame: &Frame) -> Verdict {
@@ -524,6 +181,20 @@ fn judge(card: &Card, tag: &Tag, frame: &Frame) -> Verdict {
         return Verdict::Failed { kind: "bad response MAC".into(), bad_mac: true };
     }
     Verdict::Answer { status, balance }
+}
+
+/// Checks a floor server's answer: the response type that answers the request, with a body
+/// that decodes as one. The floor approves everything, so that is the status.
+fn judge_floor(tag: &Tag, frame: &Frame) -> Verdict {
+    let failed = |kind: String| Verdict::Failed { kind, bad_mac: false };
+    match Response::decode_body(frame.message_type, &frame.body) {
+        Err(e) => failed(format!("undecodable {:?}: {e}", frame.message_type)),
+        Ok(Response::Error { code, .. }) => failed(format!("error frame {}", code_name(code))),
+        Ok(_) if response_type(tag.op.request_type()) != Some(frame.message_type) => {
+            failed(format!("{} answered by {:?}", tag.op.name(), frame.message_type))
+        }
+        Ok(_) => Verdict::Answer { status: Status::Approved, balance: None },
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -649,7 +320,7 @@ impl Worker {
                 Conn::connect(&self.plan.addr, term.config.clone(), &term.id, self.plan.timeout)
                     .await?;
             let info = conn.hello(now_ms(), self.plan.timeout, Tag::hello()).await?;
-            if info.role != want_role {
+            if !self.plan.floor && info.role != want_role {
                 bail!(
                     "terminal {} has role {} at the server, expected {want_role}",
                     term.id,
@@ -853,7 +524,11 @@ impl Worker {
             self.verify_answer(frame, &tag);
             return;
         }
-        let verdict = judge(&self.cards[tag.card], &tag, frame);
+        let verdict = if self.plan.floor {
+            judge_floor(&tag, frame)
+        } else {
+            judge(&self.cards[tag.card], &tag, frame)
+        };
         let (measured, in_window) = match &self.timeline {
             Some(t) => (
                 tag.intended >= t.measure_start && tag.intended < t.deadline,
@@ -933,7 +608,11 @@ impl Worker {
         self.live.answered.fetch_add(std::mem::take(&mut self.live_answered), Ordering::Relaxed);
         self.live.errors.fetch_add(std::mem::take(&mut self.live_errors), Ordering::Relaxed);
         if !self.live_hist.is_empty() {
+            // Short sections without an await: the run's display and sampler read them.
             if let Ok(mut h) = self.live.hist.lock() {
+                let _ = h.add(&self.live_hist);
+            }
+            if let Ok(mut h) = self.live.window.lock() {
                 let _ = h.add(&self.live_hist);
             }
             self.live_hist.reset();
@@ -1094,102 +773,9 @@ impl Worker {
 mod tests {
     use super::*;
 
-    #[test]
-    fn mix_parses_the_default_and_picks_by_weight() {
-        let mix = Mix::parse(DEFAULT_MIX).expect("default mix");
-        assert_eq!(mix.weight(Op::Purchase), 80);
-        assert_eq!(mix.weight(Op::Balance), 15);
-        assert_eq!(mix.weight(Op::TopUp), 4);
-        assert_eq!(mix.weight(Op::Identity), 1);
-        assert_eq!(mix.to_string(), DEFAULT_MIX);
-        assert_eq!(mix.pick(0), Op::Purchase);
-        assert_eq!(mix.pick(79), Op::Purchase);
-        assert_eq!(mix.pick(80), Op::Balance);
-        assert_eq!(mix.pick(95), Op::TopUp);
-        assert_eq!(mix.pick(99), Op::Identity);
-        assert_eq!(mix.pick(100), Op::Purchase);
-        assert!(mix.needs_kiosk());
-    }
-
-    #[test]
-    fn mix_accepts_partial_mixes_and_rejects_nonsense() {
-        let mix = Mix::parse(" purchase = 1 , top-up=3").expect("partial mix");
-        assert_eq!(mix.weight(Op::Balance), 0);
-        assert_eq!(mix.weight(Op::TopUp), 3);
-        assert_eq!(mix.to_string(), "purchase=1,topup=3");
-        assert!(!Mix::parse("balance=5").expect("reads only").needs_kiosk());
-        assert!(Mix::parse("").is_err());
-        assert!(Mix::parse("purchase=0").is_err());
-        assert!(Mix::parse("refund=3").is_err());
-        assert!(Mix::parse("purchase").is_err());
-        assert!(Mix::parse("purchase=-1").is_err());
-        assert!(Mix::parse("purchase=1,purchase=2").is_err());
-    }
-
-    #[test]
-    fn mix_frequencies_follow_weights() {
-        let mix = Mix::parse(DEFAULT_MIX).expect("mix");
-        let mut rng = Rng::new(7);
-        let mut counts = [0u32; 4];
-        for _ in 0..100_000 {
-            counts[mix.pick(rng.next_u64()) as usize] += 1;
-        }
-        assert!((79_000..81_000).contains(&counts[0]), "{counts:?}");
-        assert!((14_300..15_700).contains(&counts[1]), "{counts:?}");
-        assert!((3_600..4_400).contains(&counts[2]), "{counts:?}");
-        assert!((800..1_200).contains(&counts[3]), "{counts:?}");
-    }
-
-    #[test]
-    fn rng_is_deterministic_and_in_range() {
-        let mut a = Rng::new(42);
-        let mut b = Rng::new(42);
-        for _ in 0..1000 {
-            assert_eq!(a.next_u64(), b.next_u64());
-            let x = a.between(1, 300);
-            assert!((1..=300).contains(&x));
-            b.between(1, 300);
-        }
-        assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
-    }
-
-    #[test]
-    fn reckoning_exact_and_with_unknown_outcomes() {
-        let mut r = Reckoning::new(50_000);
-        r.settle(-300);
-        r.settle(200);
-        assert!(r.exact());
-        assert!(r.accepts(49_900));
-        assert!(!r.accepts(49_901));
-        r.unsure(-150);
-        assert!(!r.exact());
-        assert!(r.accepts(49_900));
-        assert!(r.accepts(49_750));
-        assert!(!r.accepts(49_800));
-        r.unsure(400);
-        // Any subset of {-150, +400}.
-        for ok in [49_900, 49_750, 50_300, 50_150] {
-            assert!(r.accepts(ok), "{ok}");
-        }
-        assert!(!r.accepts(50_000));
-        assert_eq!(r.min(), 49_750);
-        assert_eq!(r.max(), 50_300);
-        r.unsure(0);
-        assert_eq!(r.unknown.len(), 2);
-        assert!(r.describe().contains("-150"));
-    }
-
-    #[test]
-    fn reckoning_with_many_unknowns_falls_back_to_the_range() {
-        let mut r = Reckoning::new(0);
-        for _ in 0..20 {
-            r.unsure(-10);
-        }
-        assert!(r.accepts(-200));
-        assert!(r.accepts(-5));
-        assert!(!r.accepts(1));
-        assert!(!r.accepts(-201));
-    }
+    use crate::cards::Reckoning;
+    use citycard_protocol::crypto::CardKey;
+    use citycard_protocol::CardId;
 
     fn test_card() -> Card {
         Card {
