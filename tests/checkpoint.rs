@@ -269,3 +269,60 @@ async fn history_and_retries_read_the_chain_through_the_archive() {
     server.stop().await.unwrap();
     verify_ok(&env);
 }
+
+/// Archived segments removed by hand (the wrong retention by an operator): the server keeps
+/// serving, walks stop where the records are gone (old retries are declined, never executed
+/// again), and verify reports the gap.
+#[tokio::test]
+async fn removed_archive_segments_degrade_walks_and_verify_reports_them() {
+    use citycard_protocol::{MessageType, Request};
+    let env = Env::new();
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut card = issue(&mut counter, 1, 90_000).await;
+    let block = Request::Block {
+        op_ref: 2,
+        card_id: card.id,
+        reason: citycard_protocol::BlockReason::Lost,
+    };
+    counter.call(&block).await;
+    let unblock = Request::Unblock { op_ref: 3, card_id: card.id };
+    counter.call(&unblock).await;
+    let first = card.purchase(1, "reader-1");
+    reader.call(&first).await;
+    for _ in 0..600 {
+        reader.call(&card.purchase(1, "reader-1")).await;
+    }
+    drop((counter, reader));
+    server.stop().await.unwrap();
+    let shard = citycard::engine::shard_of(card.id, 2);
+    let archive = citycard::server::shard_dir(&env.data, shard).join("archive");
+    let removed = segments(&archive);
+    assert!(removed >= 1);
+    std::fs::remove_dir_all(&archive).unwrap();
+
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    let mut kiosk = Client::connect(&env.keys, server.local_addr, "kiosk-1").await;
+    let auth = card.auth_at(MessageType::History, 0, "kiosk-1", card.atc + 1);
+    match kiosk.call(&Request::History { auth, before_seq: 0, limit: 64 }).await {
+        Response::History(page) => {
+            assert_eq!((page.status, page.entries.len()), (Status::Approved, 64))
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    match counter.call(&block).await {
+        Response::Block(r) => assert_eq!(r.status, Status::ReferenceReused, "never executed twice"),
+        other => panic!("{other:?}"),
+    }
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    match reader.call(&card.purchase(1, "reader-1")).await {
+        Response::Purchase(r) => assert_eq!(r.status, Status::Approved, "still serving"),
+        other => panic!("{other:?}"),
+    }
+    drop((kiosk, counter, reader));
+    server.stop().await.unwrap();
+    let report = citycard::verify::verify(&env.data).unwrap();
+    assert!(!report.ok(), "verify must report the missing segments");
+}

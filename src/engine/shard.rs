@@ -1057,7 +1057,17 @@ impl Shard {
             if cur.is_none() {
                 return Ok(true);
             }
-            let (seq, entry) = self.record_at(cur)?;
+            let (seq, entry) = match self.record_at(cur) {
+                Ok(found) => found,
+                Err(e) if is_missing_segment(&e) => {
+                    // An archived segment was removed by hand: the card's older records are
+                    // gone. Walks end there (history stops, an old ATC is not provably
+                    // unused and so is declined Replay) instead of failing the shard.
+                    tracing::warn!(card = %card.masked(), segment = cur.segment, error = %e, "journal segment missing; the card's older records are unavailable");
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            };
             let next = if entry.card_id == card {
                 entry.prev_pos
             } else if entry.other_card == card {
@@ -1108,7 +1118,16 @@ impl Shard {
         };
         let (seq, pos) = state::parse_index_value(&value)
             .ok_or_else(|| StoreError::State("op_ref index value malformed".into()))?;
-        let (found, entry) = self.record_at(pos)?;
+        let (found, entry) = match self.record_at(pos) {
+            Ok(found) => found,
+            Err(e) if is_missing_segment(&e) => {
+                // The op_ref was used, but its record is gone with a removed archive segment:
+                // never execute it again; answer ReferenceReused.
+                tracing::warn!(terminal, op_ref, error = %e, "journal segment of a staff operation missing; its retry is declined");
+                return Ok(Some((0, reference_lost(terminal, op_ref))));
+            }
+            Err(e) => return Err(e),
+        };
         if found != seq {
             return Err(StoreError::State(format!(
                 "op_ref index points at seq {seq} but the journal holds seq {found} there"
@@ -1857,6 +1876,33 @@ impl Shard {
         }
         let version = entries.last().map_or(since, |e| e.version);
         Ok(Output::Hotlist { version, entries, more })
+    }
+}
+
+/// Whether reading a record failed because its segment file is gone from journal and archive.
+fn is_missing_segment(error: &StoreError) -> bool {
+    matches!(error, StoreError::Journal(JournalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// Stands for a staff operation whose record is no longer readable: it answers ReferenceReused.
+fn reference_lost(terminal: &str, op_ref: u64) -> Entry {
+    Entry {
+        kind: EntryKind::Block,
+        status: Status::ReferenceReused,
+        card_id: CardId(0),
+        atc: Atc(0),
+        amount: Amount(0),
+        balance_after: Amount(0),
+        time_ms: 0,
+        reference: op_ref,
+        binding: Mac::default(),
+        other_card: CardId(0),
+        key_version: KeyVersion(0),
+        hotlist_version: 0,
+        hotlist_change: HotlistChange::None,
+        extra: 0,
+        terminal: terminal.to_owned(),
+        prev_pos: Pos::NONE,
     }
 }
 
