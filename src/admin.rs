@@ -11,7 +11,7 @@ use anyhow::Context;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::keys::Role;
+use crate::identity::Role;
 use crate::metrics::{Gauge, METRICS};
 use crate::server::trust::Trust;
 use crate::server::Shared;

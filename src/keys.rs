@@ -22,7 +22,6 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
@@ -104,100 +103,7 @@ fn format_err(path: &Path, reason: impl Into<String>) -> KeysError {
     KeysError::Format { path: path.to_path_buf(), reason: reason.into() }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Roles and terminal ids
-
-/// The kind of terminal a client certificate belongs to (certificate subject OU).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    Reader,
-    Kiosk,
-    Counter,
-    /// A monitoring system (Prometheus): may scrape the admin listener over TLS, may not open
-    /// a terminal connection (the terminal listener closes it right after the handshake).
-    Monitor,
-}
-
-impl Role {
-    pub const ALL: [Role; 4] = [Role::Reader, Role::Kiosk, Role::Counter, Role::Monitor];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Reader => "reader",
-            Role::Kiosk => "kiosk",
-            Role::Counter => "counter",
-            Role::Monitor => "monitor",
-        }
-    }
-
-    /// True for the roles that speak the terminal protocol.
-    pub fn is_terminal(self) -> bool {
-        !matches!(self, Role::Monitor)
-    }
-}
-
-impl FromStr for Role {
-    type Err = KeysError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "reader" => Ok(Role::Reader),
-            "kiosk" => Ok(Role::Kiosk),
-            "counter" => Ok(Role::Counter),
-            "monitor" => Ok(Role::Monitor),
-            other => Err(KeysError::InvalidRole(other.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A validated terminal id: 1..=32 bytes of `[A-Za-z0-9._-]` (certificate subject CN, and
-/// the file stem under `terminals/`). Ids `.` and `..` are rejected as well.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TerminalId(String);
-
-impl TerminalId {
-    pub const MAX_LEN: usize = 32;
-
-    pub fn new(id: impl Into<String>) -> Result<Self, KeysError> {
-        let id = id.into();
-        let valid_chars =
-            id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if id.is_empty() || id.len() > Self::MAX_LEN || !valid_chars || id == "." || id == ".." {
-            return Err(KeysError::InvalidTerminalId(id));
-        }
-        Ok(TerminalId(id))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for TerminalId {
-    type Err = KeysError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        TerminalId::new(s)
-    }
-}
-
-impl AsRef<str> for TerminalId {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for TerminalId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::identity::{Role, TerminalId};
 
 /// Paths of a terminal's certificate and key inside a keys directory.
 pub fn terminal_paths(dir: &Path, id: &TerminalId) -> (PathBuf, PathBuf) {
@@ -217,34 +123,11 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], KeysError> {
 }
 
 fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.as_bytes();
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    s.chunks_exact(2).map(|p| Some(hex_val(p[0])? << 4 | hex_val(p[1])?)).collect()
+    crate::hex::encode(bytes)
 }
 
 fn from_hex32(s: &str) -> Option<[u8; 32]> {
-    from_hex(s)?.try_into().ok()
+    crate::hex::decode(s)?.try_into().ok()
 }
 
 /// A random, positive, 16-byte serial number whose first byte is non-zero (so its DER
@@ -682,7 +565,7 @@ fn parse_revoked(path: &Path, text: &str) -> Result<Vec<RevokedEntry>, KeysError
         let bad = |what: &str| format_err(path, format!("line {}: {what}", n + 1));
         let mut parts = line.split_whitespace();
         let serial = parts.next().ok_or_else(|| bad("empty"))?.to_ascii_lowercase();
-        if from_hex(&serial).is_none_or(|b| b.is_empty() || b.len() > 20) {
+        if crate::hex::decode(&serial).is_none_or(|b| b.is_empty() || b.len() > 20) {
             return Err(bad("serial is not 1 to 20 bytes of hex"));
         }
         let revoked_at = match parts.next() {
@@ -691,7 +574,7 @@ fn parse_revoked(path: &Path, text: &str) -> Result<Vec<RevokedEntry>, KeysError
         };
         let rest = parts.collect::<Vec<_>>().join(" ");
         entries.push(RevokedEntry {
-            serial_hex: serial_hex(&from_hex(&serial).unwrap_or_default()),
+            serial_hex: serial_hex(&crate::hex::decode(&serial).unwrap_or_default()),
             revoked_at,
             rest,
         });
@@ -758,7 +641,9 @@ fn build_crl(
         let at = ASN1Time::from_timestamp(e.revoked_at)
             .map_err(|err| KeysError::Validity(err.to_string()))?;
         revoked_certs.push(RevokedCertParams {
-            serial_number: SerialNumber::from_slice(&from_hex(&e.serial_hex).unwrap_or_default()),
+            serial_number: SerialNumber::from_slice(
+                &crate::hex::decode(&e.serial_hex).unwrap_or_default(),
+            ),
             revocation_time: at.to_datetime(),
             reason_code: None,
             invalidity_date: None,
@@ -1201,9 +1086,8 @@ mod tests {
     #[test]
     fn hex_helpers() {
         assert_eq!(to_hex(&[0x00, 0xab, 0x7f]), "00ab7f");
-        assert_eq!(from_hex("00aB7f"), Some(vec![0x00, 0xab, 0x7f]));
-        assert_eq!(from_hex("0"), None);
-        assert_eq!(from_hex("g0"), None);
+        assert_eq!(from_hex32(&"aB".repeat(32)), Some([0xab; 32]));
+        assert_eq!(from_hex32("00"), None);
         assert_eq!(serial_hex(&[0, 0, 0x12]), "12");
     }
 }

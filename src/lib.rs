@@ -3,12 +3,15 @@
 //! # Layout
 //! - [`config`]: every setting and limit, with defaults and reasons.
 //! - [`keys`]: development PKI, terminal certificates, issuer and assertion keys.
+//! - [`identity`]: roles and terminal ids (certificate OU and CN).
+//! - [`layout`]: the data directory: lock, shard count, shard and archive directories.
+//! - [`hex`]: lowercase hex, once.
 //! - [`tls`]: rustls server/client configuration and terminal identity from certificates.
 //! - [`journal`]: the per-shard append-only journal (source of truth, group commit).
 //! - [`engine`]: the shard engine: decisions, journal records, derived state in sled.
 //! - [`server`]: TLS listener, connection tasks, shard worker threads, shutdown; `server::trust`
 //!   holds the TLS configs and open connections a SIGHUP CRL reload works on.
-//! - [`verify`]: the offline audit of a data directory.
+//! - [`verify`]: the offline audit of a data directory; [`report`]: settlement reports.
 //! - [`counter`]: the staff counter console (web page on loopback and CLI) over `citycard-client`.
 //! - [`metrics`]: lock-free counters and histograms; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 #![forbid(unsafe_code)]
@@ -17,8 +20,11 @@ pub mod admin;
 pub mod config;
 pub mod counter;
 pub mod engine;
+pub mod hex;
+pub mod identity;
 pub mod journal;
 pub mod keys;
+pub mod layout;
 pub mod metrics;
 pub mod report;
 pub mod server;

@@ -543,10 +543,10 @@ pub fn settlement(data_dir: &Path, date: Date) -> anyhow::Result<Settlement> {
     let shards = read_shard_count(data_dir)?;
     let mut total = Settlement::empty(date);
     total.shards = shards;
-    let archive_root = crate::server::archive_root(data_dir, None)?;
+    let archive_root = crate::layout::archive_root(data_dir, None)?;
     for index in 0..shards {
-        let dir = crate::server::shard_dir(data_dir, index).join("journal");
-        let archive = crate::server::archive_dir(data_dir, archive_root.as_deref(), index);
+        let dir = crate::layout::shard_dir(data_dir, index).join("journal");
+        let archive = crate::layout::archive_dir(data_dir, archive_root.as_deref(), index);
         let shard = settle_journal(&dir, &archive, date)
             .with_context(|| format!("shard {index}: reading {}", dir.display()))?;
         total.merge(shard);
@@ -594,23 +594,7 @@ fn settle_journal(dir: &Path, archive: &Path, date: Date) -> anyhow::Result<Sett
 // ---------------------------------------------------------------------------------------------
 // Signature
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Lowercase hex only: any other spelling is an altered byte.
-fn from_lower_hex(text: &str) -> Option<Vec<u8>> {
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let b = text.as_bytes();
-    if !b.len().is_multiple_of(2) {
-        return None;
-    }
-    b.chunks(2).map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?)).collect()
-}
+use crate::hex::{decode_lower as from_lower_hex, encode as to_hex};
 
 fn signed_message(body: &[u8]) -> Vec<u8> {
     let mut message = Vec::with_capacity(SIGNATURE_CONTEXT.len() + body.len());
@@ -846,7 +830,7 @@ mod tests {
     fn write_journal(data: &Path, entries: &[Entry]) {
         std::fs::create_dir_all(data).unwrap();
         std::fs::write(data.join("shards"), "1\n").unwrap();
-        let dir = crate::server::shard_dir(data, 0).join("journal");
+        let dir = crate::layout::shard_dir(data, 0).join("journal");
         let options = journal::JournalOptions { segment_bytes: 64 * 1024, ..Default::default() };
         let mut j = journal::Journal::open(&dir, options, |_, _| Ok(())).unwrap();
         let mut buf = Vec::new();

@@ -15,7 +15,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig, ServerConnection};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
-use crate::keys::{KeysError, Role, TerminalId};
+use crate::identity::{Role, TerminalId};
+use crate::keys::KeysError;
 
 /// The single ALPN protocol spoken by citycard.
 pub const ALPN: &[u8] = b"citycard/1";

@@ -81,7 +81,7 @@ impl Report {
 
 /// Audits `data_dir`. Errors are for an unreadable directory; findings are in the report.
 pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
-    let _lock = crate::server::lock_data_dir(data_dir)?;
+    let _lock = crate::layout::lock_data_dir(data_dir)?;
     let count: u16 = std::fs::read_to_string(data_dir.join("shards"))
         .with_context(|| {
             format!("{} has no shard count: not a citycard data directory", data_dir.display())
@@ -105,7 +105,7 @@ pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
 }
 
 fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> anyhow::Result<()> {
-    let dir = crate::server::shard_dir(data_dir, index);
+    let dir = crate::layout::shard_dir(data_dir, index);
     let db = crate::engine::recovery::open_sled(&dir.join("state"));
     let db = match db {
         Ok(db) => Some(db),
@@ -131,8 +131,8 @@ fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> 
     let mut snapshot: Option<BTreeMap<CardId, Ledger>> = (applied == 0).then(BTreeMap::new);
     let mut problems = Vec::new();
     let mut totals = Totals::default();
-    let archive_root = crate::server::archive_root(data_dir, None)?;
-    let archive = crate::server::archive_dir(data_dir, archive_root.as_deref(), index);
+    let archive_root = crate::layout::archive_root(data_dir, None)?;
+    let archive = crate::layout::archive_dir(data_dir, archive_root.as_deref(), index);
     let start = journal::Start::Full { archive: Some(&archive) };
     let summary = journal::read_from(&dir.join("journal"), start, |seq, payload| {
         totals.records += 1;

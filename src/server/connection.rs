@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::worker::{Job, Reply, Work};
 use super::{declined, permitted, route, Shared};
 use crate::engine::Output;
-use crate::keys::Role;
+use crate::identity::Role;
 use crate::metrics::METRICS;
 
 /// Bytes read from the socket at a time.
