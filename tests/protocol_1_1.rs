@@ -469,3 +469,111 @@ async fn the_small_rules_hold() {
     drop((counter, kiosk, reader, stream));
     server.stop().await.unwrap();
 }
+
+/// Found by a client written from PROTOCOL.md 1.1 alone: a terminal that stops reading until
+/// the write timeout got, once it read again, answers twice and a frame cut in half, then a clean
+/// close_notify. Now every request id comes at most once, frames are never garbled, and the
+/// connection ends without close_notify. (This test guards the behaviour; the old failure needed
+/// the terminal to resume reading inside the second write, which it does not hit reliably.)
+#[tokio::test]
+async fn a_write_timeout_never_repeats_or_garbles_answers() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.write_timeout_ms = 1_000;
+    let server = citycard::server::RunningServer::start(config).await.unwrap();
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut card = issue(&mut counter, 1, 50_000).await;
+    for _ in 0..70 {
+        reader.call(&card.purchase(1, "reader-1")).await;
+    }
+    // A socket with a tiny receive buffer, so the server's writes block soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.local_addr).await.unwrap();
+    let config = citycard::tls::client_config(&env.keys, "kiosk-1").unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
+    let history = Request::History {
+        auth: card.auth_at(MessageType::History, 0, "kiosk-1", card.atc + 1),
+        before_seq: 0,
+        limit: 64,
+    };
+    let mut bytes = Vec::new();
+    for id in 1..=2_000 {
+        bytes.extend(encode(&history, id));
+    }
+    // The server stops reading at max_in_flight; keep writing in the background.
+    let (mut read_half, mut write_half) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        let _ = write_half.write_all(&bytes).await;
+        write_half
+    });
+    // Past the first write timeout, inside the second write of the old, faulty close path.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let mut buf = BytesMut::new();
+    let mut seen = BTreeSet::new();
+    let clean = loop {
+        while let Some((id, response)) =
+            decode_response(&mut buf).expect("a garbled frame after the write timeout")
+        {
+            assert!(seen.insert(id.0), "request id {} answered twice", id.0);
+            assert!(matches!(response, Response::History(_)), "{response:?}");
+        }
+        match tokio::time::timeout(READ_TIMEOUT, read_half.read_buf(&mut buf)).await {
+            Ok(Ok(0)) => break true,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break false,
+            Err(_) => panic!("the server neither answered nor closed"),
+        }
+    };
+    assert!(!clean, "a connection cut for not reading ends without close_notify");
+    assert!(seen.len() < 2_000, "the test must have hit the write timeout");
+    writer.abort();
+    drop((read_half, counter, reader));
+    server.stop().await.unwrap();
+}
+
+/// Found by a client written from PROTOCOL.md 1.1 alone: a frame with a request id still in
+/// flight and a malformed body got the body's error with that id, so the terminal could not tell
+/// which request it belonged to. The id is checked first: DuplicateRequestId.
+#[tokio::test]
+async fn a_request_id_in_flight_is_refused_before_its_body_is_read() {
+    let env = Env::new();
+    let server = env.start().await;
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let mut card = issue(&mut counter, 1, 50_000).await;
+    let config = citycard::tls::client_config(&env.keys, "reader-1").unwrap();
+    let mut stream = common::connect_with(server.local_addr, config).await.unwrap();
+    // Many purchases in flight, then a too-short Purchase body reusing the first one's id.
+    let mut bytes = Vec::new();
+    for id in 1..=32u32 {
+        bytes.extend(encode(&card.purchase(1, "reader-1"), id));
+    }
+    let mut short = encode(&card.purchase(1, "reader-1"), 1);
+    short.truncate(16 + 10);
+    short[12..16].copy_from_slice(&10u32.to_be_bytes());
+    bytes.extend(short);
+    stream.write_all(&bytes).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut buf = BytesMut::new();
+    let mut errors = Vec::new();
+    let mut answers = 0;
+    while answers < 32 {
+        if let Some((id, response)) = decode_response(&mut buf).unwrap() {
+            match response {
+                Response::Error { code, .. } => errors.push((id.0, code)),
+                _ => answers += 1,
+            }
+            continue;
+        }
+        let n =
+            tokio::time::timeout(READ_TIMEOUT, stream.read_buf(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0);
+    }
+    // The 33 frames arrive in one TLS record and are decoded before any answer is taken in, so
+    // request 1 is in flight when the short frame is read.
+    assert_eq!(errors, vec![(1, ErrorCode::DuplicateRequestId as u16)]);
+    drop((stream, counter));
+    server.stop().await.unwrap();
+}

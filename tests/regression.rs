@@ -178,3 +178,58 @@ fn history_reads_the_chain_after_the_overlay_is_persisted() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn staff_operations_need_the_cards_key() {
+    // postmortem: with the card's issuer key version removed from issuer.key, Block and Close
+    // were approved (a refund paid) with an all-zero MAC, which a terminal following the spec
+    // must treat as a forgery (found by a client written from PROTOCOL.md alone).
+    let mut bench = Bench::new();
+    let (card, _) = bench.issue(1, 500);
+    let full = bench.secrets.clone();
+    bench.secrets = Arc::new(Secrets {
+        issuer: BTreeMap::from([(2, [6u8; 32])]),
+        current_version: citycard_protocol::KeyVersion(2),
+        retire_after_ms: BTreeMap::new(),
+        assertion: ring::signature::Ed25519KeyPair::from_seed_unchecked(&[3u8; 32]).unwrap(),
+    });
+    bench.reopen();
+    let close = Request::Close { op_ref: 2, card_id: card };
+    match bench.run(COUNTER, &close) {
+        Response::Close(r) => {
+            assert_eq!((r.status, r.refunded.0), (Status::KeyVersionRetired, 0));
+            assert_eq!(r.journal_seq, 0, "not recorded");
+        }
+        other => panic!("{other:?}"),
+    }
+    // With the key back, the same op_ref is decided for the first time.
+    bench.secrets = full;
+    bench.reopen();
+    match bench.run(COUNTER, &close) {
+        Response::Close(r) => assert_eq!((r.status, r.refunded.0), (Status::Approved, 500)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_offline_record_with_atc_zero_is_a_replay() {
+    // postmortem: ATC 0 was refused online but applied offline; no card produces it.
+    let mut bench = Bench::new();
+    let (card, key) = bench.issue(1, 500);
+    let (atc, amount, time_ms, nonce) = (Atc(0), Amount(5), NOW_MS, 1);
+    let record = OfflineRecord {
+        card_id: card,
+        atc,
+        amount,
+        time_ms,
+        nonce,
+        certificate: key.offline_certificate(card, atc, amount, time_ms, nonce, TERMINAL),
+    };
+    let output = bench.shard().execute(TERMINAL, Op::Offline(&[(0, record)]), NOW_MS).unwrap();
+    match output {
+        Output::Offline(results) => {
+            assert_eq!((results[0].1.status, results[0].1.balance.0), (Status::Replay, 500))
+        }
+        _ => panic!("not offline results"),
+    }
+}

@@ -166,7 +166,7 @@ impl ErrorCode {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
-    #[error("bad magic {0:02x?}")]
+    #[error("bad magic 0x{:02x}{:02x} (expected 0x4343, \"CC\")", .0[0], .0[1])]
     BadMagic([u8; 2]),
     #[error("unsupported protocol version {0}")]
     BadVersion(u8),
@@ -176,7 +176,7 @@ pub enum DecodeError {
     UnknownType { message_type: u8, request_id: RequestId },
     #[error("body length {len} over the maximum {max}")]
     FrameTooLarge { len: u64, max: usize, request_id: RequestId },
-    #[error("body of {message_type:?} too short: need {needed} bytes, have {have}")]
+    #[error("body of {message_type:?} too short: need at least {needed} bytes, have {have}")]
     BodyTooShort { message_type: MessageType, needed: usize, have: usize, request_id: RequestId },
     #[error("{extra} trailing bytes after the {message_type:?} body")]
     TrailingBytes { message_type: MessageType, extra: usize, request_id: RequestId },

@@ -1469,6 +1469,15 @@ impl Shard {
             tracing::warn!(card = %record.card_id.masked(), terminal, "bad offline certificate");
             return Ok(unauth(Status::BadCryptogram));
         }
+        if record.atc.0 == 0 {
+            // No card produces ATC 0 (it counts from 1), online or offline.
+            return Ok(self.seal_card(
+                &key,
+                MessageType::OfflineBatch,
+                &record.certificate,
+                CardResult { balance: card.balance, ..unauth(Status::Replay) },
+            ));
+        }
         let lookup = if record.atc > card.last_atc {
             // Above every ATC the card has used: new, no walk needed.
             AtcLookup::Unused
@@ -1746,6 +1755,15 @@ impl Shard {
         reason: Option<BlockReason>,
         now_ms: u64,
     ) -> Result<Response, StoreError> {
+        // The answer is sealed under the card's key. Without it (its issuer key version was
+        // removed from issuer.key) nothing is decided or recorded: a zero MAC on an approval
+        // would be indistinguishable from a forgery (found by a client written from the spec).
+        if let Some(card) = self.cards.get(&card_id).copied() {
+            if self.card_key(card_id, card.key_version).is_none() {
+                tracing::error!(card = %card_id.masked(), key_version = card.key_version.0, "no issuer key for the card's key version; staff operation declined");
+                return Ok(wrap_staff(kind, declined_staff(Status::KeyVersionRetired, card_id)));
+            }
+        }
         let (seq, entry) = match self.staff_retry(
             terminal,
             op_ref,

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use citycard_protocol::frame::decode_frame;
 use citycard_protocol::{
     frame_to_request, Amount, CardResult, DecodeError, ErrorCode, HotlistChanges, Mac, MessageType,
@@ -117,6 +117,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         ) {
             self.drain().await;
         }
+        // postmortem: after a write timeout the unwritten rest of the buffer used to be written
+        // again from its start, so a terminal that resumed reading got answers twice and a
+        // frame cut in half, then a clean close_notify (found by a client written from
+        // PROTOCOL.md alone). A stuck or broken socket now gets nothing more: the connection is
+        // dropped without close_notify, so the terminal sees that it was cut off.
+        if matches!(end, End::WriteTimeout | End::Io(_)) {
+            return end;
+        }
         if let Some((request_id, code, message)) = self.closing.take() {
             self.error_frame(request_id, code, &message);
         }
@@ -139,6 +147,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Ok(Some(frame)) => {
                         frame_started = None;
                         let request_id = frame.request_id;
+                        // A request id in flight is refused before its body is looked at, so
+                        // an error frame with that id can only mean this frame (PROTOCOL.md
+                        // 5.2): a body error would otherwise carry the id of the request still
+                        // running.
+                        if frame.message_type.is_request() && self.pending.contains_key(&request_id)
+                        {
+                            self.duplicate(request_id);
+                            continue;
+                        }
                         match frame_to_request(&frame) {
                             Ok(request) => self.dispatch(request_id, request),
                             Err(e) => {
@@ -255,15 +272,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Ok(());
         }
         let timeout = Duration::from_millis(self.shared.config.write_timeout_ms);
+        // Written bytes leave the buffer as they go, so a write that times out halfway never
+        // sends its first part twice.
         let write = async {
-            self.stream.write_all(&self.write_buf).await?;
+            while !self.write_buf.is_empty() {
+                let n = self.stream.write(&self.write_buf).await?;
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+                }
+                self.write_buf.advance(n);
+            }
             self.stream.flush().await
         };
         match tokio::time::timeout(timeout, write).await {
-            Ok(Ok(())) => {
-                self.write_buf.clear();
-                Ok(())
-            }
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(End::Io(e)),
             Err(_) => Err(End::WriteTimeout),
         }
@@ -289,6 +311,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let _ = Response::error(ErrorCode::Internal, "response too large")
                 .encode(request_id, &mut self.write_buf);
         }
+    }
+
+    fn duplicate(&mut self, request_id: RequestId) {
+        METRICS.protocol_error(ErrorCode::DuplicateRequestId as u16);
+        let message = format!("request id {} is already in flight", request_id.0);
+        self.error_frame(request_id, ErrorCode::DuplicateRequestId, &message);
     }
 
     fn error_frame(&mut self, request_id: RequestId, code: ErrorCode, message: &str) {
@@ -318,11 +346,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let started = Instant::now();
         let message_type = request.message_type();
         if self.pending.contains_key(&request_id) {
-            self.error_frame(
-                request_id,
-                ErrorCode::DuplicateRequestId,
-                "request id already in flight",
-            );
+            self.duplicate(request_id);
             return;
         }
         if !permitted(self.role, &request) {
