@@ -3,6 +3,8 @@
 
 pub mod checkpoint;
 pub mod entry;
+mod overlay;
+mod persister;
 pub mod recovery;
 pub mod shard;
 pub mod state;

@@ -23,6 +23,8 @@ use citycard_protocol::{
 use ring::signature::Ed25519KeyPair;
 
 use super::checkpoint::{Checkpoint, CheckpointPolicy, StateDigest};
+use super::overlay::Overlay;
+use super::persister::{CheckpointPlace, PersistJob, Persister};
 use crate::journal::{JournalFiles, Pos, Start};
 
 use super::entry::{Entry, EntryError, HotlistChange};
@@ -131,14 +133,6 @@ pub enum Output {
     Hotlist { version: u64, entries: Vec<HotlistEntry>, more: bool },
 }
 
-/// An entry decided but not yet confirmed in sled.
-struct Pending {
-    seq: u64,
-    /// Where it lies in the journal (once committed).
-    pos: Pos,
-    entry: Entry,
-}
-
 /// Most committed entries gathered before they are handed to sled in one batch. Measured at 64
 /// terminals: sled costs about 11 us per insert when written per group commit, and coalescing
 /// thousands of entries (each hot card written once) cuts server CPU per transaction by a third.
@@ -146,83 +140,9 @@ const PERSIST_MAX_RECORDS: usize = 4_096;
 /// Oldest an unpersisted chunk may get before it is handed to sled anyway (bounds the replay
 /// after a crash and the overlay's size at low rates).
 const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
-/// Sealed chunks waiting for the persister; a full queue makes the shard wait (back-pressure
-/// keeps the overlay bounded if sled falls behind).
-const PERSIST_QUEUE: usize = 2;
 /// Longest a synchronous persist (shutdown, replay) waits for sled before it is an error: a few
 /// chunks take well under a second, so two minutes means sled is stuck.
 const PERSIST_WAIT: Duration = Duration::from_secs(120);
-
-/// A run of committed entries with lookup maps, newest chunk last.
-struct Chunk {
-    entries: Vec<Pending>,
-    /// Entries by journal position: the per-card chain passes through here before the
-    /// records are readable from the journal files (they may not be committed yet).
-    by_pos: HashMap<Pos, usize>,
-    ops: HashMap<(String, u64), usize>,
-    started: Instant,
-    /// Set when handed to the persister: the highest seq it holds.
-    sealed_at: Option<u64>,
-}
-
-impl Chunk {
-    fn new() -> Chunk {
-        Chunk {
-            entries: Vec::new(),
-            by_pos: HashMap::new(),
-            ops: HashMap::new(),
-            started: Instant::now(),
-            sealed_at: None,
-        }
-    }
-}
-
-/// Committed entries sled has not confirmed yet. Reads look here first.
-#[derive(Default)]
-struct Overlay {
-    chunks: std::collections::VecDeque<Chunk>,
-}
-
-impl Overlay {
-    fn push(&mut self, seq: u64, pos: Pos, entry: Entry) {
-        if self.chunks.back().is_none_or(|c| c.sealed_at.is_some()) {
-            self.chunks.push_back(Chunk::new());
-        }
-        let Some(chunk) = self.chunks.back_mut() else { return };
-        let index = chunk.entries.len();
-        chunk.by_pos.insert(pos, index);
-        if is_staff(entry.kind) {
-            chunk.ops.insert((entry.terminal.clone(), entry.reference), index);
-        }
-        chunk.entries.push(Pending { seq, pos, entry });
-    }
-
-    fn at(&self, pos: Pos) -> Option<&Pending> {
-        self.chunks.iter().rev().find_map(|c| c.by_pos.get(&pos).map(|i| &c.entries[*i]))
-    }
-
-    fn op(&self, terminal: &str, op_ref: u64) -> Option<&Pending> {
-        let key = (terminal.to_owned(), op_ref);
-        self.chunks.iter().rev().find_map(|c| c.ops.get(&key).map(|i| &c.entries[*i]))
-    }
-
-    /// Oldest first.
-    fn iter(&self) -> impl DoubleEndedIterator<Item = &Pending> {
-        self.chunks.iter().flat_map(|c| c.entries.iter())
-    }
-
-    /// The chunk still being filled, if any.
-    fn current(&self) -> Option<&Chunk> {
-        self.chunks.back().filter(|c| c.sealed_at.is_none() && !c.entries.is_empty())
-    }
-
-    /// Drops sealed chunks sled has confirmed.
-    fn trim(&mut self, persisted: u64) {
-        while self.chunks.front().is_some_and(|c| c.sealed_at.is_some_and(|s| s <= persisted)) {
-            self.chunks.pop_front();
-        }
-    }
-}
 
 /// How far back a card's chain is walked to find the record that used an online ATC. A retry
 /// comes within seconds or minutes, so its record is among the card's newest; 256 records cover
@@ -255,125 +175,6 @@ enum AtcUse {
 }
 
 /// The thread that applies sealed chunks to sled, in order.
-/// One sealed chunk for the persister, and the checkpoint to take once sled holds it.
-struct PersistJob {
-    batch: sled::Batch,
-    last_seq: u64,
-    checkpoint: Option<Checkpoint>,
-}
-
-/// Where the persister writes checkpoints and archives segments.
-#[derive(Clone)]
-struct CheckpointPlace {
-    shard_dir: PathBuf,
-    journal_dir: PathBuf,
-    archive_dir: PathBuf,
-}
-
-impl CheckpointPlace {
-    /// Flushes sled (so the state on disk is at or past the checkpoint), writes the checkpoint,
-    /// then archives the segments below it. A failure here loses nothing (the journal is the
-    /// truth and the previous checkpoint stays valid), so it is logged and retried at the next
-    /// checkpoint instead of stopping the server.
-    fn take(&self, db: &sled::Db, index: u16, checkpoint: &Checkpoint) {
-        if let Err(e) = db.flush() {
-            tracing::error!(shard = index, error = %e, "state flush for a checkpoint failed");
-            return;
-        }
-        if let Err(e) = checkpoint.store(&self.shard_dir) {
-            tracing::error!(shard = index, path = %self.shard_dir.display(), error = %e, "writing the checkpoint failed");
-            return;
-        }
-        crate::metrics::METRICS.checkpoint(checkpoint.seq);
-        match crate::journal::archive_below(&self.journal_dir, &self.archive_dir, checkpoint.seq) {
-            Ok(0) => {}
-            Ok(moved) => tracing::info!(
-                shard = index,
-                segments = moved,
-                archive = %self.archive_dir.display(),
-                checkpoint_seq = checkpoint.seq,
-                "archived journal segments below the checkpoint"
-            ),
-            Err(e) => {
-                tracing::error!(shard = index, error = %e, "archiving journal segments failed")
-            }
-        }
-    }
-}
-
-struct Persister {
-    queue: Option<crossbeam::channel::Sender<PersistJob>>,
-    /// Highest seq sled has applied.
-    done: Arc<std::sync::atomic::AtomicU64>,
-    /// Set if a sled write failed (fail-stop).
-    error: Arc<std::sync::Mutex<Option<sled::Error>>>,
-    /// The sled directory, for error messages.
-    state_dir: PathBuf,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Persister {
-    fn start(
-        db: sled::Db,
-        index: u16,
-        applied: u64,
-        state_dir: PathBuf,
-        place: CheckpointPlace,
-    ) -> Result<Persister, StoreError> {
-        let (queue, jobs) = crossbeam::channel::bounded::<PersistJob>(PERSIST_QUEUE);
-        let done = Arc::new(std::sync::atomic::AtomicU64::new(applied));
-        let error = Arc::new(std::sync::Mutex::new(None));
-        let (thread_done, thread_error) = (done.clone(), error.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("persist-{index}"))
-            .spawn(move || {
-                for PersistJob { batch, last_seq, checkpoint } in jobs {
-                    match db.apply_batch(batch) {
-                        Ok(()) => {
-                            thread_done.store(last_seq, std::sync::atomic::Ordering::Release);
-                            if let Some(checkpoint) = checkpoint {
-                                place.take(&db, index, &checkpoint);
-                            }
-                        }
-                        Err(e) => {
-                            // The mutex only carries this one message; poisoning cannot hide it.
-                            if let Ok(mut slot) = thread_error.lock() {
-                                *slot = Some(e);
-                            }
-                            return;
-                        }
-                    }
-                }
-            })
-            .map_err(|source| StoreError::Io { path: PathBuf::from("persister thread"), source })?;
-        Ok(Persister { queue: Some(queue), done, error, state_dir, thread: Some(thread) })
-    }
-
-    fn done(&self) -> u64 {
-        self.done.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        match self.error.lock().ok().and_then(|slot| slot.clone()) {
-            Some(e) => Err(super::recovery::write_error(e, &self.state_dir)),
-            // The thread only ends early by dying (the queue is still open): fail-stop too.
-            None if self.thread.as_ref().is_some_and(|t| t.is_finished()) => {
-                Err(StoreError::State("persister thread died".into()))
-            }
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Persister {
-    fn drop(&mut self) {
-        drop(self.queue.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 pub struct Shard {
     index: u16,
     count: u16,
@@ -1924,7 +1725,7 @@ fn reference_lost(terminal: &str, op_ref: u64) -> Entry {
     }
 }
 
-fn is_staff(kind: EntryKind) -> bool {
+pub(super) fn is_staff(kind: EntryKind) -> bool {
     matches!(
         kind,
         EntryKind::Issue

@@ -1,0 +1,89 @@
+//! The overlay: committed entries sled has not confirmed yet, in chunks, with lookups by
+//! journal position (the per-card chains pass through it before records are readable from the
+//! journal files) and by staff op_ref. Reads look here first.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::entry::Entry;
+use super::shard::is_staff;
+use crate::journal::Pos;
+
+/// An entry decided but not yet confirmed in sled.
+pub(super) struct Pending {
+    pub(super) seq: u64,
+    /// Where it lies in the journal (once committed).
+    pub(super) pos: Pos,
+    pub(super) entry: Entry,
+}
+
+/// A run of committed entries with lookup maps, newest chunk last.
+pub(super) struct Chunk {
+    pub(super) entries: Vec<Pending>,
+    /// Entries by journal position: the per-card chain passes through here before the
+    /// records are readable from the journal files (they may not be committed yet).
+    pub(super) by_pos: HashMap<Pos, usize>,
+    pub(super) ops: HashMap<(String, u64), usize>,
+    pub(super) started: Instant,
+    /// Set when handed to the persister: the highest seq it holds.
+    pub(super) sealed_at: Option<u64>,
+}
+
+impl Chunk {
+    pub(super) fn new() -> Chunk {
+        Chunk {
+            entries: Vec::new(),
+            by_pos: HashMap::new(),
+            ops: HashMap::new(),
+            started: Instant::now(),
+            sealed_at: None,
+        }
+    }
+}
+
+/// Committed entries sled has not confirmed yet. Reads look here first.
+#[derive(Default)]
+pub(super) struct Overlay {
+    pub(super) chunks: std::collections::VecDeque<Chunk>,
+}
+
+impl Overlay {
+    pub(super) fn push(&mut self, seq: u64, pos: Pos, entry: Entry) {
+        if self.chunks.back().is_none_or(|c| c.sealed_at.is_some()) {
+            self.chunks.push_back(Chunk::new());
+        }
+        let Some(chunk) = self.chunks.back_mut() else { return };
+        let index = chunk.entries.len();
+        chunk.by_pos.insert(pos, index);
+        if is_staff(entry.kind) {
+            chunk.ops.insert((entry.terminal.clone(), entry.reference), index);
+        }
+        chunk.entries.push(Pending { seq, pos, entry });
+    }
+
+    pub(super) fn at(&self, pos: Pos) -> Option<&Pending> {
+        self.chunks.iter().rev().find_map(|c| c.by_pos.get(&pos).map(|i| &c.entries[*i]))
+    }
+
+    pub(super) fn op(&self, terminal: &str, op_ref: u64) -> Option<&Pending> {
+        let key = (terminal.to_owned(), op_ref);
+        self.chunks.iter().rev().find_map(|c| c.ops.get(&key).map(|i| &c.entries[*i]))
+    }
+
+    /// Oldest first.
+    pub(super) fn iter(&self) -> impl DoubleEndedIterator<Item = &Pending> {
+        self.chunks.iter().flat_map(|c| c.entries.iter())
+    }
+
+    /// The chunk still being filled, if any.
+    pub(super) fn current(&self) -> Option<&Chunk> {
+        self.chunks.back().filter(|c| c.sealed_at.is_none() && !c.entries.is_empty())
+    }
+
+    /// Drops sealed chunks sled has confirmed.
+    pub(super) fn trim(&mut self, persisted: u64) {
+        while self.chunks.front().is_some_and(|c| c.sealed_at.is_some_and(|s| s <= persisted)) {
+            self.chunks.pop_front();
+        }
+    }
+}
