@@ -326,3 +326,58 @@ async fn removed_archive_segments_degrade_walks_and_verify_reports_them() {
     let report = citycard::verify::verify(&env.data).unwrap();
     assert!(!report.ok(), "verify must report the missing segments");
 }
+
+/// A damaged archived record (bit rot): a History walk that reaches it ends there and the
+/// server keeps serving; verify names the damage.
+#[tokio::test]
+async fn a_damaged_archived_record_ends_walks_without_stopping_the_server() {
+    use citycard_protocol::{MessageType, Request};
+    let env = Env::new();
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut card = issue(&mut counter, 1, 90_000).await;
+    for _ in 0..700 {
+        reader.call(&card.purchase(1, "reader-1")).await;
+    }
+    drop((counter, reader));
+    server.stop().await.unwrap();
+    let shard = citycard::engine::shard_of(card.id, 2);
+    let archive = citycard::server::shard_dir(&env.data, shard).join("archive");
+    let oldest = std::fs::read_dir(&archive)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .min()
+        .unwrap();
+    let mut bytes = std::fs::read(&oldest).unwrap();
+    // Inside the payload of a record near the start (the header is 32 bytes, then records).
+    bytes[32 + 120] ^= 0xff;
+    std::fs::write(&oldest, bytes).unwrap();
+
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    let mut kiosk = Client::connect(&env.keys, server.local_addr, "kiosk-1").await;
+    let mut before = 0;
+    for _ in 0..20 {
+        let auth = card.auth_at(MessageType::History, 0, "kiosk-1", card.atc + 1);
+        match kiosk.call(&Request::History { auth, before_seq: before, limit: 64 }).await {
+            Response::History(page) => {
+                assert_eq!(page.status, Status::Approved);
+                if page.next_before_seq == 0 {
+                    break;
+                }
+                before = page.next_before_seq;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    match reader.call(&card.purchase(1, "reader-1")).await {
+        Response::Purchase(r) => assert_eq!(r.status, Status::Approved, "still serving"),
+        other => panic!("{other:?}"),
+    }
+    drop((kiosk, reader));
+    server.stop().await.unwrap();
+    let report = citycard::verify::verify(&env.data).unwrap();
+    assert!(!report.ok(), "verify must name the damaged record");
+}

@@ -1698,9 +1698,21 @@ impl Shard {
     }
 }
 
-/// Whether reading a record failed because its segment file is gone from journal and archive.
+/// Whether reading an old record by position failed in a way that leaves the rest of the shard
+/// sound: its segment file is gone from journal and archive, or the record fails its CRC (a
+/// damaged archive; `verify` names it). Walks end there instead of stopping the shard; the
+/// decisions that needed the record fall back to the safe answer.
 fn is_missing_segment(error: &StoreError) -> bool {
-    matches!(error, StoreError::Journal(JournalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound)
+    match error {
+        StoreError::Journal(JournalError::Io { source, .. }) => {
+            source.kind() == std::io::ErrorKind::NotFound
+        }
+        StoreError::Journal(JournalError::Corrupt { .. }) | StoreError::Entry { .. } => {
+            tracing::error!(error = %error, "journal record unreadable; run citycard verify");
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Stands for a staff operation whose record is no longer readable: it answers ReferenceReused.
