@@ -37,10 +37,13 @@ const PIPELINE: usize = 8;
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// From spawn to the listening line (recovery done, serving).
+    started_in: Duration,
 }
 
 fn spawn_server(keys: &Path, data: &Path, log: &Path) -> Server {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let spawned = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_citycard"))
         .args(["serve", "--keys"])
         .arg(keys)
@@ -67,7 +70,7 @@ fn spawn_server(keys: &Path, data: &Path, log: &Path) -> Server {
         }
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(addr) => Server { child, addr: addr.parse().unwrap() },
+        Ok(addr) => Server { child, addr: addr.parse().unwrap(), started_in: spawned.elapsed() },
         Err(_) => {
             let _ = child.kill();
             let status = child.wait().unwrap();
@@ -371,8 +374,12 @@ async fn sigkill_under_load_loses_nothing_and_doubles_nothing() {
 
     let mut server = Some(server);
     let mut lost_at_kills = 0u64;
+    let mut slowest_restart = Duration::ZERO;
     for kill in 0..=kills {
         let running = server.take().unwrap_or_else(|| spawn_server(&keys, &data, &log));
+        if kill > 0 {
+            slowest_restart = slowest_restart.max(running.started_in);
+        }
         let addr = running.addr;
         let last = kill == kills;
         // Load for a random moment, then SIGKILL; the last phase drains every retry instead.
@@ -499,7 +506,8 @@ async fn sigkill_under_load_loses_nothing_and_doubles_nothing() {
     assert!(stdout.contains(&format!("sum of balances {total}")), "{stdout}");
     eprintln!(
         "crash test: {kills} kills in {:?}; {} requests ({} approved, {} declined), {} journal records; \
-         {} unanswered at kills, {} retries sent, {} answered on retry ({} approved), {} busy/unavailable",
+         {} unanswered at kills, {} retries sent, {} answered on retry ({} approved), {} busy/unavailable; \
+         slowest restart after a kill {:?}",
         started.elapsed(),
         counts.sent,
         counts.approved,
@@ -509,7 +517,8 @@ async fn sigkill_under_load_loses_nothing_and_doubles_nothing() {
         counts.retries,
         counts.retried_answered,
         counts.retried_approved,
-        counts.busy
+        counts.busy,
+        slowest_restart
     );
     assert!(counts.answered >= counts.sent, "every request answered in the end");
 }
