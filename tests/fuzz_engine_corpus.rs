@@ -32,10 +32,16 @@ fn engine_ops_corpus_replays_clean() {
     }
 }
 
+/// 24 seeded inputs in CI; `CITYCARD_FUZZ_ROUNDS=N` runs more (a long local run).
 #[test]
 fn engine_ops_seeded_random_inputs() {
-    let mut state = 0x0E16_1DE5_u64;
-    for _ in 0..24 {
+    let rounds: usize =
+        std::env::var("CITYCARD_FUZZ_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
+    let mut state = std::env::var("CITYCARD_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x0E16_1DE5_u64);
+    for _ in 0..rounds {
         let input: Vec<u8> = (0..400)
             .map(|_| {
                 state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
