@@ -5,6 +5,7 @@
 //! section is a few map operations and none of them `.await`s.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -84,7 +85,11 @@ impl Drop for Connection {
 
 impl Connection {
     /// TCP connect and TLS handshake within `connect_timeout_ms`, ALPN checked.
-    pub(crate) async fn open(config: &Config) -> Result<Connection, ClientError> {
+    /// `late_answers` counts answers whose caller no longer waits.
+    pub(crate) async fn open(
+        config: &Config,
+        late_answers: Arc<AtomicU64>,
+    ) -> Result<Connection, ClientError> {
         let addr = config.server.clone();
         let name = ServerName::try_from(config.server_name.clone())
             .map_err(|e| ClientError::Config(format!("server_name: {e}")))?;
@@ -112,7 +117,7 @@ impl Connection {
             Arc::new(Mutex::new(Pending { waiters: HashMap::new(), next_id: 1, dead: None }));
         let (writer, queue) = mpsc::channel(config.max_in_flight);
         tokio::spawn(write_loop(write, queue, pending.clone()));
-        let reader_task = tokio::spawn(read_loop(read, pending.clone()));
+        let reader_task = tokio::spawn(read_loop(read, pending.clone(), late_answers));
         Ok(Connection { writer, pending, reader_task })
     }
 
@@ -198,12 +203,16 @@ async fn write_loop(
     let _ = tokio::time::timeout(WRITE_TIMEOUT, write.shutdown()).await;
 }
 
-async fn read_loop(mut read: ReadHalf<TlsStream<TcpStream>>, pending: Arc<Mutex<Pending>>) {
+async fn read_loop(
+    mut read: ReadHalf<TlsStream<TcpStream>>,
+    pending: Arc<Mutex<Pending>>,
+    late_answers: Arc<AtomicU64>,
+) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let reason = loop {
         match decode_frame(&mut buf) {
             Ok(Some(frame)) => {
-                if let Some(error) = dispatch(&pending, frame) {
+                if let Some(error) = dispatch(&pending, frame, &late_answers) {
                     let reason = error.to_string();
                     fail_all(&pending, reason, Some(error));
                     // The server closes after a connection-level error; stop reading now.
@@ -229,7 +238,11 @@ async fn read_loop(mut read: ReadHalf<TlsStream<TcpStream>>, pending: Arc<Mutex<
 
 /// Hands a frame to its waiter. A connection-level Error frame (one whose request id is not in
 /// flight, usually 0) is returned so the caller can fail everything still waiting with it.
-fn dispatch(pending: &Mutex<Pending>, frame: Frame) -> Option<ClientError> {
+fn dispatch(
+    pending: &Mutex<Pending>,
+    frame: Frame,
+    late_answers: &AtomicU64,
+) -> Option<ClientError> {
     let waiter = lock(pending).waiters.remove(&frame.request_id.0);
     match waiter {
         Some(waiter) => {
@@ -246,6 +259,7 @@ fn dispatch(pending: &Mutex<Pending>, frame: Frame) -> Option<ClientError> {
         }
         None => {
             // An answer to a request that timed out: its caller already retried.
+            late_answers.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(request_id = frame.request_id.0, "answer nobody waits for");
             None
         }
