@@ -1,7 +1,8 @@
 //! The client: typed operations over one pipelined connection, with same-bytes retries,
 //! per-card ordering, reconnects and response MAC checks.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use citycard_protocol::{
     StaffResult, Status, MAX_HISTORY_PAGE, MAX_HOTLIST_ENTRIES, MAX_OFFLINE_RECORDS,
 };
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::sync::{OwnedMutexGuard, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::config::Config;
 use crate::connection::Connection;
@@ -59,31 +60,54 @@ struct Inner {
     /// connection awaits, and concurrent callers should wait for that one connection.
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     slots: Semaphore,
-    /// One FIFO gate per card with a request in progress (entries leave when unused, so the
-    /// map holds at most one entry per waiting caller).
-    cards: Mutex<HashMap<CardId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The cards with a request in progress, each with the callers waiting for their turn in
+    /// FIFO order (entries leave when the last turn ends, so the map holds at most one entry
+    /// per caller). A card nobody waits for costs no allocation: the queue is empty.
+    cards: Mutex<HashMap<CardId, VecDeque<oneshot::Sender<()>>>>,
     /// Answers that arrived after their caller had stopped waiting (shared with every
     /// connection this client opens).
     late_answers: Arc<AtomicU64>,
 }
 
-/// Holds a card's gate; removes the map entry when nobody else waits for it.
-struct CardTurn {
-    client: Arc<Inner>,
+/// A card's turn, held for one exchange; dropping it hands the turn to the next waiter.
+struct CardTurn<'a> {
+    client: &'a Inner,
     card: CardId,
-    gate: Option<OwnedMutexGuard<()>>,
 }
 
-impl Drop for CardTurn {
+impl Drop for CardTurn<'_> {
     fn drop(&mut self) {
-        let Some(guard) = self.gate.take() else { return };
-        let gate = OwnedMutexGuard::mutex(&guard).clone();
-        drop(guard);
-        let mut cards = self.client.cards.lock().unwrap_or_else(PoisonError::into_inner);
-        // Two references: the map's and `gate`. More means another caller holds a clone
-        // (taken under this same lock) and is waiting for its turn.
-        if Arc::strong_count(&gate) == 2 {
-            cards.remove(&self.card);
+        pass_turn(self.client, self.card);
+    }
+}
+
+/// Gives `card`'s turn to the first waiter still waiting, or ends the card's entry.
+fn pass_turn(client: &Inner, card: CardId) {
+    let mut cards = client.cards.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(waiters) = cards.get_mut(&card) else { return };
+    while let Some(next) = waiters.pop_front() {
+        // Fails only when that waiter gave up (its receiver is closed): try the next one.
+        if next.send(()).is_ok() {
+            return;
+        }
+    }
+    cards.remove(&card);
+}
+
+/// A caller waiting for a card's turn. Dropped before it saw the turn (its call was
+/// cancelled), it closes its receiver; a turn that arrived all the same is passed on.
+struct TurnWait<'a> {
+    client: &'a Inner,
+    card: CardId,
+    turn: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for TurnWait<'_> {
+    fn drop(&mut self) {
+        let Some(mut turn) = self.turn.take() else { return };
+        turn.close();
+        if turn.try_recv().is_ok() {
+            pass_turn(self.client, self.card);
         }
     }
 }
@@ -200,13 +224,32 @@ impl Client {
         }
     }
 
-    async fn card_turn(&self, card: CardId) -> CardTurn {
-        let gate = {
+    async fn card_turn(&self, card: CardId) -> CardTurn<'_> {
+        let waiting = {
             let mut cards = self.inner.cards.lock().unwrap_or_else(PoisonError::into_inner);
-            cards.entry(card).or_default().clone()
+            match cards.entry(card) {
+                Entry::Vacant(free) => {
+                    free.insert(VecDeque::new());
+                    None
+                }
+                Entry::Occupied(mut busy) => {
+                    let (sender, receiver) = oneshot::channel();
+                    busy.get_mut().push_back(sender);
+                    Some(receiver)
+                }
+            }
         };
-        let guard = gate.lock_owned().await;
-        CardTurn { client: self.inner.clone(), card, gate: Some(guard) }
+        let client = &*self.inner;
+        if let Some(receiver) = waiting {
+            let mut wait = TurnWait { client, card, turn: Some(receiver) };
+            if let Some(turn) = wait.turn.as_mut() {
+                // The sender is dropped unsent only with the whole map, that is never while
+                // this client lives; either way the card is then free.
+                let _ = turn.await;
+            }
+            wait.turn = None;
+        }
+        CardTurn { client, card }
     }
 
     /// Sends `request` (retrying as the type's docs say) and returns the final answer with its
