@@ -77,6 +77,18 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Retries of Busy, Unavailable and connection loss.
     pub retry: RetryPolicy,
+    /// **For benchmarking only.** When set, answers are not checked against their request
+    /// (card id, ATC) nor their MACs verified, even where a key is passed: the answer is
+    /// returned as the server sent it. It exists for the load tester's floor mode, whose echo
+    /// server answers with zero fields and no MAC. Never set it in a terminal: an unchecked
+    /// answer may be forged.
+    pub unchecked_answers_for_benchmarking: bool,
+    /// Keep the connection when an answer does not come within `request_timeout_ms` (the
+    /// default replaces it, taking the silence for a broken connection). A load tester that
+    /// counts timeouts sets it, with `retry.attempts = 1`, so a slow server is not also given
+    /// a new handshake per timeout; an answer that comes later is counted by
+    /// [`crate::Client::late_answers`].
+    pub keep_connection_on_timeout: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -89,6 +101,8 @@ impl std::fmt::Debug for Config {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("retry", &self.retry)
+            .field("unchecked_answers_for_benchmarking", &self.unchecked_answers_for_benchmarking)
+            .field("keep_connection_on_timeout", &self.keep_connection_on_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -119,6 +133,8 @@ impl Config {
             connect_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
             retry: RetryPolicy::default(),
+            unchecked_answers_for_benchmarking: false,
+            keep_connection_on_timeout: false,
         })
     }
 

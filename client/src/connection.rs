@@ -1,20 +1,24 @@
-//! One mutual-TLS connection: a writer task that sends frames in the order they were handed
-//! over, and a reader task that hands each answer to the caller waiting for its request id.
+//! One mutual-TLS connection: callers encode their requests into a shared outbox, a writer task
+//! sends whatever the outbox holds in one write, and a reader task hands each answer to the
+//! caller waiting for its request id.
 //!
-//! The pending map is the only shared state. It sits behind a `std::sync::Mutex` because every
-//! section is a few map operations and none of them `.await`s.
+//! The outbox and the pending map are the shared state. Each sits behind a `std::sync::Mutex`
+//! because every section is an append, a swap or a few map operations, and none `.await`s.
+//! Callers that encode while a write is under way join the next write, so pipelined requests
+//! leave in batches without a copy or an allocation per request.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use citycard_protocol::frame::decode_frame;
 use citycard_protocol::{Frame, MessageType, Request, RequestId, Response};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -26,9 +30,6 @@ use crate::words::error_code_name;
 /// Bytes read from the socket at a time: a few typical answers, well under the 64 KiB frame
 /// limit (the buffer grows to a whole frame when one is larger).
 const READ_CHUNK: usize = 16 * 1024;
-/// Frames the writer task joins into one write: bounds one write's size (64 frames of at most
-/// 13 KiB for the largest legitimate request) while saving syscalls under pipelining.
-const WRITE_BATCH: usize = 64;
 /// A write that does not finish in this time means the server stopped reading: the
 /// connection is given up (the server applies the same 10 s limit to its writes).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,23 +69,51 @@ fn fail_all(pending: &Mutex<Pending>, reason: String, error: Option<ClientError>
     }
 }
 
+/// Requests encoded and not yet handed to the socket. Its size is bounded by the client's
+/// in-flight limit (a caller encodes only while holding one of its slots), so at most
+/// `max_in_flight` frames of at most 13 KiB (the largest legitimate request) wait here.
+struct Outbox {
+    bytes: BytesMut,
+    /// Set when the connection is dropped: the writer sends what is left, then close_notify.
+    closing: bool,
+}
+
+/// What callers share with the writer task.
+struct Writer {
+    outbox: Mutex<Outbox>,
+    /// Wakes the writer: notified by the caller that finds the outbox empty (later callers
+    /// join the write that notification starts), and at close.
+    wake: Notify,
+}
+
+fn lock_outbox(writer: &Writer) -> std::sync::MutexGuard<'_, Outbox> {
+    // Appends and swaps cannot leave the buffer inconsistent, even after a panic elsewhere.
+    writer.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 pub(crate) struct Connection {
-    writer: mpsc::Sender<Bytes>,
+    writer: Arc<Writer>,
     pending: Arc<Mutex<Pending>>,
     reader_task: JoinHandle<()>,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        // The writer task ends (and sends close_notify) when `writer` is dropped; the reader
-        // would otherwise wait for the server to close.
+        // The writer task ends (and sends close_notify) once told; the reader would otherwise
+        // wait for the server to close.
+        lock_outbox(&self.writer).closing = true;
+        self.writer.wake.notify_one();
         self.reader_task.abort();
     }
 }
 
 impl Connection {
     /// TCP connect and TLS handshake within `connect_timeout_ms`, ALPN checked.
-    pub(crate) async fn open(config: &Config) -> Result<Connection, ClientError> {
+    /// `late_answers` counts answers whose caller no longer waits.
+    pub(crate) async fn open(
+        config: &Config,
+        late_answers: Arc<AtomicU64>,
+    ) -> Result<Connection, ClientError> {
         let addr = config.server.clone();
         let name = ServerName::try_from(config.server_name.clone())
             .map_err(|e| ClientError::Config(format!("server_name: {e}")))?;
@@ -110,15 +139,21 @@ impl Connection {
         let (read, write) = tokio::io::split(stream);
         let pending =
             Arc::new(Mutex::new(Pending { waiters: HashMap::new(), next_id: 1, dead: None }));
-        let (writer, queue) = mpsc::channel(config.max_in_flight);
-        tokio::spawn(write_loop(write, queue, pending.clone()));
-        let reader_task = tokio::spawn(read_loop(read, pending.clone()));
+        let writer = Arc::new(Writer {
+            outbox: Mutex::new(Outbox {
+                bytes: BytesMut::with_capacity(READ_CHUNK),
+                closing: false,
+            }),
+            wake: Notify::new(),
+        });
+        tokio::spawn(write_loop(write, writer.clone(), pending.clone()));
+        let reader_task = tokio::spawn(read_loop(read, pending.clone(), late_answers));
         Ok(Connection { writer, pending, reader_task })
     }
 
     /// False once the connection failed (the client then opens a new one).
     pub(crate) fn is_alive(&self) -> bool {
-        lock(&self.pending).dead.is_none() && !self.writer.is_closed()
+        lock(&self.pending).dead.is_none()
     }
 
     /// Sends `request` under a fresh request id and waits for its answer frame.
@@ -146,14 +181,19 @@ impl Connection {
         let forget = || {
             lock(&self.pending).waiters.remove(&id);
         };
-        let mut bytes = BytesMut::with_capacity(64);
-        if let Err(e) = request.encode(RequestId(id), &mut bytes) {
-            forget();
-            return Err(e.into());
-        }
-        if self.writer.send(bytes.freeze()).await.is_err() {
-            forget();
-            return Err(ClientError::ConnectionLost("writer stopped".into()));
+        let encoded = {
+            let mut outbox = lock_outbox(&self.writer);
+            let first = outbox.bytes.is_empty();
+            // On error `encode` writes nothing, so the outbox holds whole frames only.
+            request.encode(RequestId(id), &mut outbox.bytes).map(|()| first)
+        };
+        match encoded {
+            Ok(true) => self.writer.wake.notify_one(),
+            Ok(false) => {}
+            Err(e) => {
+                forget();
+                return Err(e.into());
+            }
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(answer)) => answer,
@@ -168,42 +208,53 @@ impl Connection {
 
 async fn write_loop(
     mut write: WriteHalf<TlsStream<TcpStream>>,
-    mut queue: mpsc::Receiver<Bytes>,
+    writer: Arc<Writer>,
     pending: Arc<Mutex<Pending>>,
 ) {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    while let Some(first) = queue.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&first);
-        for _ in 1..WRITE_BATCH {
-            match queue.try_recv() {
-                Ok(more) => buf.extend_from_slice(&more),
-                Err(_) => break,
+    // Swapped with the outbox's buffer each round, so both keep their capacity.
+    let mut batch = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        writer.wake.notified().await;
+        let closing = {
+            let mut outbox = lock_outbox(&writer);
+            std::mem::swap(&mut outbox.bytes, &mut batch);
+            outbox.closing
+        };
+        if !batch.is_empty() {
+            let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+                write.write_all(&batch).await?;
+                write.flush().await
+            })
+            .await;
+            batch.clear();
+            let reason = match written {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("write failed: {e}")),
+                Err(_) => Some(format!("write blocked for {} s", WRITE_TIMEOUT.as_secs())),
+            };
+            if let Some(reason) = reason {
+                fail_all(&pending, reason, None);
+                return;
             }
         }
-        let written = tokio::time::timeout(WRITE_TIMEOUT, async {
-            write.write_all(&buf).await?;
-            write.flush().await
-        })
-        .await;
-        let reason = match written {
-            Ok(Ok(())) => continue,
-            Ok(Err(e)) => format!("write failed: {e}"),
-            Err(_) => format!("write blocked for {} s", WRITE_TIMEOUT.as_secs()),
-        };
-        fail_all(&pending, reason, None);
-        return;
+        if closing {
+            // The client dropped the connection: say goodbye properly (close_notify).
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, write.shutdown()).await;
+            return;
+        }
     }
-    // The client dropped the connection: say goodbye properly (close_notify).
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, write.shutdown()).await;
 }
 
-async fn read_loop(mut read: ReadHalf<TlsStream<TcpStream>>, pending: Arc<Mutex<Pending>>) {
+async fn read_loop(
+    mut read: ReadHalf<TlsStream<TcpStream>>,
+    pending: Arc<Mutex<Pending>>,
+    late_answers: Arc<AtomicU64>,
+) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let reason = loop {
         match decode_frame(&mut buf) {
             Ok(Some(frame)) => {
-                if let Some(error) = dispatch(&pending, frame) {
+                if let Some(error) = dispatch(&pending, frame, &late_answers) {
                     let reason = error.to_string();
                     fail_all(&pending, reason, Some(error));
                     // The server closes after a connection-level error; stop reading now.
@@ -229,7 +280,11 @@ async fn read_loop(mut read: ReadHalf<TlsStream<TcpStream>>, pending: Arc<Mutex<
 
 /// Hands a frame to its waiter. A connection-level Error frame (one whose request id is not in
 /// flight, usually 0) is returned so the caller can fail everything still waiting with it.
-fn dispatch(pending: &Mutex<Pending>, frame: Frame) -> Option<ClientError> {
+fn dispatch(
+    pending: &Mutex<Pending>,
+    frame: Frame,
+    late_answers: &AtomicU64,
+) -> Option<ClientError> {
     let waiter = lock(pending).waiters.remove(&frame.request_id.0);
     match waiter {
         Some(waiter) => {
@@ -246,6 +301,7 @@ fn dispatch(pending: &Mutex<Pending>, frame: Frame) -> Option<ClientError> {
         }
         None => {
             // An answer to a request that timed out: its caller already retried.
+            late_answers.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(request_id = frame.request_id.0, "answer nobody waits for");
             None
         }

@@ -5,10 +5,12 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
-use citycard_protocol::crypto::{response_mac_ok, staff_binding, CardKey};
-use citycard_protocol::{Amount, CardId, MessageType, Request, Response, Status};
+use citycard_client::Client;
+use citycard_protocol::crypto::CardKey;
+use citycard_protocol::{Amount, CardId, Status};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
-use crate::client::{code_name, now_ms, Conn, Incoming, Terminal};
+use crate::client::{now_ms, Terminal};
 use crate::mix::Rng;
 
 /// Most issue requests in flight during setup.
@@ -114,88 +116,55 @@ pub fn made_up(count: usize, deposit: i64, seed: u64) -> Vec<Card> {
 
 /// Issues `count` cards through a counter terminal, `ISSUE_IN_FLIGHT` issues pipelined, each
 /// with `deposit`. `op_ref_base` must not have been used by this terminal before (op_refs are
-/// exactly-once per terminal: a reused one returns the old card).
+/// exactly-once per terminal: a reused one returns the old card). The client retries Busy and
+/// lost connections with the same op_ref and checks each new card's MAC under its key.
 pub async fn issue_cards(
-    addr: &str,
     counter: &Terminal,
     count: usize,
     deposit: i64,
     op_ref_base: u64,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Card>> {
-    let mut conn: Conn<u64> =
-        Conn::connect(addr, counter.config.clone(), &counter.id, timeout).await?;
-    let info = conn.hello(now_ms(), timeout, 0).await?;
+    let mut config = counter.config.clone();
+    let timeout_ms = timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+    config.connect_timeout_ms = timeout_ms;
+    config.request_timeout_ms = timeout_ms;
+    config.max_in_flight = ISSUE_IN_FLIGHT.min(citycard_client::MAX_IN_FLIGHT);
+    let client = Client::new(config).map_err(|e| anyhow!("terminal {}: {e}", counter.id))?;
+    let info = client.hello(now_ms()).await.map_err(|e| anyhow!("{}: hello: {e}", counter.id))?;
     if info.role != 3 {
         bail!("terminal {} is not a counter (server says role {})", counter.id, info.role);
     }
-    let mut todo: std::collections::VecDeque<u64> =
-        (0..count as u64).map(|i| op_ref_base + i).collect();
+    let mut todo = (0..count as u64).map(|i| op_ref_base + i);
+    let mut in_flight = FuturesUnordered::new();
     let mut cards = Vec::with_capacity(count);
-    while cards.len() < count {
-        while conn.in_flight() < ISSUE_IN_FLIGHT {
-            let Some(op_ref) = todo.pop_front() else {
+    loop {
+        while in_flight.len() < ISSUE_IN_FLIGHT {
+            let Some(op_ref) = todo.next() else {
                 break;
             };
-            conn.queue(&Request::Issue { op_ref, deposit: Amount(deposit) }, op_ref)?;
+            let client = client.clone();
+            in_flight.push(async move { (op_ref, client.issue(op_ref, Amount(deposit)).await) });
         }
-        conn.flush().await.map_err(|e| anyhow!("issuing cards: {e}"))?;
-        let incoming = match tokio::time::timeout(timeout, conn.next()).await {
-            Err(_) => bail!(
-                "issuing cards: no answer within {timeout:?} ({} of {count} issued)",
-                cards.len()
-            ),
-            Ok(Err(e)) => bail!("issuing cards: connection failed: {e}"),
-            Ok(Ok(incoming)) => incoming,
+        let Some((op_ref, outcome)) = in_flight.next().await else {
+            break;
         };
-        let (frame, op_ref) = match incoming {
-            Incoming::Answer(frame, _, op_ref) => (frame, op_ref),
-            Incoming::Stray(frame) => bail!(
-                "issuing cards: unexpected {:?} frame (request id {})",
-                frame.message_type,
-                frame.request_id.0
-            ),
-        };
-        let result = match Response::decode_body(frame.message_type, &frame.body) {
-            Ok(Response::Issue(result)) => result,
-            Ok(Response::Error { code, message }) => {
-                bail!("issue op_ref {op_ref}: error frame {}: {message}", code_name(code))
-            }
-            Ok(other) => bail!("issue op_ref {op_ref}: answered by {:?}", other.message_type()),
-            Err(e) => bail!("issue op_ref {op_ref}: undecodable answer: {e}"),
-        };
-        match result.status {
-            Status::Approved => {}
-            Status::Busy | Status::Unavailable => {
-                // Not done: retry the same op_ref (exactly-once makes that safe).
-                todo.push_back(op_ref);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-            other => bail!("issue op_ref {op_ref} declined: {other:?}"),
+        let issued = outcome.map_err(|e| {
+            anyhow!("issue op_ref {op_ref}: {e} ({} of {count} issued)", cards.len())
+        })?;
+        if issued.status != Status::Approved {
+            bail!("issue op_ref {op_ref} declined: {:?}", issued.status);
         }
-        let key = CardKey::from_bytes(result.card_key);
-        if !response_mac_ok(
-            &key,
-            MessageType::IssueResult as u8,
-            &staff_binding(op_ref),
-            &frame.body,
-        ) {
-            bail!(
-                "issue op_ref {op_ref}: bad response MAC on the answer for card {}",
-                result.card_id.0
-            );
-        }
-        if result.balance.0 != deposit {
+        if issued.balance.0 != deposit {
             bail!(
                 "issue op_ref {op_ref}: card {} has balance {} instead of the deposit {deposit}",
-                result.card_id.0,
-                result.balance.0
+                issued.card_id.0,
+                issued.balance.0
             );
         }
         cards.push(Card {
-            id: result.card_id,
-            key,
+            id: issued.card_id,
+            key: CardKey::from_bytes(issued.card_key),
             atc: 0,
             reck: Reckoning::new(deposit),
             dead: false,

@@ -15,7 +15,8 @@
 //! - [`workload`]: the workers: the load loop (closed or open), each answer checked against its
 //!   request, the final balance check.
 //! - [`cards`]: the simulated cards (key, ATC, the tester's reckoning) and their issue.
-//! - [`client`]: one terminal's mutual-TLS connection, pipelined and keyed by request id.
+//! - [`client`]: the terminals: their discovery in a keys directory and their
+//!   `citycard-client` configuration (the connections are `citycard_client::Client`s).
 //! - [`report`]: the text and JSON summaries and the `.hgrm` percentile distribution.
 //! - [`stats`]: what a worker counts: the latency histogram and the tally of answers.
 //! - [`mix`]: the card operations, their weights, and the seeded random choices.

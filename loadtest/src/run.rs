@@ -228,7 +228,7 @@ async fn run(options: &Options, target: &Target) -> anyhow::Result<Outcome> {
         if let Some(t) = configs.get(id) {
             return Ok(t.clone());
         }
-        let t = Terminal { id: id.to_owned(), config: client::client_config(&target.keys, id)? };
+        let t = Terminal::load(&target.keys, id, &target.addr)?;
         configs.insert(id.to_owned(), t.clone());
         Ok(t)
     };
@@ -240,15 +240,8 @@ async fn run(options: &Options, target: &Target) -> anyhow::Result<Outcome> {
         cards::made_up(options.cards, options.deposit, options.seed)
     } else {
         println!("issuing {} cards through {} at {} ...", options.cards, counter.id, target.addr);
-        cards::issue_cards(
-            &target.addr,
-            &counter,
-            options.cards,
-            options.deposit,
-            now_ns(),
-            options.timeout,
-        )
-        .await?
+        cards::issue_cards(&counter, options.cards, options.deposit, now_ns(), options.timeout)
+            .await?
     };
     let setup_s = setup_started.elapsed().as_secs_f64();
 

@@ -2,25 +2,31 @@
 //! the load loop (closed or open), checking every answer against its request, keeping the
 //! reckoning of every balance, and (with `--verify`) reading every balance back at the end.
 //!
-//! Each worker is one simulated terminal pair: a reader connection (purchases, balance
-//! inquiries) and, when the mix has top-ups or identity requests, a kiosk connection. A worker
-//! owns a disjoint share of the cards and keeps at most one request per card in flight, so the
-//! card's ATC only ever grows and two counter-consuming requests of one card never race.
+//! Each worker is one simulated terminal pair: a reader [`Client`] (purchases, balance
+//! inquiries) and, when the mix has top-ups or identity requests, a kiosk [`Client`]. The
+//! clients pipeline the requests by request id and check every answer (card, ATC, response
+//! MAC); they are configured to send each request once, so a timeout or a lost connection is
+//! counted here instead of retried. A worker owns a disjoint share of the cards and keeps at most
+//! one request per card in flight, so the card's ATC only ever grows and two counter-consuming
+//! requests of one card never race.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
-use citycard_protocol::crypto::response_mac_ok;
-use citycard_protocol::{
-    Amount, Atc, CardAuth, Frame, Mac, MessageType, Request, Response, Status,
-};
+use citycard_client::{Client, ClientError};
+use citycard_protocol::crypto::CardKey;
+use citycard_protocol::{Amount, Atc, CardAuth, CardResult, IdentityResult, Mac, Status};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
 use crate::cards::Card;
-use crate::client::{code_name, now_ms, response_type, Conn, ConnError, Incoming, Terminal};
+use crate::client::{now_ms, Terminal};
 use crate::mix::{Mix, Op, Rng};
 use crate::stats::{new_histogram, Stats};
 
@@ -100,29 +106,24 @@ struct Tag {
     card: usize,
     op: Op,
     amount: i64,
-    atc: u32,
-    cryptogram: Mac,
     /// Closed loop: when it was queued. Open loop: its slot in the schedule.
     intended: Instant,
+    /// When it was handed to the client.
+    sent: Instant,
     /// Sent in the balance check after the load.
     verify: bool,
-    hello: bool,
+    side: Side,
 }
 
-impl Tag {
-    fn hello() -> Tag {
-        Tag {
-            card: 0,
-            op: Op::Balance,
-            amount: 0,
-            atc: 0,
-            cryptogram: Mac::default(),
-            intended: Instant::now(),
-            verify: false,
-            hello: true,
-        }
-    }
+/// A checked answer from the client.
+#[derive(Debug)]
+enum Answer {
+    Card(CardResult),
+    Identity(IdentityResult),
 }
+
+/// A request in flight: the client call, resolving to its tag and the outcome.
+type InFlight = Pin<Box<dyn Future<Output = (Tag, Result<Answer, ClientError>)> + Send>>;
 
 /// How an answer turned out.
 #[derive(Debug, PartialEq, Eq)]
@@ -130,6 +131,10 @@ pub enum Verdict {
     /// A well-formed answer for the right card: its status, and the balance it reports when it
     /// is authenticated (carries a valid MAC) and is a card result.
     Answer { status: Status, balance: Option<i64> },
+    /// The request was never sent (no connection): its outcome is known, nothing happened.
+    NotSent { kind: String },
+    /// No answer within the timeout: the outcome is unknown.
+    Timeout,
     /// No usable answer: the request's outcome is unknown.
     Failed { kind: String, bad_mac: bool },
 }
@@ -147,53 +152,49 @@ fn unauthenticated(status: Status) -> bool {
     )
 }
 
-/// Checks an answer against the request it answers: type, card, ATC, and the response MAC
-/// (binding = the request cryptogram) whenever the status implies the card was authenticated.
-fn judge(card: &Card, tag: &Tag, frame: &Frame) -> Verdict {
-    let failed = |kind: String| Verdict::Failed { kind, bad_mac: false };
-    let decoded = match Response::decode_body(frame.message_type, &frame.body) {
-        Ok(r) => r,
-        Err(e) => return failed(format!("undecodable {:?}: {e}", frame.message_type)),
+/// Turns the client's outcome into a verdict. The client has already checked the answer's
+/// type, card, ATC and (when it was given the key) its MAC; a balance is believed only from an
+/// authenticated answer. `floor`: the floor server decides nothing, so every answer there is an
+/// approval without a balance.
+fn judge(op: Op, outcome: Result<Answer, ClientError>, floor: bool) -> Verdict {
+    let answer = match outcome {
+        Ok(answer) => answer,
+        Err(error) => return failure(op, &error),
     };
-    if let Response::Error { code, .. } = decoded {
-        return failed(format!("error frame {}", code_name(code)));
+    if floor {
+        return Verdict::Answer { status: Status::Approved, balance: None };
     }
-    let expected = response_type(tag.op.request_type());
-    if expected != Some(frame.message_type) {
-        return failed(format!("{} answered by {:?}", tag.op.name(), frame.message_type));
-    }
-    let (status, card_id, atc, balance, mac) = match &decoded {
-        Response::Purchase(r) | Response::TopUp(r) | Response::Balance(r) => {
-            (r.status, r.card_id, r.atc, Some(r.balance.0), r.mac)
+    match answer {
+        Answer::Card(r) if r.mac == Mac::default() && unauthenticated(r.status) => {
+            Verdict::Answer { status: r.status, balance: None }
         }
-        Response::Identity(i) => (i.status, i.card_id, i.atc, None, i.mac),
-        other => {
-            return failed(format!("{} answered by {:?}", tag.op.name(), other.message_type()))
-        }
-    };
-    if card_id != card.id || atc.0 != tag.atc {
-        return failed("answer names another card or ATC".into());
+        Answer::Card(r) => Verdict::Answer { status: r.status, balance: Some(r.balance.0) },
+        Answer::Identity(i) => Verdict::Answer { status: i.status, balance: None },
     }
-    if mac == Mac::default() && unauthenticated(status) {
-        return Verdict::Answer { status, balance: None };
-    }
-    if !response_mac_ok(&card.key, frame.message_type as u8, &tag.cryptogram, &frame.body) {
-        return Verdict::Failed { kind: "bad response MAC".into(), bad_mac: true };
-    }
-    Verdict::Answer { status, balance }
 }
 
-/// Checks a floor server's answer: the response type that answers the request, with a body
-/// that decodes as one. The floor approves everything, so that is the status.
-fn judge_floor(tag: &Tag, frame: &Frame) -> Verdict {
+/// The verdict on a client error (the client sends each request once, so `GaveUp` wraps the
+/// one attempt's error).
+fn failure(op: Op, error: &ClientError) -> Verdict {
     let failed = |kind: String| Verdict::Failed { kind, bad_mac: false };
-    match Response::decode_body(frame.message_type, &frame.body) {
-        Err(e) => failed(format!("undecodable {:?}: {e}", frame.message_type)),
-        Ok(Response::Error { code, .. }) => failed(format!("error frame {}", code_name(code))),
-        Ok(_) if response_type(tag.op.request_type()) != Some(frame.message_type) => {
-            failed(format!("{} answered by {:?}", tag.op.name(), frame.message_type))
+    match error {
+        ClientError::GaveUp { last, .. } => failure(op, last),
+        ClientError::Timeout { .. } => Verdict::Timeout,
+        ClientError::Connect { .. }
+        | ClientError::ConnectTimeout { .. }
+        | ClientError::Alpn
+        | ClientError::Tls(_) => Verdict::NotSent { kind: format!("{error}") },
+        ClientError::ConnectionLost(_) => failed("connection lost".into()),
+        ClientError::BadMac(_) => {
+            Verdict::Failed { kind: "bad response MAC".into(), bad_mac: true }
         }
-        Ok(_) => Verdict::Answer { status: Status::Approved, balance: None },
+        ClientError::Server { name, .. } => failed(format!("error frame {name}")),
+        ClientError::UnexpectedType { got, .. } => {
+            failed(format!("{} answered by type {got:#04x}", op.name()))
+        }
+        ClientError::Mismatch(_) => failed("answer names another card or ATC".into()),
+        ClientError::Decode(e) => failed(format!("undecodable answer to {}: {e}", op.name())),
+        other => failed(format!("{other}")),
     }
 }
 
@@ -203,6 +204,24 @@ enum Side {
     Kiosk,
 }
 
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Reader => "reader",
+            Side::Kiosk => "kiosk",
+        }
+    }
+}
+
+/// One of a worker's two terminals: its client, whether the server has greeted it (Hello
+/// answered with the expected role), and when to try again after a failed connect.
+struct Line {
+    terminal: Terminal,
+    client: Client,
+    greeted: bool,
+    retry_at: Option<Instant>,
+}
+
 struct Worker {
     index: usize,
     plan: Arc<Plan>,
@@ -210,12 +229,12 @@ struct Worker {
     rng: Rng,
     cards: Vec<Card>,
     free: Vec<usize>,
-    reader_term: Terminal,
-    kiosk_term: Option<Terminal>,
-    reader: Option<Conn<Tag>>,
-    kiosk: Option<Conn<Tag>>,
-    reconnect_reader: Option<Instant>,
-    reconnect_kiosk: Option<Instant>,
+    reader: Line,
+    kiosk: Option<Line>,
+    in_flight: FuturesUnordered<InFlight>,
+    /// Per card: the balance change of its load request in flight, if any (what the reckoning
+    /// must allow for should the request be abandoned unanswered).
+    pending: Vec<Option<i64>>,
     stats: Stats,
     live_hist: Histogram<u64>,
     live_answered: u64,
@@ -225,12 +244,22 @@ struct Worker {
     interval: Duration,
 }
 
-/// A connection's next frame, or never when it is down.
-async fn next_of(conn: &mut Option<Conn<Tag>>) -> Result<Incoming<Tag>, ConnError> {
-    match conn {
-        Some(c) => c.next().await,
-        None => std::future::pending().await,
-    }
+/// The client for one terminal of a worker: requests sent once (the tester counts a timeout
+/// rather than retrying it), the plan's timeout for connect and answer, as many in flight as
+/// the pipeline (within the client's ceiling), and no answer checks against the floor server.
+fn line(terminal: Terminal, plan: &Plan) -> anyhow::Result<Line> {
+    let mut config = terminal.config.clone();
+    config.server.clone_from(&plan.addr);
+    config.max_in_flight = plan.pipeline.clamp(1, citycard_client::MAX_IN_FLIGHT);
+    let timeout_ms = plan.timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+    config.connect_timeout_ms = timeout_ms;
+    config.request_timeout_ms = timeout_ms;
+    config.retry.attempts = 1;
+    config.unchecked_answers_for_benchmarking = plan.floor;
+    // As before the client crate: a timeout is counted, the connection stays.
+    config.keep_connection_on_timeout = true;
+    let client = Client::new(config).map_err(|e| anyhow!("terminal {}: {e}", terminal.id))?;
+    Ok(Line { terminal, client, greeted: false, retry_at: None })
 }
 
 /// Runs one worker: connect, wait for the common start, load until the deadline, drain, then
@@ -242,10 +271,21 @@ pub async fn run_worker(
     ready: Arc<tokio::sync::Barrier>,
     mut start: tokio::sync::watch::Receiver<Option<Timeline>>,
 ) -> anyhow::Result<(Stats, Vec<Card>)> {
-    let free = (0..spec.cards.len()).collect();
+    let card_count = spec.cards.len();
+    let free = (0..card_count).collect();
     let interval = match plan.worker_rate {
         Some(rate) if rate > 0.0 => Duration::from_secs_f64(1.0 / rate),
         _ => Duration::ZERO,
+    };
+    let reader = line(spec.reader, &plan);
+    let kiosk = spec.kiosk.map(|k| line(k, &plan)).transpose();
+    let (reader, kiosk) = match (reader, kiosk) {
+        (Ok(r), Ok(k)) => (r, k),
+        (Err(e), _) | (_, Err(e)) => {
+            // Keep to the barrier, or the other workers would wait for this one forever.
+            ready.wait().await;
+            return Err(e);
+        }
     };
     let mut w = Worker {
         index: spec.index,
@@ -254,12 +294,10 @@ pub async fn run_worker(
         rng: Rng::new(spec.seed),
         cards: spec.cards,
         free,
-        reader_term: spec.reader,
-        kiosk_term: spec.kiosk,
-        reader: None,
-        kiosk: None,
-        reconnect_reader: None,
-        reconnect_kiosk: None,
+        reader,
+        kiosk,
+        in_flight: FuturesUnordered::new(),
+        pending: vec![None; card_count],
         stats: Stats::new()?,
         live_hist: new_histogram()?,
         live_answered: 0,
@@ -268,10 +306,8 @@ pub async fn run_worker(
         next_slot: None,
         interval,
     };
-    w.connect(Side::Reader).await;
-    if w.kiosk_term.is_some() {
-        w.connect(Side::Kiosk).await;
-    }
+    w.greet(Side::Reader).await;
+    w.greet(Side::Kiosk).await;
     ready.wait().await;
     let timeline = match start.wait_for(|t| t.is_some()).await {
         Ok(t) => (*t).ok_or_else(|| anyhow!("no start time"))?,
@@ -289,14 +325,23 @@ pub async fn run_worker(
     }
     w.publish_live();
     w.stats.dead_cards = w.cards.iter().filter(|c| c.dead).count() as u64;
+    w.stats.late_answers +=
+        w.reader.client.late_answers() + w.kiosk.as_ref().map_or(0, |k| k.client.late_answers());
     Ok((w.stats, w.cards))
 }
 
 impl Worker {
-    fn conn_mut(&mut self, side: Side) -> &mut Option<Conn<Tag>> {
+    fn line(&self, side: Side) -> Option<&Line> {
         match side {
-            Side::Reader => &mut self.reader,
-            Side::Kiosk => &mut self.kiosk,
+            Side::Reader => Some(&self.reader),
+            Side::Kiosk => self.kiosk.as_ref(),
+        }
+    }
+
+    fn line_mut(&mut self, side: Side) -> Option<&mut Line> {
+        match side {
+            Side::Reader => Some(&mut self.reader),
+            Side::Kiosk => self.kiosk.as_mut(),
         }
     }
 
@@ -305,65 +350,56 @@ impl Worker {
         self.live_errors += 1;
     }
 
-    /// Opens (or reopens) one connection and checks the role the server sees.
-    async fn connect(&mut self, side: Side) {
-        let term = match side {
-            Side::Reader => Some(self.reader_term.clone()),
-            Side::Kiosk => self.kiosk_term.clone(),
-        };
-        let Some(term) = term else {
+    /// The side cannot be used until `RECONNECT_DELAY` from now.
+    fn connect_failed(&mut self, side: Side, what: String) {
+        if self.stats.first_connect_error.is_none() {
+            self.stats.first_connect_error = Some(what);
+        }
+        self.error("connection failure (connect)");
+        if let Some(line) = self.line_mut(side) {
+            line.retry_at = Some(Instant::now() + RECONNECT_DELAY);
+        }
+    }
+
+    /// Opens the side's connection with a Hello and checks the role the server sees.
+    async fn greet(&mut self, side: Side) {
+        let Some(line) = self.line(side) else {
             return;
         };
         let want_role = if side == Side::Reader { 1 } else { 2 };
+        let id = line.terminal.id.clone();
         let result = async {
-            let mut conn: Conn<Tag> =
-                Conn::connect(&self.plan.addr, term.config.clone(), &term.id, self.plan.timeout)
-                    .await?;
-            let info = conn.hello(now_ms(), self.plan.timeout, Tag::hello()).await?;
+            let info = line.client.hello(now_ms()).await.map_err(|e| anyhow!("{id}: {e}"))?;
             if !self.plan.floor && info.role != want_role {
-                bail!(
-                    "terminal {} has role {} at the server, expected {want_role}",
-                    term.id,
-                    info.role
-                );
+                bail!("terminal {id} has role {} at the server, expected {want_role}", info.role);
             }
-            anyhow::Ok(conn)
+            anyhow::Ok(())
         }
         .await;
         match result {
-            Ok(conn) => {
-                *self.conn_mut(side) = Some(conn);
-                match side {
-                    Side::Reader => self.reconnect_reader = None,
-                    Side::Kiosk => self.reconnect_kiosk = None,
+            Ok(()) => {
+                if let Some(line) = self.line_mut(side) {
+                    line.greeted = true;
+                    line.retry_at = None;
                 }
             }
-            Err(e) => {
-                if self.stats.first_connect_error.is_none() {
-                    self.stats.first_connect_error = Some(format!("{e:#}"));
-                }
-                self.error("connection failure (connect)");
-                let at = Some(Instant::now() + RECONNECT_DELAY);
-                match side {
-                    Side::Reader => self.reconnect_reader = at,
-                    Side::Kiosk => self.reconnect_kiosk = at,
-                }
-            }
+            Err(e) => self.connect_failed(side, format!("{e:#}")),
         }
     }
 
-    fn in_flight(&self) -> usize {
-        self.reader.as_ref().map_or(0, |c| c.in_flight())
-            + self.kiosk.as_ref().map_or(0, |c| c.in_flight())
+    /// Whether requests may go to `side` now: greeted, and not waiting after a failed connect.
+    fn usable(&self, side: Side, now: Instant) -> bool {
+        self.line(side).is_some_and(|l| l.greeted && l.retry_at.is_none_or(|t| t <= now))
     }
 
-    /// Builds a card request; consuming requests advance the card's ATC.
-    fn build(&mut self, card: usize, op: Op, amount: i64, side: Side) -> (Request, u32, Mac) {
+    /// Builds a card request and starts it on its side's client; consuming requests advance
+    /// the card's ATC.
+    fn start(&mut self, card: usize, op: Op, amount: i64, mut tag: Tag) {
         let nonce = self.rng.next_u64();
-        let terminal = match side {
-            Side::Reader => &self.reader_term.id,
-            Side::Kiosk => self.kiosk_term.as_ref().map_or("", |t| t.id.as_str()),
+        let Some(line) = self.line(tag.side) else {
+            return;
         };
+        let client = line.client.clone();
         let c = &mut self.cards[card];
         let atc = if op.consumes_atc() {
             c.atc += 1;
@@ -377,22 +413,29 @@ impl Worker {
             Atc(atc),
             Amount(amount),
             nonce,
-            terminal,
+            client.terminal_id(),
         );
         let auth = CardAuth { card_id: c.id, atc: Atc(atc), nonce, cryptogram };
-        let request = match op {
-            Op::Purchase => Request::Purchase { auth, amount: Amount(amount) },
-            Op::TopUp => Request::TopUp { auth, amount: Amount(amount) },
-            Op::Balance => Request::Balance { auth },
-            Op::Identity => Request::Identity { auth },
-        };
-        (request, atc, cryptogram)
+        // The floor's answers carry no MAC; everywhere else every MAC is checked.
+        let key: Option<CardKey> = (!self.plan.floor).then(|| c.key.clone());
+        tag.sent = Instant::now();
+        self.in_flight.push(Box::pin(async move {
+            let key = key.as_ref();
+            let amount = Amount(amount);
+            let outcome = match op {
+                Op::Purchase => client.purchase(&auth, amount, key).await.map(Answer::Card),
+                Op::TopUp => client.top_up(&auth, amount, key).await.map(Answer::Card),
+                Op::Balance => client.balance(&auth, key).await.map(Answer::Card),
+                Op::Identity => client.identity(&auth, key).await.map(Answer::Identity),
+            };
+            (tag, outcome)
+        }));
     }
 
-    /// Queues as many requests as the pipeline depth, the free cards and (open loop) the
+    /// Starts as many requests as the pipeline depth, the free cards and (open loop) the
     /// schedule allow.
     fn refill(&mut self, now: Instant, timeline: &Timeline) {
-        while self.in_flight() < self.plan.pipeline && !self.free.is_empty() {
+        while self.in_flight.len() < self.plan.pipeline && !self.free.is_empty() {
             let intended = match self.next_slot {
                 None => Instant::now(),
                 Some(slot) if slot <= now + TIMER_SLACK && slot < timeline.deadline => slot,
@@ -412,24 +455,14 @@ impl Worker {
                 self.stats.topups_skipped += 1;
             }
             let side = if op.on_kiosk() { Side::Kiosk } else { Side::Reader };
-            if self.conn_mut(side).is_none() {
+            if !self.usable(side, now) {
                 // Down: wait for the reconnect (open loop: the schedule slips, which the
                 // latency of later requests shows).
                 break;
             }
-            let (request, atc, cryptogram) = self.build(card, op, amount, side);
-            let tag =
-                Tag { card, op, amount, atc, cryptogram, intended, verify: false, hello: false };
-            let queued = match self.conn_mut(side) {
-                Some(conn) => conn.queue(&request, tag).is_ok(),
-                None => false,
-            };
-            if !queued {
-                self.error("encode failure");
-                self.cards[card].dead = true;
-                self.free.swap_remove(slot);
-                continue;
-            }
+            let tag = Tag { card, op, amount, intended, sent: now, verify: false, side };
+            self.start(card, op, amount, tag);
+            self.pending[card] = Some(op.delta(amount));
             self.free.swap_remove(slot);
             self.stats.sent += 1;
             if let Some(slot) = self.next_slot.as_mut() {
@@ -438,44 +471,9 @@ impl Worker {
         }
     }
 
-    async fn flush_all(&mut self) {
-        for side in [Side::Reader, Side::Kiosk] {
-            let failed = match self.conn_mut(side) {
-                Some(conn) => conn.flush().await.err(),
-                None => None,
-            };
-            if let Some(e) = failed {
-                self.connection_lost(side, &e);
-            }
-        }
-    }
-
-    /// The connection failed: every request in flight on it has an unknown outcome.
-    fn connection_lost(&mut self, side: Side, error: &ConnError) {
-        let Some(mut conn) = self.conn_mut(side).take() else {
-            return;
-        };
-        let name = if side == Side::Reader { "reader" } else { "kiosk" };
-        if self.stats.first_connect_error.is_none() {
-            self.stats.first_connect_error = Some(format!("{} ({name}): {error}", conn.terminal));
-        }
-        self.error(format!("connection failure ({name} lost)"));
-        for tag in conn.take_all() {
-            self.unknown_outcome(&tag);
-        }
-        let at = Some(Instant::now() + RECONNECT_DELAY);
-        match side {
-            Side::Reader => self.reconnect_reader = at,
-            Side::Kiosk => self.reconnect_kiosk = at,
-        }
-    }
-
     /// A request whose answer will never be trusted: the card leaves the load and its
     /// reckoning accepts either outcome.
     fn unknown_outcome(&mut self, tag: &Tag) {
-        if tag.hello {
-            return;
-        }
         let card = &mut self.cards[tag.card];
         if !tag.verify {
             card.reck.unsure(tag.op.delta(tag.amount));
@@ -483,52 +481,28 @@ impl Worker {
         card.dead = true;
     }
 
-    fn on_incoming(&mut self, side: Side, incoming: Result<Incoming<Tag>, ConnError>) {
-        let mut next = Some(incoming);
-        while let Some(item) = next.take() {
-            match item {
-                Err(e) => {
-                    self.connection_lost(side, &e);
-                    return;
-                }
-                Ok(Incoming::Stray(frame)) => self.stray(&frame),
-                Ok(Incoming::Answer(frame, sent, tag)) => self.answer(&frame, sent, tag),
-            }
-            // More frames may already be buffered: take them without another wake-up.
-            next = self.conn_mut(side).as_mut().and_then(|c| c.try_next());
+    /// Handles one finished request, then every other one already finished, without waiting.
+    fn on_done(&mut self, first: (Tag, Result<Answer, ClientError>)) {
+        let mut next = Some(first);
+        while let Some((tag, outcome)) = next.take() {
+            self.answer(tag, outcome);
+            // `now_or_never` polls with a no-op waker; the next `select!` polls the set again
+            // with the task's own waker before waiting, so no wake-up is lost.
+            next = self.in_flight.next().now_or_never().flatten();
         }
     }
 
-    fn stray(&mut self, frame: &Frame) {
-        if frame.message_type == MessageType::Error {
-            let what = match Response::decode_body(frame.message_type, &frame.body) {
-                Ok(Response::Error { code, .. }) => code_name(code),
-                _ => "undecodable".into(),
-            };
-            self.error(format!("error frame {what} (request id {})", frame.request_id.0));
-        } else {
-            // An answer after its request had timed out.
-            self.stats.late_answers += 1;
-        }
-    }
-
-    /// `sent`: when the request was queued. Latency runs from its intended time (open loop:
-    /// its slot, so a late send counts against the server as wrk2 does) or from the actual send
-    /// when that was earlier (a slot taken within [`TIMER_SLACK`] before its time).
-    fn answer(&mut self, frame: &Frame, sent: Instant, tag: Tag) {
-        if tag.hello {
-            return;
-        }
+    /// Latency runs from the request's intended time (open loop: its slot, so a late send
+    /// counts against the server as wrk2 does) or from the actual send when that was earlier
+    /// (a slot taken within [`TIMER_SLACK`] before its time).
+    fn answer(&mut self, tag: Tag, outcome: Result<Answer, ClientError>) {
         let now = Instant::now();
+        let verdict = judge(tag.op, outcome, self.plan.floor);
+        self.pending[tag.card] = None;
         if tag.verify {
-            self.verify_answer(frame, &tag);
+            self.verify_answer(&tag, verdict);
             return;
         }
-        let verdict = if self.plan.floor {
-            judge_floor(&tag, frame)
-        } else {
-            judge(&self.cards[tag.card], &tag, frame)
-        };
         let (measured, in_window) = match &self.timeline {
             Some(t) => (
                 tag.intended >= t.measure_start && tag.intended < t.deadline,
@@ -536,13 +510,13 @@ impl Worker {
             ),
             None => (false, false),
         };
-        if in_window {
-            self.stats.throughput_count += 1;
-        }
-        self.live_answered += 1;
         match verdict {
             Verdict::Answer { status, balance } => {
-                let start = tag.intended.min(sent);
+                if in_window {
+                    self.stats.throughput_count += 1;
+                }
+                self.live_answered += 1;
+                let start = tag.intended.min(tag.sent);
                 let latency_us = now.saturating_duration_since(start).as_micros() as u64;
                 if measured {
                     self.stats.hist.saturating_record(latency_us.max(1));
@@ -567,37 +541,34 @@ impl Worker {
                 }
                 self.free.push(tag.card);
             }
+            Verdict::NotSent { kind } => {
+                // Nothing reached the server: the card stays in the load.
+                self.connect_failed(tag.side, kind);
+                self.stats.sent = self.stats.sent.saturating_sub(1);
+                self.free.push(tag.card);
+            }
+            Verdict::Timeout => {
+                self.stats.timeouts += 1;
+                self.live_errors += 1;
+                self.unknown_outcome(&tag);
+            }
             Verdict::Failed { kind, bad_mac } => {
+                if in_window {
+                    self.stats.throughput_count += 1;
+                }
+                self.live_answered += 1;
                 if bad_mac {
                     self.stats.bad_macs += 1;
                 }
-                self.error(kind);
-                self.unknown_outcome(&tag);
-            }
-        }
-    }
-
-    fn expire_older_than_timeout(&mut self) {
-        let now = Instant::now();
-        if let Some(cutoff) = now.checked_sub(self.plan.timeout) {
-            self.expire(cutoff);
-        }
-    }
-
-    fn expire(&mut self, cutoff: Instant) {
-        for side in [Side::Reader, Side::Kiosk] {
-            let expired = match self.conn_mut(side) {
-                Some(conn) => conn.expire(cutoff),
-                None => Vec::new(),
-            };
-            for tag in expired {
-                if tag.hello {
-                    continue;
-                }
-                self.stats.timeouts += 1;
-                self.live_errors += 1;
-                if tag.verify {
-                    self.stats.verify_unchecked += 1;
+                if kind == "connection lost" {
+                    let side = tag.side.name();
+                    if self.stats.first_connect_error.is_none() {
+                        let id = self.line(tag.side).map_or("", |l| l.terminal.id.as_str());
+                        self.stats.first_connect_error = Some(format!("{id} ({side}): lost"));
+                    }
+                    self.error(format!("connection failure ({side} lost)"));
+                } else {
+                    self.error(kind);
                 }
                 self.unknown_outcome(&tag);
             }
@@ -619,37 +590,37 @@ impl Worker {
         }
     }
 
-    async fn reconnect_due(&mut self, now: Instant, allowed: bool) {
-        if !allowed {
-            return;
-        }
-        if self.reader.is_none() && self.reconnect_reader.is_some_and(|t| t <= now) {
-            self.connect(Side::Reader).await;
-        }
-        if self.kiosk.is_none() && self.reconnect_kiosk.is_some_and(|t| t <= now) {
-            self.connect(Side::Kiosk).await;
+    /// Greets the sides not yet greeted whose reconnect time has come.
+    async fn greet_due(&mut self, now: Instant) {
+        for side in [Side::Reader, Side::Kiosk] {
+            let due =
+                self.line(side).is_some_and(|l| !l.greeted && l.retry_at.is_some_and(|t| t <= now));
+            if due {
+                self.greet(side).await;
+            }
         }
     }
 
     async fn load(&mut self, timeline: Timeline) {
-        let drain_end = timeline.deadline + self.plan.timeout;
+        // A request sent just before the deadline may need a connect and then its answer,
+        // each bounded by the timeout in the client.
+        let drain_end = timeline.deadline + self.plan.timeout * 2;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::time::sleep_until(timeline.start).await;
         loop {
             let now = Instant::now();
             let sending = now < timeline.deadline;
-            self.reconnect_due(now, sending).await;
             if sending {
+                self.greet_due(now).await;
                 self.refill(now, &timeline);
-            } else if self.in_flight() == 0 || now >= drain_end {
+            } else if self.in_flight.is_empty() || now >= drain_end {
                 break;
             }
-            self.flush_all().await;
             let wake = match self.next_slot {
                 Some(slot)
                     if sending
-                        && self.in_flight() < self.plan.pipeline
+                        && self.in_flight.len() < self.plan.pipeline
                         && !self.free.is_empty() =>
                 {
                     slot.checked_sub(TIMER_SLACK).unwrap_or(slot).min(timeline.deadline)
@@ -658,21 +629,34 @@ impl Worker {
                 _ => drain_end,
             };
             tokio::select! {
-                r = next_of(&mut self.reader) => self.on_incoming(Side::Reader, r),
-                r = next_of(&mut self.kiosk) => self.on_incoming(Side::Kiosk, r),
-                _ = tokio::time::sleep_until(wake) => {}
-                _ = tick.tick() => {
-                    self.expire_older_than_timeout();
-                    self.publish_live();
+                Some(done) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.on_done(done);
                 }
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = tick.tick() => self.publish_live(),
             }
         }
-        // Whatever is still unanswered waited at least the timeout.
-        self.expire(Instant::now() + Duration::from_secs(1));
+        // Whatever is still unanswered waited at least the timeout (the client gives up on
+        // each request after it, so this is only a guard).
+        self.abandon_in_flight();
         if let Some(slot) = self.next_slot {
             if slot < timeline.deadline && !self.interval.is_zero() {
                 let behind = (timeline.deadline - slot).as_secs_f64() / self.interval.as_secs_f64();
                 self.stats.behind_schedule += behind.ceil() as u64;
+            }
+        }
+    }
+
+    /// Counts every request still in flight as timed out and drops it: its card leaves the
+    /// load and its reckoning accepts either outcome.
+    fn abandon_in_flight(&mut self) {
+        let left = std::mem::take(&mut self.in_flight).len() as u64;
+        self.stats.timeouts += left;
+        self.live_errors += left;
+        for (card, pending) in self.cards.iter_mut().zip(self.pending.iter_mut()) {
+            if let Some(delta) = pending.take() {
+                card.reck.unsure(delta);
+                card.dead = true;
             }
         }
     }
@@ -685,63 +669,49 @@ impl Worker {
         let mut attempts = 0;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let deadline = Instant::now() + self.plan.timeout * 4 + Duration::from_secs(total as u64);
         loop {
-            if self.reader.is_none() {
+            let now = Instant::now();
+            if !self.usable(Side::Reader, now) {
                 attempts += 1;
                 if attempts > 3 {
                     break;
                 }
                 tokio::time::sleep(RECONNECT_DELAY).await;
-                self.connect(Side::Reader).await;
+                self.greet(Side::Reader).await;
                 continue;
             }
-            while next < total
-                && self.reader.as_ref().map_or(0, |c| c.in_flight()) < VERIFY_IN_FLIGHT
-            {
-                let (request, atc, cryptogram) = self.build(next, Op::Balance, 0, Side::Reader);
+            while next < total && self.in_flight.len() < VERIFY_IN_FLIGHT {
                 let tag = Tag {
                     card: next,
                     op: Op::Balance,
                     amount: 0,
-                    atc,
-                    cryptogram,
-                    intended: Instant::now(),
+                    intended: now,
+                    sent: now,
                     verify: true,
-                    hello: false,
+                    side: Side::Reader,
                 };
-                if let Some(conn) = self.reader.as_mut() {
-                    if conn.queue(&request, tag).is_err() {
-                        self.stats.verify_unchecked += 1;
-                    }
-                }
+                self.start(next, Op::Balance, 0, tag);
                 next += 1;
             }
-            self.flush_all().await;
-            if next >= total && self.in_flight() == 0 {
+            if (next >= total && self.in_flight.is_empty()) || now >= deadline {
                 break;
             }
             tokio::select! {
-                r = next_of(&mut self.reader) => {
-                    if r.is_err() {
-                        // Requests lost with the connection are unchecked, not mismatched.
-                        let lost = self.reader.as_ref().map_or(0, |c| c.in_flight());
-                        self.stats.verify_unchecked += lost as u64;
-                    }
-                    self.on_incoming(Side::Reader, r)
+                Some(done) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.on_done(done);
                 }
-                _ = tick.tick() => self.expire_older_than_timeout(),
+                _ = tick.tick() => {}
             }
         }
         self.stats.verify_unchecked += (total - next.min(total)) as u64;
-        if let Some(conn) = self.reader.as_mut() {
-            let left = conn.take_all().len();
-            self.stats.verify_unchecked += left as u64;
-        }
+        let left = std::mem::take(&mut self.in_flight).len();
+        self.stats.verify_unchecked += left as u64;
     }
 
-    fn verify_answer(&mut self, frame: &Frame, tag: &Tag) {
+    fn verify_answer(&mut self, tag: &Tag, verdict: Verdict) {
         let card = &self.cards[tag.card];
-        match judge(card, tag, frame) {
+        match verdict {
             Verdict::Answer { status: Status::Approved, balance: Some(b) } => {
                 self.stats.verify_checked += 1;
                 if !card.reck.accepts(b) {
@@ -758,10 +728,17 @@ impl Worker {
                 self.stats.verify_checked += 1;
                 self.stats.verify_mismatch(text);
             }
-            Verdict::Failed { kind, bad_mac } => {
-                if bad_mac {
-                    self.stats.bad_macs += 1;
-                }
+            Verdict::Timeout => {
+                self.stats.timeouts += 1;
+                self.live_errors += 1;
+                self.stats.verify_unchecked += 1;
+            }
+            Verdict::NotSent { kind } | Verdict::Failed { kind, bad_mac: false } => {
+                self.stats.verify_unchecked += 1;
+                self.error(format!("{kind} (balance check)"));
+            }
+            Verdict::Failed { kind, bad_mac: true } => {
+                self.stats.bad_macs += 1;
                 self.stats.verify_unchecked += 1;
                 self.error(format!("{kind} (balance check)"));
             }
@@ -773,76 +750,65 @@ impl Worker {
 mod tests {
     use super::*;
 
-    use crate::cards::Reckoning;
-    use citycard_protocol::crypto::CardKey;
     use citycard_protocol::CardId;
 
-    fn test_card() -> Card {
-        Card {
-            id: CardId(77),
-            key: CardKey::from_bytes([9; 32]),
-            atc: 3,
-            reck: Reckoning::new(1_000),
-            dead: false,
-        }
-    }
-
-    fn sealed(card: &Card, tag: &Tag, status: Status, balance: i64, with_mac: bool) -> Frame {
-        let mut result = citycard_protocol::CardResult {
+    fn result(status: Status, balance: i64, mac: Mac) -> CardResult {
+        CardResult {
             status,
-            card_id: card.id,
-            atc: Atc(tag.atc),
+            card_id: CardId(77),
+            atc: Atc(4),
             balance: Amount(balance),
             journal_seq: 1,
-            mac: Mac::default(),
-        };
-        let mut body = bytes::BytesMut::new();
-        Response::Purchase(result).encode_body(&mut body).expect("encode");
-        if with_mac {
-            let split = body.len() - 16;
-            result.mac = card.key.response_mac(
-                MessageType::PurchaseResult as u8,
-                &tag.cryptogram,
-                &body[..split],
-            );
-            body.clear();
-            Response::Purchase(result).encode_body(&mut body).expect("encode");
-        }
-        Frame {
-            message_type: MessageType::PurchaseResult,
-            request_id: citycard_protocol::RequestId(1),
-            body: body.freeze(),
+            mac,
         }
     }
 
     #[test]
-    fn judge_checks_macs_and_accepts_unsealed_unauthenticated_declines() {
-        let card = test_card();
-        let tag = Tag {
-            card: 0,
-            op: Op::Purchase,
-            amount: 100,
-            atc: 4,
-            cryptogram: Mac([5; 16]),
-            intended: Instant::now(),
-            verify: false,
-            hello: false,
-        };
-        let ok = sealed(&card, &tag, Status::Approved, 900, true);
+    fn judge_believes_balances_of_authenticated_answers_only() {
+        let sealed = result(Status::Approved, 900, Mac([7; 16]));
         assert_eq!(
-            judge(&card, &tag, &ok),
+            judge(Op::Purchase, Ok(Answer::Card(sealed)), false),
             Verdict::Answer { status: Status::Approved, balance: Some(900) }
         );
-        let unsealed = sealed(&card, &tag, Status::Approved, 900, false);
-        assert!(matches!(judge(&card, &tag, &unsealed), Verdict::Failed { bad_mac: true, .. }));
-        let busy = sealed(&card, &tag, Status::Busy, 0, false);
+        let busy = result(Status::Busy, 0, Mac::default());
         assert_eq!(
-            judge(&card, &tag, &busy),
+            judge(Op::Purchase, Ok(Answer::Card(busy)), false),
             Verdict::Answer { status: Status::Busy, balance: None }
         );
-        let other_atc = Tag { atc: 5, ..tag };
-        assert!(matches!(judge(&card, &other_atc, &ok), Verdict::Failed { bad_mac: false, .. }));
-        let wrong_op = Tag { op: Op::TopUp, ..tag };
-        assert!(matches!(judge(&card, &wrong_op, &ok), Verdict::Failed { .. }));
+        // The floor approves everything and reports no balance.
+        assert_eq!(
+            judge(Op::Balance, Ok(Answer::Card(busy)), true),
+            Verdict::Answer { status: Status::Approved, balance: None }
+        );
+    }
+
+    #[test]
+    fn judge_sorts_client_errors_by_what_they_mean_for_the_card() {
+        let once = |last: ClientError| ClientError::GaveUp { attempts: 1, last: Box::new(last) };
+        assert_eq!(
+            judge(Op::Purchase, Err(once(ClientError::Timeout { timeout_ms: 5 })), false),
+            Verdict::Timeout
+        );
+        assert!(matches!(
+            judge(
+                Op::Purchase,
+                Err(ClientError::BadMac(citycard_protocol::MessageType::PurchaseResult)),
+                false
+            ),
+            Verdict::Failed { bad_mac: true, .. }
+        ));
+        let refused = ClientError::Connect {
+            addr: "127.0.0.1:1".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        assert!(matches!(judge(Op::TopUp, Err(once(refused)), false), Verdict::NotSent { .. }));
+        assert_eq!(
+            judge(Op::Purchase, Err(once(ClientError::ConnectionLost("x".into()))), false),
+            Verdict::Failed { kind: "connection lost".into(), bad_mac: false }
+        );
+        assert!(matches!(
+            judge(Op::Purchase, Err(ClientError::Mismatch("ATC")), false),
+            Verdict::Failed { bad_mac: false, .. }
+        ));
     }
 }
