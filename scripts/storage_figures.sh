@@ -1,0 +1,345 @@
+#!/usr/bin/env bash
+# Storage figures for the issue "Storage for years": restart time, resident memory per card,
+# rebuild from the journal, disk footprint. Release build, real `citycard serve`, data made by
+# `examples/fill.rs` (no TLS on the way in). Not run in CI.
+#
+# Usage: scripts/storage_figures.sh [--sizes 1M,10M] [--with-30m] [--disk-size 5M]
+#                                   [--cards-rss 10M] [--work DIR] [--no-build] [--keep]
+#
+#   --sizes       journal sizes to measure restart and rebuild at (records in all shards: a
+#                 tenth are card issues, the rest purchases and top-ups over those cards)
+#   --with-30m    add 30M to --sizes
+#   --disk-size   the size whose du is reported (added to the sizes if missing)
+#   --cards-rss   an extra data set of this many cards and no transactions, for RSS per card
+#                 (0 or "none" to skip)
+#   --work        scratch directory on the disk to measure (default /var/tmp/citycard-figures);
+#                 every data set is deleted after its row unless --keep
+#
+# What "restart" measures: from the moment the script launches `citycard serve` to the moment
+# `hello_probe` has a Hello answered over a fresh mutual-TLS connection (the probe retries a
+# refused connect every millisecond). "warm": page cache hot; "cold": after
+# `sync; echo 3 > /proc/sys/vm/drop_caches` (root only, else n/a). "kill": the data set first
+# gets a journal tail of just under one checkpoint interval per shard (`fill --append
+# --wait-for-kill`, SIGKILLed after its last commit: no checkpoint, sled not flushed), the
+# worst case the default `checkpoint_records` allows. "rebuild": `state/` of every shard
+# deleted, so the start replays the whole journal, archive included.
+#
+# Bounded: every step has a timeout; sizes whose estimated disk or memory would not fit are
+# refused before anything is written.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZES="1M,10M"
+DISK_SIZE="5M"
+CARDS_RSS="10M"
+WORK=/var/tmp/citycard-figures
+BUILD=1
+KEEP=0
+SHARDS=2
+LISTEN=127.0.0.1:17790
+ADMIN=127.0.0.1:17791
+# Records per shard in the SIGKILL tail: just under the default checkpoint_records (200,000).
+KILL_TAIL_PER_SHARD=190000
+# Estimates used to refuse what would not fit (measured on the first runs, with margin):
+# journal bytes per record, state bytes per card, server and generator memory per card.
+EST_JOURNAL_B_PER_RECORD=260
+EST_STATE_B_PER_CARD=400
+EST_MEM_B_PER_CARD=700
+# Every step's time limit in seconds (a start that takes longer is a failure in itself).
+START_TIMEOUT_S=900
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --sizes) SIZES="$2"; shift 2 ;;
+        --with-30m) SIZES="$SIZES,30M"; shift ;;
+        --disk-size) DISK_SIZE="$2"; shift 2 ;;
+        --cards-rss) CARDS_RSS="$2"; shift 2 ;;
+        --work) WORK="$2"; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        --keep) KEEP=1; shift ;;
+        -h|--help) sed -n 2,25p "$0"; exit 0 ;;
+        *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+number() { # 1M -> 1000000, 500k -> 500000
+    local v="${1,,}"
+    case "$v" in
+        *m) echo $(( ${v%m} * 1000000 )) ;;
+        *k) echo $(( ${v%k} * 1000 )) ;;
+        ''|*[!0-9]*) echo "bad size: $1" >&2; exit 2 ;;
+        *) echo "$v" ;;
+    esac
+}
+
+BIN=target/release
+if [ "$BUILD" = 1 ]; then
+    cargo build --release --bin citycard --example fill --example hello_probe
+fi
+CITYCARD="$BIN/citycard"
+FILL="$BIN/examples/fill"
+PROBE="$BIN/examples/hello_probe"
+for b in "$CITYCARD" "$FILL" "$PROBE"; do
+    [ -x "$b" ] || { echo "missing $b (run without --no-build)" >&2; exit 1; }
+done
+
+mkdir -p "$WORK"
+RESULTS="$WORK/results.tsv"
+: > "$RESULTS"
+LOG="$WORK/log"
+: > "$LOG"
+KEYS="$WORK/keys"
+[ -f "$KEYS/ca.pem" ] || "$CITYCARD" keys init --dir "$KEYS" >> "$LOG" 2>&1
+
+avail_disk_b() { df -B1 --output=avail "$WORK" | tail -1 | tr -d ' '; }
+avail_mem_b() { awk '/^MemAvailable:/ {printf "%d\n", $2 * 1024}' /proc/meminfo; }
+
+# Refuses a data set of CARDS cards and RECORDS journal records that would not fit.
+check_fits() {
+    local cards=$1 records=$2
+    local disk=$(( records * EST_JOURNAL_B_PER_RECORD + cards * EST_STATE_B_PER_CARD \
+        + 2 * SHARDS * 64 * 1024 * 1024 + 1024 * 1024 * 1024 ))
+    local mem=$(( cards * EST_MEM_B_PER_CARD + 512 * 1024 * 1024 ))
+    if [ "$disk" -gt "$(avail_disk_b)" ]; then
+        echo "refused: $records records would need about $((disk >> 20)) MiB on $WORK, $(( $(avail_disk_b) >> 20 )) MiB free" >&2
+        return 1
+    fi
+    if [ "$mem" -gt "$(avail_mem_b)" ]; then
+        echo "refused: $cards cards would need about $((mem >> 20)) MiB of memory, $(( $(avail_mem_b) >> 20 )) MiB available" >&2
+        return 1
+    fi
+}
+
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$RESULTS"; echo "  $1 $2 = $3"; }
+loadavg() { cut -d' ' -f1 /proc/loadavg; }
+
+drop_caches() {
+    sync
+    if [ "$(id -u)" = 0 ] && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then
+        return 0
+    fi
+    return 1
+}
+
+SERVER_PID=""
+stop_server() { # clean stop: SIGTERM and wait (bounded)
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 600); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "server $pid did not stop within 60 s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then stop_server "$SERVER_PID"; fi
+}
+trap cleanup EXIT
+
+# Starts the server on DATA, times it to the first Hello answered and leaves
+# STARTED_MS, RSS_KB, HWM_KB and REPLAYED set; then stops it cleanly. With "timev" the server
+# runs under /usr/bin/time -v and PEAK_KB is its maximum resident set size.
+timed_start() {
+    local data=$1 mode=${2:-plain} errlog="$WORK/serve.err" timelog="$WORK/time.err"
+    local t0 t1 launcher
+    : > "$errlog"
+    t0=$(date +%s%N)
+    if [ "$mode" = timev ]; then
+        /usr/bin/time -v -o "$timelog" "$CITYCARD" serve --data "$data" --keys "$KEYS" \
+            --listen "$LISTEN" --admin "$ADMIN" 2> "$errlog" > /dev/null &
+        launcher=$!
+    else
+        "$CITYCARD" serve --data "$data" --keys "$KEYS" --listen "$LISTEN" --admin "$ADMIN" \
+            2> "$errlog" > /dev/null &
+        launcher=$!
+    fi
+    SERVER_PID=$launcher
+    if ! t1=$(timeout "$START_TIMEOUT_S" "$PROBE" --server "$LISTEN" --keys "$KEYS" \
+            --timeout-s "$START_TIMEOUT_S" 2>> "$LOG" | cut -d' ' -f1); then
+        echo "no Hello within $START_TIMEOUT_S s; server log:" >&2; tail -20 "$errlog" >&2
+        return 1
+    fi
+    local pid=$launcher
+    if [ "$mode" = timev ]; then pid=$(pgrep -P "$launcher" -x citycard | head -1); fi
+    STARTED_MS=$(( (t1 - t0) / 1000000 ))
+    sleep 1 # let the start's own checkpoint and sled flush settle before reading memory
+    RSS_KB=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status")
+    HWM_KB=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")
+    REPLAYED=$(grep -o 'replayed=[0-9]*' "$errlog" | cut -d= -f2 | paste -sd+ | bc)
+    cat "$errlog" >> "$LOG"
+    stop_server "$pid"
+    if [ "$mode" = timev ]; then
+        wait "$launcher" 2>/dev/null || true
+        PEAK_KB=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$timelog")
+    fi
+    SERVER_PID=""
+}
+
+fill() { # DATA CARDS RECORDS [extra fill args]
+    local data=$1 cards=$2 records=$3; shift 3
+    local limit=$(( 600 + (cards + records) / 5000 ))
+    timeout "$limit" "$FILL" --data "$data" --keys "$KEYS" --shards "$SHARDS" \
+        --cards "$cards" --records "$records" "$@" | tee -a "$LOG"
+}
+
+# A SIGKILLed generator: adds KILL_TAIL_PER_SHARD records per shard past the last checkpoint.
+crash_tail() {
+    local data=$1 out="$WORK/fill-kill.out"
+    : > "$out"
+    "$FILL" --data "$data" --keys "$KEYS" --cards 0 --records $(( KILL_TAIL_PER_SHARD * SHARDS )) \
+        --append --wait-for-kill --seed "$RANDOM" > "$out" 2>> "$LOG" &
+    local pid=$!
+    for _ in $(seq 1 6000); do
+        grep -q 'waiting to be killed' "$out" && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    grep -q 'waiting to be killed' "$out" || { echo "crash_tail: generator failed" >&2; cat "$out" >&2; return 1; }
+    kill -KILL "$pid"
+    wait "$pid" 2>/dev/null || true
+    cat "$out" >> "$LOG"
+}
+
+du_kib() { if [ -e "$1" ]; then du -sk "$1" | cut -f1; else echo 0; fi; }
+
+# Per data set: the restart variants, memory, optionally rebuild and disk.
+measure() {
+    local label=$1 cards=$2 records=$3 disk=$4
+    local data="$WORK/data-$label"
+    rm -rf "$data"
+    echo "== $label: $cards cards, $records records ($(date -u +%H:%M:%S), load $(loadavg))"
+    local f0 f1; f0=$(date +%s%N)
+    fill "$data" "$cards" "$(( records - cards ))"
+    f1=$(date +%s%N)
+    record "$label" fill_s "$(( (f1 - f0) / 1000000000 ))"
+
+    local v0 v1; v0=$(date +%s%N)
+    if timeout 1800 "$CITYCARD" verify --data "$data" >> "$LOG" 2>&1; then
+        v1=$(date +%s%N); record "$label" verify "ok in $(( (v1 - v0) / 1000000000 )) s"
+    else
+        record "$label" verify FAILED; return 1
+    fi
+
+    # Warm, clean stop: three starts, the median.
+    local warm=()
+    for _ in 1 2 3; do timed_start "$data"; warm+=("$STARTED_MS"); done
+    record "$label" rss_kb "$RSS_KB"
+    record "$label" hwm_kb "$HWM_KB"
+    record "$label" cards "$cards"
+    record "$label" warm_clean_ms "$(printf '%s\n' "${warm[@]}" | sort -n | sed -n 2p)"
+    record "$label" load "$(loadavg)"
+
+    if [ "$disk" = 1 ]; then
+        local j=0 a=0 s=0 i
+        for i in $(seq 0 $(( SHARDS - 1 ))); do
+            local sd="$data/shard-$i"
+            record "$label" "du_shard${i}_kib" "journal $(du_kib "$sd/journal") archive $(du_kib "$sd/archive") state $(du_kib "$sd/state")"
+            j=$(( j + $(du_kib "$sd/journal") )); a=$(( a + $(du_kib "$sd/archive") )); s=$(( s + $(du_kib "$sd/state") ))
+        done
+        record "$label" du_journal_kib "$j"
+        record "$label" du_archive_kib "$a"
+        record "$label" du_state_kib "$s"
+        record "$label" journal_apparent_kib "$(du -sk --apparent-size "$data"/shard-*/journal "$data"/shard-*/archive | awk '{s+=$1} END {print s}')"
+    fi
+
+    if drop_caches; then
+        timed_start "$data"; record "$label" cold_clean_ms "$STARTED_MS"
+    else
+        record "$label" cold_clean_ms n/a
+    fi
+
+    crash_tail "$data"
+    timed_start "$data"
+    record "$label" warm_kill_ms "$STARTED_MS"
+    record "$label" kill_replayed "$REPLAYED"
+    crash_tail "$data"
+    if drop_caches; then
+        timed_start "$data"; record "$label" cold_kill_ms "$STARTED_MS"
+    else
+        record "$label" cold_kill_ms n/a
+    fi
+
+    # Rebuild: no state at all, the whole journal replayed (archive first).
+    rm -rf "$data"/shard-*/state
+    if [ -x /usr/bin/time ]; then
+        timed_start "$data" timev
+        record "$label" rebuild_peak_kb "$PEAK_KB"
+    else
+        timed_start "$data"
+        record "$label" rebuild_peak_kb "$HWM_KB"
+    fi
+    record "$label" rebuild_ms "$STARTED_MS"
+    record "$label" rebuild_replayed "$REPLAYED"
+    if ! timeout 1800 "$CITYCARD" verify --data "$data" >> "$LOG" 2>&1; then
+        record "$label" verify_after_rebuild FAILED
+    fi
+    [ "$KEEP" = 1 ] || rm -rf "$data"
+}
+
+LOAD_START=$(loadavg)
+echo "storage figures: $(date -u +%FT%TZ), $(nproc) vCPU, $(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) >> 20 )) GiB, load $LOAD_START, work $WORK"
+
+# Baseline: a server with no card.
+rm -rf "$WORK/data-empty"
+fill "$WORK/data-empty" 0 0 > /dev/null
+timed_start "$WORK/data-empty"
+record empty rss_kb "$RSS_KB"
+record empty hwm_kb "$HWM_KB"
+record empty warm_clean_ms "$STARTED_MS"
+rm -rf "$WORK/data-empty"
+
+ALL=$(printf '%s\n' ${SIZES//,/ } "$DISK_SIZE" | while read -r s; do number "$s"; done | sort -n | uniq)
+DISK_N=$(number "$DISK_SIZE")
+LABELS=()
+for n in $ALL; do
+    cards=$(( n / 10 ))
+    check_fits "$cards" "$n" || continue
+    label="r$n"
+    measure "$label" "$cards" "$n" "$([ "$n" = "$DISK_N" ] && echo 1 || echo 0)" || echo "($label failed; see $LOG)"
+    LABELS+=("$label")
+done
+if [ "$CARDS_RSS" != 0 ] && [ "$CARDS_RSS" != none ]; then
+    c=$(number "$CARDS_RSS")
+    sleep 10 # the last rebuild's memory is still being returned to the system
+    if check_fits "$c" "$c"; then
+        measure "c$c" "$c" "$c" 0 || echo "(c$c failed; see $LOG)"
+        LABELS+=("c$c")
+    fi
+fi
+LOAD_END=$(loadavg)
+
+get() { awk -F'\t' -v l="$1" -v k="$2" '$1 == l && $2 == k {v = $3} END {print v}' "$RESULTS"; }
+base_rss=$(get empty rss_kb)
+echo
+echo "Storage figures $(date -u +%F), $(nproc) vCPU, load average $LOAD_START at start, $LOAD_END at end; $SHARDS shards"
+echo "(restart = launch to first Hello answered, ms; warm = median of 3; kill = after a SIGKILL with"
+echo " ~$KILL_TAIL_PER_SHARD records/shard past the checkpoint; RSS after start, idle; B/card = (RSS - empty RSS) / cards)"
+printf '| data set | records | cards | fill s | warm clean | cold clean | warm kill | cold kill | RSS MiB | HWM MiB | B/card | rebuild ms | rebuild peak MiB | verify |\n'
+printf '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n'
+printf '| empty | 0 | 0 | | %s | | | | %s | %s | | | | |\n' "$(get empty warm_clean_ms)" \
+    "$(( base_rss / 1024 ))" "$(( $(get empty hwm_kb) / 1024 ))"
+for l in "${LABELS[@]}"; do
+    cards=$(get "$l" cards)
+    [ -n "$cards" ] || continue
+    rss=$(get "$l" rss_kb); hwm=$(get "$l" hwm_kb); peak=$(get "$l" rebuild_peak_kb)
+    n=${l#?}
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$l" "$n" "$cards" \
+        "$(get "$l" fill_s)" "$(get "$l" warm_clean_ms)" "$(get "$l" cold_clean_ms)" \
+        "$(get "$l" warm_kill_ms)" "$(get "$l" cold_kill_ms)" "$(( rss / 1024 ))" "$(( hwm / 1024 ))" \
+        "$(( (rss - base_rss) * 1024 / (cards > 0 ? cards : 1) ))" "$(get "$l" rebuild_ms)" \
+        "$(( ${peak:-0} / 1024 ))" "$(get "$l" verify)"
+done
+d="r$DISK_N"
+if [ -n "$(get "$d" du_state_kib)" ]; then
+    j=$(get "$d" du_journal_kib); a=$(get "$d" du_archive_kib); s=$(get "$d" du_state_kib)
+    echo
+    echo "Disk at $DISK_N records ($(get "$d" cards) cards, du -sk, all shards): journal/ $j KiB, archive/ $a KiB, state/ $s KiB;" \
+        "state / live journal = $(echo "scale=2; $s / $(( j > 0 ? j : 1 ))" | bc), state / (journal+archive) = $(echo "scale=2; $s / $(( j + a > 0 ? j + a : 1 ))" | bc);" \
+        "journal+archive apparent size $(get "$d" journal_apparent_kib) KiB"
+    for i in $(seq 0 $(( SHARDS - 1 ))); do echo "  shard $i: $(get "$d" "du_shard${i}_kib")"; done
+fi
+echo "raw results: $RESULTS; logs: $LOG"
