@@ -142,7 +142,7 @@ fn main() -> anyhow::Result<()> {
         let cards = share(args.cards);
         let records = share(args.records);
         let secrets = secrets.clone();
-        let (batch, seed) = (args.batch, args.seed ^ (u64::from(index) + 1) * 0x9E37_79B9);
+        let (batch, seed) = (args.batch, args.seed ^ ((u64::from(index) + 1) * 0x9E37_79B9));
         let plan = Plan { cards, records, batch, seed, crash: args.wait_for_kill };
         threads.push(std::thread::spawn(move || fill_shard(options, secrets, plan)));
     }
