@@ -10,7 +10,7 @@ use anyhow::Context;
 use citycard_protocol::{CardId, EntryKind, Status};
 
 use crate::engine::entry::Entry;
-use crate::engine::state::{self, CardRecord};
+use crate::engine::state;
 use crate::journal;
 
 /// The auditor's view of one card.
@@ -317,7 +317,7 @@ fn compare_state(
         let (k, v) = item?;
         let id = CardId(state::be_u64(&k[1..]).unwrap_or(0));
         seen += 1;
-        let Some(record) = CardRecord::decode(&v) else {
+        let Ok(record) = crate::engine::store::codec::decode(&v) else {
             problems.push(format!("shard {shard} card {}: state record malformed", id.masked()));
             continue;
         };

@@ -57,10 +57,12 @@ pub struct StateDigest([u64; 4]);
 
 impl StateDigest {
     fn term(id: CardId, record: &CardRecord) -> [u64; 4] {
-        let mut input = [0u8; 8 + super::state::CARD_RECORD_LEN];
+        // The card id, then the record as sled stores it (its encoding is canonical).
+        let encoded = super::store::codec::encode(record);
+        let mut input = [0u8; 8 + super::store::codec::MAX_LEN];
         input[..8].copy_from_slice(&id.0.to_be_bytes());
-        input[8..].copy_from_slice(&record.encode());
-        let h = ring::digest::digest(&ring::digest::SHA256, &input);
+        input[8..8 + encoded.len()].copy_from_slice(&encoded);
+        let h = ring::digest::digest(&ring::digest::SHA256, &input[..8 + encoded.len()]);
         let h = h.as_ref();
         std::array::from_fn(|i| {
             let mut lane = [0u8; 8];
@@ -190,8 +192,6 @@ mod tests {
             balance: Amount(balance),
             last_atc: Atc(3),
             key_version: KeyVersion(1),
-            issued_ms: 9,
-            linked_card: CardId(0),
             last_pos: crate::journal::Pos { segment: 1, offset: 32 },
         }
     }

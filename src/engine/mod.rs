@@ -8,6 +8,7 @@ mod persister;
 pub mod recovery;
 pub mod shard;
 pub mod state;
+pub mod store;
 
 pub use checkpoint::CheckpointPolicy;
 pub use recovery::RebuildReason;

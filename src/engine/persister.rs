@@ -16,6 +16,8 @@ pub(super) const PERSIST_QUEUE: usize = 2;
 /// One sealed chunk for the persister, and the checkpoint to take once sled holds it.
 pub(super) struct PersistJob {
     pub(super) batch: sled::Batch,
+    /// Keys written by `batch` (sled does not say), for [`super::store::reclaim_after_batch`].
+    pub(super) writes: usize,
     pub(super) last_seq: u64,
     pub(super) checkpoint: Option<Checkpoint>,
 }
@@ -85,9 +87,10 @@ impl Persister {
         let thread = std::thread::Builder::new()
             .name(format!("persist-{index}"))
             .spawn(move || {
-                for PersistJob { batch, last_seq, checkpoint } in jobs {
+                for PersistJob { batch, writes, last_seq, checkpoint } in jobs {
                     match db.apply_batch(batch) {
                         Ok(()) => {
+                            super::store::reclaim_after_batch(writes);
                             thread_done.store(last_seq, std::sync::atomic::Ordering::Release);
                             if let Some(checkpoint) = checkpoint {
                                 place.take(&db, index, &checkpoint);

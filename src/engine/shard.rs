@@ -360,8 +360,8 @@ impl Shard {
             let (k, v) = item?;
             let id = state::be_u64(&k[1..])
                 .ok_or_else(|| StoreError::Disagrees("card key malformed".into()))?;
-            let record = CardRecord::decode(&v)
-                .ok_or_else(|| StoreError::Disagrees(format!("card record {id} malformed")))?;
+            let record = super::store::codec::decode(&v)
+                .map_err(|e| StoreError::Disagrees(format!("card record {id}: {e}")))?;
             next_card = next_card.max(super::card_counter(CardId(id), options.count) + 1);
             digest.add(CardId(id), &record);
             cards.insert(CardId(id), record);
@@ -564,13 +564,14 @@ impl Shard {
         }
         let mut batch = sled::Batch::default();
         let mut last_seq = self.applied_seq;
+        let writes = chunk.entries.len() + self.dirty.len() + 2;
         for p in &chunk.entries {
             write_index(&mut batch, &p.entry, p.seq, p.pos);
             last_seq = last_seq.max(p.seq);
         }
         for id in self.dirty.drain() {
             if let Some(record) = self.cards.get(&id) {
-                batch.insert(&state::card_key(id)[..], &record.encode()[..]);
+                batch.insert(&state::card_key(id)[..], &*super::store::codec::encode(record));
             }
         }
         batch.insert(state::META_APPLIED, &last_seq.to_be_bytes()[..]);
@@ -578,7 +579,7 @@ impl Shard {
         chunk.sealed_at = Some(last_seq);
         self.applied_seq = last_seq;
         let checkpoint = self.checkpoint_due(last_seq);
-        let job = PersistJob { batch, last_seq, checkpoint };
+        let job = PersistJob { batch, writes, last_seq, checkpoint };
         let queue = self.persister.queue.as_ref();
         if queue.is_none_or(|q| q.send(job).is_err()) {
             self.persister.check()?;
@@ -620,8 +621,6 @@ impl Shard {
                         balance: entry.balance_after,
                         last_atc: Atc(0),
                         key_version: entry.key_version,
-                        issued_ms: entry.time_ms,
-                        linked_card: CardId(0),
                         last_pos: pos,
                     },
                 );
@@ -634,7 +633,6 @@ impl Shard {
                 if let Some(old) = self.cards.get_mut(&entry.card_id) {
                     old.state = CardState::Replaced;
                     old.balance = entry.balance_after;
-                    old.linked_card = entry.other_card;
                     old.last_pos = pos;
                 }
                 self.cards.insert(
@@ -645,8 +643,6 @@ impl Shard {
                         balance: Amount(moved),
                         last_atc: Atc(0),
                         key_version: entry.key_version,
-                        issued_ms: entry.time_ms,
-                        linked_card: entry.card_id,
                         // The replacement's chain starts at the record that created it.
                         last_pos: pos,
                     },

@@ -18,25 +18,22 @@ pub(crate) const META_APPLIED: &[u8] = b"m:applied_seq";
 /// same batch.
 pub(crate) const META_DIGEST: &[u8] = b"m:card_digest";
 
-/// A card as the engine keeps it in memory and in sled.
+/// A card as the engine keeps it in memory and in sled (encoded by [`super::store::codec`]):
+/// only what decisions need. When it was issued and which card it replaced are in the journal
+/// records at the start of its chain, not repeated here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CardRecord {
-    pub state: CardState,
-    /// Why staff blocked it (meaningful while `state == Blocked`).
-    pub block_reason: BlockReason,
+    /// Where the card's newest journaled operation lies: the head of its chain (see
+    /// `Entry::prev_pos`).
+    pub last_pos: Pos,
     pub balance: Amount,
     /// Highest ATC seen from the card, online or offline.
     pub last_atc: Atc,
     pub key_version: KeyVersion,
-    pub issued_ms: u64,
-    /// Replace link: the card this one replaced, or that replaced it (0 when none).
-    pub linked_card: CardId,
-    /// Where the card's newest journaled operation lies: the head of its chain (see
-    /// `Entry::prev_pos`).
-    pub last_pos: Pos,
+    pub state: CardState,
+    /// Why staff blocked it (meaningful while `state == Blocked`).
+    pub block_reason: BlockReason,
 }
-
-pub const CARD_RECORD_LEN: usize = 1 + 1 + 8 + 4 + 2 + 8 + 8 + Pos::LEN;
 
 impl CardRecord {
     /// Whether terminals must refuse the card, and why.
@@ -62,40 +59,6 @@ impl CardRecord {
             CardState::Active if self.balance.0 < 0 => CardState::Overdrawn,
             other => other,
         }
-    }
-
-    pub fn encode(&self) -> [u8; CARD_RECORD_LEN] {
-        let mut out = [0u8; CARD_RECORD_LEN];
-        out[0] = self.state as u8;
-        out[1] = self.block_reason as u8;
-        out[2..10].copy_from_slice(&self.balance.0.to_be_bytes());
-        out[10..14].copy_from_slice(&self.last_atc.0.to_be_bytes());
-        out[14..16].copy_from_slice(&self.key_version.0.to_be_bytes());
-        out[16..24].copy_from_slice(&self.issued_ms.to_be_bytes());
-        out[24..32].copy_from_slice(&self.linked_card.0.to_be_bytes());
-        out[32..].copy_from_slice(&self.last_pos.to_bytes());
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Option<CardRecord> {
-        if bytes.len() != CARD_RECORD_LEN {
-            return None;
-        }
-        let u64_at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&bytes[i..i + 8]);
-            u64::from_be_bytes(a)
-        };
-        Some(CardRecord {
-            state: CardState::from_u8(bytes[0])?,
-            block_reason: BlockReason::from_u8(bytes[1])?,
-            balance: Amount(u64_at(2) as i64),
-            last_atc: Atc(u32::from_be_bytes([bytes[10], bytes[11], bytes[12], bytes[13]])),
-            key_version: KeyVersion(u16::from_be_bytes([bytes[14], bytes[15]])),
-            issued_ms: u64_at(16),
-            linked_card: CardId(u64_at(24)),
-            last_pos: Pos::from_bytes(&bytes[32..])?,
-        })
     }
 }
 

@@ -16,7 +16,7 @@ pub const MAX_PAYLOAD: usize = 64 * 1024;
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Smallest accepted segment size.
 pub const MIN_SEGMENT_BYTES: u64 = 4096;
-/// Largest accepted segment size (recovery reads a whole segment into memory).
+/// Largest accepted segment size (every offset in a segment then fits the u32 of a `Pos`).
 pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 
 /// Hash of a record's header and payload (SHA-256).
@@ -60,13 +60,14 @@ pub fn encode_segment_header(segment_bytes: u64) -> [u8; SEGMENT_HEADER_LEN as u
     h
 }
 
-/// Validates a segment's header against the file contents; returns a reason on failure.
-pub fn check_segment_header(file: &[u8]) -> Result<(), String> {
+/// Validates a segment's header, given its first bytes (the header, or all of a shorter file)
+/// and the file's length; returns a reason on failure.
+pub fn check_segment_header_of(head: &[u8], file_len: u64) -> Result<(), String> {
     let hl = SEGMENT_HEADER_LEN as usize;
-    if file.len() < hl {
-        return Err(format!("segment is {} bytes, shorter than its header", file.len()));
+    if file_len < hl as u64 || head.len() < hl {
+        return Err(format!("segment is {file_len} bytes, shorter than its header"));
     }
-    let h = &file[..hl];
+    let h = &head[..hl];
     if h[0..8] != SEGMENT_MAGIC {
         return Err("bad segment magic".into());
     }
@@ -81,8 +82,8 @@ pub fn check_segment_header(file: &[u8]) -> Result<(), String> {
         return Err(format!("unexpected header length {}", le_u32(h, 12)));
     }
     let size = le_u64(h, 16);
-    if size != file.len() as u64 {
-        return Err(format!("header says {size} bytes but the file has {}", file.len()));
+    if size != file_len {
+        return Err(format!("header says {size} bytes but the file has {file_len}"));
     }
     if !size.is_multiple_of(8) {
         return Err(format!("segment size {size} is not a multiple of 8"));
@@ -181,13 +182,4 @@ pub fn parse_record(buf: &[u8], off: usize) -> Parsed<'_> {
         bytes: &buf[off..end],
         size: record_size(len),
     })
-}
-
-/// Exclusive end (rounded up to 8) of the last non-zero byte in `buf[from..]`, or `from` if all
-/// of it is zero.
-pub fn nonzero_extent_end(buf: &[u8], from: usize) -> usize {
-    match buf.get(from..).and_then(|rest| rest.iter().rposition(|b| *b != 0)) {
-        Some(i) => ((from + i + 1 + 7) & !7).min(buf.len()),
-        None => from,
-    }
 }

@@ -1,11 +1,12 @@
 //! Recovery scan shared by [`super::Journal::open`] and [`super::read_all`]. Never modifies files.
 
 use std::fs::File;
-use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::format::{
-    check_segment_header, nonzero_extent_end, parse_record, Parsed, RecordHash, SEGMENT_HEADER_LEN,
+    check_segment_header_of, parse_record, record_size, Parsed, RecordHash, MAX_PAYLOAD,
+    SEGMENT_HEADER_LEN,
 };
 use super::segment::{io_err, SegmentFile};
 use super::JournalError;
@@ -90,11 +91,89 @@ fn corrupt(path: &Path, offset: u64, seq: u64, reason: String) -> JournalError {
     JournalError::Corrupt { path: path.to_path_buf(), offset, seq, reason }
 }
 
-/// Reads a whole segment into `buf` and checks its header.
-fn load(seg: &SegmentFile, buf: &mut Vec<u8>, seq: u64) -> Result<(), JournalError> {
-    buf.clear();
-    File::open(&seg.path).and_then(|mut f| f.read_to_end(buf)).map_err(io_err(&seg.path))?;
-    check_segment_header(buf).map_err(|reason| corrupt(&seg.path, 0, seq, reason))
+/// Bytes of a segment a scan holds in memory at once (plus room for one largest record): the
+/// scan's memory does not depend on the segment size, and reads stay large and sequential.
+/// (Tests use a small window so that their small segments cross window boundaries.)
+const WINDOW_BYTES: usize = if cfg!(test) { 4096 } else { 1 << 20 };
+/// Room a window keeps past an offset it was asked about: a whole record of the largest size.
+const RECORD_ROOM: u64 = record_size(MAX_PAYLOAD) as u64;
+
+/// A bounded view of one segment file: `buf` holds the file's bytes `[base, base + buf.len())`.
+/// Offsets given to it are offsets in the file.
+struct Window<'a> {
+    seg: &'a SegmentFile,
+    file: File,
+    len: u64,
+    base: u64,
+    buf: &'a mut Vec<u8>,
+}
+
+impl<'a> Window<'a> {
+    /// Opens a segment and checks its header.
+    fn open(
+        seg: &'a SegmentFile,
+        buf: &'a mut Vec<u8>,
+        seq: u64,
+    ) -> Result<Window<'a>, JournalError> {
+        let file = File::open(&seg.path).map_err(io_err(&seg.path))?;
+        let len = file.metadata().map_err(io_err(&seg.path))?.len();
+        buf.clear();
+        let mut w = Window { seg, file, len, base: 0, buf };
+        w.cover(0, SEGMENT_HEADER_LEN)?;
+        check_segment_header_of(w.buf, len).map_err(|reason| corrupt(&seg.path, 0, seq, reason))?;
+        Ok(w)
+    }
+
+    /// Makes the window hold `[off, off + need)`, or up to the end of the file.
+    fn cover(&mut self, off: u64, need: u64) -> Result<(), JournalError> {
+        let want_end = off.saturating_add(need).min(self.len);
+        let have_end = self.base + self.buf.len() as u64;
+        if off >= self.base && want_end <= have_end {
+            return Ok(());
+        }
+        let read_end = off.saturating_add(need.max(WINDOW_BYTES as u64)).min(self.len).max(off);
+        // The window is at most WINDOW_BYTES plus one record, so the length fits in usize.
+        let n = (read_end - off) as usize;
+        self.buf.clear();
+        self.buf.resize(n, 0);
+        self.file.read_exact_at(self.buf, off).map_err(io_err(&self.seg.path))?;
+        self.base = off;
+        Ok(())
+    }
+
+    /// The record at `off`, decoded exactly as [`parse_record`] would in a buffer holding the
+    /// whole file.
+    fn record(&mut self, off: u64) -> Result<Parsed<'_>, JournalError> {
+        self.cover(off, RECORD_ROOM)?;
+        // `cover` left `off` inside the window (or at the end of the file).
+        Ok(parse_record(self.buf, (off - self.base) as usize))
+    }
+
+    /// Whether the 4 bytes at `off` are zero (false past the end).
+    fn zero_word(&mut self, off: u64) -> Result<bool, JournalError> {
+        self.cover(off, 4)?;
+        let at = (off - self.base) as usize;
+        Ok(self.buf.get(at..at + 4).is_some_and(|w| w == [0; 4]))
+    }
+
+    /// Exclusive end (rounded up to 8) of the last non-zero byte at or after `from`, or `from`
+    /// if all of it is zero; over the rest of the file.
+    fn nonzero_extent_end(&mut self, from: u64) -> Result<u64, JournalError> {
+        let mut last = None;
+        let mut at = from;
+        while at < self.len {
+            self.cover(at, WINDOW_BYTES as u64)?;
+            let start = (at - self.base) as usize;
+            if let Some(i) = self.buf[start..].iter().rposition(|b| *b != 0) {
+                last = Some(at + i as u64);
+            }
+            at = self.base + self.buf.len() as u64;
+        }
+        Ok(match last {
+            Some(i) => ((i + 1 + 7) & !7).min(self.len),
+            None => from,
+        })
+    }
 }
 
 struct Chain {
@@ -192,19 +271,19 @@ fn scan_from(
         ));
     }
     let mut buf = Vec::new();
-    let hl = SEGMENT_HEADER_LEN as usize;
+    let hl = SEGMENT_HEADER_LEN;
     let mut k = 0;
     loop {
         let seg = &segments[k];
-        load(seg, &mut buf, chain.next_seq)?;
+        let mut window = Window::open(seg, &mut buf, chain.next_seq)?;
         let mut off = hl;
         // Normal scan: follow the record framing while the chain checks out.
         let stop_reason = loop {
-            match parse_record(&buf, off) {
+            match window.record(off)? {
                 Parsed::End => break None,
                 Parsed::Bad(reason) => break Some(reason),
                 Parsed::Record(r) => {
-                    let at = off as u64;
+                    let at = off;
                     let expect = chain.next_seq;
                     if r.seq != expect {
                         return Err(corrupt(
@@ -247,26 +326,27 @@ fn scan_from(
                     chain.batch_start = r.batch_start;
                     chain.next_seq += 1;
                     chain.records += 1;
-                    off += r.size;
+                    off += r.size as u64;
                 }
             }
         };
         let s = chain.next_seq;
-        let extent = nonzero_extent_end(&buf, off);
+        let extent = window.nonzero_extent_end(off)?;
         let (reason, look_from) = match stop_reason {
             None if extent == off => {
                 // Clean end of data in this segment.
                 match segments.get(k + 1) {
                     None => {
+                        drop(window);
                         return Ok(Outcome {
                             segments,
                             records: chain.records,
                             next_seq: s,
                             last_hash: chain.prev_hash.unwrap_or_default(),
-                            tail: Some((k, off as u64)),
+                            tail: Some((k, off)),
                             torn: None,
                             anchor_hash,
-                        })
+                        });
                     }
                     Some(next) if next.first_seq == s => {
                         // Rotation boundary.
@@ -290,13 +370,14 @@ fn scan_from(
         };
         // Hole at (k, off). It is a torn tail only if nothing valid of a later batch follows.
         let hole_path = seg.path.clone();
-        let hole_off = off as u64;
-        let mut bytes = (extent - off) as u64;
+        let hole_off = off;
+        let mut bytes = extent - off;
         if let Some(from) = look_from {
-            look_ahead(&buf, from, s, &hole_path, hole_off, seg)?;
+            look_ahead(&mut window, from, s, &hole_path, hole_off)?;
         }
+        drop(window);
         for later in &segments[k + 1..] {
-            load(later, &mut buf, s).map_err(|e| match e {
+            let mut window = Window::open(later, &mut buf, s).map_err(|e| match e {
                 JournalError::Corrupt { path, offset, reason, .. } => JournalError::Corrupt {
                     path,
                     offset,
@@ -308,8 +389,8 @@ fn scan_from(
                 },
                 other => other,
             })?;
-            look_ahead(&buf, hl, s, &hole_path, hole_off, later)?;
-            bytes += (nonzero_extent_end(&buf, hl) - hl) as u64;
+            look_ahead(&mut window, hl, s, &hole_path, hole_off)?;
+            bytes += window.nonzero_extent_end(hl)? - hl;
         }
         return Ok(Outcome {
             segments,
@@ -322,7 +403,7 @@ fn scan_from(
                 segment: k,
                 offset: hole_off,
                 seq: s,
-                zero_end: extent as u64,
+                zero_end: extent,
                 bytes,
                 reason,
             }),
@@ -330,23 +411,24 @@ fn scan_from(
     }
 }
 
-/// Searches `buf[from..]` (8-byte steps) for CRC-valid records. Any that does not belong to the
-/// never-completed batch of the hole at seq `s` makes the damage mid-journal: `Corrupt`.
+/// Searches the segment from `from` on (8-byte steps) for CRC-valid records. Any that does not
+/// belong to the never-completed batch of the hole at seq `s` makes the damage mid-journal:
+/// `Corrupt`.
 fn look_ahead(
-    buf: &[u8],
-    from: usize,
+    window: &mut Window<'_>,
+    from: u64,
     s: u64,
     hole_path: &Path,
     hole_off: u64,
-    seg: &SegmentFile,
 ) -> Result<(), JournalError> {
     let mut p = from;
-    while p + 8 <= buf.len() {
-        if buf[p..p + 4] == [0; 4] {
+    let seg_path = window.seg.path.clone();
+    while p + 8 <= window.len {
+        if window.zero_word(p)? {
             p += 8;
             continue;
         }
-        match parse_record(buf, p) {
+        match window.record(p)? {
             Parsed::Record(r) => {
                 if r.batch_start > s || r.seq <= s {
                     return Err(corrupt(
@@ -358,11 +440,11 @@ fn look_ahead(
                              (batch_start {}) at {}:{p}",
                             r.seq,
                             r.batch_start,
-                            seg.path.display()
+                            seg_path.display()
                         ),
                     ));
                 }
-                p += r.size;
+                p += r.size as u64;
             }
             Parsed::End | Parsed::Bad(_) => p += 8,
         }
