@@ -22,7 +22,7 @@ impl Shard {
         // Bound the replay batch so a long journal tail does not build one giant sled batch.
         if self.overlay.current().is_some_and(|c| c.entries.len() >= PERSIST_MAX_RECORDS) {
             self.seal()?;
-            self.overlay.trim(self.persister.done());
+            self.trim()?;
         }
         Ok(())
     }
@@ -100,7 +100,7 @@ impl Shard {
         if entry.hotlist_version != 0 {
             self.hotlist_version = self.hotlist_version.max(entry.hotlist_version);
         }
-        self.overlay.push(seq, pos, entry);
+        self.overlay.push(seq, pos, entry, self.now_ms);
     }
 
     pub(super) fn journal_entry(&mut self, mut entry: Entry) -> Result<u64, StoreError> {

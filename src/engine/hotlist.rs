@@ -72,10 +72,15 @@ pub(super) fn hotlist_entry_of(entry: &Entry) -> Option<HotlistEntry> {
 
 pub(super) fn parse_hotlist(version: u64, v: &[u8]) -> Result<HotlistEntry, StoreError> {
     if v.len() != 10 {
-        return Err(StoreError::State(format!("hotlist entry {version} malformed")));
+        return Err(StoreError::MalformedState {
+            what: "hotlist entry",
+            detail: format!("version {version}"),
+        });
     }
     let card_id = CardId(state::be_u64(&v[..8]).unwrap_or(0));
-    let reason = BlockReason::from_u8(v[9])
-        .ok_or_else(|| StoreError::State(format!("hotlist entry {version} reason")))?;
+    let reason = BlockReason::from_u8(v[9]).ok_or_else(|| StoreError::MalformedState {
+        what: "hotlist entry reason",
+        detail: format!("version {version}"),
+    })?;
     Ok(HotlistEntry { card_id, listed: v[8] == 1, reason, version })
 }

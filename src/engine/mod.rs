@@ -26,7 +26,7 @@ mod hotlist;
 mod open;
 mod overlay;
 mod persist;
-mod persister;
+pub mod persister;
 pub mod recovery;
 pub mod shard;
 mod staff_ops;

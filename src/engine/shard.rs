@@ -13,8 +13,8 @@
 //! operations.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use citycard_protocol::crypto::CardKey;
 use citycard_protocol::{CardId, EntryKind, KeyVersion, Request, Response};
@@ -22,7 +22,7 @@ use citycard_protocol::{CardId, EntryKind, KeyVersion, Request, Response};
 use super::cards::Cards;
 use super::checkpoint::CheckpointPolicy;
 use super::overlay::Overlay;
-use super::persister::{CheckpointPlace, Persister};
+use super::persister::{CheckpointPlace, WriteBehind};
 use super::state::CardRecord;
 use super::types::{Limits, Op, Output, Secrets};
 use super::StoreError;
@@ -45,7 +45,12 @@ pub struct Shard {
     /// Highest seq handed to sled (the persister may still be writing it).
     pub(super) applied_seq: u64,
     pub(super) overlay: Overlay,
-    pub(super) persister: Persister,
+    /// Runs the sealed chunks against sled (see [`super::persister`]).
+    pub(super) write_behind: Box<dyn WriteBehind>,
+    /// Highest seq sled has confirmed (the overlay holds everything above it).
+    pub(super) persisted: u64,
+    /// The sled directory, for error messages.
+    pub(super) state_dir: PathBuf,
     pub(super) scratch: Vec<u8>,
     pub(super) place: CheckpointPlace,
     /// Reads committed records by position (history pages, retries, staff op lookups).
@@ -53,10 +58,19 @@ pub struct Shard {
     pub(super) checkpoint_policy: CheckpointPolicy,
     /// Seq of the last checkpoint handed to the persister, and when.
     pub(super) checkpoint_seq: u64,
-    pub(super) checkpoint_at: Instant,
+    pub(super) checkpoint_at_ms: Option<u64>,
+    /// The latest time the driver passed in (Unix ms; 0 before the first): the engine reads no
+    /// clock of its own.
+    pub(super) now_ms: u64,
 }
 
 impl Shard {
+    /// Takes the driver's time. A clock that steps back does not move the shard's time back
+    /// (chunk ages and checkpoint intervals only grow).
+    pub(super) fn observe(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
     pub fn index(&self) -> u16 {
         self.index
     }
@@ -86,7 +100,7 @@ impl Shard {
     }
 
     pub(super) fn journal(&mut self) -> Result<&mut Journal, StoreError> {
-        self.journal.as_mut().ok_or_else(|| StoreError::State("journal not open".into()))
+        self.journal.as_mut().ok_or(StoreError::JournalNotOpen)
     }
 
     /// Makes every decided record durable with one sync. Err is fail-stop.
@@ -102,6 +116,7 @@ impl Shard {
         op: Op<'_>,
         now_ms: u64,
     ) -> Result<Output, StoreError> {
+        self.observe(now_ms);
         match op {
             Op::Request(request) => self.request(terminal, request, now_ms).map(Output::Response),
             Op::Offline(records) => {
@@ -147,7 +162,7 @@ impl Shard {
                 self.replace(terminal, *op_ref, *card_id, now_ms)
             }
             Request::Hello { .. } | Request::OfflineBatch { .. } | Request::HotlistSync { .. } => {
-                Err(StoreError::State("connection-level request routed to a shard".into()))
+                Err(StoreError::NotForShard(request.message_type()))
             }
         }
     }

@@ -72,10 +72,7 @@ impl Shard {
                 // The replace that created this card: the start of its chain.
                 Pos::NONE
             } else {
-                return Err(StoreError::State(format!(
-                    "the chain of card {} passes through seq {seq}, a record of another card",
-                    card.masked()
-                )));
+                return Err(StoreError::ChainBroken { card: card.masked(), seq });
             };
             if !visit(seq, &entry) {
                 return Ok(false);
@@ -119,8 +116,11 @@ impl Shard {
         let Some(value) = self.db.get(state::op_key(terminal, op_ref))? else {
             return Ok(None);
         };
-        let (seq, pos) = state::parse_index_value(&value)
-            .ok_or_else(|| StoreError::State("op_ref index value malformed".into()))?;
+        let (seq, pos) =
+            state::parse_index_value(&value).ok_or_else(|| StoreError::MalformedState {
+                what: "op_ref index value",
+                detail: format!("{} bytes", value.len()),
+            })?;
         let (found, entry) = match self.record_at(pos) {
             Ok(found) => found,
             Err(e) if is_missing_segment(&e) => {
@@ -132,9 +132,7 @@ impl Shard {
             Err(e) => return Err(e),
         };
         if found != seq {
-            return Err(StoreError::State(format!(
-                "op_ref index points at seq {seq} but the journal holds seq {found} there"
-            )));
+            return Err(StoreError::IndexMismatch { indexed: seq, found });
         }
         Ok(Some((seq, entry)))
     }
