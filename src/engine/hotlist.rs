@@ -5,29 +5,11 @@ use citycard_protocol::{BlockReason, CardId, HotlistEntry};
 
 use super::entry::{Entry, HotlistChange};
 use super::shard::Shard;
-use super::state::{self, CardRecord};
+use super::state;
 use super::types::Output;
 use super::StoreError;
 
 impl Shard {
-    pub(super) fn next_hotlist(
-        &mut self,
-        before: Option<BlockReason>,
-        after: &CardRecord,
-    ) -> (u64, HotlistChange) {
-        let change = match (before, after.hotlisted()) {
-            (None, None) => HotlistChange::None,
-            (Some(a), Some(b)) if a == b => HotlistChange::None,
-            (_, Some(reason)) => HotlistChange::Listed(reason),
-            (Some(reason), None) => HotlistChange::Unlisted(reason),
-        };
-        if change == HotlistChange::None {
-            (0, change)
-        } else {
-            (self.hotlist_version + 1, change)
-        }
-    }
-
     pub(super) fn hotlist(&mut self, since: u64, max: usize) -> Result<Output, StoreError> {
         let mut entries = Vec::new();
         let mut more = false;

@@ -9,6 +9,7 @@
 //!   `open` (start and recovery), `apply`, `persist` (write-behind and checkpoints), `walk`
 //!   (card chains and exactly-once lookups), `hotlist`, `auth` (card keys), `answer` (answer
 //!   shapes and their MAC), `card_ops` and `staff_ops` (the operations).
+//! - [`decide`]: every operation's decision as a pure function, with table tests.
 //! - [`cards`]: the card records behind a narrow interface.
 //! - `overlay`: committed entries sled has not confirmed; `persister`: the sled writer.
 //! - [`recovery`]: which start failures rebuild the state and which stop.
@@ -20,6 +21,7 @@ mod auth;
 mod card_ops;
 pub mod cards;
 pub mod checkpoint;
+pub mod decide;
 pub mod entry;
 pub mod error;
 mod hotlist;

@@ -4,30 +4,12 @@
 
 use citycard_protocol::{Amount, Atc, CardId, EntryKind, KeyVersion, Mac, Status};
 
+use super::decide::AtcLookup;
 use super::entry::{Entry, HotlistChange};
 use super::shard::Shard;
 use super::state;
 use super::StoreError;
 use crate::journal::{JournalError, Pos};
-
-/// What walking a card's chain found for an ATC.
-pub(super) enum AtcLookup {
-    Used(u64, Entry),
-    /// The whole chain was walked: never used.
-    Unused,
-    /// The walk stopped at its depth: not known.
-    Unknown,
-}
-
-/// What a consuming card request's ATC is, for the exactly-once rules.
-pub(super) enum AtcUse {
-    /// Not used: decide the request.
-    Fresh,
-    /// Used by this journaled entry: a retry of the same request, or a replay.
-    Used(u64, Entry),
-    /// Not used, but too far below the card's last ATC: a replay.
-    Stale,
-}
 
 impl Shard {
     /// The record at `pos`: from the overlay while it may not be committed yet, otherwise
