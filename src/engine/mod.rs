@@ -22,6 +22,8 @@ mod card_ops;
 pub mod cards;
 pub mod checkpoint;
 pub mod decide;
+#[cfg(test)]
+mod driver_tests;
 pub mod entry;
 pub mod error;
 mod hotlist;
@@ -39,7 +41,8 @@ mod walk;
 pub use answer::seal;
 pub use checkpoint::CheckpointPolicy;
 pub use error::StoreError;
-pub use recovery::RebuildReason;
+pub use persister::{Inline, PersistJob, Stepped, WriteBehind};
+pub use recovery::{OpenHost, RebuildReason};
 pub use shard::Shard;
 pub use types::{Limits, Op, OpenReport, Output, Secrets, ShardOptions};
 
