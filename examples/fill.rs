@@ -200,10 +200,12 @@ fn fill_shard(options: ShardOptions, secrets: Arc<Secrets>, plan: Plan) -> anyho
     let master =
         *secrets.issuer.get(&version.0).context("no issuer key for the current version")?;
     // Cards already there (--append): their ATC and balance as the shard holds them.
+    let existing = shard.card_count();
     let mut wallet: Vec<Card> = shard
-        .cards()
+        .cards()?
+        .into_iter()
         .filter(|(_, r)| !r.retired())
-        .map(|(id, r)| Card { id: *id, atc: r.last_atc.0, balance: r.balance.0 })
+        .map(|(id, r)| Card { id, atc: r.last_atc.0, balance: r.balance.0 })
         .collect();
     wallet.sort_by_key(|c| c.id);
     wallet.reserve(usize::try_from(cards)?);
@@ -211,13 +213,13 @@ fn fill_shard(options: ShardOptions, secrets: Arc<Secrets>, plan: Plan) -> anyho
     let mut in_batch = 0usize;
     let flush = |shard: &mut Shard, in_batch: &mut usize| -> anyhow::Result<()> {
         shard.commit()?;
-        shard.persist_due()?;
+        shard.persist_due(now_ms())?;
         *in_batch = 0;
         Ok(())
     };
     // op_ref is unique per (terminal, op_ref) across the whole server: give each shard its own
     // range.
-    let op_base = (u64::from(index) << 40) + shard.cards().count() as u64;
+    let op_base = (u64::from(index) << 40) + existing as u64;
     for k in 0..cards {
         let request = Request::Issue { op_ref: op_base + k + 1, deposit: Amount(DEPOSIT) };
         match shard.execute(COUNTER, Op::Request(&request), now_ms())? {

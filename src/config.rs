@@ -109,6 +109,12 @@ impl Config {
                 return Err(format!("{key} must be greater than 0"));
             }
         }
+        // The card cache indexes its slots with u32; at about 90 bytes a card, 2^32 would be
+        // far more memory than a shard should hold anyway.
+        if self.limits.card_cache_entries == 0 || self.limits.card_cache_entries > u32::MAX as usize
+        {
+            return Err(format!("card_cache_entries must be 1..={}", u32::MAX));
+        }
         if self.max_in_flight > usize::from(u16::MAX) {
             return Err("max_in_flight must be at most 65535".into());
         }
@@ -168,6 +174,7 @@ pub struct Settings {
     pub max_amount: Option<i64>,
     pub identity_ttl_ms: Option<u64>,
     pub key_cache_max: Option<usize>,
+    pub card_cache_entries: Option<usize>,
     pub segment_bytes: Option<u64>,
     pub checkpoint_records: Option<u64>,
     pub checkpoint_interval_ms: Option<u64>,
@@ -220,6 +227,9 @@ impl Settings {
         }
         if let Some(v) = self.key_cache_max {
             c.limits.key_cache_max = v;
+        }
+        if let Some(v) = self.card_cache_entries {
+            c.limits.card_cache_entries = v;
         }
         if let Some(v) = self.checkpoint_records {
             c.checkpoint.records = v;
@@ -281,6 +291,7 @@ impl Config {
         line("max_amount", self.limits.max_amount.to_string());
         line("identity_ttl_ms", self.limits.identity_ttl_ms.to_string());
         line("key_cache_max", self.limits.key_cache_max.to_string());
+        line("card_cache_entries", self.limits.card_cache_entries.to_string());
         line("segment_bytes", self.segment_bytes.to_string());
         line("checkpoint_records", self.checkpoint.records.to_string());
         line("checkpoint_interval_ms", self.checkpoint.interval_ms.to_string());

@@ -180,13 +180,23 @@ async fn a_state_whose_cards_disagree_with_its_digest_is_rebuilt() {
         let db = sled::open(&state).unwrap();
         let mut key = vec![b'c'];
         key.extend_from_slice(&cards[0].id.0.to_be_bytes());
-        let mut record = db.get(&key).unwrap().unwrap().to_vec();
-        record[9] ^= 0x40;
-        db.insert(&key, record).unwrap();
+        let stored = db.get(&key).unwrap().unwrap();
+        let mut record = citycard::engine::store::codec::decode(&stored).unwrap();
+        record.balance.0 += 64;
+        db.insert(&key, &*citycard::engine::store::codec::encode(&record)).unwrap();
         db.flush().unwrap();
     }
+    // The start does not read the cards; the check that runs while the shard serves finds
+    // the changed record, stops the shard and marks the state.
+    let (mut opened, report) = open_shard(&env, shard);
+    assert!(!report.rebuilt_state, "{report:?}");
+    let found = (0..10_000).find_map(|_| opened.persist_due(0).err());
+    let found = found.expect("the check never found the changed record");
+    assert!(found.to_string().contains("do not match"), "{found}");
+    drop(opened);
     let (opened, report) = open_shard(&env, shard);
     assert!(report.rebuilt_state, "{report:?}");
+    assert_eq!(report.rebuild.as_ref().map(|r| r.label()), Some("failed_check"), "{report:?}");
     drop(opened);
     let server = RunningServer::start(config(&env)).await.unwrap();
     assert_eq!(balances(&env, &server, &cards).await, before);

@@ -220,7 +220,7 @@ fn full_disk_at_start_stops_and_keeps_the_state() {
     let (shard, report) = open(&dir, 64 * 1024).unwrap();
     assert_eq!((report.cards, report.replayed, report.rebuilt_state), (20, 0, false));
     assert_eq!(report.rebuild, None);
-    assert_eq!(shard.cards().count(), 20);
+    assert_eq!(shard.card_count(), 20);
 }
 
 #[test]

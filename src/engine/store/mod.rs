@@ -25,6 +25,7 @@ use std::collections::HashSet;
 use citycard_protocol::CardId;
 
 use super::checkpoint::StateDigest;
+use super::error::Disagreement;
 use super::state::{self, CardRecord};
 use super::StoreError;
 
@@ -58,21 +59,22 @@ pub struct CardStore {
     verify: Option<verify::Pass>,
 }
 
-/// What the meta keys said when the store was opened.
-#[derive(Debug, Clone, Copy)]
-pub struct Opened {
-    pub cards: u64,
-    pub digest: StateDigest,
+fn disagrees(what: Disagreement) -> StoreError {
+    StoreError::Disagrees(what)
 }
 
-fn malformed(what: &str) -> StoreError {
-    StoreError::Disagrees(format!("{what} malformed"))
+fn record_malformed(id: CardId) -> StoreError {
+    disagrees(Disagreement::CardRecordMalformed { card: id.masked() })
 }
 
-fn read_u64(db: &sled::Db, key: &[u8]) -> Result<Option<u64>, StoreError> {
+fn read_u64(
+    db: &sled::Db,
+    key: &'static [u8],
+    name: &'static str,
+) -> Result<Option<u64>, StoreError> {
     match db.get(key)? {
         Some(v) => {
-            state::be_u64(&v).map(Some).ok_or_else(|| malformed(&String::from_utf8_lossy(key)))
+            state::be_u64(&v).map(Some).ok_or_else(|| disagrees(Disagreement::MetaMalformed(name)))
         }
         None => Ok(None),
     }
@@ -88,35 +90,36 @@ impl CardStore {
         cache_entries: usize,
     ) -> Result<CardStore, StoreError> {
         let has_cards = db.scan_prefix([state::CARD]).next().transpose()?.is_some();
-        match read_u64(&db, META_FORMAT)? {
+        match read_u64(&db, META_FORMAT, "format")? {
             Some(FORMAT) => {}
             None if !has_cards => {}
             found => {
-                return Err(StoreError::Disagrees(format!(
-                    "card records are in format {} (written by another version), this version \
-                     reads format {FORMAT}",
-                    found.unwrap_or(1)
-                )))
+                return Err(disagrees(Disagreement::OldFormat {
+                    found: found.unwrap_or(1),
+                    expected: FORMAT,
+                }))
             }
         }
-        if db.get(META_SUSPECT)?.is_some() {
-            return Err(StoreError::Disagrees(
-                "an earlier verification found the card records not matching their digest".into(),
-            ));
+        if let Some(why) = db.get(META_SUSPECT)? {
+            return Err(disagrees(Disagreement::MarkedBad(
+                String::from_utf8_lossy(&why).into_owned(),
+            )));
         }
-        let count = read_u64(&db, META_CARDS)?.unwrap_or(0);
+        let count = read_u64(&db, META_CARDS, "count")?.unwrap_or(0);
         let digest = match db.get(state::META_DIGEST)? {
-            Some(v) => StateDigest::from_bytes(&v).ok_or_else(|| malformed("card digest"))?,
+            Some(v) => StateDigest::from_bytes(&v)
+                .ok_or_else(|| disagrees(Disagreement::DigestMalformed))?,
             None => StateDigest::default(),
         };
         if has_cards && count == 0 {
-            return Err(StoreError::Disagrees("card records present but the count is 0".into()));
+            return Err(disagrees(Disagreement::CountMissing));
         }
         // Card keys are big-endian ids, so the last one is the highest card issued.
         let next_card = match db.scan_prefix([state::CARD]).next_back() {
             Some(item) => {
                 let (k, _) = item?;
-                let id = state::be_u64(&k[1..]).ok_or_else(|| malformed("card key"))?;
+                let id = state::be_u64(&k[1..])
+                    .ok_or_else(|| disagrees(Disagreement::CardKeyMalformed))?;
                 super::card_counter(CardId(id), shard_count) + 1
             }
             None => 0,
@@ -150,6 +153,11 @@ impl CardStore {
         self.digest
     }
 
+    /// Cards changed since the last [`CardStore::seal`].
+    pub fn dirty_count(&self) -> usize {
+        self.dirty.len()
+    }
+
     /// Cards in memory now (cache and pinned changes).
     pub fn cached(&self) -> usize {
         self.cache.len()
@@ -157,9 +165,7 @@ impl CardStore {
 
     fn load(&self, id: CardId) -> Result<Option<CardRecord>, StoreError> {
         match self.db.get(state::card_key(id))? {
-            Some(v) => codec::decode(&v)
-                .map(Some)
-                .map_err(|e| StoreError::Disagrees(format!("card record {}: {e}", id.masked()))),
+            Some(v) => codec::decode(&v).map(Some).map_err(|_| record_malformed(id)),
             None => Ok(None),
         }
     }
@@ -237,9 +243,10 @@ impl CardStore {
         let mut cards = std::collections::BTreeMap::new();
         for item in self.db.scan_prefix([state::CARD]) {
             let (k, v) = item?;
-            let id = CardId(state::be_u64(&k[1..]).ok_or_else(|| malformed("card key"))?);
-            let record = codec::decode(&v)
-                .map_err(|e| StoreError::Disagrees(format!("card record {}: {e}", id.masked())))?;
+            let id = CardId(
+                state::be_u64(&k[1..]).ok_or_else(|| disagrees(Disagreement::CardKeyMalformed))?,
+            );
+            let record = codec::decode(&v).map_err(|_| record_malformed(id))?;
             cards.insert(id, record);
         }
         cards.extend(self.cache.pinned(persisted));

@@ -19,6 +19,7 @@ use citycard_protocol::CardId;
 
 use super::{codec, CardStore, META_SUSPECT};
 use crate::engine::checkpoint::StateDigest;
+use crate::engine::error::Disagreement;
 use crate::engine::state::{self, CardRecord};
 use crate::engine::StoreError;
 
@@ -110,7 +111,7 @@ impl CardStore {
             read += 1;
             let id = CardId(
                 state::be_u64(&k[1..])
-                    .ok_or_else(|| StoreError::Disagrees("card key malformed".into()))?,
+                    .ok_or(StoreError::Disagrees(Disagreement::CardKeyMalformed))?,
             );
             pass.cursor = Some(id);
             let stored = match codec::decode(&v) {
@@ -159,7 +160,7 @@ impl CardStore {
                 // Marked durably before stopping, so no later start serves this state.
                 self.db.insert(META_SUSPECT, problem.as_bytes())?;
                 self.db.flush()?;
-                Err(StoreError::Disagrees(problem))
+                Err(StoreError::Disagrees(Disagreement::Verification(problem)))
             }
         }
     }
