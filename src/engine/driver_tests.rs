@@ -185,5 +185,5 @@ fn a_state_set_aside_is_named_by_the_hosts_time() {
     let (shard, report) = Shard::open_with(options, secrets(), &mut host).unwrap();
     assert_eq!(report.rebuild.as_ref().map(|r| r.label()), Some("failed_check"));
     assert!(dir.path().join("state.broken-4242").is_dir());
-    assert_eq!(shard.cards().next().map(|(_, c)| c.balance.0), Some(70));
+    assert_eq!(shard.cards().unwrap().first().map(|(_, c)| c.balance.0), Some(70));
 }
