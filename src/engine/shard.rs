@@ -413,7 +413,11 @@ impl Shard {
             persister,
             scratch: Vec::with_capacity(256),
             digest,
-            files: JournalFiles::new(options.dir.join("journal"), options.archive_dir()),
+            files: JournalFiles::on(
+                options.journal.storage.clone(),
+                options.dir.join("journal"),
+                options.archive_dir(),
+            ),
             place,
             checkpoint_policy: options.checkpoint,
             checkpoint_seq: applied_seq,

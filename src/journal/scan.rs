@@ -1,13 +1,12 @@
 //! Recovery scan shared by [`super::Journal::open`] and [`super::read_all`]. Never modifies files.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
 use super::format::{
     check_segment_header, nonzero_extent_end, parse_record, Parsed, RecordHash, SEGMENT_HEADER_LEN,
 };
 use super::segment::{io_err, SegmentFile};
+use super::storage::Storage;
 use super::JournalError;
 
 pub type Visit<'a> = dyn FnMut(u64, Pos, &[u8]) -> Result<(), JournalError> + 'a;
@@ -91,9 +90,13 @@ fn corrupt(path: &Path, offset: u64, seq: u64, reason: String) -> JournalError {
 }
 
 /// Reads a whole segment into `buf` and checks its header.
-fn load(seg: &SegmentFile, buf: &mut Vec<u8>, seq: u64) -> Result<(), JournalError> {
-    buf.clear();
-    File::open(&seg.path).and_then(|mut f| f.read_to_end(buf)).map_err(io_err(&seg.path))?;
+fn load(
+    storage: &Storage,
+    seg: &SegmentFile,
+    buf: &mut Vec<u8>,
+    seq: u64,
+) -> Result<(), JournalError> {
+    storage.open_read(&seg.path).and_then(|f| f.read_to_end(buf)).map_err(io_err(&seg.path))?;
     check_segment_header(buf).map_err(|reason| corrupt(&seg.path, 0, seq, reason))
 }
 
@@ -128,12 +131,13 @@ fn start(
 /// record (earlier segments are not read), and fails with `AnchorMismatch` unless the record
 /// after the anchor links to the anchor's hash (or the journal ends at the anchor with it).
 pub fn scan(
+    storage: &Storage,
     segments: Vec<SegmentFile>,
     anchor: Option<Anchor>,
     visit: &mut Visit<'_>,
 ) -> Result<Outcome, JournalError> {
     let (first_index, anchor) = start(&segments, anchor)?;
-    let outcome = scan_from(segments, first_index, anchor.map(|a| a.seq), visit)?;
+    let outcome = scan_from(storage, segments, first_index, anchor.map(|a| a.seq), visit)?;
     if let Some(a) = anchor {
         let last = outcome.next_seq - 1;
         if last < a.seq {
@@ -153,6 +157,7 @@ pub fn scan(
 }
 
 fn scan_from(
+    storage: &Storage,
     mut segments: Vec<SegmentFile>,
     first_index: usize,
     anchor_seq: Option<u64>,
@@ -196,7 +201,7 @@ fn scan_from(
     let mut k = 0;
     loop {
         let seg = &segments[k];
-        load(seg, &mut buf, chain.next_seq)?;
+        load(storage, seg, &mut buf, chain.next_seq)?;
         let mut off = hl;
         // Normal scan: follow the record framing while the chain checks out.
         let stop_reason = loop {
@@ -296,7 +301,7 @@ fn scan_from(
             look_ahead(&buf, from, s, &hole_path, hole_off, seg)?;
         }
         for later in &segments[k + 1..] {
-            load(later, &mut buf, s).map_err(|e| match e {
+            load(storage, later, &mut buf, s).map_err(|e| match e {
                 JournalError::Corrupt { path, offset, reason, .. } => JournalError::Corrupt {
                     path,
                     offset,
