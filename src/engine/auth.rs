@@ -67,7 +67,8 @@ impl Shard {
         card: &CardRecord,
         auth: &CardAuth,
     ) -> Result<AtcUse, StoreError> {
-        if auth.atc > card.last_atc {
+        let off_by_one = crate::sim_bugs::active(crate::sim_bugs::Bug::AtcOffByOne);
+        if auth.atc > card.last_atc || (off_by_one && auth.atc == card.last_atc) {
             return Ok(AtcUse::Fresh);
         }
         match self.atc_entry(auth.card_id, auth.atc, ATC_LOOKUP_DEPTH)? {

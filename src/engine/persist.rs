@@ -129,7 +129,9 @@ impl Shard {
             write_index(&mut batch, &p.entry, p.seq, p.pos);
             last_seq = last_seq.max(p.seq);
         }
-        self.cards.write_dirty(&mut batch);
+        if !crate::sim_bugs::active(crate::sim_bugs::Bug::AppliedSeqBeforeData) {
+            self.cards.write_dirty(&mut batch);
+        }
         batch.insert(state::META_APPLIED, &last_seq.to_be_bytes()[..]);
         batch.insert(state::META_DIGEST, &self.cards.digest().to_bytes()[..]);
         chunk.sealed_at = Some(last_seq);

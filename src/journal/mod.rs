@@ -497,9 +497,11 @@ impl Journal {
                         reason = %torn.reason,
                         "journal has a torn tail (unacknowledged batch); truncating"
                     );
-                    segment::write_zeros(&*file, torn.offset, torn.zero_end, None)
-                        .and_then(|()| file.sync_data())
-                        .map_err(io_err(&path))?;
+                    if !crate::sim_bugs::active(crate::sim_bugs::Bug::TornTailKept) {
+                        segment::write_zeros(&*file, torn.offset, torn.zero_end, None)
+                            .and_then(|()| file.sync_data())
+                            .map_err(io_err(&path))?;
+                    }
                     for dead in &out.segments[k + 1..] {
                         storage.remove(&dead.path).map_err(io_err(&dead.path))?;
                     }
@@ -654,6 +656,10 @@ impl Journal {
                 }
                 dirty = false;
             }
+        }
+        if crate::sim_bugs::active(crate::sim_bugs::Bug::AckBeforeSync) {
+            retired.clear();
+            dirty = false;
         }
         for seg in retired.drain(..) {
             self.sync(&seg)?;
