@@ -23,15 +23,19 @@ pub enum Bug {
     /// Recovery leaves a torn tail's bytes in place instead of zeroing them
     /// (journal/mod.rs, `open_at`).
     TornTailKept,
+    /// Replay starts one record late: `seq <= applied_seq + 1` is skipped instead of
+    /// `seq <= applied_seq` (engine/open.rs, `open`).
+    ReplaySkipsOne,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 5] = [
+    pub const ALL: [Bug; 6] = [
         Bug::AckBeforeSync,
         Bug::AtcOffByOne,
         Bug::ForgetOverlay,
         Bug::AppliedSeqBeforeData,
         Bug::TornTailKept,
+        Bug::ReplaySkipsOne,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +45,7 @@ impl Bug {
             Bug::ForgetOverlay => "forget-overlay",
             Bug::AppliedSeqBeforeData => "applied-seq-before-data",
             Bug::TornTailKept => "torn-tail-kept",
+            Bug::ReplaySkipsOne => "replay-skips-one",
         }
     }
 

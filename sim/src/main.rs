@@ -19,7 +19,7 @@ struct Args {
     #[arg(long, default_value_t = 2_000)]
     steps: u64,
     /// Switch on one injected bug (needs `--features bugs`): ack-before-sync, atc-off-by-one,
-    /// forget-overlay, applied-seq-before-data, replay-applied-twice.
+    /// forget-overlay, applied-seq-before-data, torn-tail-kept, replay-skips-one.
     #[arg(long)]
     inject: Option<String>,
     /// With --inject: keep going after a seed finds the bug (how many seeds find it).

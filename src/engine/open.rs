@@ -75,7 +75,9 @@ impl Shard {
                 options.journal.clone(),
                 start,
                 |seq, pos, payload| {
-                    if seq <= applied_before || replay_error.is_some() {
+                    let skip_one = crate::sim_bugs::active(crate::sim_bugs::Bug::ReplaySkipsOne)
+                        && seq == applied_before + 1;
+                    if seq <= applied_before || skip_one || replay_error.is_some() {
                         return Ok(());
                     }
                     if let Err(e) = shard.replay_record(seq, pos, payload) {
