@@ -4,6 +4,7 @@ pub mod connection;
 pub mod prealloc;
 pub mod trust;
 pub mod worker;
+pub mod write_behind;
 
 use std::collections::BTreeMap;
 use std::fs::File;
