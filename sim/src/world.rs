@@ -19,8 +19,9 @@ use crate::{Config, Failure};
 /// Shards of the simulated server (two: routing and per-shard commits matter, and more only
 /// costs time per step).
 pub const SHARDS: u16 = 2;
-/// Small segments, so rotation, preallocation and torn batches across segments happen often.
-const SEGMENT_BYTES: u64 = 64 * 1024;
+/// Small segments, so rotation, preallocation and torn batches across segments happen often;
+/// each seed picks one.
+const SEGMENT_BYTES: [u64; 3] = [8 * 1024, 16 * 1024, 64 * 1024];
 /// The simulated clock's start (2023-11-14), and the identity assertion validity.
 const EPOCH_MS: u64 = 1_700_000_000_000;
 pub const IDENTITY_TTL_MS: u64 = 5 * 60 * 1000;
@@ -47,6 +48,7 @@ pub struct World {
     background: Arc<ManualBackground>,
     pub shards: Vec<Option<Shard>>,
     pub now_ms: u64,
+    segment_bytes: u64,
     /// What the engine acknowledged.
     pub model: Model,
     /// The acknowledged ledger plus the current batch's answers (not yet acknowledged).
@@ -103,6 +105,7 @@ impl World {
             background: Arc::new(ManualBackground::new()),
             shards: (0..SHARDS).map(|_| None).collect(),
             now_ms: EPOCH_MS,
+            segment_bytes: 0,
             model: Model::default(),
             pending: Model::default(),
             batch: Vec::new(),
@@ -118,6 +121,7 @@ impl World {
             snapshot: false,
             wiped: false,
         };
+        world.segment_bytes = SEGMENT_BYTES[world.rng.index(SEGMENT_BYTES.len())];
         world.open_all()?;
         Ok(world)
     }
@@ -137,7 +141,7 @@ impl World {
                 count: SHARDS,
                 dir: self.shard_dir(index),
                 journal: JournalOptions {
-                    segment_bytes: SEGMENT_BYTES,
+                    segment_bytes: self.segment_bytes,
                     storage: self.disk.storage(),
                     background: Some(self.background.clone() as Arc<dyn Background>),
                     ..Default::default()
@@ -219,7 +223,8 @@ impl World {
             let survivors = BTreeMap::new();
             return self.crash(&survivors);
         }
-        if self.rng.chance(25) {
+        let armed = self.rng.chance(25);
+        if armed {
             self.arm_fault();
         }
         let mut survivors = BTreeMap::new();
@@ -239,7 +244,7 @@ impl World {
                 }
                 Err(e) => {
                     self.hash(format!("commit-failed-{index}").as_bytes());
-                    if self.disk.fired() == 0 {
+                    if !armed {
                         return Err(self.fail(format!("commit failed without a fault: {e}")));
                     }
                     failed = true;

@@ -3,9 +3,10 @@
 
 use citycard_sim::{run, Config};
 
-/// Seeds and steps CI runs: about a minute of debug build on two cores (measured ~45 s at
-/// 2026-12; each step is one batch of 1-8 commands with commits, faults and crashes).
-const SEEDS: u64 = 12;
+/// Seeds and steps CI runs: well under a minute of debug build on two cores (12 seeds took
+/// 15 s on 2026-12-03; each step is one batch of 1-8 commands with commits, faults and
+/// crashes, so this is about 40,000 transactions and 300 crashes).
+const SEEDS: u64 = 20;
 const STEPS: u64 = 400;
 
 #[test]
