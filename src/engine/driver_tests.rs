@@ -176,7 +176,7 @@ fn a_state_set_aside_is_named_by_the_hosts_time() {
         index: 0,
         count: 1,
         dir: dir.path().to_owned(),
-        journal: JournalOptions { segment_bytes: 64 * 1024, faults: None },
+        journal: JournalOptions { segment_bytes: 64 * 1024, ..Default::default() },
         limits: Limits::default(),
         checkpoint: CheckpointPolicy::default(),
         archive: None,
