@@ -166,6 +166,7 @@ impl Shard {
             shard_dir: options.dir.clone(),
             journal_dir: options.dir.join("journal"),
             archive_dir: options.archive_dir(),
+            storage: options.journal.storage.clone(),
         };
         Ok(Shard {
             index: options.index,
