@@ -1,10 +1,18 @@
 //! `citycard-sim`: runs seeds of the deterministic simulator and reports seeds and simulated
 //! transactions per second; a failing seed prints the command that replays it.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+
+/// Prints a line; a closed stdout (`| head`) ends the output, not the process with a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "citycard-sim", about = "Deterministic simulator of the citycard engine")]
@@ -44,7 +52,7 @@ fn main() -> ExitCode {
         match citycard_sim::run(citycard_sim::Config { seed, steps: args.steps, inject }) {
             Ok(summary) => {
                 transactions += summary.transactions;
-                println!(
+                say!(
                     "seed {seed}: ok, {} steps, {} transactions, {} crashes, {} faults, trace {}",
                     summary.steps,
                     summary.transactions,
@@ -55,7 +63,7 @@ fn main() -> ExitCode {
             }
             Err(failure) => {
                 failed += 1;
-                println!("{failure}");
+                say!("{failure}");
                 if !args.all {
                     break;
                 }
@@ -63,7 +71,7 @@ fn main() -> ExitCode {
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    println!(
+    say!(
         "{ran} seeds run, {failed} failed, {transactions} transactions in {secs:.1} s ({:.0} \
          simulated transactions/s)",
         transactions as f64 / secs.max(1e-9)
