@@ -298,9 +298,9 @@ impl World {
     fn arm_fault(&mut self) {
         self.faults += 1;
         let fault = match self.rng.below(4) {
-            0 => DiskFault::FailSync(libc_eio()),
+            0 => DiskFault::FailSync(EIO),
             1 => DiskFault::TearWrite,
-            2 => DiskFault::FailWrite(libc_eio()),
+            2 => DiskFault::FailWrite(EIO),
             _ => {
                 // Full disk: nothing more fits (bites when the batch needs a new segment).
                 self.disk.set_capacity(Some(self.disk.used()));
@@ -516,9 +516,8 @@ impl World {
     }
 }
 
-fn libc_eio() -> i32 {
-    5
-}
+/// EIO on Linux (the only platform the journal supports).
+const EIO: i32 = 5;
 
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
