@@ -123,7 +123,7 @@ fn shard_path(c: &mut Criterion) {
         index: 0,
         count: 1,
         dir: dir.path().to_owned(),
-        journal: JournalOptions { segment_bytes: 256 * 1024 * 1024, faults: None },
+        journal: JournalOptions { segment_bytes: 256 * 1024 * 1024, ..Default::default() },
         limits: Limits { max_balance: i64::MAX / 4, max_amount: i64::MAX / 4, ..Limits::default() },
         checkpoint: citycard::engine::CheckpointPolicy::default(),
         archive: None,

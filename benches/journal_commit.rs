@@ -25,7 +25,7 @@ fn journal_commit(c: &mut Criterion) {
     for batch in BATCHES {
         group.throughput(Throughput::Elements(batch as u64));
         let dir = bench_dir();
-        let options = JournalOptions { segment_bytes: 256 * 1024 * 1024, faults: None };
+        let options = JournalOptions { segment_bytes: 256 * 1024 * 1024, ..Default::default() };
         let mut journal = Journal::open(dir.path(), options, |_, _| Ok(())).expect("open");
         group.bench_with_input(BenchmarkId::new("citycard", batch), &batch, |b, &batch| {
             b.iter(|| {
@@ -76,7 +76,7 @@ fn journal_commit(c: &mut Criterion) {
 fn recovery(c: &mut Criterion) {
     const RECORDS: u64 = 1_000_000;
     let dir = bench_dir();
-    let options = JournalOptions { segment_bytes: 64 * 1024 * 1024, faults: None };
+    let options = JournalOptions { segment_bytes: 64 * 1024 * 1024, ..Default::default() };
     {
         let mut journal = Journal::open(dir.path(), options.clone(), |_, _| Ok(())).expect("open");
         let payload = vec![0x3Cu8; PAYLOAD_LEN];

@@ -131,7 +131,7 @@ fn main() -> anyhow::Result<()> {
             index,
             count,
             dir: citycard::server::shard_dir(&args.data, index),
-            journal: JournalOptions { segment_bytes: defaults.segment_bytes, faults: None },
+            journal: JournalOptions { segment_bytes: defaults.segment_bytes, ..Default::default() },
             limits: defaults.limits,
             checkpoint: defaults.checkpoint,
             archive: None,

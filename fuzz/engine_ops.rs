@@ -116,7 +116,7 @@ fn open(dir: &std::path::Path, secrets: &Arc<Secrets>) -> Shard {
         index: 0,
         count: 1,
         dir: dir.join("shard-0"),
-        journal: JournalOptions { segment_bytes: 64 * 1024, faults: None },
+        journal: JournalOptions { segment_bytes: 64 * 1024, ..Default::default() },
         limits: limits(),
         checkpoint: citycard::engine::CheckpointPolicy::default(),
         archive: None,

@@ -15,6 +15,7 @@
 //! - [`verify`]: the offline audit of a data directory; [`report`]: settlement reports.
 //! - [`counter`]: the staff counter console (web page on loopback and CLI) over `citycard-client`.
 //! - [`metrics`]: lock-free counters and histograms; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`sim_bugs`]: bugs the simulator switches on to prove it finds them (feature `sim-bugs`).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -30,6 +31,7 @@ pub mod layout;
 pub mod metrics;
 pub mod report;
 pub mod server;
+pub mod sim_bugs;
 pub mod tls;
 pub mod verify;
 

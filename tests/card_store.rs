@@ -22,7 +22,7 @@ fn open(env: &Env) -> (Shard, OpenReport) {
         index: 0,
         count: 1,
         dir: citycard::server::shard_dir(&env.data, 0),
-        journal: JournalOptions { segment_bytes: 64 * 1024, faults: None },
+        journal: JournalOptions { segment_bytes: 64 * 1024, ..Default::default() },
         limits: Limits { card_cache_entries: CACHE, ..Limits::default() },
         checkpoint: CheckpointPolicy { records: 1_000, interval_ms: 60_000 },
         archive: None,

@@ -57,7 +57,7 @@ fn open_shard(env: &Env, index: u16) -> (Shard, OpenReport) {
         index,
         count: 2,
         dir: citycard::server::shard_dir(&env.data, index),
-        journal: JournalOptions { segment_bytes: SEGMENT_BYTES, faults: None },
+        journal: JournalOptions { segment_bytes: SEGMENT_BYTES, ..Default::default() },
         limits: citycard::config::Config::default().limits,
         checkpoint: CheckpointPolicy { records: 100, interval_ms: 60_000 },
         archive: None,

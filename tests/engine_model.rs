@@ -34,7 +34,7 @@ fn open(dir: &std::path::Path, secrets: &Arc<Secrets>) -> Shard {
         index: 0,
         count: 1,
         dir: dir.to_owned(),
-        journal: JournalOptions { segment_bytes: 64 * 1024, faults: None },
+        journal: JournalOptions { segment_bytes: 64 * 1024, ..Default::default() },
         // A tiny card cache, so cards keep leaving memory and are read back from sled.
         limits: Limits {
             max_balance: MAX_BALANCE,

@@ -21,7 +21,7 @@ fn payload(seq: u64) -> Vec<u8> {
 }
 
 fn options() -> JournalOptions {
-    JournalOptions { segment_bytes: 256 * 1024, faults: None }
+    JournalOptions { segment_bytes: 256 * 1024, ..Default::default() }
 }
 
 /// The child: append batches of 1..=64 records forever, printing the last seq of each batch

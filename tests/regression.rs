@@ -42,7 +42,7 @@ impl Bench {
             index: 0,
             count: 1,
             dir: self.dir.path().join("shard-0"),
-            journal: JournalOptions { segment_bytes: 64 * 1024, faults: None },
+            journal: JournalOptions { segment_bytes: 64 * 1024, ..Default::default() },
             limits: Limits::default(),
             checkpoint: CheckpointPolicy { records: 50, interval_ms: 60_000 },
             archive: None,

@@ -137,7 +137,7 @@ fn open(dir: &Path, segment_bytes: u64) -> Result<(Shard, OpenReport), StoreErro
         index: 0,
         count: 1,
         dir: dir.to_owned(),
-        journal: JournalOptions { segment_bytes, faults: None },
+        journal: JournalOptions { segment_bytes, ..Default::default() },
         limits: Limits::default(),
         checkpoint: citycard::engine::CheckpointPolicy::default(),
         archive: None,

@@ -64,6 +64,10 @@ impl Shard {
         card: &CardRecord,
         auth: &CardAuth,
     ) -> Result<AtcUse, StoreError> {
+        // The injectable bug (feature sim-bugs only) decides the card's last ATC again.
+        if crate::sim_bugs::active(crate::sim_bugs::Bug::AtcOffByOne) && auth.atc == card.last_atc {
+            return Ok(AtcUse::Fresh);
+        }
         let lookup = if auth.atc > card.last_atc {
             None
         } else {

@@ -77,7 +77,9 @@ impl Shard {
                 options.journal.clone(),
                 start,
                 |seq, pos, payload| {
-                    if seq <= applied_before || replay_error.is_some() {
+                    let skip_one = crate::sim_bugs::active(crate::sim_bugs::Bug::ReplaySkipsOne)
+                        && seq == applied_before + 1;
+                    if seq <= applied_before || skip_one || replay_error.is_some() {
                         return Ok(());
                     }
                     if let Err(e) = shard.replay_record(seq, pos, payload) {
@@ -168,6 +170,7 @@ impl Shard {
             shard_dir: options.dir.clone(),
             journal_dir: options.dir.join("journal"),
             archive_dir: options.archive_dir(),
+            storage: options.journal.storage.clone(),
         };
         Ok(Shard {
             index: options.index,
@@ -186,7 +189,11 @@ impl Shard {
             persisted: applied_seq,
             state_dir: options.dir.join("state"),
             scratch: Vec::with_capacity(256),
-            files: JournalFiles::new(options.dir.join("journal"), options.archive_dir()),
+            files: JournalFiles::on(
+                options.journal.storage.clone(),
+                options.dir.join("journal"),
+                options.archive_dir(),
+            ),
             place,
             checkpoint_policy: options.checkpoint,
             checkpoint_seq: applied_seq,

@@ -172,7 +172,9 @@ impl Shard {
         // `store::reclaim_after_batch`.
         let writes = chunk.entries.len() + self.cards.dirty_count() + 4;
         // The changed cards, their count, digest and format.
-        self.cards.write_dirty(&mut batch);
+        if !crate::sim_bugs::active(crate::sim_bugs::Bug::AppliedSeqBeforeData) {
+            self.cards.write_dirty(&mut batch);
+        }
         batch.insert(state::META_APPLIED, &last_seq.to_be_bytes()[..]);
         chunk.sealed_at = Some(last_seq);
         self.applied_seq = last_seq;

@@ -35,6 +35,8 @@ pub struct CheckpointPlace {
     pub(super) shard_dir: PathBuf,
     pub(super) journal_dir: PathBuf,
     pub(super) archive_dir: PathBuf,
+    /// The disk the journal and its archive are on.
+    pub(super) storage: crate::journal::Storage,
 }
 
 impl CheckpointPlace {
@@ -52,7 +54,8 @@ impl CheckpointPlace {
             return;
         }
         crate::metrics::METRICS.checkpoint(checkpoint.seq);
-        match crate::journal::archive_below(&self.journal_dir, &self.archive_dir, checkpoint.seq) {
+        let (journal, archive) = (&self.journal_dir, &self.archive_dir);
+        match crate::journal::archive_below_on(&self.storage, journal, archive, checkpoint.seq) {
             Ok(0) => {}
             Ok(moved) => tracing::info!(
                 shard = index,

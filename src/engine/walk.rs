@@ -94,7 +94,8 @@ impl Shard {
         terminal: &str,
         op_ref: u64,
     ) -> Result<Option<(u64, Entry)>, StoreError> {
-        if let Some(p) = self.overlay.op(terminal, op_ref) {
+        let forget = crate::sim_bugs::active(crate::sim_bugs::Bug::ForgetOverlay);
+        if let Some(p) = self.overlay.op(terminal, op_ref).filter(|_| !forget) {
             return Ok(Some((p.seq, p.entry.clone())));
         }
         let Some(value) = self.db.get(state::op_key(terminal, op_ref))? else {

@@ -26,9 +26,17 @@
 //! positioned writes and made durable with `fdatasync`, which does not have to commit metadata
 //! because size and extents never change.
 //!
-//! The next segment is prepared on a background thread as soon as a segment becomes active.
-//! At rotation the journal takes that segment, waiting for the thread if it is still running;
-//! if it failed or none was started, the segment is created synchronously.
+//! The next segment is prepared as soon as a segment becomes active, by a task handed to the
+//! caller's [`Background`] runner (the journal starts no thread: see [`prepare`]). At rotation
+//! the journal takes that segment, waiting for the runner if it is still running it and
+//! running it itself if the runner has not started it; if it failed or there is no runner,
+//! the segment is created synchronously.
+//!
+//! # Storage
+//!
+//! Every file operation goes through [`JournalOptions::storage`]: real files by default, or
+//! the in-memory [`MemDisk`] that tears writes, fails syncs, fills up and loses unsynced data
+//! at a simulated crash (see [`storage`]).
 //!
 //! # Segment header (32 bytes, offset 0, all integers little-endian)
 //!
@@ -96,31 +104,35 @@
 
 mod fault;
 mod format;
+pub mod memdisk;
+#[cfg(test)]
+mod memdisk_tests;
+pub mod prepare;
 mod read;
 mod scan;
 mod segment;
+pub mod storage;
 #[cfg(test)]
 mod tests;
 
-use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 pub use fault::{Fault, FaultInjector};
 pub use format::{
     DEFAULT_SEGMENT_BYTES, FORMAT_VERSION, MAX_PAYLOAD, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES,
     RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
+pub use memdisk::{DiskFault, MemDisk};
+pub use prepare::{Background, ManualBackground, PrepareTask};
 pub use read::JournalFiles;
 pub use scan::{Anchor, Pos};
+pub use storage::{Disk, DiskFile, RealDisk, Storage};
 
 pub use format::RecordHash;
 use format::{encode_record, max_payload_for, record_size};
-use segment::{io_err, sync_dir, Prepared};
+use segment::{io_err, sync_dir};
 
 /// Errors of the journal.
 #[non_exhaustive]
@@ -163,13 +175,14 @@ pub enum Start<'a> {
 /// them (a segment in both, left by a copy to another disk that crashed before the original
 /// was removed, is read from the live directory).
 fn segments_for(
+    storage: &Storage,
     dir: &Path,
     start: Start<'_>,
 ) -> Result<(Vec<segment::SegmentFile>, Vec<PathBuf>), JournalError> {
-    let (mut live, tmp) = segment::list_dir(dir)?;
+    let (mut live, tmp) = segment::list_dir(storage, dir)?;
     if let Start::Full { archive: Some(archive) } = start {
-        if archive.is_dir() {
-            let (archived, _) = segment::list_dir(archive)?;
+        if storage.is_dir(archive) {
+            let (archived, _) = segment::list_dir(storage, archive)?;
             let first_live = live.first().map_or(u64::MAX, |s| s.first_seq);
             let mut all: Vec<_> =
                 archived.into_iter().filter(|s| s.first_seq < first_live).collect();
@@ -185,32 +198,42 @@ fn segments_for(
 /// are on one filesystem; otherwise copy, `fsync`, then remove the original, so a crash leaves
 /// the segment in at least one place. Returns the number of segments moved.
 pub fn archive_below(dir: &Path, archive: &Path, seq: u64) -> Result<usize, JournalError> {
-    let (segments, _) = segment::list_dir(dir)?;
+    archive_below_on(&Storage::real(), dir, archive, seq)
+}
+
+/// [`archive_below`] on any storage.
+pub fn archive_below_on(
+    storage: &Storage,
+    dir: &Path,
+    archive: &Path,
+    seq: u64,
+) -> Result<usize, JournalError> {
+    let (segments, _) = segment::list_dir(storage, dir)?;
     let Some(keep) = segments.iter().rposition(|s| s.first_seq <= seq) else {
         return Ok(0);
     };
     if keep == 0 {
         return Ok(0);
     }
-    fs::create_dir_all(archive).map_err(io_err(archive))?;
+    storage.create_dir_all(archive).map_err(io_err(archive))?;
     for seg in &segments[..keep] {
         let name = seg.path.file_name().map(PathBuf::from).unwrap_or_default();
         let to = archive.join(&name);
-        match fs::rename(&seg.path, &to) {
+        match storage.rename(&seg.path, &to) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
                 let partial = archive.join(name.with_extension("seg.partial"));
-                fs::copy(&seg.path, &partial).map_err(io_err(&partial))?;
-                File::open(&partial).and_then(|f| f.sync_all()).map_err(io_err(&partial))?;
-                fs::rename(&partial, &to).map_err(io_err(&to))?;
-                sync_dir(archive)?;
-                fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+                storage::copy_file(storage.disk(), &seg.path, &partial)
+                    .map_err(io_err(&partial))?;
+                storage.rename(&partial, &to).map_err(io_err(&to))?;
+                sync_dir(storage, archive)?;
+                storage.remove(&seg.path).map_err(io_err(&seg.path))?;
             }
             Err(e) => return Err(JournalError::Io { path: seg.path.clone(), source: e }),
         }
     }
-    sync_dir(archive)?;
-    sync_dir(dir)?;
+    sync_dir(storage, archive)?;
+    sync_dir(storage, dir)?;
     Ok(keep)
 }
 
@@ -221,11 +244,20 @@ pub struct JournalOptions {
     pub segment_bytes: u64,
     /// Test seam for the commit path.
     pub faults: Option<Arc<FaultInjector>>,
+    /// Where the files are: real files by default.
+    pub storage: Storage,
+    /// Who prepares the next segment ahead of rotation; `None`: rotation prepares it.
+    pub background: Option<Arc<dyn Background>>,
 }
 
 impl Default for JournalOptions {
     fn default() -> Self {
-        Self { segment_bytes: DEFAULT_SEGMENT_BYTES, faults: None }
+        Self {
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            faults: None,
+            storage: Storage::real(),
+            background: None,
+        }
     }
 }
 
@@ -297,14 +329,24 @@ pub fn read_all(
 pub fn read_from(
     dir: &Path,
     start: Start<'_>,
+    visit: impl FnMut(u64, &[u8]) -> Result<(), JournalError>,
+) -> Result<ReadSummary, JournalError> {
+    read_from_on(&Storage::real(), dir, start, visit)
+}
+
+/// [`read_from`] on any storage.
+pub fn read_from_on(
+    storage: &Storage,
+    dir: &Path,
+    start: Start<'_>,
     mut visit: impl FnMut(u64, &[u8]) -> Result<(), JournalError>,
 ) -> Result<ReadSummary, JournalError> {
-    let (segments, _tmp) = segments_for(dir, start)?;
+    let (segments, _tmp) = segments_for(storage, dir, start)?;
     let anchor = match start {
         Start::Anchor(a) => Some(a),
         Start::Full { .. } => None,
     };
-    let out = scan::scan(segments, anchor, &mut |seq, _, payload| visit(seq, payload))?;
+    let out = scan::scan(storage, segments, anchor, &mut |seq, _, payload| visit(seq, payload))?;
     let segments = u32::try_from(out.segments.len()).unwrap_or(u32::MAX);
     let torn_tail = out.torn.as_ref().map(|t| TornTail {
         path: out.segments[t.segment].path.clone(),
@@ -324,17 +366,11 @@ pub fn read_from(
 
 #[derive(Debug)]
 struct Segment {
-    file: File,
+    file: Box<dyn DiskFile>,
     path: PathBuf,
     capacity: u64,
     /// Offset up to which records have been written (committed, or written by a failed commit).
     write_off: u64,
-}
-
-#[derive(Debug)]
-struct Preparer {
-    handle: JoinHandle<io::Result<Prepared>>,
-    cancel: Arc<AtomicBool>,
 }
 
 /// A segment break inside the pending batch.
@@ -350,8 +386,11 @@ pub struct Journal {
     dir: PathBuf,
     segment_bytes: u64,
     faults: Option<Arc<FaultInjector>>,
+    storage: Storage,
+    background: Option<Arc<dyn Background>>,
     active: Segment,
-    preparer: Option<Preparer>,
+    /// The next segment's preallocation, handed to `background`.
+    preparer: Option<PrepareTask>,
     /// Seq of the next appended record (pending records included).
     next_seq: u64,
     /// Seq of the first pending record (= batch_start of the pending batch).
@@ -404,32 +443,33 @@ impl Journal {
         mut visit: impl FnMut(u64, Pos, &[u8]) -> Result<(), JournalError>,
     ) -> Result<Journal, JournalError> {
         options.validate()?;
-        if !dir.is_dir() {
-            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let storage = options.storage.clone();
+        if !storage.is_dir(dir) {
+            storage.create_dir_all(dir).map_err(io_err(dir))?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent)?;
+                sync_dir(&storage, parent)?;
             }
         }
-        let (segments, tmp) = segments_for(dir, start)?;
+        let (segments, tmp) = segments_for(&storage, dir, start)?;
         if !tmp.is_empty() {
             for path in &tmp {
                 tracing::info!(file = %path.display(), "removing leftover temporary journal file");
-                fs::remove_file(path).map_err(io_err(path))?;
+                storage.remove(path).map_err(io_err(path))?;
             }
-            sync_dir(dir)?;
+            sync_dir(&storage, dir)?;
         }
         let anchor = match start {
             Start::Anchor(a) => Some(a),
             Start::Full { .. } => None,
         };
-        let out = scan::scan(segments, anchor, &mut visit)?;
+        let out = scan::scan(&storage, segments, anchor, &mut visit)?;
         let active_first_seq = out.tail.map_or(1, |(k, _)| out.segments[k].first_seq);
         let active = match out.tail {
             None => {
-                let prepared =
-                    segment::prepare(dir, options.segment_bytes, None).map_err(io_err(dir))?;
+                let prepared = segment::prepare(&storage, dir, options.segment_bytes, None)
+                    .map_err(io_err(dir))?;
                 let capacity = prepared.capacity;
-                let (file, path) = segment::install(prepared, dir, 1)?;
+                let (file, path) = segment::install(&storage, prepared, dir, 1)?;
                 Segment { file, path, capacity, write_off: SEGMENT_HEADER_LEN }
             }
             Some((k, off)) => {
@@ -445,9 +485,8 @@ impl Journal {
                             .into(),
                     });
                 }
-                let file =
-                    OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
-                let capacity = file.metadata().map_err(io_err(&path))?.len();
+                let file = storage.open(&path).map_err(io_err(&path))?;
+                let capacity = file.len().map_err(io_err(&path))?;
                 if let Some(torn) = &out.torn {
                     tracing::warn!(
                         file = %path.display(),
@@ -458,14 +497,16 @@ impl Journal {
                         reason = %torn.reason,
                         "journal has a torn tail (unacknowledged batch); truncating"
                     );
-                    segment::write_zeros(&file, torn.offset, torn.zero_end, None)
-                        .and_then(|()| file.sync_data())
-                        .map_err(io_err(&path))?;
+                    if !crate::sim_bugs::active(crate::sim_bugs::Bug::TornTailKept) {
+                        segment::write_zeros(&*file, torn.offset, torn.zero_end, None)
+                            .and_then(|()| file.sync_data())
+                            .map_err(io_err(&path))?;
+                    }
                     for dead in &out.segments[k + 1..] {
-                        fs::remove_file(&dead.path).map_err(io_err(&dead.path))?;
+                        storage.remove(&dead.path).map_err(io_err(&dead.path))?;
                     }
                     if out.segments.len() > k + 1 {
-                        sync_dir(dir)?;
+                        sync_dir(&storage, dir)?;
                     }
                 }
                 Segment { file, path, capacity, write_off: off }
@@ -475,6 +516,8 @@ impl Journal {
             dir: dir.to_path_buf(),
             segment_bytes: options.segment_bytes,
             faults: options.faults,
+            storage,
+            background: options.background,
             pend_off: active.write_off,
             pend_cap: active.capacity,
             pend_segment: active_first_seq,
@@ -489,7 +532,7 @@ impl Journal {
             pending: 0,
             poisoned: false,
         };
-        journal.spawn_preparer();
+        journal.start_preparation();
         Ok(journal)
     }
 
@@ -614,6 +657,10 @@ impl Journal {
                 dirty = false;
             }
         }
+        if crate::sim_bugs::active(crate::sim_bugs::Bug::AckBeforeSync) {
+            retired.clear();
+            dirty = false;
+        }
         for seg in retired.drain(..) {
             self.sync(&seg)?;
         }
@@ -646,66 +693,45 @@ impl Journal {
 
     /// Installs the next segment (first record `first_seq`) and returns the previous one.
     fn rotate(&mut self, first_seq: u64) -> Result<Segment, JournalError> {
-        let ready = match self.preparer.take().map(|p| p.handle.join()) {
-            Some(Ok(Ok(prepared))) if prepared.capacity == self.segment_bytes => Some(prepared),
-            Some(Ok(Ok(prepared))) => {
-                let _ = fs::remove_file(&prepared.tmp_path);
+        let ready = match self.preparer.take().and_then(|task| task.take()) {
+            Some(Ok(prepared)) if prepared.capacity == self.segment_bytes => Some(prepared),
+            Some(Ok(prepared)) => {
+                let _ = self.storage.remove(&prepared.tmp_path);
                 None
             }
-            Some(Ok(Err(e))) => {
+            Some(Err(e)) => {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "background segment preallocation failed; preallocating now");
-                None
-            }
-            Some(Err(_)) => {
-                tracing::warn!("background segment preallocation panicked");
                 None
             }
             None => None,
         };
         let prepared = match ready {
             Some(p) => p,
-            None => {
-                segment::prepare(&self.dir, self.segment_bytes, None).map_err(io_err(&self.dir))?
-            }
+            None => segment::prepare(&self.storage, &self.dir, self.segment_bytes, None)
+                .map_err(io_err(&self.dir))?,
         };
         let capacity = prepared.capacity;
-        let (file, path) = segment::install(prepared, &self.dir, first_seq)?;
+        let (file, path) = segment::install(&self.storage, prepared, &self.dir, first_seq)?;
         let new = Segment { file, path, capacity, write_off: SEGMENT_HEADER_LEN };
         let old = std::mem::replace(&mut self.active, new);
-        self.spawn_preparer();
+        self.start_preparation();
         Ok(old)
     }
 
-    fn spawn_preparer(&mut self) {
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (dir, capacity, flag) = (self.dir.clone(), self.segment_bytes, Arc::clone(&cancel));
-        let spawned = std::thread::Builder::new()
-            .name("journal-prealloc".into())
-            .spawn(move || {
-                let prepared = segment::prepare(&dir, capacity, Some(&flag));
-                if let Err(e) = &prepared {
-                    // Said now, not only at rotation: a full disk shows here first, while the
-                    // active segment still has room and the operator can still free space.
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot preallocate the next journal segment; the shard stops when its active segment is full unless space is freed");
-                    }
-                }
-                prepared
-            });
-        match spawned {
-            Ok(handle) => self.preparer = Some(Preparer { handle, cancel }),
-            Err(e) => tracing::warn!(error = %e, "cannot spawn segment preallocation thread"),
+    /// Hands the next segment's preallocation to the background runner, if there is one.
+    fn start_preparation(&mut self) {
+        if let Some(background) = &self.background {
+            let task = PrepareTask::new(self.storage.clone(), self.dir.clone(), self.segment_bytes);
+            background.start(task.clone());
+            self.preparer = Some(task);
         }
     }
 }
 
 impl Drop for Journal {
     fn drop(&mut self) {
-        if let Some(p) = self.preparer.take() {
-            p.cancel.store(true, Ordering::Relaxed);
-            if let Ok(Ok(prepared)) = p.handle.join() {
-                let _ = fs::remove_file(&prepared.tmp_path);
-            }
+        if let Some(task) = self.preparer.take() {
+            task.cancel(&self.storage);
         }
     }
 }

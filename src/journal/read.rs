@@ -2,13 +2,12 @@
 //! engine answers history pages and retries without keeping a second copy of every record.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use super::format::{parse_record, Parsed, RECORD_HEADER_LEN};
 use super::scan::Pos;
 use super::segment::segment_file_name;
+use super::storage::{DiskFile, Storage};
 use super::{JournalError, MAX_PAYLOAD};
 
 /// Segment files kept open at once: reads cluster on the newest segments, and a handful of
@@ -20,18 +19,25 @@ const OPEN_FILES_MAX: usize = 8;
 /// the move).
 #[derive(Debug)]
 pub struct JournalFiles {
+    storage: Storage,
     journal: PathBuf,
     archive: PathBuf,
-    open: HashMap<u64, File>,
+    open: HashMap<u64, Box<dyn DiskFile>>,
     buf: Vec<u8>,
 }
 
 impl JournalFiles {
+    /// Reads from real files.
     pub fn new(journal: PathBuf, archive: PathBuf) -> JournalFiles {
-        JournalFiles { journal, archive, open: HashMap::new(), buf: Vec::new() }
+        JournalFiles::on(Storage::real(), journal, archive)
     }
 
-    fn file(&mut self, segment: u64) -> Result<&File, JournalError> {
+    /// Reads from `storage`.
+    pub fn on(storage: Storage, journal: PathBuf, archive: PathBuf) -> JournalFiles {
+        JournalFiles { storage, journal, archive, open: HashMap::new(), buf: Vec::new() }
+    }
+
+    fn file(&mut self, segment: u64) -> Result<&dyn DiskFile, JournalError> {
         if !self.open.contains_key(&segment) {
             if self.open.len() >= OPEN_FILES_MAX {
                 // Any victim will do: a miss costs one open(2).
@@ -41,18 +47,19 @@ impl JournalFiles {
             }
             let name = segment_file_name(segment);
             let live = self.journal.join(&name);
-            let file = match File::open(&live) {
+            let file = match self.storage.open_read(&live) {
                 Ok(file) => file,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let archived = self.archive.join(&name);
-                    File::open(&archived)
+                    self.storage
+                        .open_read(&archived)
                         .map_err(|source| JournalError::Io { path: archived, source })?
                 }
                 Err(source) => return Err(JournalError::Io { path: live, source }),
             };
             self.open.insert(segment, file);
         }
-        self.open.get(&segment).ok_or_else(|| JournalError::Rejected {
+        self.open.get(&segment).map(|f| &**f).ok_or_else(|| JournalError::Rejected {
             seq: 0,
             reason: "segment file vanished from the cache".into(),
         })

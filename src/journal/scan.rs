@@ -1,7 +1,5 @@
 //! Recovery scan shared by [`super::Journal::open`] and [`super::read_all`]. Never modifies files.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::format::{
@@ -9,6 +7,7 @@ use super::format::{
     SEGMENT_HEADER_LEN,
 };
 use super::segment::{io_err, SegmentFile};
+use super::storage::Storage;
 use super::JournalError;
 
 pub type Visit<'a> = dyn FnMut(u64, Pos, &[u8]) -> Result<(), JournalError> + 'a;
@@ -102,7 +101,7 @@ const RECORD_ROOM: u64 = record_size(MAX_PAYLOAD) as u64;
 /// Offsets given to it are offsets in the file.
 struct Window<'a> {
     seg: &'a SegmentFile,
-    file: File,
+    file: Box<dyn super::storage::DiskFile>,
     len: u64,
     base: u64,
     buf: &'a mut Vec<u8>,
@@ -111,12 +110,13 @@ struct Window<'a> {
 impl<'a> Window<'a> {
     /// Opens a segment and checks its header.
     fn open(
+        storage: &Storage,
         seg: &'a SegmentFile,
         buf: &'a mut Vec<u8>,
         seq: u64,
     ) -> Result<Window<'a>, JournalError> {
-        let file = File::open(&seg.path).map_err(io_err(&seg.path))?;
-        let len = file.metadata().map_err(io_err(&seg.path))?.len();
+        let file = storage.open_read(&seg.path).map_err(io_err(&seg.path))?;
+        let len = file.len().map_err(io_err(&seg.path))?;
         buf.clear();
         let mut w = Window { seg, file, len, base: 0, buf };
         w.cover(0, SEGMENT_HEADER_LEN)?;
@@ -207,12 +207,13 @@ fn start(
 /// record (earlier segments are not read), and fails with `AnchorMismatch` unless the record
 /// after the anchor links to the anchor's hash (or the journal ends at the anchor with it).
 pub fn scan(
+    storage: &Storage,
     segments: Vec<SegmentFile>,
     anchor: Option<Anchor>,
     visit: &mut Visit<'_>,
 ) -> Result<Outcome, JournalError> {
     let (first_index, anchor) = start(&segments, anchor)?;
-    let outcome = scan_from(segments, first_index, anchor.map(|a| a.seq), visit)?;
+    let outcome = scan_from(storage, segments, first_index, anchor.map(|a| a.seq), visit)?;
     if let Some(a) = anchor {
         let last = outcome.next_seq - 1;
         if last < a.seq {
@@ -232,6 +233,7 @@ pub fn scan(
 }
 
 fn scan_from(
+    storage: &Storage,
     mut segments: Vec<SegmentFile>,
     first_index: usize,
     anchor_seq: Option<u64>,
@@ -275,7 +277,7 @@ fn scan_from(
     let mut k = 0;
     loop {
         let seg = &segments[k];
-        let mut window = Window::open(seg, &mut buf, chain.next_seq)?;
+        let mut window = Window::open(storage, seg, &mut buf, chain.next_seq)?;
         let mut off = hl;
         // Normal scan: follow the record framing while the chain checks out.
         let stop_reason = loop {
@@ -377,7 +379,7 @@ fn scan_from(
         }
         drop(window);
         for later in &segments[k + 1..] {
-            let mut window = Window::open(later, &mut buf, s).map_err(|e| match e {
+            let mut window = Window::open(storage, later, &mut buf, s).map_err(|e| match e {
                 JournalError::Corrupt { path, offset, reason, .. } => JournalError::Corrupt {
                     path,
                     offset,

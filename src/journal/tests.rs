@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::format::{encode_record, parse_record, record_hash, Parsed, RecordHash};
-use super::segment::{self, list_dir, segment_file_name};
+use super::segment::{self, segment_file_name};
 use super::*;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -12,8 +12,12 @@ type Records = Vec<(u64, Vec<u8>)>;
 
 const SEG: u64 = 4096;
 
+fn list_dir(dir: &Path) -> Result<(Vec<segment::SegmentFile>, Vec<PathBuf>), JournalError> {
+    segment::list_dir(&Storage::real(), dir)
+}
+
 fn opts(segment_bytes: u64) -> JournalOptions {
-    JournalOptions { segment_bytes, faults: None }
+    JournalOptions { segment_bytes, ..Default::default() }
 }
 
 /// Deterministic payload for `seq`: 1..=150 bytes, all non-zero.
@@ -526,7 +530,8 @@ fn failed_sync_poisons() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("j");
     let faults = Arc::new(FaultInjector::new());
-    let o = JournalOptions { segment_bytes: SEG, faults: Some(faults.clone()) };
+    let o =
+        JournalOptions { segment_bytes: SEG, faults: Some(faults.clone()), ..Default::default() };
     let (mut j, _) = open_collect(&dir, o)?;
     append_batches(&mut j, &[5, 5])?;
     append_batches(&mut j, &[3])?;
@@ -553,7 +558,8 @@ fn failed_write_enospc_poisons() -> TestResult {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("j");
     let faults = Arc::new(FaultInjector::new());
-    let o = JournalOptions { segment_bytes: SEG, faults: Some(faults.clone()) };
+    let o =
+        JournalOptions { segment_bytes: SEG, faults: Some(faults.clone()), ..Default::default() };
     let (mut j, _) = open_collect(&dir, o)?;
     append_batches(&mut j, &[7])?;
     // A batch spanning segments; the first write is short and fails.
@@ -576,7 +582,8 @@ fn failed_write_enospc_poisons() -> TestResult {
     // An io::ErrorKind fault on a later write of a multi-segment batch (the first sync passes).
     let dir = tmp.path().join("k");
     let faults = Arc::new(FaultInjector::new());
-    let o = JournalOptions { segment_bytes: SEG, faults: Some(faults.clone()) };
+    let o =
+        JournalOptions { segment_bytes: SEG, faults: Some(faults.clone()), ..Default::default() };
     let (mut j, _) = open_collect(&dir, o)?;
     append_batches(&mut j, &[2])?;
     for _ in 0..80 {
@@ -636,8 +643,8 @@ fn crash_after_segment_install() -> TestResult {
     // Installed (renamed) empty segment with the right name: it becomes the active segment.
     let dir = tmp.path().join("ok");
     let n = write_batches(&dir, SEG, &[5])?;
-    let prepared = segment::prepare(&dir, SEG, None)?;
-    segment::install(prepared, &dir, n + 1)?;
+    let prepared = segment::prepare(&Storage::real(), &dir, SEG, None)?;
+    segment::install(&Storage::real(), prepared, &dir, n + 1)?;
     fs::write(dir.join("prealloc-123-0-0.tmp"), vec![0u8; 100])?;
     let (mut j, seen) = open_collect(&dir, opts(SEG))?;
     assert_eq!(seen, expected(1..=n));
@@ -651,8 +658,8 @@ fn crash_after_segment_install() -> TestResult {
     // Installed empty segment whose name does not follow (its batch was torn): removed.
     let dir = tmp.path().join("bad");
     let n = write_batches(&dir, SEG, &[5])?;
-    let prepared = segment::prepare(&dir, SEG, None)?;
-    let (_, stray) = segment::install(prepared, &dir, n + 4)?;
+    let prepared = segment::prepare(&Storage::real(), &dir, SEG, None)?;
+    let (_, stray) = segment::install(&Storage::real(), prepared, &dir, n + 4)?;
     let (summary, _) = read_collect(&dir)?;
     assert_eq!(summary.torn_tail.map(|t| (t.seq, t.dead_segments)), Some((n + 1, 1)));
     let (mut j, seen) = open_collect(&dir, opts(SEG))?;

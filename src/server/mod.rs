@@ -1,6 +1,7 @@
 //! The TLS listener, connection limits, shard workers and the shutdown sequence.
 
 pub mod connection;
+pub mod prealloc;
 pub mod trust;
 pub mod worker;
 pub mod write_behind;
@@ -107,6 +108,8 @@ impl RunningServer {
                 journal: JournalOptions {
                     segment_bytes: config.segment_bytes,
                     faults: config.journal_faults.clone(),
+                    storage: crate::journal::Storage::real(),
+                    background: Some(prealloc::threads()),
                 },
                 limits: config.limits,
                 checkpoint: config.checkpoint,
