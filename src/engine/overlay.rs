@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::entry::Entry;
-use super::shard::is_staff;
+use super::persist::is_staff;
 use crate::journal::Pos;
 
 /// An entry decided but not yet confirmed in sled.

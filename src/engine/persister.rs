@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::checkpoint::Checkpoint;
-use super::shard::StoreError;
+use super::StoreError;
 
 /// Sealed chunks waiting for the persister; a full queue makes the shard wait (back-pressure
 /// keeps the overlay bounded if sled falls behind).
