@@ -227,24 +227,31 @@ impl Answer {
     /// The response with its MAC filled in (for callers that keep the value, not the bytes:
     /// tests, the simulator, the response store). Encodes the body once to compute it.
     pub fn into_response(self) -> Response {
-        let Answer { mut response, seal } = self;
-        if let Some(seal) = seal {
-            let mut body = BytesMut::with_capacity(128);
-            // A body that cannot be encoded cannot be sent either; its MAC stays empty and the
-            // connection's encode reports the error.
-            if response.encode_body(&mut body).is_ok() && body.len() >= MAC_LEN {
-                let split = body.len() - MAC_LEN;
-                let mac = seal.key.response_mac(
-                    response.message_type() as u8,
-                    &seal.binding,
-                    &body[..split],
-                );
-                if let Some(slot) = response.mac_mut() {
-                    *slot = mac;
-                }
-            }
+        let Answer { mut response, seal: with } = self;
+        if let Some(with) = with {
+            seal(&with.key, &with.binding, &mut response);
         }
         response
+    }
+}
+
+/// Computes the MAC of a response kept as a value and sets it (an answer that is sent goes
+/// through [`Answer::encode`] instead, which MACs the bytes it writes). Encodes the body once
+/// into a scratch buffer; no-op for a response without a trailing MAC.
+pub fn seal(key: &CardKey, binding: &Mac, response: &mut Response) {
+    if !has_trailing_mac(response) {
+        return;
+    }
+    let mut body = BytesMut::with_capacity(128);
+    // A body that cannot be encoded cannot be sent either; its MAC stays empty and the
+    // connection's encode reports the error.
+    if response.encode_body(&mut body).is_err() || body.len() < MAC_LEN {
+        return;
+    }
+    let split = body.len() - MAC_LEN;
+    let mac = key.response_mac(response.message_type() as u8, binding, &body[..split]);
+    if let Some(slot) = response.mac_mut() {
+        *slot = mac;
     }
 }
 

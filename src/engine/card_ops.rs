@@ -6,7 +6,10 @@ use citycard_protocol::{
     IdentityResult, Mac, MessageType, OfflineRecord, Response, Status, MAX_HISTORY_PAGE,
 };
 
-use super::answer::{card_result, history_entry, seal, unauthenticated};
+use citycard_protocol::answer::{decline_card, seal, seal_card_result};
+use citycard_protocol::Answer;
+
+use super::answer::{card_result, history_entry};
 use super::entry::{Entry, HotlistChange};
 use super::shard::Shard;
 use super::state::CardRecord;
@@ -23,7 +26,7 @@ impl Shard {
         auth: &CardAuth,
         amount: Amount,
         now_ms: u64,
-    ) -> Result<Response, StoreError> {
+    ) -> Result<Answer, StoreError> {
         let kind = if message_type == MessageType::Purchase {
             EntryKind::Purchase
         } else {
@@ -38,7 +41,7 @@ impl Shard {
         };
         let (card, key) = match self.authenticate(terminal, message_type, auth, amount) {
             Ok(found) => found,
-            Err(status) => return Ok(wrap(unauthenticated(status, auth))),
+            Err(status) => return Ok(Answer::plain(wrap(decline_card(status, auth)))),
         };
         let earlier = match self.atc_use(&card, auth)? {
             AtcUse::Fresh => None,
@@ -47,11 +50,11 @@ impl Shard {
             }
             AtcUse::Used(..) | AtcUse::Stale => {
                 tracing::warn!(card = %auth.card_id.masked(), terminal, atc = auth.atc.0, "replayed counter declined");
-                Some(CardResult { balance: card.balance, ..unauthenticated(Status::Replay, auth) })
+                Some(CardResult { balance: card.balance, ..decline_card(Status::Replay, auth) })
             }
         };
         if let Some(result) = earlier {
-            return Ok(wrap(self.seal_card(&key, message_type, &auth.cryptogram, result)));
+            return Ok(Answer::sealed(wrap(result), key, auth.cryptogram));
         }
         let status = self.money_status(&card, kind, amount, now_ms);
         let mut after = card;
@@ -85,7 +88,8 @@ impl Shard {
         // per-transaction path).
         let mut result = card_result(&entry, 0);
         result.journal_seq = self.journal_entry(entry)?;
-        Ok(wrap(self.seal_card(&key, message_type, &auth.cryptogram, result)))
+        // Sealed as the connection encodes it: the body is written once, MAC included.
+        Ok(Answer::sealed(wrap(result), key, auth.cryptogram))
     }
 
     pub(super) fn money_status(
@@ -136,10 +140,10 @@ impl Shard {
         terminal: &str,
         auth: &CardAuth,
         _now_ms: u64,
-    ) -> Result<Response, StoreError> {
+    ) -> Result<Answer, StoreError> {
         let (card, key) = match self.authenticate(terminal, MessageType::Balance, auth, Amount(0)) {
             Ok(found) => found,
-            Err(status) => return Ok(Response::Balance(unauthenticated(status, auth))),
+            Err(status) => return Ok(Answer::plain(Response::Balance(decline_card(status, auth)))),
         };
         let status = if card.retired() { Status::CardClosed } else { Status::Approved };
         let result = CardResult {
@@ -150,7 +154,7 @@ impl Shard {
             journal_seq: 0,
             mac: Mac::default(),
         };
-        Ok(Response::Balance(self.seal_card(&key, MessageType::Balance, &auth.cryptogram, result)))
+        Ok(Answer::sealed(Response::Balance(result), key, auth.cryptogram))
     }
 
     pub(super) fn history(
@@ -318,12 +322,9 @@ impl Shard {
         }
         if record.atc.0 == 0 {
             // No card produces ATC 0 (it counts from 1), online or offline.
-            return Ok(self.seal_card(
-                &key,
-                MessageType::OfflineBatch,
-                &record.certificate,
-                CardResult { balance: card.balance, ..unauth(Status::Replay) },
-            ));
+            let mut result = CardResult { balance: card.balance, ..unauth(Status::Replay) };
+            seal_card_result(&key, MessageType::OfflineResults, &record.certificate, &mut result);
+            return Ok(result);
         }
         let lookup = if record.atc > card.last_atc {
             // Above every ATC the card has used: new, no walk needed.
@@ -385,6 +386,9 @@ impl Shard {
                 result
             }
         };
-        Ok(self.seal_card(&key, MessageType::OfflineBatch, &record.certificate, result))
+        // Each record of a batch has its own key and binding, so each is sealed here.
+        let mut result = result;
+        seal_card_result(&key, MessageType::OfflineResults, &record.certificate, &mut result);
+        Ok(result)
     }
 }

@@ -34,8 +34,8 @@ pub mod state;
 pub mod types;
 mod walk;
 
-pub use answer::seal;
 pub use checkpoint::CheckpointPolicy;
+pub use citycard_protocol::answer::seal;
 pub use error::StoreError;
 pub use recovery::RebuildReason;
 pub use shard::Shard;

@@ -5,7 +5,9 @@ use citycard_protocol::{
     Amount, Atc, BlockReason, CardId, CardState, EntryKind, IssueResult, Mac, Response, Status,
 };
 
-use super::answer::{declined_issue, declined_staff, seal, state_binding, wrap_staff};
+use citycard_protocol::answer::{decline_issue, decline_staff, seal};
+
+use super::answer::{state_binding, wrap_staff};
 use super::entry::{Entry, HotlistChange};
 use super::shard::Shard;
 use super::StoreError;
@@ -138,7 +140,7 @@ impl Shard {
                 Some(found) => found,
                 None => {
                     let Some(card) = self.cards.get(old) else {
-                        return Ok(Response::Replace(declined_issue(Status::UnknownCard, old)));
+                        return Ok(Response::Replace(decline_issue(Status::UnknownCard, old)));
                     };
                     let status = if card.retired() {
                         Status::CardClosed
@@ -205,7 +207,7 @@ impl Shard {
         if let Some(card) = self.cards.get(card_id) {
             if self.card_key(card_id, card.key_version).is_none() {
                 tracing::error!(card = %card_id.masked(), key_version = card.key_version.0, "no issuer key for the card's key version; staff operation declined");
-                return Ok(wrap_staff(kind, declined_staff(Status::KeyVersionRetired, card_id)));
+                return Ok(wrap_staff(kind, decline_staff(Status::KeyVersionRetired, card_id)));
             }
         }
         let (seq, entry) = match self.staff_retry(
@@ -218,7 +220,7 @@ impl Shard {
             Some(found) => found,
             None => {
                 let Some(card) = self.cards.get(card_id) else {
-                    return Ok(wrap_staff(kind, declined_staff(Status::UnknownCard, card_id)));
+                    return Ok(wrap_staff(kind, decline_staff(Status::UnknownCard, card_id)));
                 };
                 let retired = card.retired();
                 let mut after = card;
@@ -281,7 +283,7 @@ impl Shard {
             }
         };
         let card = self.cards.get(card_id);
-        let mut result = declined_staff(entry.status, card_id);
+        let mut result = decline_staff(entry.status, card_id);
         if entry.status == Status::ReferenceReused {
             return Ok(wrap_staff(kind, result));
         }

@@ -416,7 +416,7 @@ impl Session {
             (Gather::Single, Output::Response(response)) => {
                 let (started, message_type) = (*started, *message_type);
                 self.pending.remove(&request_id);
-                self.answer(request_id, message_type, started, &Answer::from(response), now);
+                self.answer(request_id, message_type, started, &response, now);
                 return;
             }
             (Gather::Offline { results, parts_left }, Output::Offline(part)) => {

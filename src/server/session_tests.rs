@@ -73,7 +73,7 @@ impl Sim {
         let reply = Reply {
             request_id: submission.request_id,
             shard: submission.shard as u16,
-            output: Output::Response(response),
+            output: Output::Response(response.into()),
         };
         let now = self.now();
         self.session.reply(now, reply);
