@@ -4,6 +4,7 @@ pub mod connection;
 pub mod session;
 pub mod trust;
 pub mod worker;
+pub mod write_behind;
 
 use std::collections::BTreeMap;
 use std::fs::File;
