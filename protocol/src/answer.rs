@@ -13,7 +13,8 @@ use crate::crypto::CardKey;
 use crate::frame::{EncodeError, ErrorCode, MessageType, RequestId, HEADER_LEN};
 use crate::message::{
     put_card_result, Amount, Atc, CardAuth, CardId, CardResult, CardState, HistoryPage,
-    IdentityResult, IssueResult, Mac, Request, Response, StaffResult, Status, CARD_RESULT_LEN,
+    IdentityResult, IssueResult, Mac, OfflineRecord, Request, Response, StaffResult, Status,
+    CARD_RESULT_LEN,
 };
 
 /// Length of the response MAC at the end of a sealed body.
@@ -57,6 +58,18 @@ pub fn decline_card(status: Status, auth: &CardAuth) -> CardResult {
         status,
         card_id: auth.card_id,
         atc: auth.atc,
+        balance: Amount(0),
+        journal_seq: 0,
+        mac: Mac::default(),
+    }
+}
+
+/// A declined offline record: its card and ATC, no balance, nothing journaled.
+pub fn decline_record(status: Status, record: &OfflineRecord) -> CardResult {
+    CardResult {
+        status,
+        card_id: record.card_id,
+        atc: record.atc,
         balance: Amount(0),
         journal_seq: 0,
         mac: Mac::default(),
@@ -138,14 +151,7 @@ pub fn decline(request: &Request, status: Status) -> Response {
         Request::Unblock { card_id, .. } => Response::Unblock(decline_staff(status, *card_id)),
         Request::Close { card_id, .. } => Response::Close(decline_staff(status, *card_id)),
         Request::OfflineBatch { records } => Response::OfflineBatch(
-            records
-                .iter()
-                .map(|r| CardResult {
-                    card_id: r.card_id,
-                    atc: r.atc,
-                    ..decline_card(status, &auth)
-                })
-                .collect(),
+            records.iter().map(|record| decline_record(status, record)).collect(),
         ),
         Request::Hello { .. } | Request::HotlistSync { .. } => Response::error(
             ErrorCode::NotPermitted,
@@ -293,7 +299,6 @@ pub fn seal_card_result(
 mod tests {
     use super::*;
     use crate::crypto::{response_mac_ok, staff_binding};
-    use crate::message::OfflineRecord;
     use crate::KeyVersion;
 
     fn key() -> CardKey {

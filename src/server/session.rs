@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use citycard_protocol::answer::{decline, decline_card};
+use citycard_protocol::answer::{decline, decline_record};
 use citycard_protocol::frame::decode_frame;
 use citycard_protocol::{
     frame_to_request, Answer, CardResult, DecodeError, ErrorCode, HotlistChanges, HotlistEntry,
@@ -382,13 +382,7 @@ impl Session {
             (Gather::Offline { results, parts_left }, Work::Offline(part)) => {
                 for (i, record) in part {
                     if let Some(slot) = results.get_mut(usize::from(i)) {
-                        let auth = citycard_protocol::CardAuth {
-                            card_id: record.card_id,
-                            atc: record.atc,
-                            nonce: record.nonce,
-                            cryptogram: record.certificate,
-                        };
-                        *slot = Some(decline_card(status, &auth));
+                        *slot = Some(decline_record(status, &record));
                     }
                 }
                 *parts_left -= 1;

@@ -12,6 +12,7 @@ use citycard_protocol::{
 };
 
 use super::*;
+use citycard_protocol::answer::decline_card;
 
 const FRAME_TIMEOUT: Duration = Duration::from_millis(1_000);
 const IDLE: Duration = Duration::from_millis(10_000);
