@@ -1,4 +1,8 @@
 //! The TLS listener, connection limits, shard workers and the shutdown sequence.
+//!
+//! A connection is two parts: [`session`], the protocol state machine without IO (tested on
+//! simulated time), and [`connection`], the tokio driver that gives it the socket, the shard
+//! queues and the clock. Answers are built by `citycard_protocol::answer`.
 
 pub mod connection;
 pub mod session;
