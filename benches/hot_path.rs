@@ -133,11 +133,12 @@ fn shard_path(c: &mut Criterion) {
     let mut cards = Vec::new();
     for op_ref in 0..CARDS as u64 {
         let issue = Request::Issue { op_ref, deposit: Amount(1_000_000_000) };
-        let Ok(citycard::engine::Output::Response(Response::Issue(r))) =
+        let Ok(citycard::engine::Output::Response(answer)) =
             shard.execute("counter-1", Op::Request(&issue), 1)
         else {
             panic!("issue failed")
         };
+        let Response::Issue(r) = answer.into_response() else { panic!("issue failed") };
         cards.push((r.card_id, CardKey::from_bytes(r.card_key), 0u32));
     }
     shard.commit().expect("commit");

@@ -222,13 +222,16 @@ fn fill_shard(options: ShardOptions, secrets: Arc<Secrets>, plan: Plan) -> anyho
     let op_base = (u64::from(index) << 40) + existing as u64;
     for k in 0..cards {
         let request = Request::Issue { op_ref: op_base + k + 1, deposit: Amount(DEPOSIT) };
-        match shard.execute(COUNTER, Op::Request(&request), now_ms())? {
-            Output::Response(Response::Issue(r)) if r.status == Status::Approved => {
+        let Output::Response(answer) = shard.execute(COUNTER, Op::Request(&request), now_ms())?
+        else {
+            bail!("issue: unexpected output kind")
+        };
+        match answer.into_response() {
+            Response::Issue(r) if r.status == Status::Approved => {
                 wallet.push(Card { id: r.card_id, atc: 0, balance: DEPOSIT });
                 totals.issued += 1;
             }
-            Output::Response(other) => bail!("issue declined: {other:?}"),
-            _ => bail!("issue: unexpected output kind"),
+            other => bail!("issue declined: {other:?}"),
         }
         in_batch += 1;
         if in_batch >= batch {
@@ -268,8 +271,13 @@ fn fill_shard(options: ShardOptions, secrets: Arc<Secrets>, plan: Plan) -> anyho
         } else {
             Request::TopUp { auth, amount: Amount(amount) }
         };
-        match shard.execute(terminal, Op::Request(&request), now_ms())? {
-            Output::Response(Response::Purchase(r) | Response::TopUp(r)) => {
+        let Output::Response(answer) = shard.execute(terminal, Op::Request(&request), now_ms())?
+        else {
+            bail!("purchase: unexpected output kind")
+        };
+        // The status and balance are all this needs: the MAC is left to the encode.
+        match answer.unsealed() {
+            Response::Purchase(r) | Response::TopUp(r) => {
                 if r.status == Status::Approved {
                     card.balance = r.balance.0;
                     totals.approved += 1;

@@ -164,7 +164,7 @@ impl World {
 
     fn request(&mut self, terminal: &str, request: &Request) -> Response {
         match self.exec(terminal, Op::Request(request)) {
-            Output::Response(r) => r,
+            Output::Response(r) => r.into_response(),
             _ => panic!("a request answered with a non-response output"),
         }
     }

@@ -11,7 +11,9 @@
 //! - [`journal`]: the per-shard append-only journal (source of truth, group commit).
 //! - [`engine`]: the shard engine: decisions, journal records, derived state in sled.
 //! - [`server`]: TLS listener, connection tasks, shard worker threads, shutdown; `server::trust`
-//!   holds the TLS configs and open connections a SIGHUP CRL reload works on.
+//!   holds the TLS configs and open connections a SIGHUP CRL reload works on; each connection is
+//!   a sans-IO `server::session` (frames, timers, closing order, `now` passed in) under the
+//!   tokio driver `server::connection`.
 //! - [`verify`]: the offline audit of a data directory; [`report`]: settlement reports.
 //! - [`counter`]: the staff counter console (web page on loopback and CLI) over `citycard-client`.
 //! - [`metrics`]: lock-free counters and histograms; [`admin`]: `/metrics`, `/healthz`, `/readyz`.

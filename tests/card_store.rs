@@ -35,8 +35,10 @@ fn issue_cards(shard: &mut Shard) -> Vec<CardId> {
     let mut ids = Vec::new();
     for k in 0..CARDS {
         let request = Request::Issue { op_ref: k + 1, deposit: Amount(100 + k as i64) };
-        match shard.execute("counter-1", Op::Request(&request), 1_000 + k).unwrap() {
-            Output::Response(Response::Issue(r)) => {
+        let output = shard.execute("counter-1", Op::Request(&request), 1_000 + k).unwrap();
+        match output {
+            Output::Response(answer) if matches!(answer.unsealed(), Response::Issue(_)) => {
+                let Response::Issue(r) = answer.into_response() else { unreachable!() };
                 assert_eq!(r.status, Status::Approved);
                 ids.push(r.card_id);
             }

@@ -150,7 +150,7 @@ impl Harness {
 
     fn run(&mut self, request: &Request) -> Response {
         match self.shard().execute(TERMINAL, Op::Request(request), 1_700_000_000_000).unwrap() {
-            Output::Response(r) => r,
+            Output::Response(r) => r.into_response(),
             _ => panic!("wrong output kind"),
         }
     }

@@ -59,7 +59,7 @@ impl Bench {
         self.shard().commit().unwrap();
         self.shard().persist_due(NOW_MS).unwrap();
         match output {
-            Output::Response(r) => r,
+            Output::Response(r) => r.into_response(),
             _ => panic!("not a response"),
         }
     }

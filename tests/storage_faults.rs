@@ -151,7 +151,8 @@ fn history(dir: &Path, cards: u64) {
     for op_ref in 0..cards {
         let request = Request::Issue { op_ref, deposit: Amount(1_000) };
         let output = shard.execute(TERMINAL, Op::Request(&request), 1_000).unwrap();
-        let Output::Response(Response::Issue(result)) = output else { panic!("not an issue") };
+        let Output::Response(answer) = output else { panic!("not a response") };
+        let Response::Issue(result) = answer.into_response() else { panic!("not an issue") };
         assert_eq!(result.status, Status::Approved);
     }
     shard.commit().unwrap();

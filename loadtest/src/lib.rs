@@ -18,6 +18,8 @@
 //! - [`client`]: the terminals: their discovery in a keys directory and their
 //!   `citycard-client` configuration (the connections are `citycard_client::Client`s).
 //! - [`report`]: the text and JSON summaries and the `.hgrm` percentile distribution.
+//! - [`verdict`]: how one answer turned out: the client's checked answer or error, sorted into
+//!   what is known of the card afterwards.
 //! - [`stats`]: what a worker counts: the latency histogram and the tally of answers.
 //! - [`mix`]: the card operations, their weights, and the seeded random choices.
 //! - [`plot`]: the latency chart as a PNG.
@@ -34,4 +36,5 @@ pub mod report;
 pub mod run;
 pub mod server;
 pub mod stats;
+pub mod verdict;
 pub mod workload;

@@ -303,6 +303,10 @@ fn parse_header(header: &[u8]) -> Result<usize, DecodeError> {
 }
 
 /// Writes a header for a body of `body_len` bytes.
+/// Where the body length (u32) sits in the header: after magic, version, type, flags, reserved
+/// and request id.
+pub(crate) const BODY_LEN_OFFSET: usize = 12;
+
 pub(crate) fn put_header(
     out: &mut BytesMut,
     message_type: MessageType,

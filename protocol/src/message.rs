@@ -4,6 +4,7 @@ use bytes::{BufMut, BytesMut};
 
 use crate::frame::{
     decode_frame, put_header, DecodeError, EncodeError, Frame, MessageType, RequestId,
+    BODY_LEN_OFFSET, HEADER_LEN, MAX_BODY_LEN,
 };
 
 /// Card number. Only the last four digits may appear in logs (see [`CardId::masked`]).
@@ -558,7 +559,7 @@ fn put_auth(out: &mut BytesMut, auth: &CardAuth) {
 /// Encoded length of a CardResult, its 16-byte MAC included (the MAC covers the first 29).
 pub const CARD_RESULT_LEN: usize = 45;
 
-pub(crate) fn put_card_result(out: &mut BytesMut, r: &CardResult) {
+pub(crate) fn put_card_result(out: &mut impl BufMut, r: &CardResult) {
     out.put_u8(r.status as u8);
     out.put_u64(r.card_id.0);
     out.put_u32(r.atc.0);
@@ -815,12 +816,30 @@ impl Response {
     }
 
     /// Appends the complete frame (header and body) to `out`. On error nothing is written.
+    /// The body is written in place behind the header and its length patched in afterwards
+    /// (rustls' `LengthPrefixedBuffer`), so it is encoded once and never copied.
     pub fn encode(&self, request_id: RequestId, out: &mut BytesMut) -> Result<(), EncodeError> {
-        let mut body = BytesMut::with_capacity(64);
-        self.encode_body(&mut body)?;
-        put_header(out, self.message_type(), request_id, body.len())?;
-        out.put_slice(&body);
-        Ok(())
+        let start = out.len();
+        put_header(out, self.message_type(), request_id, 0)?;
+        let written = self.encode_body(out).and_then(|()| {
+            let body_len = out.len() - start - HEADER_LEN;
+            if body_len > MAX_BODY_LEN {
+                return Err(EncodeError::TooLarge { len: body_len, max: MAX_BODY_LEN });
+            }
+            Ok(body_len)
+        });
+        match written {
+            Ok(body_len) => {
+                // Checked against MAX_BODY_LEN above, so it fits in u32.
+                let at = start + BODY_LEN_OFFSET;
+                out[at..at + 4].copy_from_slice(&(body_len as u32).to_be_bytes());
+                Ok(())
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
+        }
     }
 
     /// Writes only the body. The response MAC covers the body bytes before the MAC field.

@@ -110,9 +110,10 @@ impl World {
     ) -> Result<(u16, Response, Vec<u8>), Failure> {
         let shard = citycard::server::route(request, terminal, usize::from(SHARDS)) as u16;
         let out = self.execute(shard, terminal, Op::Request(request))?;
-        let Output::Response(response) = out else {
+        let Output::Response(answer) = out else {
             return Err(self.fail("a request answered with a non-response output"));
         };
+        let response = answer.into_response();
         let bytes = encode(&response);
         let mut req = BytesMut::new();
         let _ = request.encode(RequestId(0), &mut req);

@@ -1,50 +1,16 @@
-//! The shape of answers and their seal: declined and approved results built from entries, and
-//! the response MAC under the card's key.
+//! Answers read off journal entries (results, history lines, staff answers). The declines and
+//! the seal have one home, the protocol crate's `answer` module, shared with the connection;
+//! the engine knows them under the names below.
 
-use bytes::BytesMut;
-use citycard_protocol::crypto::CardKey;
+pub(super) use citycard_protocol::answer::{
+    decline_card as unauthenticated, decline_issue as declined_issue,
+    decline_staff as declined_staff, seal, seal_card_result,
+};
 use citycard_protocol::{
-    Amount, CardAuth, CardId, CardResult, CardState, EntryKind, HistoryEntry, IssueResult,
-    KeyVersion, Mac, MessageType, Response, StaffResult, Status,
+    Amount, CardId, CardResult, CardState, EntryKind, HistoryEntry, Mac, Response, StaffResult,
 };
 
 use super::entry::Entry;
-
-/// Sets the response MAC of a card result (purchase, top-up, balance, offline record) for the
-/// request of `request_type` bound to `binding`.
-pub(super) fn seal_card(
-    key: &CardKey,
-    request_type: MessageType,
-    binding: &Mac,
-    result: CardResult,
-) -> CardResult {
-    let response_type = match request_type {
-        MessageType::Purchase => MessageType::PurchaseResult,
-        MessageType::TopUp => MessageType::TopUpResult,
-        MessageType::Balance => MessageType::BalanceResult,
-        _ => MessageType::OfflineResults,
-    };
-    let mut body = BytesMut::with_capacity(citycard_protocol::CARD_RESULT_LEN);
-    let mut r = result;
-    r.mac = Mac::default();
-    let response = Response::Balance(r);
-    // Encoding a CardResult cannot fail: it has no counted fields.
-    let _ = response.encode_body(&mut body);
-    let split = body.len() - 16;
-    r.mac = key.response_mac(response_type as u8, binding, &body[..split]);
-    r
-}
-
-pub(super) fn unauthenticated(status: Status, auth: &CardAuth) -> CardResult {
-    CardResult {
-        status,
-        card_id: auth.card_id,
-        atc: auth.atc,
-        balance: Amount(0),
-        journal_seq: 0,
-        mac: Mac::default(),
-    }
-}
 
 pub(super) fn card_result(entry: &Entry, seq: u64) -> CardResult {
     CardResult {
@@ -71,50 +37,11 @@ pub(super) fn history_entry(entry: &Entry, seq: u64, viewer: CardId) -> HistoryE
     }
 }
 
-pub(super) fn declined_issue(status: Status, old: CardId) -> IssueResult {
-    IssueResult {
-        status,
-        card_id: CardId(0),
-        key_version: KeyVersion(0),
-        card_key: [0u8; 32],
-        balance: Amount(0),
-        replaced_card_id: old,
-        journal_seq: 0,
-        mac: Mac::default(),
-    }
-}
-
-pub(super) fn declined_staff(status: Status, card_id: CardId) -> StaffResult {
-    StaffResult {
-        status,
-        card_id,
-        card_state: CardState::Active,
-        balance: Amount(0),
-        refunded: Amount(0),
-        hotlist_version: 0,
-        journal_seq: 0,
-        mac: Mac::default(),
-    }
-}
-
 pub(super) fn wrap_staff(kind: EntryKind, result: StaffResult) -> Response {
     match kind {
         EntryKind::Block => Response::Block(result),
         EntryKind::Unblock => Response::Unblock(result),
         _ => Response::Close(result),
-    }
-}
-
-/// Computes and sets the response MAC of a card-related response.
-pub fn seal(key: &CardKey, binding: &Mac, response: &mut Response) {
-    let mut body = BytesMut::with_capacity(128);
-    if response.encode_body(&mut body).is_err() || body.len() < 16 {
-        return;
-    }
-    let split = body.len() - 16;
-    let mac = key.response_mac(response.message_type() as u8, binding, &body[..split]);
-    if let Some(slot) = response.mac_mut() {
-        *slot = mac;
     }
 }
 

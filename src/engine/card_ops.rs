@@ -3,10 +3,11 @@
 //! ([`super::decide`]), appends and applies the entry, and seals the answer.
 
 use citycard_protocol::{
-    Amount, CardAuth, CardResult, EntryKind, HistoryEntry, MessageType, OfflineRecord, Response,
+    Amount, Answer, CardAuth, CardResult, EntryKind, HistoryEntry, MessageType, OfflineRecord,
+    Response,
 };
 
-use super::answer::{card_result, history_entry, seal, seal_card, unauthenticated};
+use super::answer::{card_result, history_entry, seal, seal_card_result, unauthenticated};
 use super::decide::{self, AtcLookup, Decided};
 use super::shard::Shard;
 use super::types::{HISTORY_WALK_MAX, OFFLINE_LOOKUP_DEPTH};
@@ -20,7 +21,7 @@ impl Shard {
         auth: &CardAuth,
         amount: Amount,
         now_ms: u64,
-    ) -> Result<Response, StoreError> {
+    ) -> Result<Answer, StoreError> {
         let kind = if message_type == MessageType::Purchase {
             EntryKind::Purchase
         } else {
@@ -35,7 +36,7 @@ impl Shard {
         };
         let (card, key) = match self.authenticate(terminal, message_type, auth, amount) {
             Ok(found) => found,
-            Err(status) => return Ok(wrap(unauthenticated(status, auth))),
+            Err(status) => return Ok(Answer::plain(wrap(unauthenticated(status, auth)))),
         };
         let atc = self.atc_use(&card, auth)?;
         let decided =
@@ -54,7 +55,8 @@ impl Shard {
                 result
             }
         };
-        Ok(wrap(seal_card(&key, message_type, &auth.cryptogram, result)))
+        // Sealed as the connection encodes it: the body is written once, MAC included.
+        Ok(Answer::sealed(wrap(result), key, auth.cryptogram))
     }
 
     pub(super) fn balance(
@@ -62,13 +64,15 @@ impl Shard {
         terminal: &str,
         auth: &CardAuth,
         _now_ms: u64,
-    ) -> Result<Response, StoreError> {
+    ) -> Result<Answer, StoreError> {
         let (card, key) = match self.authenticate(terminal, MessageType::Balance, auth, Amount(0)) {
             Ok(found) => found,
-            Err(status) => return Ok(Response::Balance(unauthenticated(status, auth))),
+            Err(status) => {
+                return Ok(Answer::plain(Response::Balance(unauthenticated(status, auth))))
+            }
         };
         let result = decide::read::balance(auth, &card);
-        Ok(Response::Balance(seal_card(&key, MessageType::Balance, &auth.cryptogram, result)))
+        Ok(Answer::sealed(Response::Balance(result), key, auth.cryptogram))
     }
 
     pub(super) fn history(
@@ -168,6 +172,9 @@ impl Shard {
                     result
                 }
             };
-        Ok(seal_card(&key, MessageType::OfflineBatch, &record.certificate, result))
+        // Each record of a batch has its own key and binding, so each is sealed here.
+        let mut result = result;
+        seal_card_result(&key, MessageType::OfflineResults, &record.certificate, &mut result);
+        Ok(result)
     }
 }

@@ -67,7 +67,7 @@ fn run(shard: &mut Shard, terminal: &str, request: &Request, now_ms: u64) -> Res
     };
     shard.commit().unwrap();
     shard.persist_due(now_ms).unwrap();
-    response
+    response.into_response()
 }
 
 fn purchase(key: &CardKey, card: CardId, atc: u32, amount: i64) -> Request {

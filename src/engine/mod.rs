@@ -47,8 +47,8 @@ pub mod store;
 pub mod types;
 mod walk;
 
-pub use answer::seal;
 pub use checkpoint::CheckpointPolicy;
+pub use citycard_protocol::answer::seal;
 pub use error::StoreError;
 pub use persister::{Inline, PersistJob, Stepped, WriteBehind};
 pub use recovery::{OpenHost, RebuildReason};

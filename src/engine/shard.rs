@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use citycard_protocol::crypto::CardKey;
-use citycard_protocol::{CardId, EntryKind, KeyVersion, Request, Response};
+use citycard_protocol::{Answer, CardId, EntryKind, KeyVersion, Request};
 
 use super::cards::Cards;
 use super::checkpoint::CheckpointPolicy;
@@ -156,15 +156,15 @@ impl Shard {
         terminal: &str,
         request: &Request,
         now_ms: u64,
-    ) -> Result<Response, StoreError> {
-        match request {
+    ) -> Result<Answer, StoreError> {
+        let response = match request {
             Request::Purchase { auth, amount } => {
-                self.money(terminal, request.message_type(), auth, *amount, now_ms)
+                return self.money(terminal, request.message_type(), auth, *amount, now_ms)
             }
             Request::TopUp { auth, amount } => {
-                self.money(terminal, request.message_type(), auth, *amount, now_ms)
+                return self.money(terminal, request.message_type(), auth, *amount, now_ms)
             }
-            Request::Balance { auth } => self.balance(terminal, auth, now_ms),
+            Request::Balance { auth } => return self.balance(terminal, auth, now_ms),
             Request::History { auth, before_seq, limit } => {
                 self.history(terminal, auth, *before_seq, *limit, now_ms)
             }
@@ -185,6 +185,9 @@ impl Shard {
             Request::Hello { .. } | Request::OfflineBatch { .. } | Request::HotlistSync { .. } => {
                 Err(StoreError::NotForShard(request.message_type()))
             }
-        }
+        };
+        // These answers are sealed as values (each decision seals its own); the card
+        // transactions above hand their seal to the connection's one-pass encode.
+        response.map(Answer::plain)
     }
 }

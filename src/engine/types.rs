@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use citycard_protocol::{CardResult, HotlistEntry, KeyVersion, OfflineRecord, Request, Response};
+use citycard_protocol::{Answer, CardResult, HotlistEntry, KeyVersion, OfflineRecord, Request};
 use ring::signature::Ed25519KeyPair;
 
 use super::checkpoint::CheckpointPolicy;
@@ -82,10 +82,19 @@ pub enum Op<'a> {
     },
 }
 
+// The single answer is the common case by far; boxing it would cost an allocation per request
+// to save a few hundred bytes on the way through the reply channel.
+#[allow(clippy::large_enum_variant)]
 pub enum Output {
-    Response(Response),
+    /// A single request's answer; card answers carry their seal, and their MAC is computed as
+    /// the connection encodes them ([`citycard_protocol::Answer`]).
+    Response(Answer),
     Offline(Vec<(u16, CardResult)>),
-    Hotlist { version: u64, entries: Vec<HotlistEntry>, more: bool },
+    Hotlist {
+        version: u64,
+        entries: Vec<HotlistEntry>,
+        more: bool,
+    },
 }
 
 /// Most committed entries gathered before they are handed to sled in one batch. Measured at 64

@@ -1,7 +1,12 @@
 //! The TLS listener, connection limits, shard workers and the shutdown sequence.
+//!
+//! A connection is two parts: [`session`], the protocol state machine without IO (tested on
+//! simulated time), and [`connection`], the tokio driver that gives it the socket, the shard
+//! queues and the clock. Answers are built by `citycard_protocol::answer`.
 
 pub mod connection;
 pub mod prealloc;
+pub mod session;
 pub mod trust;
 pub mod worker;
 pub mod write_behind;
@@ -15,10 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use citycard_protocol::{
-    Amount, CardId, CardResult, CardState, HistoryPage, IdentityResult, IssueResult, KeyVersion,
-    Mac, Request, Response, StaffResult, Status,
-};
+use citycard_protocol::{CardId, KeyVersion, Request, Response};
 use crossbeam::channel::Sender;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -501,88 +503,4 @@ pub fn route(request: &Request, terminal: &str, shard_count: usize) -> usize {
         other => other.card_auth().map_or(CardId(0), |a| a.card_id),
     };
     usize::from(crate::engine::shard_of(card, n))
-}
-
-/// A declined answer of the right type for `request`, for refusals decided before any shard
-/// saw the request (role, Busy, shutdown). It carries no MAC: the card was not authenticated.
-pub fn declined(request: &Request, status: Status) -> Response {
-    let auth = request.card_auth().copied();
-    let card_id = auth.map_or(CardId(0), |a| a.card_id);
-    let atc = auth.map_or(citycard_protocol::Atc(0), |a| a.atc);
-    let card = CardResult {
-        status,
-        card_id,
-        atc,
-        balance: Amount(0),
-        journal_seq: 0,
-        mac: Mac::default(),
-    };
-    let staff_card = match request {
-        Request::Block { card_id, .. }
-        | Request::Unblock { card_id, .. }
-        | Request::Replace { card_id, .. }
-        | Request::Close { card_id, .. } => *card_id,
-        _ => card_id,
-    };
-    let staff = StaffResult {
-        status,
-        card_id: staff_card,
-        card_state: CardState::Active,
-        balance: Amount(0),
-        refunded: Amount(0),
-        hotlist_version: 0,
-        journal_seq: 0,
-        mac: Mac::default(),
-    };
-    let issue = IssueResult {
-        status,
-        card_id: CardId(0),
-        key_version: KeyVersion(0),
-        card_key: [0; 32],
-        balance: Amount(0),
-        replaced_card_id: if matches!(request, Request::Replace { .. }) {
-            staff_card
-        } else {
-            CardId(0)
-        },
-        journal_seq: 0,
-        mac: Mac::default(),
-    };
-    match request {
-        Request::Purchase { .. } => Response::Purchase(card),
-        Request::TopUp { .. } => Response::TopUp(card),
-        Request::Balance { .. } => Response::Balance(card),
-        Request::History { .. } => Response::History(HistoryPage {
-            status,
-            card_id,
-            atc,
-            balance: Amount(0),
-            entries: Vec::new(),
-            next_before_seq: 0,
-            mac: Mac::default(),
-        }),
-        Request::Identity { .. } => Response::Identity(IdentityResult {
-            status,
-            card_id,
-            atc,
-            journal_seq: 0,
-            issued_ms: 0,
-            expires_ms: 0,
-            signature: [0; 64],
-            mac: Mac::default(),
-        }),
-        Request::Issue { .. } => Response::Issue(issue),
-        Request::Replace { .. } => Response::Replace(issue),
-        Request::Block { .. } => Response::Block(staff),
-        Request::Unblock { .. } => Response::Unblock(staff),
-        Request::Close { .. } => Response::Close(staff),
-        Request::OfflineBatch { records } => Response::OfflineBatch(
-            records.iter().map(|r| CardResult { card_id: r.card_id, atc: r.atc, ..card }).collect(),
-        ),
-        // Their answers have no status field; Hello is never refused.
-        Request::Hello { .. } | Request::HotlistSync { .. } => Response::error(
-            citycard_protocol::ErrorCode::NotPermitted,
-            "this terminal's role may not send this request",
-        ),
-    }
 }

@@ -1,7 +1,7 @@
 //! Identity checks: an approved one is journaled and answered with a signed assertion.
 
 use citycard_protocol::crypto::assertion_bytes;
-use citycard_protocol::{Amount, CardAuth, CardId, IdentityResult, Mac, Status};
+use citycard_protocol::{Amount, CardAuth, CardId, IdentityResult, Status};
 use ring::signature::Ed25519KeyPair;
 
 use super::{AtcUse, Context, Decided};
@@ -56,16 +56,7 @@ pub fn decide(
 
 /// A declined identity answer (before its MAC).
 pub fn declined(status: Status, auth: &CardAuth) -> IdentityResult {
-    IdentityResult {
-        status,
-        card_id: auth.card_id,
-        atc: auth.atc,
-        journal_seq: 0,
-        issued_ms: 0,
-        expires_ms: 0,
-        signature: [0u8; 64],
-        mac: Mac::default(),
-    }
+    citycard_protocol::answer::decline_identity(status, auth)
 }
 
 /// The answer to the identity check journaled as `entry` at `seq` (before its MAC): an

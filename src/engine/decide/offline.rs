@@ -1,6 +1,6 @@
 //! Offline records: spending that already happened at a gate, uploaded later in a batch.
 
-use citycard_protocol::{Amount, CardId, CardResult, EntryKind, Mac, OfflineRecord, Status};
+use citycard_protocol::{Amount, CardId, CardResult, EntryKind, OfflineRecord, Status};
 
 use super::{hotlist_change, AtcLookup, Context, Decided};
 use crate::engine::entry::Entry;
@@ -10,14 +10,7 @@ use crate::journal::Pos;
 
 /// A declined offline result (no balance, before its MAC).
 pub fn declined(status: Status, record: &OfflineRecord) -> CardResult {
-    CardResult {
-        status,
-        card_id: record.card_id,
-        atc: record.atc,
-        balance: Amount(0),
-        journal_seq: 0,
-        mac: Mac::default(),
-    }
+    citycard_protocol::answer::decline_record(status, record)
 }
 
 /// Decides an offline record whose certificate verified, given what the card's chain says

@@ -29,15 +29,7 @@ pub fn history_limit(limit: u16) -> usize {
 
 /// The history page without entries (a decline, or the start of a page).
 pub fn empty_page(status: Status, auth: &CardAuth, balance: Amount) -> HistoryPage {
-    HistoryPage {
-        status,
-        card_id: auth.card_id,
-        atc: auth.atc,
-        balance,
-        entries: Vec::new(),
-        next_before_seq: 0,
-        mac: Mac::default(),
-    }
+    HistoryPage { balance, ..citycard_protocol::answer::decline_history(status, auth) }
 }
 
 /// The page answered from `entries`, the card's records below the requested seq, newest
