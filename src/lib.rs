@@ -14,6 +14,8 @@
 //! - [`verify`]: the offline audit of a data directory; [`report`]: settlement reports.
 //! - [`counter`]: the staff counter console (web page on loopback and CLI) over `citycard-client`.
 //! - [`metrics`]: lock-free counters and histograms; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`replicate`]: disaster recovery: group commits also committed to PostgreSQL, the standby
+//!   that follows them, promotion and the generation fence.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -26,6 +28,7 @@ pub mod journal;
 pub mod keys;
 pub mod layout;
 pub mod metrics;
+pub mod replicate;
 pub mod report;
 pub mod server;
 pub mod tls;

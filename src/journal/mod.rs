@@ -99,6 +99,7 @@ mod format;
 mod read;
 mod scan;
 mod segment;
+mod tail;
 #[cfg(test)]
 mod tests;
 
@@ -117,6 +118,7 @@ pub use format::{
 };
 pub use read::JournalFiles;
 pub use scan::{Anchor, Pos};
+pub use tail::{RawRecord, RecordTail};
 
 pub use format::RecordHash;
 use format::{encode_record, max_payload_for, record_size};
