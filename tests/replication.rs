@@ -432,6 +432,32 @@ fn standby_postgres_stopped_stops_acknowledging_then_resumes() {
             + sample(body(&metrics), "citycard_replication_lag_records{shard=\"1\"}")
                 .unwrap_or(0.0);
         assert!(lag >= 1.0, "lag not shown:\n{metrics}");
+        // The replicated server's page passes promtool, and names what deploy/ uses.
+        let page = body(&metrics).to_owned();
+        let promtool = common::process::promtool();
+        let mut check = Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut check.stdin.take().unwrap(), page.as_bytes()).unwrap();
+        let out = check.wait_with_output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success() && said.trim().is_empty(), "promtool: {said}\n{page}");
+        for name in [
+            "citycard_replication_lag_records",
+            "citycard_replication_refusing",
+            "citycard_replication_failures_total",
+            "citycard_replication_last_commit_seconds",
+        ] {
+            assert!(page.contains(name), "{name} missing:\n{page}");
+        }
         // While stalled, new card work is refused without being decided.
         let refused = cards[1].purchase(10, "reader-1");
         let Some(Response::Purchase(r)) = terminal.call(&refused).await else {
