@@ -62,7 +62,13 @@ pub struct RecordTail {
     capacity: u64,
     offset: u64,
     next_seq: u64,
+    /// Read-ahead: bytes of the current segment from file offset `cache_off`.
+    cache: Vec<u8>,
+    cache_off: u64,
 }
+
+/// Bytes read per pread: the records of a group commit usually come in one read.
+const READ_AHEAD: usize = 64 * 1024;
 
 impl RecordTail {
     /// A cursor whose first [`RecordTail::read_next`] returns record `seq` (which must be committed).
@@ -81,6 +87,8 @@ impl RecordTail {
             capacity: 0,
             offset: SEGMENT_HEADER_LEN,
             next_seq: start,
+            cache: Vec::new(),
+            cache_off: 0,
         };
         tail.enter(start)?;
         while tail.next_seq < seq {
@@ -114,57 +122,95 @@ impl RecordTail {
             .len();
         self.segment = Some((first_seq, file, path));
         self.offset = SEGMENT_HEADER_LEN;
+        self.cache.clear();
+        self.cache_off = 0;
         Ok(())
     }
 
+    /// Makes `n` bytes at file offset `at` of the current segment available in the read-ahead
+    /// buffer, reading from the file unless they are there already (or `fresh` is asked for).
+    fn load(&mut self, at: u64, n: usize, fresh: bool) -> Result<(), JournalError> {
+        let end = at + n as u64;
+        if !fresh && at >= self.cache_off && end <= self.cache_off + self.cache.len() as u64 {
+            return Ok(());
+        }
+        let Some((_, file, path)) = &self.segment else {
+            return Err(JournalError::Rejected { seq: self.next_seq, reason: "no segment".into() });
+        };
+        // Callers check `n <= capacity - at`.
+        let want = (n.max(READ_AHEAD) as u64).min(self.capacity.saturating_sub(at)) as usize;
+        self.cache.resize(want.max(n), 0);
+        file.read_exact_at(&mut self.cache, at)
+            .map_err(|source| JournalError::Io { path: path.clone(), source })?;
+        self.cache_off = at;
+        Ok(())
+    }
+
+    fn cached(&self, at: u64, n: usize) -> &[u8] {
+        let start = (at - self.cache_off) as usize;
+        &self.cache[start..start + n]
+    }
+
     /// The next committed record. Moves to the next segment where the current one ends.
+    ///
+    /// Reads ahead, so the buffer may hold bytes of the tail that were not yet written when it
+    /// was filled. A journal's bytes are written once, so such bytes are zeros or a record that
+    /// fails its CRC: either is read again from the file before it is believed.
     pub fn read_next(&mut self) -> Result<RawRecord, JournalError> {
-        let mut header = [0u8; RECORD_HEADER_LEN];
-        // At most two rounds: the end of one segment, then the next segment's first record.
-        for _ in 0..2 {
-            let Some((_, file, path)) = &self.segment else {
-                return Err(JournalError::Rejected {
-                    seq: self.next_seq,
-                    reason: "no segment".into(),
-                });
-            };
+        let mut fresh = false;
+        // Bounded: a stale read costs one fresh one, a segment end one move to the next.
+        for _ in 0..6 {
             let room = self.capacity.saturating_sub(self.offset);
-            let len = if room >= RECORD_HEADER_LEN as u64 {
-                file.read_exact_at(&mut header, self.offset)
-                    .map_err(|source| JournalError::Io { path: path.clone(), source })?;
-                u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize
-            } else {
-                0
-            };
-            if len == 0 {
-                let next = self.next_seq;
-                self.enter(next)?;
+            if room < RECORD_HEADER_LEN as u64 {
+                self.enter(self.next_seq)?;
+                fresh = false;
                 continue;
             }
-            let corrupt = |reason: String| JournalError::Corrupt {
-                path: path.clone(),
-                offset: self.offset,
-                seq: self.next_seq,
-                reason,
+            self.load(self.offset, RECORD_HEADER_LEN, fresh)?;
+            let h = self.cached(self.offset, 4);
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let fits = len <= MAX_PAYLOAD && (RECORD_HEADER_LEN + len) as u64 <= room;
+            if len == 0 || !fits {
+                if !fresh {
+                    fresh = true;
+                    continue;
+                }
+                if len == 0 {
+                    self.enter(self.next_seq)?;
+                    fresh = false;
+                    continue;
+                }
+                return Err(self.corrupt(format!("record length {len} does not fit")));
+            }
+            self.load(self.offset, RECORD_HEADER_LEN + len, fresh)?;
+            let bytes = self.cached(self.offset, RECORD_HEADER_LEN + len).to_vec();
+            let problem = match RawRecord::check(bytes) {
+                Ok(record) if record.seq == self.next_seq => {
+                    self.offset += record_size(len) as u64;
+                    self.next_seq += 1;
+                    return Ok(record);
+                }
+                Ok(record) => format!("found seq {} instead", record.seq),
+                Err(reason) => reason,
             };
-            if len > MAX_PAYLOAD {
-                return Err(corrupt(format!("payload length {len} over the maximum")));
+            if fresh {
+                return Err(self.corrupt(problem));
             }
-            let mut bytes = vec![0u8; RECORD_HEADER_LEN + len];
-            file.read_exact_at(&mut bytes, self.offset)
-                .map_err(|source| JournalError::Io { path: path.clone(), source })?;
-            let record = RawRecord::check(bytes).map_err(corrupt)?;
-            if record.seq != self.next_seq {
-                return Err(corrupt(format!("found seq {} instead", record.seq)));
-            }
-            self.offset += record_size(len) as u64;
-            self.next_seq += 1;
-            return Ok(record);
+            fresh = true;
         }
         Err(JournalError::Rejected {
             seq: self.next_seq,
             reason: "an empty segment follows a full one".into(),
         })
+    }
+
+    fn corrupt(&self, reason: String) -> JournalError {
+        JournalError::Corrupt {
+            path: self.segment.as_ref().map(|s| s.2.clone()).unwrap_or_default(),
+            offset: self.offset,
+            seq: self.next_seq,
+            reason,
+        }
     }
 }
 
@@ -206,6 +252,19 @@ mod tests {
                 prev = Some(record.hash);
             }
             assert_eq!(prev, Some(head));
+        }
+        // A cursor that read ahead over the unwritten tail still sees what is committed later
+        // (its buffer held zeros there).
+        let mut tail = RecordTail::open_at(&journal_dir, &archive, last).expect("tail");
+        assert_eq!(tail.read_next().expect("last").seq, last);
+        for round in 0..20u8 {
+            journal.append(&[round; 200]).expect("append");
+            journal.commit().expect("commit");
+            let record = tail.read_next().expect("new record");
+            assert_eq!(
+                (record.seq, record.payload()),
+                (journal.last_committed_seq(), &[round; 200][..])
+            );
         }
         // A record changed in flight fails its check.
         let mut tail = RecordTail::open_at(&journal_dir, &archive, 3).expect("tail");
