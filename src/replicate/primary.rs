@@ -36,6 +36,11 @@ const STATEMENT_RECORDS_MAX: usize = 4_096;
 /// during an outage.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// An idle shard commits a heartbeat (its head row's commit time, under its generation) this
+/// often, so a stalled synchronous standby or a promotion elsewhere shows without traffic.
+const HEARTBEAT_MAX: Duration = Duration::from_secs(1);
+const HEARTBEAT: &str = "UPDATE citycard_shard SET last_commit_ms = \
+    (extract(epoch from clock_timestamp()) * 1000)::bigint WHERE shard = $1 AND generation = $2";
 
 /// What the server knows about a shard when replication starts.
 pub struct ShardSetup {
@@ -110,6 +115,8 @@ pub fn start(
             failed: failed.clone(),
             generation: generation_rx.clone(),
             stalled: false,
+            sent_at: VecDeque::new(),
+            last_activity: Instant::now(),
             ever_connected: false,
             down_since: Some(Instant::now()),
         };
@@ -199,6 +206,10 @@ struct Task {
     /// 0 until the generation is established.
     generation: watch::Receiver<u64>,
     stalled: bool,
+    /// When each statement in flight was sent (oldest first, as they complete).
+    sent_at: VecDeque<Instant>,
+    /// Last statement sent or completed (heartbeats go out after a quiet `HEARTBEAT_MAX`).
+    last_activity: Instant,
     ever_connected: bool,
     /// When the connection was lost (None while connected).
     down_since: Option<Instant>,
@@ -245,8 +256,11 @@ impl Task {
                     None => closing = true,
                 },
                 Some((last, expected, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.sent_at.pop_front();
+                    self.last_activity = Instant::now();
                     match result {
                         Ok(rows) if rows == expected => {
+                            let last = last.max(self.confirmed);
                             self.confirmed = last;
                             self.state.confirmed_seq.store(last, Ordering::Release);
                             self.state.last_commit_ms.store(crate::now_ms(), Ordering::Release);
@@ -293,6 +307,9 @@ impl Task {
                     let generation = *self.generation.borrow();
                     if conn.is_none() && handshake.is_none() && generation != 0 && Instant::now() >= retry_at {
                         handshake = Some(tokio::spawn(handshake_with(self.plan.clone(), self.index)));
+                    }
+                    if let Some((client, _)) = &conn {
+                        self.heartbeat(client, &mut in_flight);
                     }
                     self.check_stall();
                 },
@@ -366,6 +383,7 @@ impl Task {
         tracing::warn!(shard = self.index, error = %why, lag_records = self.durable - self.confirmed, "replication to postgresql failed; reconnecting");
         *conn = None;
         *in_flight = FuturesOrdered::new();
+        self.sent_at.clear();
         self.tail = None;
         self.peeked = None;
         self.sent = self.confirmed;
@@ -422,6 +440,8 @@ impl Task {
             let shard = i32::from(self.index);
             let expected = seqs.len() as u64;
             let last = self.sent;
+            self.sent_at.push_back(Instant::now());
+            self.last_activity = Instant::now();
             in_flight.push_back(Box::pin(async move {
                 let result = client
                     .execute(
@@ -445,6 +465,24 @@ impl Task {
         Ok(())
     }
 
+    /// On a quiet connection, one commit that needs the synchronous standby and the generation.
+    fn heartbeat(&mut self, client: &Arc<Client>, in_flight: &mut FuturesOrdered<Commit>) {
+        let every = (self.stall / 2).min(HEARTBEAT_MAX);
+        if !in_flight.is_empty() || self.sent < self.durable || self.last_activity.elapsed() < every
+        {
+            return;
+        }
+        let client = client.clone();
+        let (shard, generation) = (i32::from(self.index), *self.generation.borrow() as i64);
+        let confirmed = self.confirmed;
+        self.sent_at.push_back(Instant::now());
+        self.last_activity = Instant::now();
+        in_flight.push_back(Box::pin(async move {
+            let result = client.execute(HEARTBEAT, &[&shard, &generation]).await;
+            (confirmed, 1, result)
+        }));
+    }
+
     /// Sends the replies of every group commit PostgreSQL now has, oldest first.
     fn release(&mut self) {
         while self.held.front().is_some_and(|h| h.last_seq <= self.confirmed) {
@@ -454,7 +492,8 @@ impl Task {
                 }
             }
         }
-        if self.stalled && self.down_since.is_none() && self.confirmed >= self.durable {
+        let fresh = self.sent_at.front().is_none_or(|t| t.elapsed() < self.stall);
+        if self.stalled && self.down_since.is_none() && self.confirmed >= self.durable && fresh {
             self.stalled = false;
             tracing::info!(shard = self.index, "replication caught up; serving again");
         }
@@ -481,7 +520,14 @@ impl Task {
                 }
             }
         }
-        if self.down_since.is_some_and(|t| now.duration_since(t) >= self.stall) {
+        let waiting = self.sent_at.front().is_some_and(|t| now.duration_since(*t) >= self.stall);
+        if waiting && !self.stalled {
+            tracing::warn!(
+                shard = self.index,
+                "postgresql has not confirmed a commit within the stall bound; refusing card work"
+            );
+        }
+        if self.down_since.is_some_and(|t| now.duration_since(t) >= self.stall) || waiting {
             self.stalled = true;
         }
     }
