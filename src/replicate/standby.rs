@@ -76,7 +76,11 @@ impl Follower {
     ) -> anyhow::Result<Follower> {
         let rows = shard_rows(client).await?;
         let Some(&(_, count, _, _)) = rows.first() else {
-            bail!("PostgreSQL holds no citycard cluster yet: start the primary first");
+            // Retried by `run`: the primary founds the cluster at its first start.
+            return Err(ReplicateError::Site(
+                "PostgreSQL holds no citycard cluster yet: start the primary first".into(),
+            )
+            .into());
         };
         if rows.len() != usize::from(count) {
             bail!("PostgreSQL lists {} of {count} shards", rows.len());
