@@ -56,6 +56,11 @@ impl Health {
         }
     }
 
+    /// Why replication keeps the server from being ready (stalled, not connected, fenced).
+    pub fn replication_not_ready(&self) -> Option<String> {
+        self.server.get()?.replication.as_ref()?.not_ready()
+    }
+
     /// Lets `/metrics` read queue depths and connection counts of the running server.
     pub fn attach(&self, shared: Arc<Shared>) {
         let _ = self.server.set(shared);
@@ -178,7 +183,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 _ => ("200 OK", "text/plain", "ok\n".into()),
             },
             "/readyz" => match health.state() {
-                State::Ready => ("200 OK", "text/plain", "ready\n".into()),
+                State::Ready => match health.replication_not_ready() {
+                    None => ("200 OK", "text/plain", "ready\n".into()),
+                    Some(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+                },
                 other => {
                     ("503 Service Unavailable", "text/plain", format!("{other:?}\n").to_lowercase())
                 }
@@ -201,7 +209,7 @@ fn render(health: &Health) -> String {
         "citycard_up",
         "1 when the server is ready to serve terminals",
         "",
-        i64::from(state == State::Ready),
+        i64::from(state == State::Ready && health.replication_not_ready().is_none()),
     )];
     for (name, s) in [
         ("starting", State::Starting),
@@ -254,6 +262,9 @@ fn render(health: &Health) -> String {
             ));
         }
         gauges.extend(shared.trust.gauges());
+        if let Some(replication) = &shared.replication {
+            gauges.extend(crate::replicate::link::gauges(replication));
+        }
     }
     METRICS.render(&gauges)
 }

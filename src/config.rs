@@ -57,6 +57,9 @@ pub struct Config {
     /// Test seam: injected journal write/sync failures (shared by every shard). None in
     /// production.
     pub journal_faults: Option<std::sync::Arc<crate::journal::FaultInjector>>,
+    /// `[replicate]`: every group commit also committed to PostgreSQL (synchronous streaming
+    /// replication to the disaster-recovery site) before it is answered. None: one site only.
+    pub replicate: Option<crate::replicate::ReplicateConfig>,
 }
 
 impl Default for Config {
@@ -85,6 +88,7 @@ impl Default for Config {
             checkpoint: crate::engine::CheckpointPolicy::default(),
             archive_dir: None,
             journal_faults: None,
+            replicate: None,
         }
     }
 }
@@ -135,6 +139,9 @@ impl Config {
         if self.segment_bytes < 64 * 1024 {
             return Err("segment_bytes must be at least 65536".into());
         }
+        if let Some(replicate) = &self.replicate {
+            replicate.validate()?;
+        }
         if !self.admin.ip().is_loopback() && !self.admin_tls {
             return Err(format!(
                 "admin = {} is not a loopback address, and plain HTTP there would serve metrics \
@@ -181,6 +188,8 @@ pub struct Settings {
     pub archive: Option<PathBuf>,
     /// `[[key_cutoff]]` tables: `version` and `after_ms`.
     pub key_cutoff: Option<Vec<KeyCutoff>>,
+    /// The `[replicate]` table (see [`crate::replicate::ReplicateSettings`]).
+    pub replicate: Option<crate::replicate::ReplicateSettings>,
 }
 
 #[derive(Clone, Copy, Debug, serde::Deserialize)]
@@ -243,6 +252,9 @@ impl Settings {
         if let Some(cutoffs) = &self.key_cutoff {
             c.key_cutoffs = cutoffs.iter().map(|k| (k.version, k.after_ms)).collect();
         }
+        if let Some(replicate) = &self.replicate {
+            c.replicate = Some(replicate.apply(c.replicate.take()));
+        }
     }
 }
 
@@ -302,6 +314,9 @@ impl Config {
         line("# issuer and assertion keys", "read from the keys directory (never printed)".into());
         for (version, after_ms) in &self.key_cutoffs {
             out.push_str(&format!("[[key_cutoff]]\nversion = {version}\nafter_ms = {after_ms}\n"));
+        }
+        if let Some(replicate) = &self.replicate {
+            out.push_str(&replicate.render());
         }
         out
     }

@@ -18,6 +18,8 @@
 //! - [`counter`]: the staff counter console (web page on loopback and CLI) over `citycard-client`.
 //! - [`metrics`]: lock-free counters and histograms; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`sim_bugs`]: bugs the simulator switches on to prove it finds them (feature `sim-bugs`).
+//! - [`replicate`]: disaster recovery: group commits also committed to PostgreSQL, the standby
+//!   that follows them, promotion and the generation fence.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -31,6 +33,7 @@ pub mod journal;
 pub mod keys;
 pub mod layout;
 pub mod metrics;
+pub mod replicate;
 pub mod report;
 pub mod server;
 pub mod sim_bugs;

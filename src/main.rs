@@ -55,6 +55,12 @@ enum Command {
     /// Counter console for staff: a web page on loopback (`--listen`), or one operation for
     /// scripts (`citycard counter topup --card N --amount M`).
     Counter(Box<citycard::counter::cli::CounterArgs>),
+    /// Disaster-recovery standby: follow the primary's batches from the DR site's PostgreSQL
+    /// into this data directory (checked record by record), until SIGTERM.
+    Standby(Box<citycard::replicate::cli::StandbyArgs>),
+    /// Make a stopped standby the primary, after its PostgreSQL was promoted: raises the
+    /// generation (fencing the old primary) and takes in every remaining record.
+    Promote(Box<citycard::replicate::cli::PromoteArgs>),
 }
 
 /// Settings for `serve` and `config show`. Layers: defaults, then `--config FILE` (TOML), then
@@ -130,6 +136,10 @@ struct ServeArgs {
     /// from then on.
     #[arg(long = "key-cutoff", value_parser = parse_cutoff)]
     key_cutoffs: Vec<(u16, u64)>,
+    /// PostgreSQL connection string for `[replicate]` (the environment variable keeps a
+    /// password out of the process list).
+    #[arg(long, env = "CITYCARD_REPLICATE_CONNINFO")]
+    replicate_conninfo: Option<String>,
 }
 
 impl ServeArgs {
@@ -173,6 +183,12 @@ impl ServeArgs {
                     .iter()
                     .map(|(version, after_ms)| KeyCutoff { version: *version, after_ms: *after_ms })
                     .collect()
+            }),
+            replicate: self.replicate_conninfo.as_ref().map(|conninfo| {
+                citycard::replicate::ReplicateSettings {
+                    conninfo: Some(conninfo.clone()),
+                    ..Default::default()
+                }
             }),
         };
         Config::from_layers(&[&file, &cli])
@@ -274,6 +290,8 @@ fn main() -> ExitCode {
         Command::Keys { command } => keys_command(command),
         Command::Verify { data } => verify(&data),
         Command::Counter(args) => citycard::counter::cli::run(*args),
+        Command::Standby(args) => citycard::replicate::cli::standby(*args),
+        Command::Promote(args) => citycard::replicate::cli::promote_command(*args),
         Command::Report { command: ReportCommand::Settlement { data, keys, date, out } } => {
             citycard::report::run_settlement(&data, &keys, &date, out.as_deref()).map(
                 |reconciled| {
@@ -348,6 +366,9 @@ fn verify(data: &std::path::Path) -> anyhow::Result<ExitCode> {
     );
     for torn in &report.torn_tails {
         println!("note: torn tail {torn}");
+    }
+    for (shard, seq, head) in &report.heads {
+        println!("shard {shard}: last seq {seq} head {}", citycard::hex::encode(head));
     }
     if report.ok() {
         println!("verify: OK");

@@ -126,6 +126,7 @@ pub struct Metrics {
     trust_reloads: AtomicU64,
     trust_reload_failures: AtomicU64,
     revoked_connections_closed: AtomicU64,
+    replication_failures: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -141,6 +142,7 @@ pub static METRICS: Metrics = Metrics {
     trust_reloads: AtomicU64::new(0),
     trust_reload_failures: AtomicU64::new(0),
     revoked_connections_closed: AtomicU64::new(0),
+    replication_failures: AtomicU64::new(0),
 };
 
 fn op_index(message_type: MessageType) -> Option<usize> {
@@ -196,6 +198,11 @@ impl Metrics {
     }
 
     /// An open connection told to close because its certificate was revoked.
+    /// A PostgreSQL connection or commit of replication failed (it is retried).
+    pub fn replication_failure(&self) {
+        self.replication_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn revoked_connection_closed(&self) {
         self.revoked_connections_closed.fetch_add(1, Ordering::Relaxed);
     }
@@ -296,6 +303,11 @@ impl Metrics {
                 "citycard_checkpoints_total",
                 "Checkpoints written (all shards): each bounds the next start's replay",
                 &self.checkpoints,
+            ),
+            (
+                "citycard_replication_failures_total",
+                "Failed PostgreSQL connections or commits of replication (each is retried)",
+                &self.replication_failures,
             ),
             (
                 "citycard_revoked_connections_closed_total",

@@ -71,6 +71,8 @@ pub struct Report {
     pub totals: Totals,
     pub problems: Vec<String>,
     pub torn_tails: Vec<String>,
+    /// `(shard, last seq, hash of the last record)`: equal on a primary and its standby.
+    pub heads: Vec<(u16, u64, [u8; 32])>,
 }
 
 impl Report {
@@ -159,6 +161,10 @@ fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> 
     };
     if let Some(torn) = &summary.torn_tail {
         report.torn_tails.push(format!("shard {index}: {torn:?} (truncated on next start)"));
+    }
+    match crate::replicate::standby::chain_head(&dir.join("journal"), &archive, summary.last_seq) {
+        Some(head) => report.heads.push((index, summary.last_seq, head)),
+        None => problems.push(format!("shard {index}: last record unreadable")),
     }
     check_checkpoint(index, &dir, applied, &mut problems);
     if applied > summary.last_seq {

@@ -112,6 +112,7 @@ mod read;
 mod scan;
 mod segment;
 pub mod storage;
+mod tail;
 #[cfg(test)]
 mod tests;
 
@@ -129,6 +130,7 @@ pub use prepare::{Background, ManualBackground, PrepareTask};
 pub use read::JournalFiles;
 pub use scan::{Anchor, Pos};
 pub use storage::{Disk, DiskFile, RealDisk, Storage};
+pub use tail::{RawRecord, RecordTail};
 
 pub use format::RecordHash;
 use format::{encode_record, max_payload_for, record_size};

@@ -48,6 +48,8 @@ pub struct Shared {
     pub connections: AtomicU64,
     /// TLS configs for new handshakes and the registry of open connections (CRL reload).
     pub trust: Arc<trust::Trust>,
+    /// Replication to PostgreSQL, when `[replicate]` is configured (metrics, `/readyz`).
+    pub replication: Option<Arc<crate::replicate::Replication>>,
 }
 
 /// A started server. Dropping it does not stop it; call [`RunningServer::stop`].
@@ -121,6 +123,7 @@ impl RunningServer {
             opened.push(std::thread::spawn(move || Shard::open(options, secrets)));
         }
         let mut shards = Vec::new();
+        let mut last_seqs = Vec::new();
         for (index, handle) in opened.into_iter().enumerate() {
             let (shard, report) = handle
                 .join()
@@ -137,11 +140,36 @@ impl RunningServer {
                 rebuild_detail = %report.rebuild.as_ref().map(ToString::to_string).unwrap_or_default(),
                 "shard recovered"
             );
+            last_seqs.push(report.last_seq);
             shards.push(shard);
         }
 
         let shutdown = CancellationToken::new();
         let failed = CancellationToken::new();
+        let (replication, mut links) = match &config.replicate {
+            Some(replicate) => {
+                let setups = (0..count)
+                    .map(|index| crate::replicate::primary::ShardSetup {
+                        index,
+                        journal: shard_dir(&config.data_dir, index).join("journal"),
+                        archive: archive_dir(&config.data_dir, archive.as_deref(), index),
+                        last_seq: last_seqs[usize::from(index)],
+                    })
+                    .collect();
+                let (replication, links) = crate::replicate::primary::start(
+                    replicate,
+                    &config.data_dir,
+                    count,
+                    setups,
+                    failed.clone(),
+                )?;
+                (Some(replication), links.into_iter().map(Some).collect())
+            }
+            None => {
+                crate::replicate::site::refuse_unreplicated_standby(&config.data_dir)?;
+                (None, Vec::new())
+            }
+        };
         let stopping = Arc::new(AtomicBool::new(false));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut senders = Vec::new();
@@ -166,6 +194,7 @@ impl RunningServer {
                 } else {
                     None
                 },
+                replication: links.get_mut(index).and_then(Option::take),
             };
             workers.push(
                 std::thread::Builder::new()
@@ -189,6 +218,7 @@ impl RunningServer {
             failed,
             connections: AtomicU64::new(0),
             trust,
+            replication,
         });
         let tracker = TaskTracker::new();
         let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), tracker.clone()));

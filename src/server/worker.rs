@@ -59,6 +59,8 @@ pub struct WorkerContext {
     /// Cancelled by a worker whose storage failed: the server stops without acknowledging more.
     pub failed: CancellationToken,
     pub pin_core: Option<core_affinity::CoreId>,
+    /// `[replicate]`: replies wait for PostgreSQL (see [`crate::replicate::link`]).
+    pub replication: Option<crate::replicate::ShardLink>,
 }
 
 /// How long a worker waits on an empty queue before re-checking for shutdown.
@@ -126,6 +128,9 @@ pub fn run(mut ctx: WorkerContext) {
         }
         let now_ms = crate::now_ms();
         let index = ctx.shard.index();
+        if let Some(link) = &ctx.replication {
+            link.refuse_while_stalled(&mut jobs, index);
+        }
         for job in jobs.drain(..) {
             let op = match &job.work {
                 Work::Request(request) => Op::Request(request),
@@ -150,10 +155,14 @@ pub fn run(mut ctx: WorkerContext) {
         ctx.shared.last_batch.store(replies.len() as u64, Ordering::Relaxed);
         METRICS.batch(replies.len() as u64);
         let sync_started = std::time::Instant::now();
+        let records = ctx.shard.pending() as u64;
         if let Err(e) = ctx.shard.commit() {
             return fail(&ctx, "journal commit", &e);
         }
         METRICS.journal_sync_us(sync_started.elapsed().as_micros() as u64);
+        if let Some(link) = &mut ctx.replication {
+            link.hand_over(records, &mut replies);
+        }
         for (to, reply) in replies.drain(..) {
             // A closed connection simply no longer wants its answer; the transaction stands.
             let _ = to.send(reply);

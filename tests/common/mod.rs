@@ -2,6 +2,7 @@
 //! client, and a simulated card that computes its own cryptograms.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pg;
 pub mod process;
 
 use std::path::{Path, PathBuf};
