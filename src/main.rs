@@ -163,6 +163,11 @@ impl ServeArgs {
             max_amount: self.max_amount,
             identity_ttl_ms: self.identity_ttl_ms,
             key_cache_max: None,
+            // Transit limits are set in the configuration file only.
+            max_fare: None,
+            hold_timeout_ms: None,
+            missing_tapout_fare: None,
+            reversal_window_ms: None,
             segment_bytes: self.segment_bytes,
             checkpoint_records: self.checkpoint_records,
             checkpoint_interval_ms: self.checkpoint_interval_ms,

@@ -257,6 +257,15 @@ fn check_entry(
             totals.top_ups += e.amount.0;
             e.amount.0 > 0
         }
+        // Fares of holds are money spent like purchases; a reversal gives a purchase back.
+        EntryKind::TapOut | EntryKind::HoldExpired => {
+            totals.purchases -= e.amount.0;
+            e.amount.0 <= 0
+        }
+        EntryKind::Reversal => {
+            totals.purchases -= e.amount.0;
+            e.amount.0 > 0
+        }
         EntryKind::Close => {
             totals.refunds -= e.amount.0;
             l.retired = true;

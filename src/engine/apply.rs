@@ -3,6 +3,7 @@
 
 use citycard_protocol::{Amount, Atc, BlockReason, CardId, CardState, EntryKind, Status};
 
+use super::decide::transit::Hold;
 use super::entry::Entry;
 use super::shard::Shard;
 use super::state::CardRecord;
@@ -44,6 +45,7 @@ impl Shard {
                         issued_ms: entry.time_ms,
                         linked_card: CardId(0),
                         last_pos: pos,
+                        hold: Hold::NONE,
                     },
                 );
                 self.next_card =
@@ -70,6 +72,7 @@ impl Shard {
                         linked_card: entry.card_id,
                         // The replacement's chain starts at the record that created it.
                         last_pos: pos,
+                        hold: Hold::NONE,
                     },
                 );
                 self.next_card =
@@ -90,6 +93,14 @@ impl Shard {
                             }
                             EntryKind::Unblock => card.state = CardState::Active,
                             EntryKind::Close => card.state = CardState::Closed,
+                            EntryKind::TapIn | EntryKind::TapOut | EntryKind::HoldExpired => {
+                                self.hold_index.change(
+                                    entry.card_id,
+                                    card.hold,
+                                    entry.transit.hold,
+                                );
+                                card.hold = entry.transit.hold;
+                            }
                             _ => {}
                         }
                     }

@@ -7,6 +7,7 @@ use citycard_protocol::{
 };
 
 use super::answer::{card_result, history_entry, seal, unauthenticated};
+use super::decide::transit::Transit;
 use super::entry::{Entry, HotlistChange};
 use super::shard::Shard;
 use super::state::CardRecord;
@@ -80,6 +81,7 @@ impl Shard {
             extra: amount.0,
             terminal: terminal.to_owned(),
             prev_pos: Pos::NONE,
+            transit: Transit::NONE,
         };
         // The answer is read off the entry before it moves into the journal (no clone on the
         // per-transaction path).
@@ -108,7 +110,8 @@ impl Shard {
             EntryKind::Purchase => {
                 if card.hotlisted().is_some() {
                     Status::CardBlocked
-                } else if card.balance.0 < amount.0 {
+                } else if super::decide::transit::spendable(card) < amount.0 {
+                    // An open tap-in hold is not spendable (protocol 1.2).
                     Status::InsufficientFunds
                 } else {
                     Status::Approved
@@ -180,10 +183,23 @@ impl Shard {
         };
         let before = if before_seq == 0 { u64::MAX } else { before_seq };
         let mut entries: Vec<HistoryEntry> = Vec::with_capacity(limit + 1);
+        // ATCs of purchases reversed later (protocol 1.2): a reversal is always newer than its
+        // purchase, and the walk sees every newer record, so the purchase shows Reversed.
+        let mut reversed = std::collections::HashSet::new();
         // The card's chain runs newest first, through the overlay and the journal files.
         self.walk_card(auth.card_id, HISTORY_WALK_MAX, |seq, entry| {
+            if entry.kind == EntryKind::Reversal && entry.status == Status::Approved {
+                reversed.insert(entry.transit.ref_atc);
+            }
             if seq < before {
-                entries.push(history_entry(entry, seq, auth.card_id));
+                let mut shown = history_entry(entry, seq, auth.card_id);
+                if entry.kind == EntryKind::Purchase
+                    && entry.status == Status::Approved
+                    && reversed.contains(&entry.atc)
+                {
+                    shown.status = Status::Reversed;
+                }
+                entries.push(shown);
             }
             entries.len() <= limit
         })?;
@@ -260,6 +276,7 @@ impl Shard {
                     extra: now_ms.saturating_add(self.limits.identity_ttl_ms) as i64,
                     terminal: terminal.to_owned(),
                     prev_pos: Pos::NONE,
+                    transit: Transit::NONE,
                 };
                 (self.journal_entry(entry.clone())?, entry)
             }
@@ -378,6 +395,7 @@ impl Shard {
                     extra: record.amount.0,
                     terminal: terminal.to_owned(),
                     prev_pos: Pos::NONE,
+                    transit: Transit::NONE,
                 };
                 let _ = now_ms;
                 let mut result = card_result(&entry, 0);

@@ -57,10 +57,10 @@ pub struct StateDigest([u64; 4]);
 
 impl StateDigest {
     fn term(id: CardId, record: &CardRecord) -> [u64; 4] {
-        let mut input = [0u8; 8 + super::state::CARD_RECORD_LEN];
-        input[..8].copy_from_slice(&id.0.to_be_bytes());
-        input[8..].copy_from_slice(&record.encode());
-        let h = ring::digest::digest(&ring::digest::SHA256, &input);
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&id.0.to_be_bytes());
+        ctx.update(&record.encode());
+        let h = ctx.finish();
         let h = h.as_ref();
         std::array::from_fn(|i| {
             let mut lane = [0u8; 8];
@@ -193,6 +193,7 @@ mod tests {
             issued_ms: 9,
             linked_card: CardId(0),
             last_pos: crate::journal::Pos { segment: 1, offset: 32 },
+            hold: crate::engine::decide::transit::Hold::NONE,
         }
     }
 

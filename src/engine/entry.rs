@@ -3,11 +3,17 @@
 
 use citycard_protocol::{Amount, Atc, BlockReason, CardId, EntryKind, KeyVersion, Mac, Status};
 
+use super::decide::transit::{Hold, Transit};
 use crate::journal::Pos;
 
 /// Encoding version byte at the front of every payload. Version 2 added `prev_pos` (the
 /// per-card chain through the journal); version 1 entries are refused by name.
 const ENTRY_VERSION: u8 = 2;
+/// Version 3 (protocol 1.2) is version 2 with the [`Transit`] fields after `prev_pos`. It is
+/// written only for entries whose `transit` is not [`Transit::NONE`], so every other entry keeps
+/// its version 2 bytes (and hash chain) exactly, and a version 2 reader refuses only records
+/// it could not interpret anyway.
+const ENTRY_VERSION_TRANSIT: u8 = 3;
 const FIXED_LEN: usize = 92 + Pos::LEN;
 
 /// How an operation changed a card's hotlist standing.
@@ -51,6 +57,9 @@ pub struct Entry {
     /// Where `card_id`'s previous journaled operation lies (`Pos::NONE` for its first): the
     /// chain history pages and retries walk, so sled need not hold a copy of every record.
     pub prev_pos: Pos,
+    /// Tap-in, tap-out, hold expiry, reversal and inquiry: the card's hold after the operation
+    /// and the ATC it refers to. `Transit::NONE` for every other kind.
+    pub transit: Transit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +69,8 @@ pub struct EntryError(pub &'static str);
 impl Entry {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
-        out.push(ENTRY_VERSION);
+        let with_transit = self.transit != Transit::NONE;
+        out.push(if with_transit { ENTRY_VERSION_TRANSIT } else { ENTRY_VERSION });
         out.push(self.kind as u8);
         out.push(self.status as u8);
         out.extend_from_slice(&self.card_id.0.to_be_bytes());
@@ -82,6 +92,10 @@ impl Entry {
         out.push(reason);
         out.extend_from_slice(&self.extra.to_be_bytes());
         out.extend_from_slice(&self.prev_pos.to_bytes());
+        if with_transit {
+            out.extend_from_slice(&self.transit.hold.to_bytes());
+            out.extend_from_slice(&self.transit.ref_atc.0.to_be_bytes());
+        }
         let terminal = &self.terminal.as_bytes()[..self.terminal.len().min(32)];
         out.push(terminal.len() as u8);
         out.extend_from_slice(terminal);
@@ -102,10 +116,14 @@ impl Entry {
             a.copy_from_slice(s);
             u64::from_be_bytes(a)
         };
-        match take(1)[0] {
-            ENTRY_VERSION => {}
+        let fixed_len = match take(1)[0] {
+            ENTRY_VERSION => FIXED_LEN,
+            ENTRY_VERSION_TRANSIT => FIXED_LEN + Transit::LEN,
             1 => return Err(EntryError("entry version 1 (data directory older than 2026-12)")),
             _ => return Err(EntryError("unknown entry version")),
+        };
+        if bytes.len() < fixed_len {
+            return Err(EntryError("too short"));
         }
         let kind = EntryKind::from_u8(take(1)[0]).ok_or(EntryError("kind"))?;
         let status = Status::from_u8(take(1)[0]).ok_or(EntryError("status"))?;
@@ -138,11 +156,24 @@ impl Entry {
         };
         let extra = u64_of(take(8)) as i64;
         let prev_pos = Pos::from_bytes(take(Pos::LEN)).ok_or(EntryError("prev_pos"))?;
+        let transit = if fixed_len == FIXED_LEN {
+            Transit::NONE
+        } else {
+            let hold = Hold::from_bytes(take(Hold::LEN)).ok_or(EntryError("hold"))?;
+            let a = take(4);
+            let ref_atc = Atc(u32::from_be_bytes([a[0], a[1], a[2], a[3]]));
+            let transit = Transit { hold, ref_atc };
+            if transit == Transit::NONE {
+                // Version 3 is only written with transit fields.
+                return Err(EntryError("version 3 without transit fields"));
+            }
+            transit
+        };
         let terminal_len = usize::from(take(1)[0]);
-        if bytes.len() != FIXED_LEN + terminal_len {
+        if bytes.len() != fixed_len + terminal_len {
             return Err(EntryError("length"));
         }
-        let terminal = std::str::from_utf8(&bytes[FIXED_LEN..])
+        let terminal = std::str::from_utf8(&bytes[fixed_len..])
             .map_err(|_| EntryError("terminal id"))?
             .to_owned();
         Ok(Entry {
@@ -162,6 +193,7 @@ impl Entry {
             extra,
             terminal,
             prev_pos,
+            transit,
         })
     }
 
@@ -169,7 +201,14 @@ impl Entry {
     pub fn uses_atc(&self) -> bool {
         matches!(
             self.kind,
-            EntryKind::Purchase | EntryKind::TopUp | EntryKind::Identity | EntryKind::Offline
+            EntryKind::Purchase
+                | EntryKind::TopUp
+                | EntryKind::Identity
+                | EntryKind::Offline
+                | EntryKind::TapIn
+                | EntryKind::TapOut
+                | EntryKind::Reversal
+                | EntryKind::Inquiry
         )
     }
 }
@@ -197,6 +236,7 @@ mod tests {
             extra: -5,
             terminal: "reader-1".into(),
             prev_pos: Pos { segment: 1, offset: 32 },
+            transit: Transit::NONE,
         };
         let mut buf = Vec::new();
         entry.encode(&mut buf);

@@ -13,6 +13,8 @@
 //! - `overlay`: committed entries sled has not confirmed; `persister`: the sled writer.
 //! - [`recovery`]: which start failures rebuild the state and which stop.
 //! - [`entry`], [`state`], [`checkpoint`]: the journal record, sled layout, checkpoint file.
+//! - [`decide`]: decisions as pure functions (`decide::transit`: holds, reversals, inquiries);
+//!   `transit_ops`: the shard side of those operations (lookups, journal, answers).
 
 mod answer;
 mod apply;
@@ -20,8 +22,10 @@ mod auth;
 mod card_ops;
 pub mod cards;
 pub mod checkpoint;
+pub mod decide;
 pub mod entry;
 pub mod error;
+mod holds;
 mod hotlist;
 mod open;
 mod overlay;
@@ -31,6 +35,7 @@ pub mod recovery;
 pub mod shard;
 mod staff_ops;
 pub mod state;
+mod transit_ops;
 pub mod types;
 mod walk;
 

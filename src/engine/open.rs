@@ -150,6 +150,7 @@ impl Shard {
             None => 0,
         };
         let Loaded { cards, next_card } = Cards::load(&db, options.count, applied_seq)?;
+        let hold_index = super::holds::HoldIndex::of(cards.iter());
         let hotlist_version = match db.scan_prefix([state::HOTLIST]).next_back() {
             Some(item) => state::be_u64(&item?.0[1..])
                 .ok_or_else(|| StoreError::State("hotlist key malformed".into()))?,
@@ -187,6 +188,7 @@ impl Shard {
             checkpoint_policy: options.checkpoint,
             checkpoint_seq: applied_seq,
             checkpoint_at: Instant::now(),
+            hold_index,
         })
     }
 }

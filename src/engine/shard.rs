@@ -24,6 +24,7 @@ use super::checkpoint::CheckpointPolicy;
 use super::overlay::Overlay;
 use super::persister::{CheckpointPlace, Persister};
 use super::state::CardRecord;
+use super::transit_ops::TransitOp;
 use super::types::{Limits, Op, Output, Secrets};
 use super::StoreError;
 use crate::journal::{Journal, JournalFiles};
@@ -54,6 +55,8 @@ pub struct Shard {
     /// Seq of the last checkpoint handed to the persister, and when.
     pub(super) checkpoint_seq: u64,
     pub(super) checkpoint_at: Instant,
+    /// Open holds by expiry, for the sweep (derived from the card records).
+    pub(super) hold_index: super::holds::HoldIndex,
 }
 
 impl Shard {
@@ -121,6 +124,19 @@ impl Shard {
         request: &Request,
         now_ms: u64,
     ) -> Result<Response, StoreError> {
+        // A hold whose timeout the clock has passed is settled when its card is next touched
+        // (the worker's sweep settles the others); Close and Replace settle an open hold first.
+        let touched = match request {
+            Request::Block { card_id, .. }
+            | Request::Unblock { card_id, .. }
+            | Request::Close { card_id, .. }
+            | Request::Replace { card_id, .. } => Some(*card_id),
+            other => other.card_auth().map(|a| a.card_id),
+        };
+        if let Some(card) = touched {
+            let force = matches!(request, Request::Close { .. } | Request::Replace { .. });
+            self.settle_hold(card, now_ms, force)?;
+        }
         match request {
             Request::Purchase { auth, amount } => {
                 self.money(terminal, request.message_type(), auth, *amount, now_ms)
@@ -146,6 +162,22 @@ impl Shard {
             Request::Replace { op_ref, card_id } => {
                 self.replace(terminal, *op_ref, *card_id, now_ms)
             }
+            Request::TapIn { auth } => self.transit_op(terminal, TransitOp::TapIn, auth, now_ms),
+            Request::TapOut { auth, fare } => {
+                self.transit_op(terminal, TransitOp::TapOut { fare: *fare }, auth, now_ms)
+            }
+            Request::Reversal { auth, amount, original_atc, original_cryptogram } => {
+                let op = TransitOp::Reversal {
+                    amount: *amount,
+                    original_atc: *original_atc,
+                    original_cryptogram: *original_cryptogram,
+                };
+                self.transit_op(terminal, op, auth, now_ms)
+            }
+            Request::Inquiry { auth, original_type, amount } => {
+                self.inquiry(terminal, auth, *original_type, *amount, now_ms)
+            }
+            Request::Funds { auth } => self.funds(terminal, auth),
             Request::Hello { .. } | Request::OfflineBatch { .. } | Request::HotlistSync { .. } => {
                 Err(StoreError::State("connection-level request routed to a shard".into()))
             }

@@ -6,6 +6,7 @@ use citycard_protocol::{
 };
 
 use super::answer::{declined_issue, declined_staff, seal, state_binding, wrap_staff};
+use super::decide::transit::Transit;
 use super::entry::{Entry, HotlistChange};
 use super::shard::Shard;
 use super::StoreError;
@@ -76,6 +77,7 @@ impl Shard {
                     extra: deposit.0,
                     terminal: terminal.to_owned(),
                     prev_pos: Pos::NONE,
+                    transit: Transit::NONE,
                 };
                 (self.journal_entry(entry.clone())?, entry)
             }
@@ -182,6 +184,7 @@ impl Shard {
                         extra: 0,
                         terminal: terminal.to_owned(),
                         prev_pos: Pos::NONE,
+                        transit: Transit::NONE,
                     };
                     (self.journal_entry(entry.clone())?, entry)
                 }
@@ -276,6 +279,7 @@ impl Shard {
                     },
                     terminal: terminal.to_owned(),
                     prev_pos: Pos::NONE,
+                    transit: Transit::NONE,
                 };
                 (self.journal_entry(entry.clone())?, entry)
             }

@@ -7,6 +7,7 @@
 
 use citycard_protocol::{Amount, Atc, BlockReason, CardId, CardState, KeyVersion};
 
+use super::decide::transit::Hold;
 use crate::journal::Pos;
 
 /// Key prefixes in the single sled tree.
@@ -34,9 +35,15 @@ pub struct CardRecord {
     /// Where the card's newest journaled operation lies: the head of its chain (see
     /// `Entry::prev_pos`).
     pub last_pos: Pos,
+    /// The card's open tap-in hold (protocol 1.2), `Hold::NONE` when none.
+    pub hold: Hold,
 }
 
+/// Length of a record without a hold (every record written before protocol 1.2).
 pub const CARD_RECORD_LEN: usize = 1 + 1 + 8 + 4 + 2 + 8 + 8 + Pos::LEN;
+/// Length of a record with an open hold: the hold is appended, so a card without one encodes
+/// exactly as before (same sled bytes, same digest).
+pub const CARD_RECORD_WITH_HOLD_LEN: usize = CARD_RECORD_LEN + Hold::LEN;
 
 impl CardRecord {
     /// Whether terminals must refuse the card, and why.
@@ -64,8 +71,8 @@ impl CardRecord {
         }
     }
 
-    pub fn encode(&self) -> [u8; CARD_RECORD_LEN] {
-        let mut out = [0u8; CARD_RECORD_LEN];
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![0u8; CARD_RECORD_LEN];
         out[0] = self.state as u8;
         out[1] = self.block_reason as u8;
         out[2..10].copy_from_slice(&self.balance.0.to_be_bytes());
@@ -74,13 +81,20 @@ impl CardRecord {
         out[16..24].copy_from_slice(&self.issued_ms.to_be_bytes());
         out[24..32].copy_from_slice(&self.linked_card.0.to_be_bytes());
         out[32..].copy_from_slice(&self.last_pos.to_bytes());
+        if self.hold.is_open() {
+            out.extend_from_slice(&self.hold.to_bytes());
+        }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<CardRecord> {
-        if bytes.len() != CARD_RECORD_LEN {
-            return None;
-        }
+        let hold = match bytes.len() {
+            CARD_RECORD_LEN => Hold::NONE,
+            CARD_RECORD_WITH_HOLD_LEN => {
+                Some(Hold::from_bytes(&bytes[CARD_RECORD_LEN..])?).filter(Hold::is_open)?
+            }
+            _ => return None,
+        };
         let u64_at = |i: usize| {
             let mut a = [0u8; 8];
             a.copy_from_slice(&bytes[i..i + 8]);
@@ -94,7 +108,8 @@ impl CardRecord {
             key_version: KeyVersion(u16::from_be_bytes([bytes[14], bytes[15]])),
             issued_ms: u64_at(16),
             linked_card: CardId(u64_at(24)),
-            last_pos: Pos::from_bytes(&bytes[32..])?,
+            last_pos: Pos::from_bytes(&bytes[32..CARD_RECORD_LEN])?,
+            hold,
         })
     }
 }

@@ -35,6 +35,8 @@ pub struct Limits {
     pub identity_ttl_ms: u64,
     /// Most derived card keys cached per shard (about 250 bytes each).
     pub key_cache_max: usize,
+    /// Tap-in holds and reversals (protocol 1.2).
+    pub transit: super::decide::transit::TransitLimits,
 }
 
 impl Default for Limits {
@@ -44,6 +46,7 @@ impl Default for Limits {
             max_amount: 50_000,
             identity_ttl_ms: 5 * 60 * 1000,
             key_cache_max: 200_000,
+            transit: super::decide::transit::TransitLimits::default(),
         }
     }
 }

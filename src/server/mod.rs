@@ -452,9 +452,25 @@ pub fn permitted(role: Role, request: &Request) -> bool {
         (_, Hello { .. })
             | (
                 Role::Reader,
-                Purchase { .. } | Balance { .. } | OfflineBatch { .. } | HotlistSync { .. }
+                Purchase { .. }
+                    | Balance { .. }
+                    | OfflineBatch { .. }
+                    | HotlistSync { .. }
+                    | TapIn { .. }
+                    | TapOut { .. }
+                    | Reversal { .. }
+                    | Inquiry { .. }
+                    | Funds { .. }
             )
-            | (Role::Kiosk, Balance { .. } | History { .. } | TopUp { .. } | Identity { .. })
+            | (
+                Role::Kiosk,
+                Balance { .. }
+                    | History { .. }
+                    | TopUp { .. }
+                    | Identity { .. }
+                    | Inquiry { .. }
+                    | Funds { .. }
+            )
             | (
                 Role::Counter,
                 Issue { .. }
@@ -464,7 +480,8 @@ pub fn permitted(role: Role, request: &Request) -> bool {
                     | Close { .. }
                     | TopUp { .. }
                     | History { .. }
-                    | Identity { .. },
+                    | Identity { .. }
+                    | Inquiry { .. },
             )
     )
 }
@@ -575,6 +592,38 @@ pub fn declined(request: &Request, status: Status) -> Response {
         Request::OfflineBatch { records } => Response::OfflineBatch(
             records.iter().map(|r| CardResult { card_id: r.card_id, atc: r.atc, ..card }).collect(),
         ),
+        Request::TapIn { .. }
+        | Request::TapOut { .. }
+        | Request::Reversal { .. }
+        | Request::Funds { .. } => {
+            let t = citycard_protocol::TransitResult {
+                status,
+                card_id,
+                atc,
+                balance: Amount(0),
+                amount: Amount(0),
+                held: Amount(0),
+                spendable: Amount(0),
+                ref_atc: citycard_protocol::Atc(0),
+                time_ms: 0,
+                journal_seq: 0,
+                mac: Mac::default(),
+            };
+            match request {
+                Request::TapIn { .. } => Response::TapIn(t),
+                Request::TapOut { .. } => Response::TapOut(t),
+                Request::Funds { .. } => Response::Funds(t),
+                _ => Response::Reversal(t),
+            }
+        }
+        Request::Inquiry { .. } => Response::Inquiry(citycard_protocol::InquiryResult {
+            status,
+            card_id,
+            atc,
+            answer: None,
+            journal_seq: 0,
+            mac: Mac::default(),
+        }),
         // Their answers have no status field; Hello is never refused.
         Request::Hello { .. } | Request::HotlistSync { .. } => Response::error(
             citycard_protocol::ErrorCode::NotPermitted,
