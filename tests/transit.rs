@@ -298,6 +298,17 @@ async fn holds_survive_a_restart_and_expire_on_the_server_clock() {
         (Amount(MAX_FARE), tapped.atc, tapped.time_ms),
         "the hold survived"
     );
+    server.stop().await.unwrap();
+
+    // The derived state thrown away: the hold is rebuilt from the journal.
+    for shard in 0..2 {
+        let state = citycard::layout::shard_dir(&env.data, shard).join("state");
+        std::fs::remove_dir_all(state).unwrap();
+    }
+    let server = env.start().await;
+    let mut gate = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let f = transit(gate.call(&funds(&card, "reader-1")).await);
+    assert_eq!((f.held, f.time_ms), (Amount(MAX_FARE), tapped.time_ms), "rebuilt");
     let out = transit(gate.call(&tap_out(&mut card, 100, "reader-1")).await);
     assert_eq!((out.status, out.balance, out.ref_atc), (Status::Approved, Amount(900), tapped.atc));
     server.stop().await.unwrap();

@@ -249,4 +249,54 @@ mod tests {
         bad_kind[1] = 200;
         assert!(Entry::decode(&bad_kind).is_err());
     }
+
+    #[test]
+    fn transit_fields_use_version_3_and_leave_version_2_bytes_alone() {
+        let plain = Entry {
+            kind: EntryKind::TapIn,
+            status: Status::InsufficientFunds,
+            card_id: CardId(6_000_000_000_000_123),
+            atc: Atc(8),
+            amount: Amount(0),
+            balance_after: Amount(100),
+            time_ms: 1_700_000_000_000,
+            reference: 5,
+            binding: Mac([4; 16]),
+            other_card: CardId(0),
+            key_version: KeyVersion(1),
+            hotlist_version: 0,
+            hotlist_change: HotlistChange::None,
+            extra: 400,
+            terminal: "reader-1".into(),
+            prev_pos: Pos { segment: 2, offset: 64 },
+            transit: Transit::NONE,
+        };
+        let mut v2 = Vec::new();
+        plain.encode(&mut v2);
+        assert_eq!(v2[0], ENTRY_VERSION, "no transit fields: the version 2 layout");
+        assert_eq!(v2.len(), FIXED_LEN + 8);
+        assert_eq!(Entry::decode(&v2).ok(), Some(plain.clone()));
+
+        let hold = Hold { atc: Atc(8), amount: Amount(400), expires_ms: 1_700_000_010_800 };
+        let held =
+            Entry { status: Status::Approved, transit: Transit { hold, ref_atc: Atc(8) }, ..plain };
+        let mut v3 = Vec::new();
+        held.encode(&mut v3);
+        assert_eq!(v3[0], ENTRY_VERSION_TRANSIT);
+        assert_eq!(v3.len(), FIXED_LEN + Transit::LEN + 8);
+        assert_eq!(Entry::decode(&v3).ok(), Some(held));
+        // Cut, lengthened, or a version 3 record without transit fields: refused.
+        assert!(Entry::decode(&v3[..v3.len() - 1]).is_err());
+        let mut longer = v3.clone();
+        longer.push(0);
+        assert!(Entry::decode(&longer).is_err());
+        let mut empty_transit = v3.clone();
+        let at = FIXED_LEN - 1;
+        empty_transit[at..at + Transit::LEN].fill(0);
+        assert!(Entry::decode(&empty_transit).is_err());
+        // A version 2 record cannot be read as version 3.
+        let mut relabelled = v2.clone();
+        relabelled[0] = ENTRY_VERSION_TRANSIT;
+        assert!(Entry::decode(&relabelled).is_err());
+    }
 }

@@ -165,3 +165,40 @@ pub(crate) fn be_u64(v: &[u8]) -> Option<u64> {
     let a: [u8; 8] = v.try_into().ok()?;
     Some(u64::from_be_bytes(a))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(hold: Hold) -> CardRecord {
+        CardRecord {
+            state: CardState::Active,
+            block_reason: BlockReason::Other,
+            balance: Amount(1_000),
+            last_atc: Atc(4),
+            key_version: KeyVersion(1),
+            issued_ms: 7,
+            linked_card: CardId(0),
+            last_pos: Pos { segment: 1, offset: 32 },
+            hold,
+        }
+    }
+
+    #[test]
+    fn a_hold_is_appended_only_when_open() {
+        let plain = record(Hold::NONE);
+        assert_eq!(plain.encode().len(), CARD_RECORD_LEN, "the pre-1.2 layout, byte for byte");
+        assert_eq!(CardRecord::decode(&plain.encode()), Some(plain));
+        let hold = Hold { atc: Atc(4), amount: Amount(400), expires_ms: 99 };
+        let held = record(hold);
+        let bytes = held.encode();
+        assert_eq!(bytes.len(), CARD_RECORD_WITH_HOLD_LEN);
+        assert_eq!(&bytes[..CARD_RECORD_LEN], &plain.encode()[..]);
+        assert_eq!(CardRecord::decode(&bytes), Some(held));
+        // Hold bytes that describe no hold, and other lengths, are malformed.
+        let mut none = bytes.clone();
+        none[CARD_RECORD_LEN..CARD_RECORD_LEN + 4].fill(0);
+        assert_eq!(CardRecord::decode(&none), None);
+        assert_eq!(CardRecord::decode(&bytes[..bytes.len() - 1]), None);
+    }
+}
