@@ -106,7 +106,10 @@ pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
 
 fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> anyhow::Result<()> {
     let dir = crate::layout::shard_dir(data_dir, index);
-    let db = crate::engine::recovery::open_sled(&dir.join("state"));
+    let db = crate::engine::recovery::open_sled(
+        &dir.join("state"),
+        &mut crate::host::SystemHost::default(),
+    );
     let db = match db {
         Ok(db) => Some(db),
         Err(e) if e.is_environment() => {

@@ -9,32 +9,30 @@ use citycard_protocol::{
 };
 
 use super::entry::Entry;
-use super::shard::Shard;
 
-impl Shard {
-    pub(super) fn seal_card(
-        &self,
-        key: &CardKey,
-        request_type: MessageType,
-        binding: &Mac,
-        result: CardResult,
-    ) -> CardResult {
-        let response_type = match request_type {
-            MessageType::Purchase => MessageType::PurchaseResult,
-            MessageType::TopUp => MessageType::TopUpResult,
-            MessageType::Balance => MessageType::BalanceResult,
-            _ => MessageType::OfflineResults,
-        };
-        let mut body = BytesMut::with_capacity(citycard_protocol::CARD_RESULT_LEN);
-        let mut r = result;
-        r.mac = Mac::default();
-        let response = Response::Balance(r);
-        // Encoding a CardResult cannot fail: it has no counted fields.
-        let _ = response.encode_body(&mut body);
-        let split = body.len() - 16;
-        r.mac = key.response_mac(response_type as u8, binding, &body[..split]);
-        r
-    }
+/// Sets the response MAC of a card result (purchase, top-up, balance, offline record) for the
+/// request of `request_type` bound to `binding`.
+pub(super) fn seal_card(
+    key: &CardKey,
+    request_type: MessageType,
+    binding: &Mac,
+    result: CardResult,
+) -> CardResult {
+    let response_type = match request_type {
+        MessageType::Purchase => MessageType::PurchaseResult,
+        MessageType::TopUp => MessageType::TopUpResult,
+        MessageType::Balance => MessageType::BalanceResult,
+        _ => MessageType::OfflineResults,
+    };
+    let mut body = BytesMut::with_capacity(citycard_protocol::CARD_RESULT_LEN);
+    let mut r = result;
+    r.mac = Mac::default();
+    let response = Response::Balance(r);
+    // Encoding a CardResult cannot fail: it has no counted fields.
+    let _ = response.encode_body(&mut body);
+    let split = body.len() - 16;
+    r.mac = key.response_mac(response_type as u8, binding, &body[..split]);
+    r
 }
 
 pub(super) fn unauthenticated(status: Status, auth: &CardAuth) -> CardResult {

@@ -1,14 +1,14 @@
-//! Card keys (derived on demand, cached within a bound) and card authentication.
+//! Card keys (derived on demand, cached within a bound), card lookup with authentication, and
+//! the ATC lookup that feeds the exactly-once rules.
 
 use citycard_protocol::crypto::CardKey;
 use citycard_protocol::{Amount, CardAuth, CardId, KeyVersion, MessageType, Status};
 
+use super::decide::{self, AtcUse, Context, Policy};
 use super::shard::Shard;
 use super::state::CardRecord;
 use super::types::ATC_LOOKUP_DEPTH;
-use super::walk::{AtcLookup, AtcUse};
 use super::StoreError;
-use citycard_protocol::ATC_LATE_WINDOW;
 
 impl Shard {
     pub(super) fn card_key(&mut self, card: CardId, version: KeyVersion) -> Option<CardKey> {
@@ -25,8 +25,23 @@ impl Shard {
         Some(key)
     }
 
-    /// Checks the card exists and the cryptogram verifies. On failure returns the decline
-    /// status (never journaled, never consumes the ATC).
+    /// The card's record and key, if it exists and its key is available. On failure returns
+    /// the decline status (never journaled, never consumes the ATC).
+    pub(super) fn card_and_key(
+        &mut self,
+        card_id: CardId,
+    ) -> Result<(CardRecord, CardKey), Status> {
+        let Some(card) = self.cards.get(card_id) else {
+            return Err(Status::UnknownCard);
+        };
+        let Some(key) = self.card_key(card_id, card.key_version) else {
+            tracing::error!(card = %card_id.masked(), key_version = card.key_version.0, "no issuer key for the card's key version");
+            return Err(Status::KeyVersionRetired);
+        };
+        Ok((card, key))
+    }
+
+    /// Looks the card up and checks the request's cryptogram ([`decide::auth::request`]).
     pub(super) fn authenticate(
         &mut self,
         terminal: &str,
@@ -34,58 +49,40 @@ impl Shard {
         auth: &CardAuth,
         amount: Amount,
     ) -> Result<(CardRecord, CardKey), Status> {
-        let Some(card) = self.cards.get(auth.card_id) else {
-            return Err(Status::UnknownCard);
-        };
-        let Some(key) = self.card_key(auth.card_id, card.key_version) else {
-            tracing::error!(card = %auth.card_id.masked(), key_version = card.key_version.0, "no issuer key for the card's key version");
-            return Err(Status::KeyVersionRetired);
-        };
-        let expected = key.request_cryptogram(
-            message_type as u8,
-            auth.card_id,
-            auth.atc,
-            amount,
-            auth.nonce,
-            terminal,
-        );
-        if !CardKey::verify(&expected, &auth.cryptogram) {
+        let (card, key) = self.card_and_key(auth.card_id)?;
+        if let Err(status) = decide::auth::request(&key, terminal, message_type, auth, amount) {
             tracing::warn!(card = %auth.card_id.masked(), terminal, "bad cryptogram");
-            return Err(Status::BadCryptogram);
+            return Err(status);
         }
         Ok((card, key))
     }
 
-    /// Whether a consuming card request's ATC is new, was used, or is too old (PROTOCOL.md 6.1).
-    /// A used ATC is found in the (card, ATC) index whatever its age, so a retry always gets
-    /// its original answer. An unused ATC at or below the card's last one is still new within
-    /// [`ATC_LATE_WINDOW`]: a request answered Busy or Unavailable was never done, and a later
-    /// ATC of the same card may have been decided in the meantime. ATC 0 is never valid (a new
-    /// card's last ATC is 0, so its first online ATC is 1).
+    /// What the card's chain says about the request's ATC ([`decide::atc_use`]); walks the
+    /// chain only for an ATC at or below the card's last one.
     pub(super) fn atc_use(
         &mut self,
         card: &CardRecord,
         auth: &CardAuth,
     ) -> Result<AtcUse, StoreError> {
-        if auth.atc > card.last_atc {
-            return Ok(AtcUse::Fresh);
-        }
-        match self.atc_entry(auth.card_id, auth.atc, ATC_LOOKUP_DEPTH)? {
-            AtcLookup::Used(seq, entry) => Ok(AtcUse::Used(seq, entry)),
-            AtcLookup::Unused
-                if auth.atc.0 != 0 && card.last_atc.0 - auth.atc.0 < ATC_LATE_WINDOW =>
-            {
-                Ok(AtcUse::Fresh)
-            }
-            // Not provably unused (too old, or deeper than the walk goes): never decide it.
-            AtcLookup::Unused | AtcLookup::Unknown => Ok(AtcUse::Stale),
-        }
+        let lookup = if auth.atc > card.last_atc {
+            None
+        } else {
+            Some(self.atc_entry(auth.card_id, auth.atc, ATC_LOOKUP_DEPTH)?)
+        };
+        Ok(decide::atc_use(card, auth.atc, lookup))
     }
 
-    pub(super) fn key_retired(&self, card: &CardRecord, now_ms: u64) -> bool {
-        self.secrets
-            .retire_after_ms
-            .get(&card.key_version.0)
-            .is_some_and(|cutoff| now_ms >= *cutoff)
+    /// The moment of a decision: terminal, time, limits, key policy, hotlist version.
+    pub(super) fn context<'a>(&'a self, terminal: &'a str, now_ms: u64) -> Context<'a> {
+        Context {
+            terminal,
+            now_ms,
+            policy: Policy {
+                limits: &self.limits,
+                retire_after_ms: &self.secrets.retire_after_ms,
+                current_version: self.secrets.current_version,
+            },
+            hotlist_version: self.hotlist_version,
+        }
     }
 }

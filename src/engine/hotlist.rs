@@ -5,29 +5,11 @@ use citycard_protocol::{BlockReason, CardId, HotlistEntry};
 
 use super::entry::{Entry, HotlistChange};
 use super::shard::Shard;
-use super::state::{self, CardRecord};
+use super::state;
 use super::types::Output;
 use super::StoreError;
 
 impl Shard {
-    pub(super) fn next_hotlist(
-        &mut self,
-        before: Option<BlockReason>,
-        after: &CardRecord,
-    ) -> (u64, HotlistChange) {
-        let change = match (before, after.hotlisted()) {
-            (None, None) => HotlistChange::None,
-            (Some(a), Some(b)) if a == b => HotlistChange::None,
-            (_, Some(reason)) => HotlistChange::Listed(reason),
-            (Some(reason), None) => HotlistChange::Unlisted(reason),
-        };
-        if change == HotlistChange::None {
-            (0, change)
-        } else {
-            (self.hotlist_version + 1, change)
-        }
-    }
-
     pub(super) fn hotlist(&mut self, since: u64, max: usize) -> Result<Output, StoreError> {
         let mut entries = Vec::new();
         let mut more = false;
@@ -72,10 +54,15 @@ pub(super) fn hotlist_entry_of(entry: &Entry) -> Option<HotlistEntry> {
 
 pub(super) fn parse_hotlist(version: u64, v: &[u8]) -> Result<HotlistEntry, StoreError> {
     if v.len() != 10 {
-        return Err(StoreError::State(format!("hotlist entry {version} malformed")));
+        return Err(StoreError::MalformedState {
+            what: "hotlist entry",
+            detail: format!("version {version}"),
+        });
     }
     let card_id = CardId(state::be_u64(&v[..8]).unwrap_or(0));
-    let reason = BlockReason::from_u8(v[9])
-        .ok_or_else(|| StoreError::State(format!("hotlist entry {version} reason")))?;
+    let reason = BlockReason::from_u8(v[9]).ok_or_else(|| StoreError::MalformedState {
+        what: "hotlist entry reason",
+        detail: format!("version {version}"),
+    })?;
     Ok(HotlistEntry { card_id, listed: v[8] == 1, reason, version })
 }

@@ -3,13 +3,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::cards::{Cards, Loaded};
 use super::checkpoint::Checkpoint;
 use super::overlay::Overlay;
-use super::persister::{CheckpointPlace, Persister};
-use super::recovery::{self, RebuildReason, Verdict};
+use super::persister::{CheckpointPlace, Inline};
+use super::recovery::{self, OpenHost, RebuildReason, Verdict};
 use super::shard::Shard;
 use super::state;
 use super::types::{OpenReport, Secrets, ShardOptions};
@@ -25,9 +24,14 @@ impl Shard {
     /// rebuilt; a missing or empty one is rebuilt in place. A failure of the environment (disk
     /// full, I/O error, permissions) stops with [`StoreError::Storage`] and leaves the state
     /// untouched (see [`super::recovery`]).
-    pub fn open(
+    ///
+    /// `host` gives the time that names a state set aside and the pause while sled's lock is
+    /// held (the engine reads no clock); `Shard::open` (in [`crate::host`]) passes the system's.
+    /// The shard starts with the [`Inline`] write-behind; see [`Shard::set_write_behind`].
+    pub fn open_with(
         options: ShardOptions,
         secrets: Arc<Secrets>,
+        host: &mut dyn OpenHost,
     ) -> Result<(Shard, OpenReport), StoreError> {
         let journal_dir = options.dir.join("journal");
         let state_dir = options.dir.join("state");
@@ -46,20 +50,18 @@ impl Shard {
         // state the journal disagrees with in the first or second; the last starts from an
         // empty state without a checkpoint, which can disagree with nothing.
         for _round in 0..3 {
-            let opened = recovery::open_sled(&state_dir)
+            let opened = recovery::open_sled(&state_dir, host)
                 .and_then(|db| Shard::from_db(&options, secrets.clone(), db));
             let mut shard = match opened {
                 Ok(shard) => shard,
                 Err(e) => match recovery::classify(e, &state_dir) {
                     Verdict::Rebuild(reason) if rebuild.is_none() => {
                         tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "derived state is damaged; rebuilding it from the journal");
-                        recovery::move_aside(&state_dir)?;
+                        recovery::move_aside(&state_dir, host.now_ms())?;
                         rebuild = Some(reason);
                         continue;
                     }
-                    Verdict::Rebuild(reason) => {
-                        return Err(StoreError::State(format!("fresh state unusable: {reason}")))
-                    }
+                    Verdict::Rebuild(reason) => return Err(StoreError::FreshStateUnusable(reason)),
                     Verdict::Stop(e) => return Err(e),
                 },
             };
@@ -91,7 +93,7 @@ impl Shard {
                     let reason = RebuildReason::CheckpointDisagrees(format!("seq {seq}: {reason}"));
                     tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "checkpoint disagrees with the journal; rebuilding the state from the whole journal");
                     drop(shard);
-                    recovery::move_aside(&state_dir)?;
+                    recovery::move_aside(&state_dir, host.now_ms())?;
                     rebuild = Some(reason);
                     checkpoint = None;
                     continue;
@@ -108,7 +110,7 @@ impl Shard {
                     RebuildReason::AheadOfJournal { applied_seq: applied_before, last_seq };
                 tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "derived state is ahead of the journal; rebuilding it from the journal");
                 drop(shard);
-                recovery::move_aside(&state_dir)?;
+                recovery::move_aside(&state_dir, host.now_ms())?;
                 rebuild = Some(reason);
                 checkpoint = None;
                 continue;
@@ -136,7 +138,7 @@ impl Shard {
             };
             return Ok((shard, report));
         }
-        Err(StoreError::State("state still disagrees with the journal after a rebuild".into()))
+        Err(StoreError::StillDisagrees)
     }
 
     pub(super) fn from_db(
@@ -145,15 +147,18 @@ impl Shard {
         db: sled::Db,
     ) -> Result<Shard, StoreError> {
         let applied_seq = match db.get(state::META_APPLIED)? {
-            Some(v) => state::be_u64(&v)
-                .ok_or_else(|| StoreError::State("applied_seq malformed".into()))?,
+            Some(v) => state::be_u64(&v).ok_or_else(|| StoreError::MalformedState {
+                what: "applied_seq",
+                detail: format!("{} bytes", v.len()),
+            })?,
             None => 0,
         };
         let Loaded { cards, next_card } = Cards::load(&db, options.count, applied_seq)?;
         let hold_index = super::holds::HoldIndex::of(cards.iter());
         let hotlist_version = match db.scan_prefix([state::HOTLIST]).next_back() {
-            Some(item) => state::be_u64(&item?.0[1..])
-                .ok_or_else(|| StoreError::State("hotlist key malformed".into()))?,
+            Some(item) => state::be_u64(&item?.0[1..]).ok_or_else(|| {
+                StoreError::MalformedState { what: "hotlist key", detail: "not 9 bytes".into() }
+            })?,
             None => 0,
         };
         let place = CheckpointPlace {
@@ -161,13 +166,6 @@ impl Shard {
             journal_dir: options.dir.join("journal"),
             archive_dir: options.archive_dir(),
         };
-        let persister = Persister::start(
-            db.clone(),
-            options.index,
-            applied_seq,
-            options.dir.join("state"),
-            place.clone(),
-        )?;
         Ok(Shard {
             index: options.index,
             count: options.count,
@@ -181,13 +179,16 @@ impl Shard {
             next_card,
             applied_seq,
             overlay: Overlay::default(),
-            persister,
+            write_behind: Box::new(Inline::default()),
+            persisted: applied_seq,
+            state_dir: options.dir.join("state"),
             scratch: Vec::with_capacity(256),
             files: JournalFiles::new(options.dir.join("journal"), options.archive_dir()),
             place,
             checkpoint_policy: options.checkpoint,
             checkpoint_seq: applied_seq,
-            checkpoint_at: Instant::now(),
+            checkpoint_at_ms: None,
+            now_ms: 0,
             hold_index,
         })
     }

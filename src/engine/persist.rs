@@ -1,28 +1,28 @@
 //! The write-behind of derived state: committed entries are sealed into one sled batch per
 //! chunk and handed to the persister; checkpoints are taken with a chunk when due.
 
-use std::time::{Duration, Instant};
-
 use citycard_protocol::EntryKind;
 
 use super::checkpoint::Checkpoint;
 use super::entry::Entry;
 use super::hotlist::hotlist_entry_of;
-use super::persister::PersistJob;
+use super::persister::{PersistError, PersistJob, WriteBehind};
 use super::shard::Shard;
 use super::state;
-use super::types::{PERSIST_INTERVAL, PERSIST_MAX_RECORDS, PERSIST_WAIT};
+use super::types::{PERSIST_INTERVAL_MS, PERSIST_MAX_RECORDS};
 use super::StoreError;
 use crate::journal::Pos;
 
 impl Shard {
-    /// Hands the committed entries to the persister when enough have gathered or the oldest
-    /// is old enough; call after every commit and when idle. Err is fail-stop.
-    pub fn persist_due(&mut self) -> Result<(), StoreError> {
-        self.persister.check()?;
-        self.overlay.trim(self.persister.done());
+    /// Hands the committed entries to the write-behind when enough have gathered or the oldest
+    /// is `PERSIST_INTERVAL_MS` old at `now_ms`; call after every commit and when idle. Err is
+    /// fail-stop.
+    pub fn persist_due(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        self.observe(now_ms);
+        self.trim()?;
         let due = self.overlay.current().is_some_and(|c| {
-            c.entries.len() >= PERSIST_MAX_RECORDS || c.started.elapsed() >= PERSIST_INTERVAL
+            c.entries.len() >= PERSIST_MAX_RECORDS
+                || now_ms.saturating_sub(c.started_ms) >= PERSIST_INTERVAL_MS
         });
         if due {
             self.seal()?;
@@ -30,11 +30,46 @@ impl Shard {
         Ok(())
     }
 
-    /// Hands everything committed to the persister now, without waiting for sled.
+    /// Hands everything committed to the write-behind now, without waiting for sled.
     pub fn hand_off(&mut self) -> Result<(), StoreError> {
-        self.persister.check()?;
-        self.overlay.trim(self.persister.done());
+        self.trim()?;
         self.seal()
+    }
+
+    /// Runs one waiting write-behind job, for a write-behind that waits for its driver
+    /// ([`super::persister::Stepped`]); returns whether one ran.
+    pub fn persist_step(&mut self) -> Result<bool, StoreError> {
+        let ran = self.write_behind.step().map_err(|e| self.persist_error(e))?;
+        self.trim()?;
+        Ok(ran)
+    }
+
+    /// Replaces the write-behind (the server's worker installs one that runs on its own thread).
+    /// Everything handed to the old one is finished first.
+    pub fn set_write_behind(
+        &mut self,
+        write_behind: Box<dyn WriteBehind>,
+    ) -> Result<(), StoreError> {
+        self.write_behind.drain().map_err(|e| self.persist_error(e))?;
+        self.trim()?;
+        self.write_behind = write_behind;
+        Ok(())
+    }
+
+    /// Learns how far sled got and drops the overlay chunks it confirmed.
+    pub(super) fn trim(&mut self) -> Result<(), StoreError> {
+        let finished = self.write_behind.finished().map_err(|e| self.persist_error(e))?;
+        self.persisted = self.persisted.max(finished);
+        self.overlay.trim(self.persisted);
+        Ok(())
+    }
+
+    pub(super) fn persist_error(&self, error: PersistError) -> StoreError {
+        match error {
+            PersistError::Sled(e) => super::recovery::write_error(e, &self.state_dir),
+            PersistError::Stopped => StoreError::PersisterStopped,
+            PersistError::Stuck { waited_ms } => StoreError::PersistStuck { waited_ms },
+        }
     }
 
     /// The checkpoint to take with a chunk ending at `last_seq`, when the policy says one is
@@ -43,10 +78,11 @@ impl Shard {
     pub(super) fn checkpoint_due(&mut self, last_seq: u64) -> Option<Checkpoint> {
         let journal = self.journal.as_ref()?;
         let since = last_seq.saturating_sub(self.checkpoint_seq);
+        let now_ms = self.now_ms;
+        // The first chunk after a start (or before any time was given) starts the interval.
+        let at_ms = *self.checkpoint_at_ms.get_or_insert(now_ms);
         let due = since >= self.checkpoint_policy.records
-            || (since > 0
-                && self.checkpoint_at.elapsed()
-                    >= Duration::from_millis(self.checkpoint_policy.interval_ms));
+            || (since > 0 && now_ms.saturating_sub(at_ms) >= self.checkpoint_policy.interval_ms);
         if !due {
             return None;
         }
@@ -55,9 +91,10 @@ impl Shard {
         if journal.last_committed_seq() != last_seq {
             return None;
         }
+        let checkpoint = self.checkpoint_at_seq(last_seq, journal.last_hash());
         self.checkpoint_seq = last_seq;
-        self.checkpoint_at = Instant::now();
-        Some(self.checkpoint_at_seq(last_seq, journal.last_hash()))
+        self.checkpoint_at_ms = Some(now_ms);
+        Some(checkpoint)
     }
 
     pub(super) fn checkpoint_at_seq(
@@ -74,11 +111,10 @@ impl Shard {
     }
 
     /// Writes everything committed to sled and takes a checkpoint at the last committed seq,
-    /// on this thread (at the end of a start and at shutdown, when the persister is idle).
+    /// on this thread (at the end of a start and at shutdown, when the write-behind is idle).
     pub fn checkpoint_now(&mut self) -> Result<(), StoreError> {
         self.persist()?;
-        let journal =
-            self.journal.as_ref().ok_or_else(|| StoreError::State("journal not open".into()))?;
+        let journal = self.journal.as_ref().ok_or(StoreError::JournalNotOpen)?;
         let seq = journal.last_committed_seq();
         if seq == 0 {
             return Ok(());
@@ -86,36 +122,30 @@ impl Shard {
         let checkpoint = self.checkpoint_at_seq(seq, journal.last_hash());
         self.place.take(&self.db, self.index, &checkpoint);
         self.checkpoint_seq = seq;
-        self.checkpoint_at = Instant::now();
+        self.checkpoint_at_ms = (self.now_ms > 0).then_some(self.now_ms);
         Ok(())
     }
 
     /// Writes everything committed into sled and waits until it is there (shutdown, replay,
-    /// tests).
+    /// tests). How long it may wait is the write-behind's bound.
     pub fn persist(&mut self) -> Result<(), StoreError> {
         self.seal()?;
-        // Bounded: the persister applies at most PERSIST_QUEUE batches; a stuck sled shows as
-        // an error rather than a hang.
-        let deadline = Instant::now() + PERSIST_WAIT;
-        while self.persister.done() < self.applied_seq {
-            self.persister.check()?;
-            if Instant::now() >= deadline {
-                return Err(StoreError::State(format!(
-                    "sled did not apply the state within {PERSIST_WAIT:?}"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        self.write_behind.drain().map_err(|e| self.persist_error(e))?;
+        self.trim()?;
+        if self.persisted < self.applied_seq {
+            return Err(StoreError::PersistBehind {
+                persisted: self.persisted,
+                applied_seq: self.applied_seq,
+            });
         }
-        self.persister.check()?;
-        self.overlay.trim(self.persister.done());
         Ok(())
     }
 
     /// Seals the current chunk into one sled batch (entries, changed cards, applied_seq) and
-    /// queues it for the persister.
+    /// hands it to the write-behind.
     pub(super) fn seal(&mut self) -> Result<(), StoreError> {
         if self.pending() > 0 {
-            return Err(StoreError::State("persist before commit".into()));
+            return Err(StoreError::PersistBeforeCommit { pending: self.pending() });
         }
         let Some(chunk) = self.overlay.chunks.back_mut().filter(|c| c.sealed_at.is_none()) else {
             return Ok(());
@@ -134,19 +164,15 @@ impl Shard {
         batch.insert(state::META_DIGEST, &self.cards.digest().to_bytes()[..]);
         chunk.sealed_at = Some(last_seq);
         self.applied_seq = last_seq;
-        let checkpoint = self.checkpoint_due(last_seq);
-        let job = PersistJob { batch, last_seq, checkpoint };
-        let queue = self.persister.queue.as_ref();
-        if queue.is_none_or(|q| q.send(job).is_err()) {
-            self.persister.check()?;
-            return Err(StoreError::State("persister thread stopped".into()));
-        }
-        Ok(())
+        let checkpoint = self.checkpoint_due(last_seq).map(|c| (c, self.place.clone()));
+        let job =
+            PersistJob { db: self.db.clone(), shard: self.index, batch, last_seq, checkpoint };
+        self.write_behind.submit(job).map_err(|e| self.persist_error(e))
     }
 
     /// Flushes sled to disk (for a clean shutdown; correctness never depends on it).
     pub fn flush_state(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|e| super::recovery::write_error(e, &self.persister.state_dir))?;
+        self.db.flush().map_err(|e| super::recovery::write_error(e, &self.state_dir))?;
         Ok(())
     }
 }

@@ -3,18 +3,20 @@
 //!
 //! The call pattern is: [`Shard::execute`] for each command of a batch (decisions see the
 //! effects of earlier commands in the same batch), then [`Shard::commit`] (one journal sync),
-//! then send the replies, then [`Shard::persist_due`]. sled is written behind, in large
+//! then send the replies, then [`Shard::persist_due`] with the driver's time. sled is written
+//! behind (see [`super::persister`]), in large
 //! coalesced batches: committed entries stay in an in-memory overlay that every read consults
 //! until sled has confirmed them. Nothing decided is visible to anyone before `commit` returns
 //! Ok.
 //!
 //! The rest of `impl Shard` lives beside this file, one idea per file: `open` (recovery),
 //! `persist` (the write-behind), `apply`, `walk` (card chains), `hotlist`, `auth`, and the
-//! operations.
+//! operations (`card_ops`, `staff_ops`), which do lookup, decide ([`super::decide`]), append,
+//! apply, and nothing else.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use citycard_protocol::crypto::CardKey;
 use citycard_protocol::{CardId, EntryKind, KeyVersion, Request, Response};
@@ -22,7 +24,7 @@ use citycard_protocol::{CardId, EntryKind, KeyVersion, Request, Response};
 use super::cards::Cards;
 use super::checkpoint::CheckpointPolicy;
 use super::overlay::Overlay;
-use super::persister::{CheckpointPlace, Persister};
+use super::persister::{CheckpointPlace, WriteBehind};
 use super::state::CardRecord;
 use super::transit_ops::TransitOp;
 use super::types::{Limits, Op, Output, Secrets};
@@ -43,23 +45,39 @@ pub struct Shard {
     pub(super) hotlist_version: u64,
     /// Allocation counter of the next card id this shard issues.
     pub(super) next_card: u64,
-    /// Highest seq handed to sled (the persister may still be writing it).
+    /// Highest seq handed to sled (the write-behind may still be writing it).
     pub(super) applied_seq: u64,
     pub(super) overlay: Overlay,
-    pub(super) persister: Persister,
+    /// Runs the sealed chunks against sled (see [`super::persister`]).
+    pub(super) write_behind: Box<dyn WriteBehind>,
+    /// Highest seq sled has confirmed (the overlay holds everything above it).
+    pub(super) persisted: u64,
+    /// The sled directory, for error messages.
+    pub(super) state_dir: PathBuf,
     pub(super) scratch: Vec<u8>,
     pub(super) place: CheckpointPlace,
     /// Reads committed records by position (history pages, retries, staff op lookups).
     pub(super) files: JournalFiles,
     pub(super) checkpoint_policy: CheckpointPolicy,
-    /// Seq of the last checkpoint handed to the persister, and when.
+    /// Seq of the last checkpoint handed to the write-behind.
     pub(super) checkpoint_seq: u64,
-    pub(super) checkpoint_at: Instant,
+    /// The driver's time of that checkpoint (None until a time is known: the first chunk
+    /// then starts the interval).
+    pub(super) checkpoint_at_ms: Option<u64>,
+    /// The latest time the driver passed in (Unix ms; 0 before the first): the engine reads no
+    /// clock of its own.
+    pub(super) now_ms: u64,
     /// Open holds by expiry, for the sweep (derived from the card records).
     pub(super) hold_index: super::holds::HoldIndex,
 }
 
 impl Shard {
+    /// Takes the driver's time. A clock that steps back does not move the shard's time back
+    /// (chunk ages and checkpoint intervals only grow).
+    pub(super) fn observe(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
     pub fn index(&self) -> u16 {
         self.index
     }
@@ -89,7 +107,7 @@ impl Shard {
     }
 
     pub(super) fn journal(&mut self) -> Result<&mut Journal, StoreError> {
-        self.journal.as_mut().ok_or_else(|| StoreError::State("journal not open".into()))
+        self.journal.as_mut().ok_or(StoreError::JournalNotOpen)
     }
 
     /// Makes every decided record durable with one sync. Err is fail-stop.
@@ -105,6 +123,7 @@ impl Shard {
         op: Op<'_>,
         now_ms: u64,
     ) -> Result<Output, StoreError> {
+        self.observe(now_ms);
         match op {
             Op::Request(request) => self.request(terminal, request, now_ms).map(Output::Response),
             Op::Offline(records) => {
@@ -179,7 +198,7 @@ impl Shard {
             }
             Request::Funds { auth } => self.funds(terminal, auth),
             Request::Hello { .. } | Request::OfflineBatch { .. } | Request::HotlistSync { .. } => {
-                Err(StoreError::State("connection-level request routed to a shard".into()))
+                Err(StoreError::NotForShard(request.message_type()))
             }
         }
     }

@@ -9,13 +9,13 @@ use citycard_protocol::{
     TransitResult, ATC_LATE_WINDOW,
 };
 
-use super::answer::{card_result, seal};
+use super::answer::{card_result, seal, seal_card};
 use super::decide::transit::{self, AtcFinding, Decision, InquiryOutcome, PurchaseFacts};
+use super::decide::{self, AtcLookup, AtcUse};
 use super::entry::Entry;
 use super::shard::Shard;
 use super::state::CardRecord;
 use super::types::ATC_LOOKUP_DEPTH;
-use super::walk::{AtcLookup, AtcUse};
 use super::StoreError;
 use crate::journal::Pos;
 
@@ -120,7 +120,7 @@ impl Shard {
                 current(Status::Replay, &card, auth)
             }
             AtcUse::Fresh => {
-                let key_retired = self.key_retired(&card, now_ms);
+                let key_retired = self.context(terminal, now_ms).policy.key_retired(&card, now_ms);
                 let limits = self.limits.transit;
                 let (d, requested) = match op {
                     TransitOp::TapIn => (
@@ -186,7 +186,8 @@ impl Shard {
             after.balance = Amount(card.balance.0.saturating_add(d.delta));
             after.hold = d.transit.hold;
         }
-        let (hotlist_version, hotlist_change) = self.next_hotlist(card.hotlisted(), &after);
+        let (hotlist_version, hotlist_change) =
+            decide::hotlist_change(self.hotlist_version, card.hotlisted(), &after);
         let entry = Entry {
             kind,
             status: d.status,
@@ -351,14 +352,11 @@ impl Shard {
     ) -> Result<Response, StoreError> {
         let binding = auth.cryptogram;
         Ok(match original_type {
-            MessageType::Purchase => Response::Purchase(self.seal_card(
-                key,
-                original_type,
-                &binding,
-                card_result(e, seq),
-            )),
+            MessageType::Purchase => {
+                Response::Purchase(seal_card(key, original_type, &binding, card_result(e, seq)))
+            }
             MessageType::TopUp => {
-                Response::TopUp(self.seal_card(key, original_type, &binding, card_result(e, seq)))
+                Response::TopUp(seal_card(key, original_type, &binding, card_result(e, seq)))
             }
             // The identity answer carries a signature over the journaled fields: its retry
             // path rebuilds it exactly.

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use citycard_protocol::{CardResult, HotlistEntry, KeyVersion, OfflineRecord, Request, Response};
 use ring::signature::Ed25519KeyPair;
@@ -94,10 +93,7 @@ pub enum Output {
 pub(super) const PERSIST_MAX_RECORDS: usize = 4_096;
 /// Oldest an unpersisted chunk may get before it is handed to sled anyway (bounds the replay
 /// after a crash and the overlay's size at low rates).
-pub(super) const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
-/// Longest a synchronous persist (shutdown, replay) waits for sled before it is an error: a few
-/// chunks take well under a second, so two minutes means sled is stuck.
-pub(super) const PERSIST_WAIT: Duration = Duration::from_secs(120);
+pub(super) const PERSIST_INTERVAL_MS: u64 = 500;
 
 /// How far back a card's chain is walked to find the record that used an online ATC. A retry
 /// comes within seconds or minutes, so its record is among the card's newest; 256 records cover

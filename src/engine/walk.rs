@@ -5,30 +5,12 @@
 use citycard_protocol::{Amount, Atc, CardId, EntryKind, KeyVersion, Mac, Status};
 
 use super::decide::transit::Transit;
+use super::decide::AtcLookup;
 use super::entry::{Entry, HotlistChange};
 use super::shard::Shard;
 use super::state;
 use super::StoreError;
 use crate::journal::{JournalError, Pos};
-
-/// What walking a card's chain found for an ATC.
-pub(super) enum AtcLookup {
-    Used(u64, Entry),
-    /// The whole chain was walked: never used.
-    Unused,
-    /// The walk stopped at its depth: not known.
-    Unknown,
-}
-
-/// What a consuming card request's ATC is, for the exactly-once rules.
-pub(super) enum AtcUse {
-    /// Not used: decide the request.
-    Fresh,
-    /// Used by this journaled entry: a retry of the same request, or a replay.
-    Used(u64, Entry),
-    /// Not used, but too far below the card's last ATC: a replay.
-    Stale,
-}
 
 impl Shard {
     /// The record at `pos`: from the overlay while it may not be committed yet, otherwise
@@ -39,6 +21,8 @@ impl Shard {
         }
         let (seq, payload) = self.files.read(pos)?;
         let entry = Entry::decode(payload).map_err(|source| StoreError::Entry { seq, source })?;
+        // Read back: the same invariants it was appended with.
+        entry.check().map_err(|invariant| StoreError::Invariant { seq, invariant })?;
         Ok((seq, entry))
     }
 
@@ -73,10 +57,7 @@ impl Shard {
                 // The replace that created this card: the start of its chain.
                 Pos::NONE
             } else {
-                return Err(StoreError::State(format!(
-                    "the chain of card {} passes through seq {seq}, a record of another card",
-                    card.masked()
-                )));
+                return Err(StoreError::ChainBroken { card: card.masked(), seq });
             };
             if !visit(seq, &entry) {
                 return Ok(false);
@@ -120,8 +101,11 @@ impl Shard {
         let Some(value) = self.db.get(state::op_key(terminal, op_ref))? else {
             return Ok(None);
         };
-        let (seq, pos) = state::parse_index_value(&value)
-            .ok_or_else(|| StoreError::State("op_ref index value malformed".into()))?;
+        let (seq, pos) =
+            state::parse_index_value(&value).ok_or_else(|| StoreError::MalformedState {
+                what: "op_ref index value",
+                detail: format!("{} bytes", value.len()),
+            })?;
         let (found, entry) = match self.record_at(pos) {
             Ok(found) => found,
             Err(e) if is_missing_segment(&e) => {
@@ -133,9 +117,7 @@ impl Shard {
             Err(e) => return Err(e),
         };
         if found != seq {
-            return Err(StoreError::State(format!(
-                "op_ref index points at seq {seq} but the journal holds seq {found} there"
-            )));
+            return Err(StoreError::IndexMismatch { indexed: seq, found });
         }
         Ok(Some((seq, entry)))
     }

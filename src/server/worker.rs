@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{Op, Output, Shard};
 use crate::metrics::METRICS;
 
+use super::write_behind::ThreadWriteBehind;
+
 /// What a connection asks a shard to do.
 pub enum Work {
     Request(Request),
@@ -85,6 +87,18 @@ pub fn run(mut ctx: WorkerContext) {
             tracing::warn!(shard = ctx.shard.index(), "could not pin the shard thread");
         }
     }
+    // sled is written behind on a thread of its own, so the shard thread never waits on it
+    // except when that bounded queue is full.
+    let write_behind = match ThreadWriteBehind::start(ctx.shard.index()) {
+        Ok(write_behind) => write_behind,
+        Err(source) => {
+            let error = crate::engine::StoreError::Io { path: "persister thread".into(), source };
+            return fail(&ctx, "start the state write-behind", &error);
+        }
+    };
+    if let Err(e) = ctx.shard.set_write_behind(Box::new(write_behind)) {
+        return fail(&ctx, "start the state write-behind", &e);
+    }
     let mut jobs: Vec<Job> = Vec::with_capacity(ctx.max_batch);
     let mut replies: Vec<(UnboundedSender<Reply>, Reply)> = Vec::with_capacity(ctx.max_batch);
     loop {
@@ -95,7 +109,8 @@ pub fn run(mut ctx: WorkerContext) {
                     break;
                 }
                 // Idle: settle holds the clock has passed, let old overlay entries reach sled.
-                match ctx.shard.expire_holds(crate::now_ms(), HOLD_SWEEP_MAX) {
+                let now_ms = crate::now_ms();
+                match ctx.shard.expire_holds(now_ms, HOLD_SWEEP_MAX) {
                     Ok(0) => {}
                     Ok(_) => {
                         if let Err(e) = ctx.shard.commit() {
@@ -104,7 +119,7 @@ pub fn run(mut ctx: WorkerContext) {
                     }
                     Err(e) => return fail(&ctx, "hold sweep", &e),
                 }
-                if let Err(e) = ctx.shard.persist_due() {
+                if let Err(e) = ctx.shard.persist_due(now_ms) {
                     return fail(&ctx, "state persist", &e);
                 }
                 continue;
@@ -159,7 +174,7 @@ pub fn run(mut ctx: WorkerContext) {
             // A closed connection simply no longer wants its answer; the transaction stands.
             let _ = to.send(reply);
         }
-        if let Err(e) = ctx.shard.persist_due() {
+        if let Err(e) = ctx.shard.persist_due(now_ms) {
             return fail(&ctx, "state persist", &e);
         }
         ctx.shared.hotlist_version.store(ctx.shard.hotlist_version(), Ordering::Release);
