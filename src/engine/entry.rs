@@ -371,6 +371,74 @@ mod tests {
     }
 
     #[test]
+    fn check_knows_the_transit_kinds() {
+        let hold = Hold { atc: Atc(8), amount: Amount(400), expires_ms: 9 };
+        let tap_in = Entry {
+            kind: EntryKind::TapIn,
+            status: Status::Approved,
+            card_id: CardId(6_000_000_000_000_123),
+            atc: Atc(8),
+            amount: Amount(0),
+            balance_after: Amount(1_000),
+            time_ms: 1,
+            reference: 5,
+            binding: Mac([4; 16]),
+            other_card: CardId(0),
+            key_version: KeyVersion(1),
+            hotlist_version: 0,
+            hotlist_change: HotlistChange::None,
+            extra: 400,
+            terminal: "reader-1".into(),
+            prev_pos: Pos::NONE,
+            transit: Transit { hold, ref_atc: Atc(8) },
+        };
+        let done = Transit { hold: Hold::NONE, ref_atc: Atc(8) };
+        let tap_out = Entry {
+            kind: EntryKind::TapOut,
+            atc: Atc(9),
+            amount: Amount(-320),
+            extra: 320,
+            transit: done,
+            ..tap_in.clone()
+        };
+        let expired = Entry {
+            kind: EntryKind::HoldExpired,
+            atc: Atc(0),
+            terminal: String::new(),
+            ..tap_out.clone()
+        };
+        let reversal = Entry {
+            kind: EntryKind::Reversal,
+            atc: Atc(10),
+            amount: Amount(250),
+            extra: 250,
+            ..tap_out.clone()
+        };
+        for ok in [&tap_in, &tap_out, &expired, &reversal] {
+            assert_eq!(ok.check(), Ok(()), "{:?}", ok.kind);
+        }
+        let broken = [
+            Entry { amount: Amount(-1), ..tap_in.clone() },
+            Entry { transit: done, ..tap_in.clone() },
+            Entry { extra: 399, ..tap_in.clone() },
+            Entry { amount: Amount(-321), ..tap_out.clone() },
+            Entry { transit: Transit { hold, ref_atc: Atc(8) }, ..tap_out.clone() },
+            Entry { atc: Atc(3), ..expired.clone() },
+            Entry { amount: Amount(-250), ..reversal.clone() },
+            Entry { transit: Transit { hold: Hold::NONE, ref_atc: Atc(0) }, ..reversal.clone() },
+            Entry {
+                kind: EntryKind::Purchase,
+                amount: Amount(-250),
+                extra: 250,
+                ..reversal.clone()
+            },
+        ];
+        for (i, entry) in broken.iter().enumerate() {
+            assert!(entry.check().is_err(), "row {i} should break an invariant");
+        }
+    }
+
+    #[test]
     fn transit_fields_use_version_3_and_leave_version_2_bytes_alone() {
         let plain = Entry {
             kind: EntryKind::TapIn,
