@@ -141,3 +141,49 @@ fn a_single_threaded_driver_steps_sled_and_is_deterministic() {
     assert_eq!(shard.cards().count(), 1);
     assert_eq!(shard.cards().next().map(|(_, c)| c.balance.0), Some(380));
 }
+
+/// Simulated time for the name of a state set aside; the real pause while sled's lock of a
+/// database this process just closed is released.
+struct StampHost {
+    now_ms: u64,
+    lock: crate::host::SystemHost,
+}
+
+impl OpenHost for StampHost {
+    fn now_ms(&mut self) -> u64 {
+        self.now_ms
+    }
+
+    fn lock_busy(&mut self, attempt: u32) -> bool {
+        self.lock.lock_busy(attempt)
+    }
+}
+
+#[test]
+fn a_state_set_aside_is_named_by_the_hosts_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = open(dir.path(), 1_000);
+    run(&mut shard, COUNTER, &Request::Issue { op_ref: 1, deposit: Amount(70) }, 1_000);
+    shard.checkpoint_now().unwrap();
+    drop(shard);
+    {
+        let mut host = StampHost { now_ms: 0, lock: crate::host::SystemHost::default() };
+        let db = super::recovery::open_sled(&dir.path().join("state"), &mut host).unwrap();
+        db.insert(state::META_APPLIED, &b"bad"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let options = ShardOptions {
+        index: 0,
+        count: 1,
+        dir: dir.path().to_owned(),
+        journal: JournalOptions { segment_bytes: 64 * 1024, faults: None },
+        limits: Limits::default(),
+        checkpoint: CheckpointPolicy::default(),
+        archive: None,
+    };
+    let mut host = StampHost { now_ms: 4_242, lock: crate::host::SystemHost::default() };
+    let (shard, report) = Shard::open_with(options, secrets(), &mut host).unwrap();
+    assert_eq!(report.rebuild.as_ref().map(|r| r.label()), Some("failed_check"));
+    assert!(dir.path().join("state.broken-4242").is_dir());
+    assert_eq!(shard.cards().next().map(|(_, c)| c.balance.0), Some(70));
+}
