@@ -108,6 +108,7 @@ fn limits() -> Limits {
         key_cache_max: 8,
         // Small, so the fuzzer's cards keep leaving memory and coming back from sled.
         card_cache_entries: 4,
+        ..Limits::default()
     }
 }
 
@@ -468,7 +469,8 @@ fn run_ops(data: &[u8]) {
                 let ty = input.u8();
                 let len = usize::from(input.u8() % 64);
                 let body = input.bytes(len);
-                let Some(ty) = MessageType::from_u8(ty % 0x0E) else { continue };
+                // Every request type, the protocol 1.2 ones (0x0e..=0x12) included.
+                let Some(ty) = MessageType::from_u8(ty % 0x13) else { continue };
                 let Ok(request) = Request::decode_body(ty, &body) else { continue };
                 let terminal = [READER, KIOSK, COUNTER][len % 3];
                 match &request {
@@ -492,6 +494,11 @@ fn run_ops(data: &[u8]) {
                                 | Response::Balance(r) => r.status,
                                 Response::History(h) => h.status,
                                 Response::Identity(i) => i.status,
+                                Response::TapIn(t)
+                                | Response::TapOut(t)
+                                | Response::Reversal(t)
+                                | Response::Funds(t) => t.status,
+                                Response::Inquiry(i) => i.status,
                                 other => panic!("{other:?}"),
                             };
                             assert!(

@@ -136,6 +136,16 @@ impl Config {
                 return Err(format!("{key} must be 1..={MONEY_LIMIT} minor units"));
             }
         }
+        let t = &self.limits.transit;
+        if t.max_fare <= 0 || t.max_fare > self.limits.max_amount {
+            return Err("max_fare must be 1..=max_amount minor units".into());
+        }
+        if t.missing_tapout_fare < 0 || t.missing_tapout_fare > t.max_fare {
+            return Err("missing_tapout_fare must be 0..=max_fare".into());
+        }
+        if t.hold_timeout_ms == 0 {
+            return Err("hold_timeout_ms must be at least 1".into());
+        }
         if self.segment_bytes < 64 * 1024 {
             return Err("segment_bytes must be at least 65536".into());
         }
@@ -180,6 +190,14 @@ pub struct Settings {
     pub max_balance: Option<i64>,
     pub max_amount: Option<i64>,
     pub identity_ttl_ms: Option<u64>,
+    /// Protocol 1.2 (config file only): the hold a tap-in places.
+    pub max_fare: Option<i64>,
+    /// Protocol 1.2: how long a hold waits for its tap-out.
+    pub hold_timeout_ms: Option<u64>,
+    /// Protocol 1.2: what a hold without a tap-out costs (at most max_fare).
+    pub missing_tapout_fare: Option<i64>,
+    /// Protocol 1.2: how long after a purchase its terminal may reverse it.
+    pub reversal_window_ms: Option<u64>,
     pub key_cache_max: Option<usize>,
     pub card_cache_entries: Option<usize>,
     pub segment_bytes: Option<u64>,
@@ -239,6 +257,19 @@ impl Settings {
         }
         if let Some(v) = self.card_cache_entries {
             c.limits.card_cache_entries = v;
+        }
+        let t = &mut c.limits.transit;
+        if let Some(v) = self.max_fare {
+            t.max_fare = v;
+        }
+        if let Some(v) = self.hold_timeout_ms {
+            t.hold_timeout_ms = v;
+        }
+        if let Some(v) = self.missing_tapout_fare {
+            t.missing_tapout_fare = v;
+        }
+        if let Some(v) = self.reversal_window_ms {
+            t.reversal_window_ms = v;
         }
         if let Some(v) = self.checkpoint_records {
             c.checkpoint.records = v;
@@ -304,6 +335,11 @@ impl Config {
         line("identity_ttl_ms", self.limits.identity_ttl_ms.to_string());
         line("key_cache_max", self.limits.key_cache_max.to_string());
         line("card_cache_entries", self.limits.card_cache_entries.to_string());
+        let t = &self.limits.transit;
+        line("max_fare", t.max_fare.to_string());
+        line("hold_timeout_ms", t.hold_timeout_ms.to_string());
+        line("missing_tapout_fare", t.missing_tapout_fare.to_string());
+        line("reversal_window_ms", t.reversal_window_ms.to_string());
         line("segment_bytes", self.segment_bytes.to_string());
         line("checkpoint_records", self.checkpoint.records.to_string());
         line("checkpoint_interval_ms", self.checkpoint.interval_ms.to_string());

@@ -174,6 +174,11 @@ impl ServeArgs {
             identity_ttl_ms: self.identity_ttl_ms,
             key_cache_max: None,
             card_cache_entries: None,
+            // Transit limits are set in the configuration file only.
+            max_fare: None,
+            hold_timeout_ms: None,
+            missing_tapout_fare: None,
+            reversal_window_ms: None,
             segment_bytes: self.segment_bytes,
             checkpoint_records: self.checkpoint_records,
             checkpoint_interval_ms: self.checkpoint_interval_ms,

@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use citycard_protocol::{MessageType, Status};
 
 /// Request types with metrics, in wire order (Hello = 0x01 ... HotlistSync = 0x0D).
-const OPS: usize = 13;
-const STATUSES: usize = 16;
+/// Request types 0x01..=0x12 (protocol 1.2).
+const OPS: usize = 18;
+/// Statuses 0..=20; a 21st slot would only ever count an unknown value.
+const STATUSES: usize = 21;
 /// Histogram bucket upper bounds in microseconds.
 const BOUNDS_US: [u64; 16] = [
     50, 100, 200, 300, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 10_000, 20_000, 50_000,
@@ -29,6 +31,11 @@ const OP_NAMES: [&str; OPS] = [
     "close",
     "offline_batch",
     "hotlist_sync",
+    "tap_in",
+    "tap_out",
+    "inquiry",
+    "reversal",
+    "funds",
 ];
 
 pub struct Histogram {

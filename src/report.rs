@@ -35,6 +35,13 @@
 //! | `refund` | Close | closures / amount refunded (`-amount`) |
 //! | `replacement` | ReplacedOut | replacements / balance moved to the new card |
 //! | `top_up` | TopUp | top-ups / amount loaded |
+//! | `tap_in` | TapIn | holds opened / amount held (no money moves) |
+//! | `tap_out` | TapOut | holds completed / fares charged |
+//! | `hold_expired` | HoldExpired | holds settled at the missing tap-out fare / fares charged |
+//! | `reversal` | Reversal | purchases reversed / amount refunded |
+//!
+//! In the net line, `purchases` counts every fare charged at readers: purchases, tap-out and
+//! expired-hold fares, minus reversals (so the line keeps its protocol 1.1 form).
 //!
 //! Amounts are positive magnitudes in minor units. `declined_count` counts the journaled
 //! declines of that operation at that terminal (requests refused before authentication —
@@ -277,6 +284,8 @@ impl FromStr for Date {
 pub enum Operation {
     /// Issue: the deposit taken with a new card.
     Deposit,
+    /// HoldExpired: a hold not tapped out in time, settled at the missing tap-out fare.
+    HoldExpired,
     Identity,
     Offline,
     Purchase,
@@ -284,28 +293,42 @@ pub enum Operation {
     Refund,
     /// ReplacedOut: the balance moved to the replacement card.
     Replacement,
+    /// Reversal: a purchase refunded by its terminal.
+    Reversal,
+    /// TapIn: holds opened (`amount` = the sum held; no money moves).
+    TapIn,
+    /// TapOut: holds completed (`amount` = the fares charged).
+    TapOut,
     TopUp,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 7] = [
+    pub const ALL: [Operation; 11] = [
         Operation::Deposit,
+        Operation::HoldExpired,
         Operation::Identity,
         Operation::Offline,
         Operation::Purchase,
         Operation::Refund,
         Operation::Replacement,
+        Operation::Reversal,
+        Operation::TapIn,
+        Operation::TapOut,
         Operation::TopUp,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Operation::Deposit => "deposit",
+            Operation::HoldExpired => "hold_expired",
             Operation::Identity => "identity",
             Operation::Offline => "offline",
             Operation::Purchase => "purchase",
             Operation::Refund => "refund",
             Operation::Replacement => "replacement",
+            Operation::Reversal => "reversal",
+            Operation::TapIn => "tap_in",
+            Operation::TapOut => "tap_out",
             Operation::TopUp => "top_up",
         }
     }
@@ -320,7 +343,13 @@ impl Operation {
             EntryKind::Close => Operation::Refund,
             EntryKind::ReplacedOut => Operation::Replacement,
             EntryKind::TopUp => Operation::TopUp,
-            EntryKind::Block | EntryKind::Unblock | EntryKind::ReplacedIn => return None,
+            EntryKind::TapIn => Operation::TapIn,
+            EntryKind::TapOut => Operation::TapOut,
+            EntryKind::HoldExpired => Operation::HoldExpired,
+            EntryKind::Reversal => Operation::Reversal,
+            EntryKind::Block | EntryKind::Unblock | EntryKind::ReplacedIn | EntryKind::Inquiry => {
+                return None
+            }
         })
     }
 
@@ -328,11 +357,17 @@ impl Operation {
     fn amount_of(self, entry: &Entry) -> i128 {
         let amount = i128::from(entry.amount.0);
         match self {
-            Operation::Deposit | Operation::TopUp | Operation::Identity => amount,
+            Operation::Deposit | Operation::TopUp | Operation::Identity | Operation::Reversal => {
+                amount
+            }
+            // The hold placed (journaled in `extra`); the balance does not change.
+            Operation::TapIn => i128::from(entry.extra),
             Operation::Purchase
             | Operation::Offline
             | Operation::Refund
-            | Operation::Replacement => -amount,
+            | Operation::Replacement
+            | Operation::TapOut
+            | Operation::HoldExpired => -amount,
         }
     }
 }
@@ -465,7 +500,10 @@ impl Settlement {
             Operation::Offline => flows.offline += amount,
             Operation::Refund => flows.refunds += amount,
             Operation::Replacement => flows.replaced += amount,
-            Operation::Identity => {}
+            // Fares are money spent at readers like purchases; a reversal gives a purchase back.
+            Operation::TapOut | Operation::HoldExpired => flows.purchases += amount,
+            Operation::Reversal => flows.purchases -= amount,
+            Operation::Identity | Operation::TapIn => {}
         }
     }
 
@@ -824,6 +862,7 @@ mod tests {
             extra: 0,
             terminal: terminal.into(),
             prev_pos: crate::journal::Pos::NONE,
+            transit: crate::engine::decide::transit::Transit::NONE,
         }
     }
 

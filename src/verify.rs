@@ -21,11 +21,13 @@ struct Ledger {
     /// Bit i set: ATC `last_atc - i` was used (the late-ATC window of PROTOCOL.md 6.1).
     recent_atcs: u64,
     retired: bool,
+    /// The open tap-in hold (protocol 1.2), as the journal's transit entries leave it.
+    hold: crate::engine::decide::transit::Hold,
 }
 
 impl Ledger {
     fn new(balance: i64) -> Ledger {
-        Ledger { balance, last_atc: 0, recent_atcs: 0, retired: false }
+        Ledger { balance, ..Ledger::default() }
     }
 
     /// Records a use of `atc`, or says why it breaks the exactly-once rules. Online ATCs must
@@ -253,6 +255,21 @@ fn check_entry(
         }
     }
     l.balance = e.balance_after.0;
+    match e.kind {
+        EntryKind::TapIn if l.hold.is_open() => {
+            problems.push(at("tap-in approved while a hold was open".into()))
+        }
+        EntryKind::TapOut | EntryKind::HoldExpired if !l.hold.is_open() => {
+            problems.push(at(format!("{:?} approved without an open hold", e.kind)))
+        }
+        EntryKind::TapOut | EntryKind::HoldExpired if e.transit.ref_atc != l.hold.atc => {
+            problems.push(at(format!("{:?} completes another hold than the open one", e.kind)))
+        }
+        _ => {}
+    }
+    if matches!(e.kind, EntryKind::TapIn | EntryKind::TapOut | EntryKind::HoldExpired) {
+        l.hold = e.transit.hold;
+    }
     let sign_ok = match e.kind {
         EntryKind::Purchase => {
             totals.purchases -= e.amount.0;
@@ -264,6 +281,15 @@ fn check_entry(
         }
         EntryKind::TopUp => {
             totals.top_ups += e.amount.0;
+            e.amount.0 > 0
+        }
+        // Fares of holds are money spent like purchases; a reversal gives a purchase back.
+        EntryKind::TapOut | EntryKind::HoldExpired => {
+            totals.purchases -= e.amount.0;
+            e.amount.0 <= 0
+        }
+        EntryKind::Reversal => {
+            totals.purchases -= e.amount.0;
             e.amount.0 > 0
         }
         EntryKind::Close => {
@@ -332,6 +358,10 @@ fn compare_state(
         };
         match expected.get(&id) {
             None => problems.push(format!("shard {shard} card {}: in state but not in the journal", id.masked())),
+            Some(l) if l.hold != record.hold => problems.push(format!(
+                "shard {shard} card {}: state and journal replay disagree on the open hold",
+                id.masked()
+            )),
             Some(l) if l.balance != record.balance.0 || l.last_atc != record.last_atc.0 => problems.push(format!(
                 "shard {shard} card {}: state says balance {} ATC {}, journal replay says {} ATC {}",
                 id.masked(),

@@ -59,9 +59,13 @@ impl Tally {
         self.rows
             .iter()
             .map(|((_, op), row)| match op {
-                Operation::Deposit | Operation::TopUp => row.amount,
-                Operation::Purchase | Operation::Offline | Operation::Refund => -row.amount,
-                Operation::Identity | Operation::Replacement => 0,
+                Operation::Deposit | Operation::TopUp | Operation::Reversal => row.amount,
+                Operation::Purchase
+                | Operation::Offline
+                | Operation::Refund
+                | Operation::TapOut
+                | Operation::HoldExpired => -row.amount,
+                Operation::Identity | Operation::Replacement | Operation::TapIn => 0,
             })
             .sum()
     }

@@ -141,6 +141,11 @@ fn expected_answer(request: MessageType) -> MessageType {
         MessageType::Close => MessageType::CloseResult,
         MessageType::OfflineBatch => MessageType::OfflineResults,
         MessageType::HotlistSync => MessageType::HotlistChanges,
+        MessageType::TapIn => MessageType::TapInResult,
+        MessageType::TapOut => MessageType::TapOutResult,
+        MessageType::Inquiry => MessageType::InquiryResult,
+        MessageType::Reversal => MessageType::ReversalResult,
+        MessageType::Funds => MessageType::FundsResult,
         // Only requests are sent; a response type here is a bug that the check below reports.
         other => other,
     }
@@ -200,7 +205,7 @@ impl Client {
     }
 
     /// False only under [`Config::unchecked_answers_for_benchmarking`].
-    fn checks_answers(&self) -> bool {
+    pub(crate) fn checks_answers(&self) -> bool {
         !self.inner.config.unchecked_answers_for_benchmarking
     }
 
@@ -582,11 +587,15 @@ impl Client {
     }
 }
 
-fn unexpected(expected: MessageType, got: &Response) -> ClientError {
+pub(crate) fn unexpected(expected: MessageType, got: &Response) -> ClientError {
     ClientError::UnexpectedType { expected, got: got.message_type() as u8 }
 }
 
-fn echo(auth: &CardAuth, card: CardId, atc: citycard_protocol::Atc) -> Result<(), ClientError> {
+pub(crate) fn echo(
+    auth: &CardAuth,
+    card: CardId,
+    atc: citycard_protocol::Atc,
+) -> Result<(), ClientError> {
     if card != auth.card_id {
         return Err(ClientError::Mismatch("card id"));
     }
@@ -596,7 +605,7 @@ fn echo(auth: &CardAuth, card: CardId, atc: citycard_protocol::Atc) -> Result<()
     Ok(())
 }
 
-fn check_mac(
+pub(crate) fn check_mac(
     key: Option<&CardKey>,
     status: Status,
     mac: &Mac,

@@ -43,6 +43,7 @@ pub mod client;
 pub mod config;
 mod connection;
 pub mod error;
+mod transit;
 pub mod words;
 
 pub use card::Card;

@@ -21,6 +21,12 @@ pub fn status_name(status: Status) -> &'static str {
         Status::ReferenceReused => "ReferenceReused",
         Status::InvalidState => "InvalidState",
         Status::Unavailable => "Unavailable",
+        Status::NoOpenHold => "NoOpenHold",
+        Status::HoldExists => "HoldExists",
+        Status::NotFound => "NotFound",
+        Status::ReversalWindowClosed => "ReversalWindowClosed",
+        Status::AlreadyReversed => "AlreadyReversed",
+        Status::Reversed => "Reversed",
     }
 }
 
@@ -46,6 +52,12 @@ pub fn status_words(status: Status) -> &'static str {
         Status::ReferenceReused => "declined: this operation reference was already used",
         Status::InvalidState => "declined: the operation does not apply to the card in its state",
         Status::Unavailable => "not done: the server is shutting down, try again later",
+        Status::NoOpenHold => "declined: the card has no open tap-in to complete",
+        Status::HoldExists => "declined: the card is already tapped in",
+        Status::NotFound => "not found: the transaction was never done, and now never will be",
+        Status::ReversalWindowClosed => "declined: the purchase is too old to be reversed",
+        Status::AlreadyReversed => "declined: the purchase was already reversed",
+        Status::Reversed => "reversed: this purchase was refunded by a later reversal",
     }
 }
 
@@ -86,6 +98,11 @@ pub fn entry_kind_name(kind: EntryKind) -> &'static str {
         EntryKind::ReplacedIn => "ReplacedIn",
         EntryKind::Close => "Close",
         EntryKind::Offline => "Offline",
+        EntryKind::TapIn => "TapIn",
+        EntryKind::TapOut => "TapOut",
+        EntryKind::HoldExpired => "HoldExpired",
+        EntryKind::Reversal => "Reversal",
+        EntryKind::Inquiry => "Inquiry",
     }
 }
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use citycard_client::Client;
 use citycard_protocol::crypto::CardKey;
-use citycard_protocol::{Amount, CardId, Status};
+use citycard_protocol::{Amount, Atc, CardAuth, CardId, Mac, Status};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::client::{now_ms, Terminal};
-use crate::mix::Rng;
+use crate::mix::{Op, Rng};
 
 /// Most issue requests in flight during setup.
 const ISSUE_IN_FLIGHT: usize = 64;
@@ -91,6 +91,19 @@ pub struct Card {
     pub reck: Reckoning,
     /// Taken out of the load after a request's outcome became unknown.
     pub dead: bool,
+    pub transit: TransitState,
+}
+
+/// What the tester knows of a card for the protocol 1.2 operations of the mix.
+#[derive(Clone, Debug, Default)]
+pub struct TransitState {
+    /// The last answers said the card has an open tap-in hold.
+    pub hold: bool,
+    /// The last approved purchase not yet reversed: its ATC, request cryptogram and amount.
+    pub purchase: Option<(Atc, Mac, i64)>,
+    /// The last answered consuming request (its operation, card authentication and amount):
+    /// what an inquiry asks about.
+    pub last: Option<(Op, CardAuth, i64)>,
 }
 
 /// `count` cards made up here for a floor run (ids 1..=count, keys from `seed`): the floor
@@ -109,6 +122,7 @@ pub fn made_up(count: usize, deposit: i64, seed: u64) -> Vec<Card> {
                 atc: 0,
                 reck: Reckoning::new(deposit),
                 dead: false,
+                transit: TransitState::default(),
             }
         })
         .collect()
@@ -168,6 +182,7 @@ pub async fn issue_cards(
             atc: 0,
             reck: Reckoning::new(deposit),
             dead: false,
+            transit: TransitState::default(),
         });
     }
     Ok(cards)

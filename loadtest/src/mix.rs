@@ -13,10 +13,31 @@ pub enum Op {
     Balance,
     TopUp,
     Identity,
+    /// Protocol 1.2: a hold at an entry gate (a card with an open hold taps out instead).
+    TapIn,
+    /// Protocol 1.2: completes the card's hold (a card without one taps in instead).
+    TapOut,
+    /// Protocol 1.2: asks for the answer to the card's last answered consuming request.
+    Inquiry,
+    /// Protocol 1.2: reverses the card's last approved purchase of this reader (a card without
+    /// one makes a purchase instead).
+    Reversal,
 }
 
+/// Operations in mix order.
+const COUNT: usize = 8;
+
 impl Op {
-    pub const ALL: [Op; 4] = [Op::Purchase, Op::Balance, Op::TopUp, Op::Identity];
+    pub const ALL: [Op; COUNT] = [
+        Op::Purchase,
+        Op::Balance,
+        Op::TopUp,
+        Op::Identity,
+        Op::TapIn,
+        Op::TapOut,
+        Op::Inquiry,
+        Op::Reversal,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -24,6 +45,10 @@ impl Op {
             Op::Balance => "balance",
             Op::TopUp => "topup",
             Op::Identity => "identity",
+            Op::TapIn => "tapin",
+            Op::TapOut => "tapout",
+            Op::Inquiry => "inquiry",
+            Op::Reversal => "reversal",
         }
     }
 
@@ -33,7 +58,16 @@ impl Op {
             Op::Balance => MessageType::Balance,
             Op::TopUp => MessageType::TopUp,
             Op::Identity => MessageType::Identity,
+            Op::TapIn => MessageType::TapIn,
+            Op::TapOut => MessageType::TapOut,
+            Op::Inquiry => MessageType::Inquiry,
+            Op::Reversal => MessageType::Reversal,
         }
+    }
+
+    /// The protocol 1.2 operations (the floor server does not answer them).
+    pub fn transit(self) -> bool {
+        matches!(self, Op::TapIn | Op::TapOut | Op::Inquiry | Op::Reversal)
     }
 
     /// Top-ups and identity go over the kiosk connection (readers may not send them).
@@ -41,17 +75,19 @@ impl Op {
         matches!(self, Op::TopUp | Op::Identity)
     }
 
-    /// Balance is a read: its ATC must be above the card's last one but is not used up.
+    /// Balance is a read: its ATC must be above the card's last one but is not used up. An
+    /// inquiry carries the ATC of the request it asks about.
     pub fn consumes_atc(self) -> bool {
-        !matches!(self, Op::Balance)
+        !matches!(self, Op::Balance | Op::Inquiry)
     }
 
-    /// Balance change if the request is approved.
+    /// Balance change if the request is approved (a tap-out's amount is its fare, a reversal's
+    /// the refund).
     pub fn delta(self, amount: i64) -> i64 {
         match self {
-            Op::Purchase => -amount,
-            Op::TopUp => amount,
-            Op::Balance | Op::Identity => 0,
+            Op::Purchase | Op::TapOut => -amount,
+            Op::TopUp | Op::Reversal => amount,
+            Op::Balance | Op::Identity | Op::TapIn | Op::Inquiry => 0,
         }
     }
 }
@@ -59,15 +95,15 @@ impl Op {
 /// Relative weights of the operations.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mix {
-    weights: [u32; 4],
+    weights: [u32; COUNT],
 }
 
 impl Mix {
-    /// Parses `name=weight,...` with names purchase, balance, topup (or top-up), identity;
-    /// unnamed operations get weight 0.
+    /// Parses `name=weight,...` with names purchase, balance, topup (or top-up), identity,
+    /// tapin, tapout, inquiry, reversal; unnamed operations get weight 0.
     pub fn parse(text: &str) -> Result<Mix, String> {
-        let mut weights = [0u32; 4];
-        let mut seen = [false; 4];
+        let mut weights = [0u32; COUNT];
+        let mut seen = [false; COUNT];
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (name, weight) =
                 part.split_once('=').ok_or_else(|| format!("`{part}`: expected NAME=WEIGHT"))?;
@@ -76,9 +112,14 @@ impl Mix {
                 "balance" => 1,
                 "topup" | "top-up" => 2,
                 "identity" => 3,
+                "tapin" | "tap-in" => 4,
+                "tapout" | "tap-out" => 5,
+                "inquiry" => 6,
+                "reversal" => 7,
                 other => {
                     return Err(format!(
-                        "unknown operation `{other}` (purchase, balance, topup, identity)"
+                        "unknown operation `{other}` (purchase, balance, topup, identity, \
+                         tapin, tapout, inquiry, reversal)"
                     ))
                 }
             };
@@ -121,6 +162,11 @@ impl Mix {
 
     pub fn needs_kiosk(&self) -> bool {
         self.weight(Op::TopUp) > 0 || self.weight(Op::Identity) > 0
+    }
+
+    /// Whether the mix has protocol 1.2 operations.
+    pub fn has_transit(&self) -> bool {
+        Op::ALL.iter().any(|op| op.transit() && self.weight(*op) > 0)
     }
 }
 
@@ -195,6 +241,10 @@ mod tests {
         assert!(Mix::parse("").is_err());
         assert!(Mix::parse("purchase=0").is_err());
         assert!(Mix::parse("refund=3").is_err());
+        let transit = Mix::parse("tapin=5,tap-out=5,inquiry=1,reversal=1").expect("transit mix");
+        assert_eq!(transit.to_string(), "tapin=5,tapout=5,inquiry=1,reversal=1");
+        assert!(transit.has_transit() && !transit.needs_kiosk());
+        assert!(!Mix::parse(DEFAULT_MIX).expect("default").has_transit());
         assert!(Mix::parse("purchase").is_err());
         assert!(Mix::parse("purchase=-1").is_err());
         assert!(Mix::parse("purchase=1,purchase=2").is_err());
@@ -204,7 +254,7 @@ mod tests {
     fn mix_frequencies_follow_weights() {
         let mix = Mix::parse(DEFAULT_MIX).expect("mix");
         let mut rng = Rng::new(7);
-        let mut counts = [0u32; 4];
+        let mut counts = [0u32; COUNT];
         for _ in 0..100_000 {
             counts[mix.pick(rng.next_u64()) as usize] += 1;
         }

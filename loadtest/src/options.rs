@@ -33,8 +33,10 @@ connections). The terminal id is the file stem, which must equal the certificate
 
 A request unanswered within --timeout counts as a timeout; its card leaves the load and its \
 expected balance accepts either outcome. --verify reads every card's balance at the end and \
-compares it with the tester's own reckoning; it also flags answers during the load whose \
-balance disagrees with an exact reckoning. Response MACs are always checked.
+compares it with the tester's own reckoning (tap-out fares and reversals included, holds \
+being part of the balance); it also flags answers during the load whose balance disagrees \
+with an exact reckoning, and inquiries that do not return the original answer. Response MACs \
+(an inquiry's embedded original answer's too) are always checked.
 
 Exit status: 0 when there were no errors, timeouts or mismatches, 1 otherwise, 2 when the run \
 could not be done.";
@@ -70,7 +72,11 @@ pub struct Options {
     /// Open loop: total requests per second over all workers.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Operation weights.
+    /// Operation weights: purchase, balance, topup, identity, and (protocol 1.2) tapin,
+    /// tapout, inquiry, reversal. A card with an open hold taps out when tapin is picked and
+    /// taps in when tapout is picked; reversal reverses the card's last approved purchase
+    /// (else it is a purchase); inquiry asks for the answer to the card's last answered
+    /// consuming request and must get it back (else it is a balance inquiry).
     #[arg(long, default_value = DEFAULT_MIX, value_parser = Mix::parse)]
     pub mix: Mix,
     /// Seed of the deterministic random choices (operations, cards, amounts, nonces).

@@ -52,6 +52,9 @@ impl Server {
         if options.spawn && options.floor {
             bail!("--spawn and --floor exclude each other: one server per run");
         }
+        if options.floor && options.mix.has_transit() {
+            bail!("the floor server does not answer tapin, tapout, inquiry or reversal");
+        }
         if options.floor && options.verify {
             bail!("--verify has nothing to check with --floor: the floor server keeps no balances");
         }

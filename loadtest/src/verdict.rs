@@ -3,7 +3,7 @@
 //! from an authenticated answer).
 
 use citycard_client::ClientError;
-use citycard_protocol::{CardResult, IdentityResult, Mac, Status};
+use citycard_protocol::{CardResult, IdentityResult, InquiryResult, Mac, Status, TransitResult};
 
 use crate::mix::Op;
 
@@ -12,6 +12,8 @@ use crate::mix::Op;
 pub enum Answer {
     Card(CardResult),
     Identity(IdentityResult),
+    Transit(TransitResult),
+    Inquiry(InquiryResult),
 }
 
 /// How an answer turned out.
@@ -29,7 +31,7 @@ pub enum Verdict {
 }
 
 /// Statuses the server sends without a MAC (the card was not authenticated).
-fn unauthenticated(status: Status) -> bool {
+pub fn unauthenticated(status: Status) -> bool {
     matches!(
         status,
         Status::UnknownCard
@@ -59,6 +61,11 @@ pub fn judge(op: Op, outcome: Result<Answer, ClientError>, floor: bool) -> Verdi
         }
         Answer::Card(r) => Verdict::Answer { status: r.status, balance: Some(r.balance.0) },
         Answer::Identity(i) => Verdict::Answer { status: i.status, balance: None },
+        Answer::Transit(t) if t.mac == Mac::default() && unauthenticated(t.status) => {
+            Verdict::Answer { status: t.status, balance: None }
+        }
+        Answer::Transit(t) => Verdict::Answer { status: t.status, balance: Some(t.balance.0) },
+        Answer::Inquiry(i) => Verdict::Answer { status: i.status, balance: None },
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use citycard_client::{Client, ClientError};
 use citycard_protocol::crypto::CardKey;
-use citycard_protocol::{Amount, Atc, CardAuth, Status};
+use citycard_protocol::{Amount, Atc, CardAuth, Mac, Request, Status};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use hdrhistogram::Histogram;
@@ -29,7 +29,7 @@ use crate::cards::Card;
 use crate::client::{now_ms, Terminal};
 use crate::mix::{Mix, Op, Rng};
 use crate::stats::{new_histogram, Stats};
-use crate::verdict::{judge, Answer, Verdict};
+use crate::verdict::{judge, unauthenticated, Answer, Verdict};
 
 /// Purchase amounts, minor units (uniform).
 pub const PURCHASE_AMOUNTS: (i64, i64) = (1, 300);
@@ -38,6 +38,9 @@ pub const TOPUP_AMOUNTS: (i64, i64) = (100, 500);
 /// A top-up is replaced by a purchase when the card might then hold more than this (the
 /// server's default cap is 100,000).
 pub const TOPUP_CEILING: i64 = 90_000;
+/// Tap-out fares, minor units (uniform): up to the server's default maximum fare, 400 (a fare
+/// above the hold is declined InvalidAmount and moves nothing).
+pub const TAPOUT_FARES: (i64, i64) = (0, 400);
 /// Most requests a connection keeps outstanding during the final balance check.
 const VERIFY_IN_FLIGHT: usize = 32;
 /// Pause before reconnecting a failed connection.
@@ -114,10 +117,69 @@ struct Tag {
     /// Sent in the balance check after the load.
     verify: bool,
     side: Side,
+    /// The card authentication sent (set by `start`).
+    auth: CardAuth,
 }
 
 /// A request in flight: the client call, resolving to its tag and the outcome.
 type InFlight = Pin<Box<dyn Future<Output = (Tag, Result<Answer, ClientError>)> + Send>>;
+
+/// A placeholder until `Worker::start` fills in the authentication it sends.
+const NO_AUTH: CardAuth = CardAuth {
+    card_id: citycard_protocol::CardId(0),
+    atc: Atc(0),
+    nonce: 0,
+    cryptogram: Mac([0; 16]),
+};
+
+/// The request `op` sent with `auth` and `amount`, as an inquiry repeats it (a reversal's
+/// original purchase is not part of what an inquiry carries).
+fn request_of(op: Op, auth: CardAuth, amount: i64) -> Request {
+    let amount = Amount(amount);
+    match op {
+        Op::Purchase => Request::Purchase { auth, amount },
+        Op::TopUp => Request::TopUp { auth, amount },
+        Op::Identity => Request::Identity { auth },
+        Op::TapIn => Request::TapIn { auth },
+        Op::TapOut => Request::TapOut { auth, fare: amount },
+        Op::Reversal => Request::Reversal {
+            auth,
+            amount,
+            original_atc: Atc(0),
+            original_cryptogram: Mac::default(),
+        },
+        Op::Balance | Op::Inquiry => Request::Balance { auth },
+    }
+}
+
+/// Keeps the tester's transit knowledge of `card` in step with an answer of `status` to
+/// `tag`. Returns a mismatch when an inquiry about an answered request did not find it.
+fn follow_transit(card: &mut Card, tag: &Tag, status: Status) -> Option<String> {
+    let approved = status == Status::Approved;
+    let t = &mut card.transit;
+    match tag.op {
+        Op::Purchase if approved => {
+            t.purchase = Some((tag.auth.atc, tag.auth.cryptogram, tag.amount))
+        }
+        // Approved or not, that purchase is not tried again.
+        Op::Reversal => t.purchase = None,
+        Op::TapIn if approved || status == Status::HoldExists => t.hold = true,
+        Op::TapOut if approved || status == Status::NoOpenHold => t.hold = false,
+        Op::Inquiry if !approved && !unauthenticated(status) => {
+            return Some(format!(
+                "card {}: inquiry about ATC {} ({}) answered {status:?}, not its original answer",
+                card.id.0,
+                tag.auth.atc.0,
+                t.last.map_or("?", |(op, _, _)| op.name())
+            ));
+        }
+        _ => {}
+    }
+    if tag.op.consumes_atc() && !unauthenticated(status) {
+        t.last = Some((tag.op, tag.auth, tag.amount));
+    }
+    None
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Side {
@@ -322,6 +384,13 @@ impl Worker {
         };
         let client = line.client.clone();
         let c = &mut self.cards[card];
+        // An inquiry asks about the card's last answered consuming request, with its auth.
+        let asked = match (op, c.transit.last) {
+            (Op::Inquiry, Some((was, auth, amount))) => Some(request_of(was, auth, amount)),
+            (Op::Inquiry, None) => return,
+            _ => None,
+        };
+        let original = c.transit.purchase.map_or((Atc(0), Mac::default()), |(a, m, _)| (a, m));
         let atc = if op.consumes_atc() {
             c.atc += 1;
             c.atc
@@ -336,7 +405,16 @@ impl Worker {
             nonce,
             client.terminal_id(),
         );
-        let auth = CardAuth { card_id: c.id, atc: Atc(atc), nonce, cryptogram };
+        let auth = match &asked {
+            Some(request) => *request.card_auth().unwrap_or(&CardAuth {
+                card_id: c.id,
+                atc: Atc(atc),
+                nonce,
+                cryptogram,
+            }),
+            None => CardAuth { card_id: c.id, atc: Atc(atc), nonce, cryptogram },
+        };
+        tag.auth = auth;
         // The floor's answers carry no MAC; everywhere else every MAC is checked.
         let key: Option<CardKey> = (!self.plan.floor).then(|| c.key.clone());
         tag.sent = Instant::now();
@@ -348,6 +426,16 @@ impl Worker {
                 Op::TopUp => client.top_up(&auth, amount, key).await.map(Answer::Card),
                 Op::Balance => client.balance(&auth, key).await.map(Answer::Card),
                 Op::Identity => client.identity(&auth, key).await.map(Answer::Identity),
+                Op::TapIn => client.tap_in(&auth, key).await.map(Answer::Transit),
+                Op::TapOut => client.tap_out(&auth, amount, key).await.map(Answer::Transit),
+                Op::Reversal => client
+                    .reversal(&auth, amount, original.0, original.1, key)
+                    .await
+                    .map(Answer::Transit),
+                Op::Inquiry => match &asked {
+                    Some(request) => client.inquiry(request, key).await.map(Answer::Inquiry),
+                    None => Err(ClientError::Mismatch("no request to inquire about")),
+                },
             };
             (tag, outcome)
         }));
@@ -362,12 +450,25 @@ impl Worker {
                 Some(slot) if slot <= now + TIMER_SLACK && slot < timeline.deadline => slot,
                 Some(_) => break,
             };
-            let mut op = self.plan.mix.pick(self.rng.next_u64());
             let slot = self.rng.below(self.free.len() as u64) as usize;
             let card = self.free[slot];
+            // The transit operations follow the card: a tap-in when it has no hold, else a
+            // tap-out; a reversal only of a purchase it made; an inquiry only about a request.
+            let transit = &self.cards[card].transit;
+            let mut op = match self.plan.mix.pick(self.rng.next_u64()) {
+                Op::TapIn if transit.hold => Op::TapOut,
+                Op::TapOut if !transit.hold => Op::TapIn,
+                Op::Reversal if transit.purchase.is_none() => Op::Purchase,
+                Op::Inquiry if transit.last.is_none() => Op::Balance,
+                other => other,
+            };
+            let reversed = transit.purchase.map_or(0, |(_, _, amount)| amount);
+            let inquired_on_kiosk = transit.last.is_some_and(|(was, _, _)| was.on_kiosk());
             let mut amount = match op {
                 Op::Purchase => self.rng.between(PURCHASE_AMOUNTS.0, PURCHASE_AMOUNTS.1),
                 Op::TopUp => self.rng.between(TOPUP_AMOUNTS.0, TOPUP_AMOUNTS.1),
+                Op::TapOut => self.rng.between(TAPOUT_FARES.0, TAPOUT_FARES.1),
+                Op::Reversal => reversed,
                 _ => 0,
             };
             if op == Op::TopUp && self.cards[card].reck.max() + amount > TOPUP_CEILING {
@@ -375,13 +476,16 @@ impl Worker {
                 amount = self.rng.between(PURCHASE_AMOUNTS.0, PURCHASE_AMOUNTS.1);
                 self.stats.topups_skipped += 1;
             }
-            let side = if op.on_kiosk() { Side::Kiosk } else { Side::Reader };
+            // An inquiry goes out from the terminal that sent the request it asks about.
+            let kiosk = op.on_kiosk() || (op == Op::Inquiry && inquired_on_kiosk);
+            let side = if kiosk { Side::Kiosk } else { Side::Reader };
             if !self.usable(side, now) {
                 // Down: wait for the reconnect (open loop: the schedule slips, which the
                 // latency of later requests shows).
                 break;
             }
-            let tag = Tag { card, op, amount, intended, sent: now, verify: false, side };
+            let tag =
+                Tag { card, op, amount, intended, sent: now, verify: false, side, auth: NO_AUTH };
             self.start(card, op, amount, tag);
             self.pending[card] = Some(op.delta(amount));
             self.free.swap_remove(slot);
@@ -449,6 +553,11 @@ impl Worker {
                 if status == Status::Approved {
                     card.reck.settle(tag.op.delta(tag.amount));
                 }
+                let inquiry_failed = follow_transit(card, &tag, status);
+                if let (true, Some(text)) = (plan_verify, inquiry_failed) {
+                    self.stats.live_mismatch(text);
+                }
+                let card = &mut self.cards[tag.card];
                 if let (true, Some(b), true) = (plan_verify, balance, card.reck.exact()) {
                     if b != card.reck.base {
                         let text = format!(
@@ -611,6 +720,7 @@ impl Worker {
                     sent: now,
                     verify: true,
                     side: Side::Reader,
+                    auth: NO_AUTH,
                 };
                 self.start(next, Op::Balance, 0, tag);
                 next += 1;

@@ -13,8 +13,8 @@ use crate::crypto::CardKey;
 use crate::frame::{EncodeError, ErrorCode, MessageType, RequestId, HEADER_LEN};
 use crate::message::{
     put_card_result, Amount, Atc, CardAuth, CardId, CardResult, CardState, HistoryPage,
-    IdentityResult, IssueResult, Mac, OfflineRecord, Request, Response, StaffResult, Status,
-    CARD_RESULT_LEN,
+    IdentityResult, InquiryResult, IssueResult, Mac, OfflineRecord, Request, Response, StaffResult,
+    Status, TransitResult, CARD_RESULT_LEN,
 };
 
 /// Length of the response MAC at the end of a sealed body.
@@ -38,6 +38,11 @@ pub fn response_type(request: MessageType) -> Option<MessageType> {
         Close => CloseResult,
         OfflineBatch => OfflineResults,
         HotlistSync => HotlistChanges,
+        TapIn => TapInResult,
+        TapOut => TapOutResult,
+        Inquiry => InquiryResult,
+        Reversal => ReversalResult,
+        Funds => FundsResult,
         _ => return None,
     })
 }
@@ -131,6 +136,36 @@ pub fn decline_identity(status: Status, auth: &CardAuth) -> IdentityResult {
     }
 }
 
+/// A declined tap-in, tap-out, reversal or funds read (protocol 1.2): the request's card and
+/// ATC, nothing held, nothing journaled.
+pub fn decline_transit(status: Status, auth: &CardAuth) -> TransitResult {
+    TransitResult {
+        status,
+        card_id: auth.card_id,
+        atc: auth.atc,
+        balance: Amount(0),
+        amount: Amount(0),
+        held: Amount(0),
+        spendable: Amount(0),
+        ref_atc: Atc(0),
+        time_ms: 0,
+        journal_seq: 0,
+        mac: Mac::default(),
+    }
+}
+
+/// A declined inquiry: no original answer.
+pub fn decline_inquiry(status: Status, auth: &CardAuth) -> InquiryResult {
+    InquiryResult {
+        status,
+        card_id: auth.card_id,
+        atc: auth.atc,
+        answer: None,
+        journal_seq: 0,
+        mac: Mac::default(),
+    }
+}
+
 /// The decline of `request` with `status`, as the response type that answers it, with no MAC
 /// (seal it with [`Answer::sealed`] when the card was authenticated). An offline batch gets
 /// `status` for every record. Hello and HotlistSync answers have no status field: they are
@@ -153,6 +188,11 @@ pub fn decline(request: &Request, status: Status) -> Response {
         Request::OfflineBatch { records } => Response::OfflineBatch(
             records.iter().map(|record| decline_record(status, record)).collect(),
         ),
+        Request::TapIn { .. } => Response::TapIn(decline_transit(status, &auth)),
+        Request::TapOut { .. } => Response::TapOut(decline_transit(status, &auth)),
+        Request::Reversal { .. } => Response::Reversal(decline_transit(status, &auth)),
+        Request::Funds { .. } => Response::Funds(decline_transit(status, &auth)),
+        Request::Inquiry { .. } => Response::Inquiry(decline_inquiry(status, &auth)),
         Request::Hello { .. } | Request::HotlistSync { .. } => Response::error(
             ErrorCode::NotPermitted,
             "this terminal's role may not send this request",
@@ -262,7 +302,7 @@ pub fn seal(key: &CardKey, binding: &Mac, response: &mut Response) {
 }
 
 /// True for the responses whose body ends in a response MAC over the rest of it (every
-/// card-related single answer); false for ServerInfo, OfflineResults, HotlistChanges and Error.
+/// card-related single answer, the 1.2 transit answers included); false for ServerInfo, OfflineResults, HotlistChanges and Error.
 pub fn has_trailing_mac(response: &Response) -> bool {
     matches!(
         response,
@@ -276,6 +316,11 @@ pub fn has_trailing_mac(response: &Response) -> bool {
             | Response::Block(_)
             | Response::Unblock(_)
             | Response::Close(_)
+            | Response::TapIn(_)
+            | Response::TapOut(_)
+            | Response::Inquiry(_)
+            | Response::Reversal(_)
+            | Response::Funds(_)
     )
 }
 

@@ -48,6 +48,11 @@ message_types! {
     Close = 0x0B,
     OfflineBatch = 0x0C,
     HotlistSync = 0x0D,
+    TapIn = 0x0E,
+    TapOut = 0x0F,
+    Inquiry = 0x10,
+    Reversal = 0x11,
+    Funds = 0x12,
     ServerInfo = 0x81,
     PurchaseResult = 0x82,
     TopUpResult = 0x83,
@@ -61,6 +66,11 @@ message_types! {
     CloseResult = 0x8B,
     OfflineResults = 0x8C,
     HotlistChanges = 0x8D,
+    TapInResult = 0x8E,
+    TapOutResult = 0x8F,
+    InquiryResult = 0x90,
+    ReversalResult = 0x91,
+    FundsResult = 0x92,
     Error = 0xFF,
 }
 
@@ -235,6 +245,9 @@ pub enum EncodeError {
     TooMany { field: &'static str, count: usize, max: usize },
     #[error("body of {len} bytes over the maximum {max}")]
     TooLarge { len: usize, max: usize },
+    /// An InquiryResult may only embed the answer of a consuming card request.
+    #[error("an inquiry answer cannot embed message type {0:#04x}")]
+    NotInquirable(u8),
 }
 
 /// One frame whose header is valid and whose body is complete but not yet interpreted.

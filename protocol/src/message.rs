@@ -59,6 +59,9 @@ pub const MAX_ERROR_MESSAGE: usize = 256;
 /// in-flight window of one connection (`max_in_flight`) and keeps the set of ATCs the server must
 /// remember per card small and fixed.
 pub const ATC_LATE_WINDOW: u32 = 64;
+/// Longest original answer an InquiryResult embeds: the largest answer of a consuming card
+/// request is an IdentityResult (117 bytes); 128 bounds the decoder's allocation.
+pub const MAX_INQUIRY_ANSWER: usize = 128;
 
 /// Result of a card or staff operation (one byte on the wire).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +95,20 @@ pub enum Status {
     InvalidState = 13,
     /// The server is shutting down; retry with the same request elsewhere or later.
     Unavailable = 14,
+    /// Protocol 1.2. A tap-out for a card without an open hold (never tapped in, already tapped
+    /// out, or the hold expired and was settled at the missing tap-out fare).
+    NoOpenHold = 15,
+    /// Protocol 1.2. A tap-in for a card that already has an open hold.
+    HoldExists = 16,
+    /// Protocol 1.2. Inquiry: the request was never executed, and now never will be (its ATC is
+    /// burnt). Reversal: no approved purchase of this terminal at that ATC.
+    NotFound = 17,
+    /// Protocol 1.2. The purchase is older than the reversal window.
+    ReversalWindowClosed = 18,
+    /// Protocol 1.2. The purchase was already reversed by another reversal.
+    AlreadyReversed = 19,
+    /// Protocol 1.2. Only in history entries: an approved purchase that was later reversed.
+    Reversed = 20,
 }
 
 impl Status {
@@ -113,12 +130,18 @@ impl Status {
             12 => ReferenceReused,
             13 => InvalidState,
             14 => Unavailable,
+            15 => NoOpenHold,
+            16 => HoldExists,
+            17 => NotFound,
+            18 => ReversalWindowClosed,
+            19 => AlreadyReversed,
+            20 => Reversed,
             _ => return None,
         })
     }
 
     /// Every status, for reports and exhaustive tests.
-    pub const ALL: [Status; 15] = [
+    pub const ALL: [Status; 21] = [
         Status::Approved,
         Status::UnknownCard,
         Status::CardBlocked,
@@ -134,6 +157,12 @@ impl Status {
         Status::ReferenceReused,
         Status::InvalidState,
         Status::Unavailable,
+        Status::NoOpenHold,
+        Status::HoldExists,
+        Status::NotFound,
+        Status::ReversalWindowClosed,
+        Status::AlreadyReversed,
+        Status::Reversed,
     ];
 }
 
@@ -211,6 +240,17 @@ pub enum EntryKind {
     ReplacedIn = 8,
     Close = 9,
     Offline = 10,
+    /// Protocol 1.2: a hold placed at an entry gate (amount 0: the balance is unchanged).
+    TapIn = 11,
+    /// Protocol 1.2: a hold completed at an exit gate (amount = minus the fare).
+    TapOut = 12,
+    /// Protocol 1.2: a hold not completed in time, settled at the missing tap-out fare by the
+    /// server (amount = minus that fare; ATC 0).
+    HoldExpired = 13,
+    /// Protocol 1.2: a purchase reversed by its terminal (amount = the refund).
+    Reversal = 14,
+    /// Protocol 1.2: an inquiry found nothing and burnt the ATC (amount 0, status NotFound).
+    Inquiry = 15,
 }
 
 impl EntryKind {
@@ -227,6 +267,11 @@ impl EntryKind {
             8 => ReplacedIn,
             9 => Close,
             10 => Offline,
+            11 => TapIn,
+            12 => TapOut,
+            13 => HoldExpired,
+            14 => Reversal,
+            15 => Inquiry,
             _ => return None,
         })
     }
@@ -311,6 +356,81 @@ pub enum Request {
         cursor: Vec<u64>,
         max_entries: u16,
     },
+    /// Protocol 1.2: place a hold for the maximum fare at an entry gate.
+    TapIn {
+        auth: CardAuth,
+    },
+    /// Protocol 1.2: complete the card's open hold with the actual fare (at most the hold).
+    TapOut {
+        auth: CardAuth,
+        fare: Amount,
+    },
+    /// Protocol 1.2: ask for the answer to an earlier request of this terminal. `auth` is that
+    /// request's CardAuth, `original_type` and `amount` what its cryptogram covers.
+    Inquiry {
+        auth: CardAuth,
+        original_type: MessageType,
+        amount: Amount,
+    },
+    /// Protocol 1.2: reverse this terminal's approved purchase `original_atc` (whose request
+    /// cryptogram was `original_cryptogram`) of `amount`.
+    Reversal {
+        auth: CardAuth,
+        amount: Amount,
+        original_atc: Atc,
+        original_cryptogram: Mac,
+    },
+    /// Protocol 1.2: balance, holds and spendable balance.
+    Funds {
+        auth: CardAuth,
+    },
+}
+
+/// The request types an Inquiry may ask about: the consuming card requests.
+pub const INQUIRABLE: [MessageType; 6] = [
+    MessageType::Purchase,
+    MessageType::TopUp,
+    MessageType::Identity,
+    MessageType::TapIn,
+    MessageType::TapOut,
+    MessageType::Reversal,
+];
+
+/// Protocol 1.2: the answer to TapIn, TapOut, Reversal and Funds (81 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransitResult {
+    pub status: Status,
+    pub card_id: CardId,
+    pub atc: Atc,
+    /// Balance after the operation (0 when the card was not authenticated).
+    pub balance: Amount,
+    /// TapIn: the hold placed. TapOut: the fare charged. Reversal: the refund. Funds: 0.
+    pub amount: Amount,
+    /// The card's open hold after the operation (0 when none).
+    pub held: Amount,
+    /// balance - held.
+    pub spendable: Amount,
+    /// TapOut: the ATC of the tap-in completed. Reversal: the purchase's ATC. Funds: the open
+    /// hold's tap-in ATC. TapIn: 0.
+    pub ref_atc: Atc,
+    /// TapIn and Funds: when the open hold expires (Unix ms, 0 when none). Otherwise 0.
+    pub time_ms: u64,
+    pub journal_seq: u64,
+    pub mac: Mac,
+}
+
+/// Protocol 1.2: the answer to an Inquiry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InquiryResult {
+    pub status: Status,
+    pub card_id: CardId,
+    pub atc: Atc,
+    /// The original answer, byte for byte as the original request got it (with its own MAC),
+    /// when `status` is Approved; None otherwise.
+    pub answer: Option<Box<Response>>,
+    /// The journal sequence of the burn (NotFound) or 0.
+    pub journal_seq: u64,
+    pub mac: Mac,
 }
 
 /// Answer to a purchase, top-up or balance inquiry, and one offline record's result.
@@ -441,6 +561,11 @@ pub enum Response {
     Close(StaffResult),
     OfflineBatch(Vec<CardResult>),
     HotlistSync(HotlistChanges),
+    TapIn(TransitResult),
+    TapOut(TransitResult),
+    Inquiry(InquiryResult),
+    Reversal(TransitResult),
+    Funds(TransitResult),
     Error { code: u16, message: String },
 }
 
@@ -568,6 +693,52 @@ pub(crate) fn put_card_result(out: &mut impl BufMut, r: &CardResult) {
     out.put_slice(&r.mac.0);
 }
 
+/// Encoded length of a TransitResult, its 16-byte MAC included.
+pub const TRANSIT_RESULT_LEN: usize = 81;
+
+fn put_transit_result(out: &mut BytesMut, r: &TransitResult) {
+    out.put_u8(r.status as u8);
+    out.put_u64(r.card_id.0);
+    out.put_u32(r.atc.0);
+    out.put_i64(r.balance.0);
+    out.put_i64(r.amount.0);
+    out.put_i64(r.held.0);
+    out.put_i64(r.spendable.0);
+    out.put_u32(r.ref_atc.0);
+    out.put_u64(r.time_ms);
+    out.put_u64(r.journal_seq);
+    out.put_slice(&r.mac.0);
+}
+
+fn read_transit_result(r: &mut Reader<'_>) -> Result<TransitResult, DecodeError> {
+    Ok(TransitResult {
+        status: r.status()?,
+        card_id: r.card_id()?,
+        atc: r.atc()?,
+        balance: r.amount()?,
+        amount: r.amount()?,
+        held: r.amount()?,
+        spendable: r.amount()?,
+        ref_atc: r.atc()?,
+        time_ms: r.u64()?,
+        journal_seq: r.u64()?,
+        mac: r.mac()?,
+    })
+}
+
+/// The response type that answers an inquirable request type.
+pub fn answer_type_of(request: MessageType) -> Option<MessageType> {
+    Some(match request {
+        MessageType::Purchase => MessageType::PurchaseResult,
+        MessageType::TopUp => MessageType::TopUpResult,
+        MessageType::Identity => MessageType::IdentityResult,
+        MessageType::TapIn => MessageType::TapInResult,
+        MessageType::TapOut => MessageType::TapOutResult,
+        MessageType::Reversal => MessageType::ReversalResult,
+        _ => return None,
+    })
+}
+
 fn read_card_result(r: &mut Reader<'_>) -> Result<CardResult, DecodeError> {
     Ok(CardResult {
         status: r.status()?,
@@ -602,6 +773,11 @@ impl Request {
             Request::Close { .. } => MessageType::Close,
             Request::OfflineBatch { .. } => MessageType::OfflineBatch,
             Request::HotlistSync { .. } => MessageType::HotlistSync,
+            Request::TapIn { .. } => MessageType::TapIn,
+            Request::TapOut { .. } => MessageType::TapOut,
+            Request::Inquiry { .. } => MessageType::Inquiry,
+            Request::Reversal { .. } => MessageType::Reversal,
+            Request::Funds { .. } => MessageType::Funds,
         }
     }
 
@@ -612,16 +788,35 @@ impl Request {
             | Request::TopUp { auth, .. }
             | Request::Balance { auth }
             | Request::History { auth, .. }
-            | Request::Identity { auth } => Some(auth),
+            | Request::Identity { auth }
+            | Request::TapIn { auth }
+            | Request::TapOut { auth, .. }
+            | Request::Inquiry { auth, .. }
+            | Request::Reversal { auth, .. }
+            | Request::Funds { auth } => Some(auth),
             _ => None,
         }
     }
 
-    /// The amount the request cryptogram covers (0 for requests without an amount).
+    /// The amount the request cryptogram covers (0 for requests without an amount). For an
+    /// Inquiry: the original request's amount.
     pub fn cryptogram_amount(&self) -> Amount {
         match self {
-            Request::Purchase { amount, .. } | Request::TopUp { amount, .. } => *amount,
+            Request::Purchase { amount, .. }
+            | Request::TopUp { amount, .. }
+            | Request::Inquiry { amount, .. }
+            | Request::Reversal { amount, .. } => *amount,
+            Request::TapOut { fare, .. } => *fare,
             _ => Amount(0),
+        }
+    }
+
+    /// The type byte the request cryptogram covers: the request's own type, except for an
+    /// Inquiry, which carries the original request's cryptogram.
+    pub fn cryptogram_type(&self) -> MessageType {
+        match self {
+            Request::Inquiry { original_type, .. } => *original_type,
+            other => other.message_type(),
         }
     }
 
@@ -634,7 +829,25 @@ impl Request {
                 put_auth(&mut body, auth);
                 body.put_i64(amount.0);
             }
-            Request::Balance { auth } | Request::Identity { auth } => put_auth(&mut body, auth),
+            Request::Balance { auth }
+            | Request::Identity { auth }
+            | Request::TapIn { auth }
+            | Request::Funds { auth } => put_auth(&mut body, auth),
+            Request::TapOut { auth, fare } => {
+                put_auth(&mut body, auth);
+                body.put_i64(fare.0);
+            }
+            Request::Inquiry { auth, original_type, amount } => {
+                put_auth(&mut body, auth);
+                body.put_u8(*original_type as u8);
+                body.put_i64(amount.0);
+            }
+            Request::Reversal { auth, amount, original_atc, original_cryptogram } => {
+                put_auth(&mut body, auth);
+                body.put_i64(amount.0);
+                body.put_u32(original_atc.0);
+                body.put_slice(&original_cryptogram.0);
+            }
             Request::History { auth, before_seq, limit } => {
                 put_auth(&mut body, auth);
                 body.put_u64(*before_seq);
@@ -732,6 +945,23 @@ impl Request {
                 }
                 Request::HotlistSync { cursor, max_entries }
             }
+            MessageType::TapIn => Request::TapIn { auth: r.card_auth()? },
+            MessageType::TapOut => Request::TapOut { auth: r.card_auth()?, fare: r.amount()? },
+            MessageType::Inquiry => {
+                let auth = r.card_auth()?;
+                let v = r.u8()?;
+                let original_type = MessageType::from_u8(v)
+                    .filter(|t| INQUIRABLE.contains(t))
+                    .ok_or(bad_value("original_type", v.into()))?;
+                Request::Inquiry { auth, original_type, amount: r.amount()? }
+            }
+            MessageType::Reversal => Request::Reversal {
+                auth: r.card_auth()?,
+                amount: r.amount()?,
+                original_atc: r.atc()?,
+                original_cryptogram: r.mac()?,
+            },
+            MessageType::Funds => Request::Funds { auth: r.card_auth()? },
             other => {
                 return Err(DecodeError::UnknownType {
                     message_type: other as u8,
@@ -760,6 +990,11 @@ impl Response {
             Response::Close(_) => MessageType::CloseResult,
             Response::OfflineBatch(_) => MessageType::OfflineResults,
             Response::HotlistSync(_) => MessageType::HotlistChanges,
+            Response::TapIn(_) => MessageType::TapInResult,
+            Response::TapOut(_) => MessageType::TapOutResult,
+            Response::Inquiry(_) => MessageType::InquiryResult,
+            Response::Reversal(_) => MessageType::ReversalResult,
+            Response::Funds(_) => MessageType::FundsResult,
             Response::Error { .. } => MessageType::Error,
         }
     }
@@ -774,6 +1009,11 @@ impl Response {
             Response::Issue(i) | Response::Replace(i) => Some(i.status),
             Response::Block(s) | Response::Unblock(s) | Response::Close(s) => Some(s.status),
             Response::OfflineBatch(results) => results.first().map(|r| r.status),
+            Response::TapIn(t)
+            | Response::TapOut(t)
+            | Response::Reversal(t)
+            | Response::Funds(t) => Some(t.status),
+            Response::Inquiry(i) => Some(i.status),
             Response::ServerInfo(_) | Response::HotlistSync(_) | Response::Error { .. } => None,
         }
     }
@@ -787,6 +1027,11 @@ impl Response {
             Response::Issue(i) | Response::Replace(i) => i.status = status,
             Response::Block(s) | Response::Unblock(s) | Response::Close(s) => s.status = status,
             Response::OfflineBatch(results) => results.iter_mut().for_each(|r| r.status = status),
+            Response::TapIn(t)
+            | Response::TapOut(t)
+            | Response::Reversal(t)
+            | Response::Funds(t) => t.status = status,
+            Response::Inquiry(i) => i.status = status,
             Response::ServerInfo(_) | Response::HotlistSync(_) | Response::Error { .. } => {}
         }
     }
@@ -799,6 +1044,11 @@ impl Response {
             Response::Identity(i) => Some(&mut i.mac),
             Response::Issue(i) | Response::Replace(i) => Some(&mut i.mac),
             Response::Block(s) | Response::Unblock(s) | Response::Close(s) => Some(&mut s.mac),
+            Response::TapIn(t)
+            | Response::TapOut(t)
+            | Response::Reversal(t)
+            | Response::Funds(t) => Some(&mut t.mac),
+            Response::Inquiry(i) => Some(&mut i.mac),
             Response::OfflineBatch(_)
             | Response::ServerInfo(_)
             | Response::HotlistSync(_)
@@ -927,6 +1177,35 @@ impl Response {
                     body.put_u8(e.reason as u8);
                     body.put_u64(e.version);
                 }
+            }
+            Response::TapIn(t)
+            | Response::TapOut(t)
+            | Response::Reversal(t)
+            | Response::Funds(t) => put_transit_result(body, t),
+            Response::Inquiry(i) => {
+                body.put_u8(i.status as u8);
+                body.put_u64(i.card_id.0);
+                body.put_u32(i.atc.0);
+                body.put_u64(i.journal_seq);
+                match &i.answer {
+                    None => {
+                        body.put_u8(0);
+                        body.put_u16(0);
+                    }
+                    Some(answer) => {
+                        let t = answer.message_type();
+                        if !INQUIRABLE.iter().any(|r| answer_type_of(*r) == Some(t)) {
+                            return Err(EncodeError::NotInquirable(t as u8));
+                        }
+                        let mut inner = BytesMut::with_capacity(MAX_INQUIRY_ANSWER);
+                        answer.encode_body(&mut inner)?;
+                        check_count("answer", inner.len(), MAX_INQUIRY_ANSWER)?;
+                        body.put_u8(t as u8);
+                        body.put_u16(inner.len() as u16);
+                        body.put_slice(&inner);
+                    }
+                }
+                body.put_slice(&i.mac.0);
             }
             Response::Error { code, message } => {
                 check_count("message", message.len(), MAX_ERROR_MESSAGE)?;
@@ -1065,6 +1344,43 @@ impl Response {
                     entries.push(HotlistEntry { card_id, listed, reason, version: r.u64()? });
                 }
                 Response::HotlistSync(HotlistChanges { cursor, more, entries })
+            }
+            MessageType::TapInResult => Response::TapIn(read_transit_result(&mut r)?),
+            MessageType::TapOutResult => Response::TapOut(read_transit_result(&mut r)?),
+            MessageType::ReversalResult => Response::Reversal(read_transit_result(&mut r)?),
+            MessageType::FundsResult => Response::Funds(read_transit_result(&mut r)?),
+            MessageType::InquiryResult => {
+                let status = r.status()?;
+                let card_id = r.card_id()?;
+                let atc = r.atc()?;
+                let journal_seq = r.u64()?;
+                let t = r.u8()?;
+                let answer_type = match t {
+                    0 => None,
+                    v => Some(
+                        MessageType::from_u8(v)
+                            .filter(|t| INQUIRABLE.iter().any(|r| answer_type_of(*r) == Some(*t)))
+                            .ok_or(bad_value("answer_type", v.into()))?,
+                    ),
+                };
+                let n = r.count("answer", true, MAX_INQUIRY_ANSWER)?;
+                let bytes = r.take(n)?;
+                let answer = match answer_type {
+                    None if n == 0 => None,
+                    None => return Err(bad_value("answer", n as u64)),
+                    Some(t) => Some(Box::new(
+                        Response::decode_body(t, bytes)
+                            .map_err(|_| bad_value("answer", u64::from(t as u8)))?,
+                    )),
+                };
+                Response::Inquiry(InquiryResult {
+                    status,
+                    card_id,
+                    atc,
+                    answer,
+                    journal_seq,
+                    mac: r.mac()?,
+                })
             }
             MessageType::Error => {
                 let code = r.u16()?;

@@ -157,7 +157,7 @@ fn nonzero_flags_or_reserved() {
 
 #[test]
 fn unknown_type_is_rejected_from_the_header_alone() {
-    for t in [0x00u8, 0x0e, 0x7f, 0x80, 0x8e, 0xfe] {
+    for t in [0x00u8, 0x13, 0x7f, 0x80, 0x93, 0xfe] {
         // Header only: the body is not awaited.
         let buf = BytesMut::from(&header(b"CC", 1, t, 0, 0, RID, 8)[..]);
         let expected = DecodeError::UnknownType { message_type: t, request_id: RequestId(RID) };
@@ -314,7 +314,7 @@ fn body_longer_than_required() {
 
 #[test]
 fn bad_status() {
-    for status in [15u8, 0x80, 0xff] {
+    for status in [21u8, 0x80, 0xff] {
         let buf = frame(0x82, &card_result_bytes(status));
         expect_response_err(
             buf,
@@ -378,13 +378,13 @@ fn history_body(kind: u8, entry_status: u8) -> Vec<u8> {
 
 #[test]
 fn bad_entry_kind_and_entry_status() {
-    assert!(decode_response(&mut frame(0x85, &history_body(10, 0))).is_ok());
-    for kind in [0u8, 11, 0xff] {
+    assert!(decode_response(&mut frame(0x85, &history_body(15, 0))).is_ok());
+    for kind in [0u8, 16, 0xff] {
         let buf = frame(0x85, &history_body(kind, 0));
         expect_response_err(buf, bad_value("kind", kind.into()), ErrorCode::BadValue, Some(RID));
     }
-    let buf = frame(0x85, &history_body(2, 15));
-    expect_response_err(buf, bad_value("status", 15), ErrorCode::BadValue, Some(RID));
+    let buf = frame(0x85, &history_body(2, 21));
+    expect_response_err(buf, bad_value("status", 21), ErrorCode::BadValue, Some(RID));
 }
 
 fn hotlist_body(more: u8, listed: u8, reason: u8) -> Vec<u8> {
@@ -713,12 +713,12 @@ fn error_codes_parse_and_know_whether_they_close() {
 #[test]
 fn enum_parsers_accept_exactly_the_documented_values() {
     for v in 0..=255u8 {
-        assert_eq!(Status::from_u8(v).is_some(), v <= 14, "status {v}");
+        assert_eq!(Status::from_u8(v).is_some(), v <= 20, "status {v}");
         assert_eq!(CardState::from_u8(v).is_some(), v <= 4, "card state {v}");
         assert_eq!(BlockReason::from_u8(v).is_some(), (1..=7).contains(&v), "reason {v}");
-        assert_eq!(EntryKind::from_u8(v).is_some(), (1..=10).contains(&v), "kind {v}");
+        assert_eq!(EntryKind::from_u8(v).is_some(), (1..=15).contains(&v), "kind {v}");
         let t = MessageType::from_u8(v);
-        assert_eq!(t.is_some(), (1..=0x0d).contains(&v) || (0x81..=0x8d).contains(&v) || v == 0xff);
+        assert_eq!(t.is_some(), (1..=0x12).contains(&v) || (0x81..=0x92).contains(&v) || v == 0xff);
         if let Some(t) = t {
             assert_eq!(t as u8, v);
             assert_eq!(t.is_request(), v < 0x80);
@@ -776,7 +776,7 @@ fn arb_reason(max: u8) -> impl Strategy<Value = BlockReason> {
 }
 
 fn arb_kind() -> impl Strategy<Value = EntryKind> {
-    (1u8..=10).prop_map(|v| EntryKind::from_u8(v).unwrap())
+    (1u8..=15).prop_map(|v| EntryKind::from_u8(v).unwrap())
 }
 
 fn arb_record() -> impl Strategy<Value = OfflineRecord> {
@@ -816,7 +816,41 @@ fn arb_request() -> impl Strategy<Value = Request> {
             .prop_map(|records| Request::OfflineBatch { records }),
         (prop::collection::vec(any::<u64>(), 0..=64), any::<u16>())
             .prop_map(|(cursor, max_entries)| Request::HotlistSync { cursor, max_entries }),
+        arb_auth().prop_map(|auth| Request::TapIn { auth }),
+        (arb_auth(), arb_amount()).prop_map(|(auth, fare)| Request::TapOut { auth, fare }),
+        (arb_auth(), prop::sample::select(INQUIRABLE.to_vec()), arb_amount()).prop_map(
+            |(auth, original_type, amount)| Request::Inquiry { auth, original_type, amount }
+        ),
+        (arb_auth(), arb_amount(), any::<u32>(), arb_mac()).prop_map(|(auth, amount, a, m)| {
+            Request::Reversal { auth, amount, original_atc: Atc(a), original_cryptogram: m }
+        }),
+        arb_auth().prop_map(|auth| Request::Funds { auth }),
     ]
+}
+
+fn arb_transit_result() -> impl Strategy<Value = TransitResult> {
+    (
+        (arb_status(), any::<u64>(), any::<u32>(), arb_amount(), arb_amount()),
+        (arb_amount(), arb_amount(), any::<u32>(), any::<u64>(), any::<u64>(), arb_mac()),
+    )
+        .prop_map(
+            |(
+                (status, c, a, balance, amount),
+                (held, spendable, ref_atc, time_ms, journal_seq, mac),
+            )| TransitResult {
+                status,
+                card_id: CardId(c),
+                atc: Atc(a),
+                balance,
+                amount,
+                held,
+                spendable,
+                ref_atc: Atc(ref_atc),
+                time_ms,
+                journal_seq,
+                mac,
+            },
+        )
 }
 
 fn arb_card_result() -> impl Strategy<Value = CardResult> {
@@ -937,28 +971,30 @@ fn arb_response() -> impl Strategy<Value = Response> {
                 mac,
             })
         });
-    let identity = (
-        arb_status(),
-        any::<u64>(),
-        any::<u32>(),
-        any::<u64>(),
-        any::<u64>(),
-        any::<u64>(),
-        prop::collection::vec(any::<u8>(), 64),
-        arb_mac(),
-    )
-        .prop_map(|(status, c, a, journal_seq, issued_ms, expires_ms, sig, mac)| {
-            Response::Identity(IdentityResult {
-                status,
-                card_id: CardId(c),
-                atc: Atc(a),
-                journal_seq,
-                issued_ms,
-                expires_ms,
-                signature: sig.try_into().unwrap(),
-                mac,
+    let identity = || {
+        (
+            arb_status(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 64),
+            arb_mac(),
+        )
+            .prop_map(|(status, c, a, journal_seq, issued_ms, expires_ms, sig, mac)| {
+                Response::Identity(IdentityResult {
+                    status,
+                    card_id: CardId(c),
+                    atc: Atc(a),
+                    journal_seq,
+                    issued_ms,
+                    expires_ms,
+                    signature: sig.try_into().unwrap(),
+                    mac,
+                })
             })
-        });
+    };
     let hotlist_entry = (any::<u64>(), any::<bool>(), arb_reason(7), any::<u64>()).prop_map(
         |(c, listed, reason, version)| HotlistEntry { card_id: CardId(c), listed, reason, version },
     );
@@ -970,13 +1006,38 @@ fn arb_response() -> impl Strategy<Value = Response> {
         .prop_map(|(cursor, more, entries)| {
             Response::HotlistSync(HotlistChanges { cursor, more, entries })
         });
+    let answer = prop_oneof![
+        Just(None),
+        arb_card_result().prop_map(|c| Some(Box::new(Response::Purchase(c)))),
+        arb_card_result().prop_map(|c| Some(Box::new(Response::TopUp(c)))),
+        identity().prop_map(|i| Some(Box::new(i))),
+        arb_transit_result().prop_map(|t| Some(Box::new(Response::TapIn(t)))),
+        arb_transit_result().prop_map(|t| Some(Box::new(Response::TapOut(t)))),
+        arb_transit_result().prop_map(|t| Some(Box::new(Response::Reversal(t)))),
+    ];
+    let inquiry = (arb_status(), any::<u64>(), any::<u32>(), answer, any::<u64>(), arb_mac())
+        .prop_map(|(status, c, a, answer, journal_seq, mac)| {
+            Response::Inquiry(InquiryResult {
+                status,
+                card_id: CardId(c),
+                atc: Atc(a),
+                answer,
+                journal_seq,
+                mac,
+            })
+        });
     prop_oneof![
         server_info,
+        arb_transit_result().prop_map(Response::TapIn),
+        arb_transit_result().prop_map(Response::TapOut),
+        arb_transit_result().prop_map(Response::Reversal),
+        arb_transit_result().prop_map(Response::Funds),
+        inquiry,
         arb_card_result().prop_map(Response::Purchase),
         arb_card_result().prop_map(Response::TopUp),
         arb_card_result().prop_map(Response::Balance),
         history,
-        identity,
+        identity(),
         arb_issue_result().prop_map(Response::Issue),
         arb_staff_result().prop_map(Response::Block),
         arb_staff_result().prop_map(Response::Unblock),

@@ -81,6 +81,19 @@ const EXPECTED: &[&str] = &[
     "hotlist-changes-response",
     "error-response",
     "error-bad-magic-response",
+    // Protocol 1.2.
+    "tapin-request",
+    "tapout-request",
+    "inquiry-request",
+    "reversal-request",
+    "funds-request",
+    "tapin-response",
+    "tapout-response",
+    "tapout-no-open-hold-response",
+    "inquiry-response",
+    "inquiry-not-found-response",
+    "reversal-response",
+    "funds-response",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -203,6 +216,10 @@ fn key(card: CardId) -> CardKey {
     CardKey::derive(&MASTER, KV, card)
 }
 
+fn k_card() -> CardKey {
+    key(CARD)
+}
+
 fn enum_line<T: std::fmt::Debug>(v: T, code: u8) -> String {
     format!("{v:?} ({code})")
 }
@@ -224,8 +241,11 @@ fn card_request(
         .field("card_id", CARD.0)
         .field("atc", atc)
         .field("nonce", format!("0x{nonce:016x}"));
-    if matches!(t, MessageType::Purchase | MessageType::TopUp) {
+    if matches!(t, MessageType::Purchase | MessageType::TopUp | MessageType::Reversal) {
         v = v.field("amount", amount);
+    }
+    if t == MessageType::TapOut {
+        v = v.field("fare", amount);
     }
     if t == MessageType::History {
         v = v.field("before_seq", 0).field("limit", 20);
@@ -302,6 +322,45 @@ fn card_result(status: Status, atc: u32, balance: i64, journal_seq: u64) -> Card
         card_id: CARD,
         atc: Atc(atc),
         balance: Amount(balance),
+        journal_seq,
+        mac: Mac([0; 16]),
+    }
+}
+
+fn transit_fields(v: Vector, t: &TransitResult) -> Vector {
+    v.field("status", enum_line(t.status, t.status as u8))
+        .field("card_id", t.card_id.0)
+        .field("atc", t.atc.0)
+        .field("balance", t.balance.0)
+        .field("amount", t.amount.0)
+        .field("held", t.held.0)
+        .field("spendable", t.spendable.0)
+        .field("ref_atc", t.ref_atc.0)
+        .field("time_ms", t.time_ms)
+        .field("journal_seq", t.journal_seq)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn transit_result(
+    status: Status,
+    atc: u32,
+    balance: i64,
+    amount: i64,
+    held: i64,
+    ref_atc: u32,
+    time_ms: u64,
+    journal_seq: u64,
+) -> TransitResult {
+    TransitResult {
+        status,
+        card_id: CARD,
+        atc: Atc(atc),
+        balance: Amount(balance),
+        amount: Amount(amount),
+        held: Amount(held),
+        spendable: Amount(balance - held),
+        ref_atc: Atc(ref_atc),
+        time_ms,
         journal_seq,
         mac: Mac([0; 16]),
     }
@@ -483,6 +542,67 @@ fn vectors() -> Vec<Vector> {
             .field("cursor", list(&[3, 0, 7, 1]))
             .msg(Msg::Req(Request::HotlistSync { cursor: vec![3, 0, 7, 1], max_entries: 256 })),
     );
+
+    // Protocol 1.2 requests.
+    let (v, tapin_auth) = card_request(
+        Vector::new("tapin-request", 40),
+        MessageType::TapIn,
+        12,
+        0x0000_0000_0000_000c,
+        0,
+        READER,
+    );
+    out.push(v.msg(Msg::Req(Request::TapIn { auth: tapin_auth })));
+    let (v, tapout_auth) = card_request(
+        Vector::new("tapout-request", 41),
+        MessageType::TapOut,
+        13,
+        0x0000_0000_0000_000d,
+        320,
+        "reader-2",
+    );
+    out.push(v.msg(Msg::Req(Request::TapOut { auth: tapout_auth, fare: Amount(320) })));
+    // The inquiry carries purchase-request's CardAuth: its cryptogram covers type 0x02.
+    let input = cryptogram_input(0x02, &purchase_auth, Amount(250), READER);
+    let v = Vector::new("inquiry-request", 42)
+        .field("terminal_id", READER)
+        .field("card_id", CARD.0)
+        .field("atc", 5)
+        .field("nonce", format!("0x{:016x}", purchase_auth.nonce))
+        .field("original_type", "Purchase (0x02)")
+        .field("amount", 250)
+        .hex("card_key", k_card().bytes())
+        .hex("cryptogram_input", &input)
+        .hex("cryptogram", &purchase_auth.cryptogram.0);
+    out.push(v.msg(Msg::Req(Request::Inquiry {
+        auth: purchase_auth,
+        original_type: MessageType::Purchase,
+        amount: Amount(250),
+    })));
+    let (v, reversal_auth) = card_request(
+        Vector::new("reversal-request", 43),
+        MessageType::Reversal,
+        14,
+        0x0000_0000_0000_000e,
+        250,
+        READER,
+    );
+    let v = v.field("original_atc", 5).hex("original_cryptogram", &purchase_auth.cryptogram.0);
+    out.push(v.msg(Msg::Req(Request::Reversal {
+        auth: reversal_auth,
+        amount: Amount(250),
+        original_atc: Atc(5),
+        original_cryptogram: purchase_auth.cryptogram,
+    })));
+    let (v, funds_auth) = card_request(
+        Vector::new("funds-request", 44),
+        MessageType::Funds,
+        15,
+        0x0000_0000_0000_000f,
+        0,
+        KIOSK,
+    );
+    out.push(v.msg(Msg::Req(Request::Funds { auth: funds_auth })));
 
     // Responses.
     let info = ServerInfo {
@@ -738,6 +858,86 @@ fn vectors() -> Vec<Vector> {
     }
     out.push(v.msg(Msg::Resp(Response::HotlistSync(changes))));
 
+    // Protocol 1.2 responses. The hold expires 3 hours after the tap-in (the default).
+    let tapin_ms = T0 + 120_000;
+    let expires = tapin_ms + 10_800_000;
+    for (name, rid, auth, make, result) in [
+        (
+            "tapin-response",
+            40,
+            tapin_auth,
+            Response::TapIn as fn(TransitResult) -> Response,
+            transit_result(Status::Approved, 12, 3750, 400, 400, 0, expires, 1060),
+        ),
+        (
+            "tapout-response",
+            41,
+            tapout_auth,
+            Response::TapOut,
+            transit_result(Status::Approved, 13, 3430, 320, 0, 12, 0, 1061),
+        ),
+        (
+            "tapout-no-open-hold-response",
+            41,
+            tapout_auth,
+            Response::TapOut,
+            transit_result(Status::NoOpenHold, 13, 3750, 0, 0, 0, 0, 1061),
+        ),
+        (
+            "reversal-response",
+            43,
+            reversal_auth,
+            Response::Reversal,
+            transit_result(Status::Approved, 14, 2000, 250, 0, 5, 0, 1063),
+        ),
+        (
+            "funds-response",
+            44,
+            funds_auth,
+            Response::Funds,
+            transit_result(Status::Approved, 15, 3750, 0, 400, 12, expires, 0),
+        ),
+    ] {
+        // The TapOut vectors are answers to reader-2, which the MAC does not name.
+        let v = transit_fields(Vector::new(name, rid), &result);
+        let (v, resp) = sealed(v, make(result), &k, auth.cryptogram);
+        out.push(v.msg(Msg::Resp(resp)));
+    }
+    // Inquiry found: purchase-response embedded byte for byte (its own MAC included), the whole
+    // sealed again under the same binding (the purchase's cryptogram).
+    let original = match out.iter().find(|v| v.name == "purchase-response").map(|v| &v.msg) {
+        Some(Msg::Resp(r)) => r.clone(),
+        _ => unreachable!("purchase-response is built above"),
+    };
+    let mut original_body = BytesMut::new();
+    original.encode_body(&mut original_body).unwrap();
+    for (name, status, answer, seq) in [
+        ("inquiry-response", Status::Approved, Some(Box::new(original)), 0u64),
+        ("inquiry-not-found-response", Status::NotFound, None, 1062),
+    ] {
+        let mut v = Vector::new(name, 42)
+            .field("status", enum_line(status, status as u8))
+            .field("card_id", CARD.0)
+            .field("atc", 5)
+            .field("journal_seq", seq);
+        v = match &answer {
+            Some(_) => {
+                v.field("answer_type", "PurchaseResult (0x82)").hex("answer", &original_body)
+            }
+            None => v.field("answer_type", "none (0x00)"),
+        };
+        let result = InquiryResult {
+            status,
+            card_id: CARD,
+            atc: Atc(5),
+            answer,
+            journal_seq: seq,
+            mac: Mac([0; 16]),
+        };
+        let (v, resp) = sealed(v, Response::Inquiry(result), &k, purchase_auth.cryptogram);
+        out.push(v.msg(Msg::Resp(resp)));
+    }
+
     for (name, rid, code, message) in [
         ("error-response", 7, ErrorCode::DuplicateRequestId, "request id 7 is already in flight"),
         ("error-bad-magic-response", 0, ErrorCode::BadMagic, "bad magic"),
@@ -936,9 +1136,15 @@ fn document_vectors_are_self_consistent() {
             let input = unhex(input);
             let terminal = get(block, "terminal_id").unwrap();
             let mut expected = b"CCRQ\x01".to_vec();
+            // An Inquiry carries the original request's cryptogram: its type is body[36].
+            let t = if t == 0x10 { body[36] } else { t };
             expected.push(t);
             expected.extend_from_slice(&body[0..12]); // card id, ATC
-            let amount: &[u8] = if t == 0x02 || t == 0x03 { &body[36..44] } else { &[0; 8] };
+            let amount: &[u8] = match frame[3] {
+                0x02 | 0x03 | 0x0f | 0x11 => &body[36..44],
+                0x10 => &body[37..45],
+                _ => &[0; 8],
+            };
             expected.extend_from_slice(amount);
             expected.extend_from_slice(&body[12..20]); // nonce
             expected.push(terminal.len() as u8);

@@ -110,8 +110,11 @@ def main():
         assert len(body) == body_len, name
         mtype = frame[3]
         if "cryptogram" in b:
-            amount = int(b.get("amount", "0"))
-            data = (b"CCRQ\x01" + bytes([mtype])
+            # TapOut names its amount "fare"; an Inquiry carries the original request's
+            # cryptogram, over the original type.
+            amount = int(b.get("amount", b.get("fare", "0")))
+            ctype = int(b["original_type"].split("(")[1].rstrip(")"), 0) if "original_type" in b else mtype
+            data = (b"CCRQ\x01" + bytes([ctype])
                     + struct.pack(">QIqQ", int(b["card_id"]), int(b["atc"]), amount,
                                   int(b["nonce"], 0))
                     + terminal(b))

@@ -12,6 +12,25 @@ use citycard_protocol::{
 
 use super::entry::Entry;
 
+/// A card result (purchase, top-up, balance; offline records otherwise) sealed for the request of
+/// `request_type` bound to `binding`: what an Inquiry embeds, byte for byte as the original got it.
+pub(super) fn seal_card(
+    key: &citycard_protocol::crypto::CardKey,
+    request_type: citycard_protocol::MessageType,
+    binding: &Mac,
+    mut result: CardResult,
+) -> CardResult {
+    use citycard_protocol::MessageType;
+    let response_type = match request_type {
+        MessageType::Purchase => MessageType::PurchaseResult,
+        MessageType::TopUp => MessageType::TopUpResult,
+        MessageType::Balance => MessageType::BalanceResult,
+        _ => MessageType::OfflineResults,
+    };
+    seal_card_result(key, response_type, binding, &mut result);
+    result
+}
+
 pub(super) fn card_result(entry: &Entry, seq: u64) -> CardResult {
     CardResult {
         status: entry.status,

@@ -3,6 +3,7 @@
 
 use citycard_protocol::{Amount, Atc, BlockReason, CardState, EntryKind, Status};
 
+use super::decide::transit::Hold;
 use super::entry::Entry;
 use super::shard::Shard;
 use super::state::CardRecord;
@@ -49,6 +50,7 @@ impl Shard {
                         last_atc: Atc(0),
                         key_version: entry.key_version,
                         last_pos: pos,
+                        hold: Hold::NONE,
                     },
                     seq,
                 );
@@ -73,6 +75,7 @@ impl Shard {
                         key_version: entry.key_version,
                         // The replacement's chain starts at the record that created it.
                         last_pos: pos,
+                        hold: Hold::NONE,
                     },
                     seq,
                 );
@@ -94,6 +97,14 @@ impl Shard {
                             }
                             EntryKind::Unblock => card.state = CardState::Active,
                             EntryKind::Close => card.state = CardState::Closed,
+                            EntryKind::TapIn | EntryKind::TapOut | EntryKind::HoldExpired => {
+                                self.hold_index.change(
+                                    entry.card_id,
+                                    card.hold,
+                                    entry.transit.hold,
+                                );
+                                card.hold = entry.transit.hold;
+                            }
                             _ => {}
                         }
                     }

@@ -4,7 +4,7 @@
 
 use citycard_protocol::{
     Amount, Answer, CardAuth, CardResult, EntryKind, HistoryEntry, MessageType, OfflineRecord,
-    Response,
+    Response, Status,
 };
 
 use super::answer::{card_result, history_entry, seal, seal_card_result, unauthenticated};
@@ -94,9 +94,22 @@ impl Shard {
         let mut entries: Vec<HistoryEntry> = Vec::with_capacity(limit + 1);
         // The card's chain runs newest first, through the overlay and the journal files; one
         // entry past the page says whether it continues.
+        // ATCs of purchases reversed later (protocol 1.2): a reversal is always newer than its
+        // purchase, and the walk sees every newer record, so the purchase shows Reversed.
+        let mut reversed = std::collections::HashSet::new();
         self.walk_card(auth.card_id, HISTORY_WALK_MAX, |seq, entry| {
+            if entry.kind == EntryKind::Reversal && entry.status == Status::Approved {
+                reversed.insert(entry.transit.ref_atc);
+            }
             if seq < before {
-                entries.push(history_entry(entry, seq, auth.card_id));
+                let mut shown = history_entry(entry, seq, auth.card_id);
+                if entry.kind == EntryKind::Purchase
+                    && entry.status == Status::Approved
+                    && reversed.contains(&entry.atc)
+                {
+                    shown.status = Status::Reversed;
+                }
+                entries.push(shown);
             }
             entries.len() <= limit
         })?;

@@ -110,6 +110,11 @@ impl Cards {
         self.store.borrow().all(self.persisted)
     }
 
+    /// The cards with an open hold, for the expiry sweep's index (read once at open).
+    pub fn open_holds(&self) -> Result<Vec<(CardId, CardRecord)>, StoreError> {
+        self.store.borrow().open_holds()
+    }
+
     /// The digest of every record as applied (checkpoints and sled's own copy).
     pub fn digest(&self) -> StateDigest {
         self.store.borrow().digest()

@@ -3,11 +3,17 @@
 
 use citycard_protocol::{Amount, Atc, BlockReason, CardId, EntryKind, KeyVersion, Mac, Status};
 
+use super::decide::transit::{Hold, Transit};
 use crate::journal::Pos;
 
 /// Encoding version byte at the front of every payload. Version 2 added `prev_pos` (the
 /// per-card chain through the journal); version 1 entries are refused by name.
 const ENTRY_VERSION: u8 = 2;
+/// Version 3 (protocol 1.2) is version 2 with the [`Transit`] fields after `prev_pos`. It is
+/// written only for entries whose `transit` is not [`Transit::NONE`], so every other entry keeps
+/// its version 2 bytes (and hash chain) exactly, and a version 2 reader refuses only records
+/// it could not interpret anyway.
+const ENTRY_VERSION_TRANSIT: u8 = 3;
 const FIXED_LEN: usize = 92 + Pos::LEN;
 
 /// How an operation changed a card's hotlist standing.
@@ -51,6 +57,9 @@ pub struct Entry {
     /// Where `card_id`'s previous journaled operation lies (`Pos::NONE` for its first): the
     /// chain history pages and retries walk, so sled need not hold a copy of every record.
     pub prev_pos: Pos,
+    /// Tap-in, tap-out, hold expiry, reversal and inquiry: the card's hold after the operation
+    /// and the ATC it refers to. `Transit::NONE` for every other kind.
+    pub transit: Transit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +69,8 @@ pub struct EntryError(pub &'static str);
 impl Entry {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
-        out.push(ENTRY_VERSION);
+        let with_transit = self.transit != Transit::NONE;
+        out.push(if with_transit { ENTRY_VERSION_TRANSIT } else { ENTRY_VERSION });
         out.push(self.kind as u8);
         out.push(self.status as u8);
         out.extend_from_slice(&self.card_id.0.to_be_bytes());
@@ -82,6 +92,10 @@ impl Entry {
         out.push(reason);
         out.extend_from_slice(&self.extra.to_be_bytes());
         out.extend_from_slice(&self.prev_pos.to_bytes());
+        if with_transit {
+            out.extend_from_slice(&self.transit.hold.to_bytes());
+            out.extend_from_slice(&self.transit.ref_atc.0.to_be_bytes());
+        }
         let terminal = &self.terminal.as_bytes()[..self.terminal.len().min(32)];
         out.push(terminal.len() as u8);
         out.extend_from_slice(terminal);
@@ -102,10 +116,14 @@ impl Entry {
             a.copy_from_slice(s);
             u64::from_be_bytes(a)
         };
-        match take(1)[0] {
-            ENTRY_VERSION => {}
+        let fixed_len = match take(1)[0] {
+            ENTRY_VERSION => FIXED_LEN,
+            ENTRY_VERSION_TRANSIT => FIXED_LEN + Transit::LEN,
             1 => return Err(EntryError("entry version 1 (data directory older than 2026-12)")),
             _ => return Err(EntryError("unknown entry version")),
+        };
+        if bytes.len() < fixed_len {
+            return Err(EntryError("too short"));
         }
         let kind = EntryKind::from_u8(take(1)[0]).ok_or(EntryError("kind"))?;
         let status = Status::from_u8(take(1)[0]).ok_or(EntryError("status"))?;
@@ -138,11 +156,24 @@ impl Entry {
         };
         let extra = u64_of(take(8)) as i64;
         let prev_pos = Pos::from_bytes(take(Pos::LEN)).ok_or(EntryError("prev_pos"))?;
+        let transit = if fixed_len == FIXED_LEN {
+            Transit::NONE
+        } else {
+            let hold = Hold::from_bytes(take(Hold::LEN)).ok_or(EntryError("hold"))?;
+            let a = take(4);
+            let ref_atc = Atc(u32::from_be_bytes([a[0], a[1], a[2], a[3]]));
+            let transit = Transit { hold, ref_atc };
+            if transit == Transit::NONE {
+                // Version 3 is only written with transit fields.
+                return Err(EntryError("version 3 without transit fields"));
+            }
+            transit
+        };
         let terminal_len = usize::from(take(1)[0]);
-        if bytes.len() != FIXED_LEN + terminal_len {
+        if bytes.len() != fixed_len + terminal_len {
             return Err(EntryError("length"));
         }
-        let terminal = std::str::from_utf8(&bytes[FIXED_LEN..])
+        let terminal = std::str::from_utf8(&bytes[fixed_len..])
             .map_err(|_| EntryError("terminal id"))?
             .to_owned();
         Ok(Entry {
@@ -162,6 +193,7 @@ impl Entry {
             extra,
             terminal,
             prev_pos,
+            transit,
         })
     }
 
@@ -201,8 +233,36 @@ impl Entry {
                     && self.balance_after.0 <= 0
             }
             EntryKind::Close => self.balance_after.0 <= 0 && self.extra >= 0,
+            // Protocol 1.2: a tap-in moves nothing and leaves the hold it placed; a tap-out and
+            // an expiry charge their fare (`extra`) and leave no hold; a reversal refunds.
+            EntryKind::TapIn => {
+                self.amount.0 == 0
+                    && self.transit.hold.is_open()
+                    && self.transit.hold.amount.0 == self.extra
+                    && self.extra > 0
+            }
+            EntryKind::TapOut | EntryKind::HoldExpired => {
+                self.extra >= 0
+                    && self.amount.0 == self.extra.saturating_neg()
+                    && !self.transit.hold.is_open()
+                    && self.transit.ref_atc.0 != 0
+            }
+            EntryKind::Reversal => {
+                self.extra > 0 && self.amount.0 == self.extra && self.transit.ref_atc.0 != 0
+            }
             _ => true,
         };
+        let transit_kind = matches!(
+            self.kind,
+            EntryKind::TapIn
+                | EntryKind::TapOut
+                | EntryKind::HoldExpired
+                | EntryKind::Reversal
+                | EntryKind::Inquiry
+        );
+        if !transit_kind && self.transit != Transit::NONE {
+            return Err("only transit entries carry transit fields");
+        }
         if !ok {
             return Err("an approval's amount, balance or cards break its kind's rules");
         }
@@ -213,7 +273,14 @@ impl Entry {
     pub fn uses_atc(&self) -> bool {
         matches!(
             self.kind,
-            EntryKind::Purchase | EntryKind::TopUp | EntryKind::Identity | EntryKind::Offline
+            EntryKind::Purchase
+                | EntryKind::TopUp
+                | EntryKind::Identity
+                | EntryKind::Offline
+                | EntryKind::TapIn
+                | EntryKind::TapOut
+                | EntryKind::Reversal
+                | EntryKind::Inquiry
         )
     }
 }
@@ -241,6 +308,7 @@ mod tests {
             extra: -5,
             terminal: "reader-1".into(),
             prev_pos: Pos { segment: 1, offset: 32 },
+            transit: Transit::NONE,
         };
         let mut buf = Vec::new();
         entry.encode(&mut buf);
@@ -273,6 +341,7 @@ mod tests {
             extra: 250,
             terminal: "reader-1".into(),
             prev_pos: Pos::NONE,
+            transit: Transit::NONE,
         };
         assert_eq!(purchase.check(), Ok(()));
         let declined =
@@ -299,5 +368,123 @@ mod tests {
         for (i, entry) in broken.iter().enumerate() {
             assert!(entry.check().is_err(), "row {i} should break an invariant");
         }
+    }
+
+    #[test]
+    fn check_knows_the_transit_kinds() {
+        let hold = Hold { atc: Atc(8), amount: Amount(400), expires_ms: 9 };
+        let tap_in = Entry {
+            kind: EntryKind::TapIn,
+            status: Status::Approved,
+            card_id: CardId(6_000_000_000_000_123),
+            atc: Atc(8),
+            amount: Amount(0),
+            balance_after: Amount(1_000),
+            time_ms: 1,
+            reference: 5,
+            binding: Mac([4; 16]),
+            other_card: CardId(0),
+            key_version: KeyVersion(1),
+            hotlist_version: 0,
+            hotlist_change: HotlistChange::None,
+            extra: 400,
+            terminal: "reader-1".into(),
+            prev_pos: Pos::NONE,
+            transit: Transit { hold, ref_atc: Atc(8) },
+        };
+        let done = Transit { hold: Hold::NONE, ref_atc: Atc(8) };
+        let tap_out = Entry {
+            kind: EntryKind::TapOut,
+            atc: Atc(9),
+            amount: Amount(-320),
+            extra: 320,
+            transit: done,
+            ..tap_in.clone()
+        };
+        let expired = Entry {
+            kind: EntryKind::HoldExpired,
+            atc: Atc(0),
+            terminal: String::new(),
+            ..tap_out.clone()
+        };
+        let reversal = Entry {
+            kind: EntryKind::Reversal,
+            atc: Atc(10),
+            amount: Amount(250),
+            extra: 250,
+            ..tap_out.clone()
+        };
+        for ok in [&tap_in, &tap_out, &expired, &reversal] {
+            assert_eq!(ok.check(), Ok(()), "{:?}", ok.kind);
+        }
+        let broken = [
+            Entry { amount: Amount(-1), ..tap_in.clone() },
+            Entry { transit: done, ..tap_in.clone() },
+            Entry { extra: 399, ..tap_in.clone() },
+            Entry { amount: Amount(-321), ..tap_out.clone() },
+            Entry { transit: Transit { hold, ref_atc: Atc(8) }, ..tap_out.clone() },
+            Entry { atc: Atc(3), ..expired.clone() },
+            Entry { amount: Amount(-250), ..reversal.clone() },
+            Entry { transit: Transit { hold: Hold::NONE, ref_atc: Atc(0) }, ..reversal.clone() },
+            Entry {
+                kind: EntryKind::Purchase,
+                amount: Amount(-250),
+                extra: 250,
+                ..reversal.clone()
+            },
+        ];
+        for (i, entry) in broken.iter().enumerate() {
+            assert!(entry.check().is_err(), "row {i} should break an invariant");
+        }
+    }
+
+    #[test]
+    fn transit_fields_use_version_3_and_leave_version_2_bytes_alone() {
+        let plain = Entry {
+            kind: EntryKind::TapIn,
+            status: Status::InsufficientFunds,
+            card_id: CardId(6_000_000_000_000_123),
+            atc: Atc(8),
+            amount: Amount(0),
+            balance_after: Amount(100),
+            time_ms: 1_700_000_000_000,
+            reference: 5,
+            binding: Mac([4; 16]),
+            other_card: CardId(0),
+            key_version: KeyVersion(1),
+            hotlist_version: 0,
+            hotlist_change: HotlistChange::None,
+            extra: 400,
+            terminal: "reader-1".into(),
+            prev_pos: Pos { segment: 2, offset: 64 },
+            transit: Transit::NONE,
+        };
+        let mut v2 = Vec::new();
+        plain.encode(&mut v2);
+        assert_eq!(v2[0], ENTRY_VERSION, "no transit fields: the version 2 layout");
+        assert_eq!(v2.len(), FIXED_LEN + 8);
+        assert_eq!(Entry::decode(&v2).ok(), Some(plain.clone()));
+
+        let hold = Hold { atc: Atc(8), amount: Amount(400), expires_ms: 1_700_000_010_800 };
+        let held =
+            Entry { status: Status::Approved, transit: Transit { hold, ref_atc: Atc(8) }, ..plain };
+        let mut v3 = Vec::new();
+        held.encode(&mut v3);
+        assert_eq!(v3[0], ENTRY_VERSION_TRANSIT);
+        assert_eq!(v3.len(), FIXED_LEN + Transit::LEN + 8);
+        assert_eq!(Entry::decode(&v3).ok(), Some(held));
+        // Cut, lengthened, or a version 3 record without transit fields: refused.
+        assert!(Entry::decode(&v3[..v3.len() - 1]).is_err());
+        let mut longer = v3.clone();
+        longer.push(0);
+        assert!(Entry::decode(&longer).is_err());
+        let mut empty_transit = v3.clone();
+        let at = FIXED_LEN - 1;
+        empty_transit[at..at + Transit::LEN].fill(0);
+        assert!(Entry::decode(&empty_transit).is_err());
+        // A version 2 record cannot be read as version 3.
+        let mut relabelled = v2.clone();
+        relabelled[0] = ENTRY_VERSION_TRANSIT;
+        assert!(Entry::decode(&relabelled).is_err());
     }
 }

@@ -22,6 +22,8 @@
 //! - [`entry`], [`state`], [`checkpoint`]: the journal record, sled layout, checkpoint file.
 //! - [`store`]: the card table in sled behind a bounded cache, its compact codec and the
 //!   background check of the card digest.
+//! - [`decide`]: decisions as pure functions (`decide::transit`: holds, reversals, inquiries);
+//!   `transit_ops`: the shard side of those operations (lookups, journal, answers).
 
 mod answer;
 mod apply;
@@ -34,6 +36,7 @@ pub mod decide;
 mod driver_tests;
 pub mod entry;
 pub mod error;
+mod holds;
 mod hotlist;
 mod open;
 mod overlay;
@@ -44,6 +47,7 @@ pub mod shard;
 mod staff_ops;
 pub mod state;
 pub mod store;
+mod transit_ops;
 pub mod types;
 mod walk;
 

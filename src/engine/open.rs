@@ -160,6 +160,8 @@ impl Shard {
         };
         let Loaded { cards, next_card } =
             Cards::load(&db, options.count, applied_seq, options.limits.card_cache_entries)?;
+        let held = cards.open_holds()?;
+        let hold_index = super::holds::HoldIndex::of(held.iter().map(|(id, card)| (id, card)));
         let hotlist_version = match db.scan_prefix([state::HOTLIST]).next_back() {
             Some(item) => state::be_u64(&item?.0[1..]).ok_or_else(|| {
                 StoreError::MalformedState { what: "hotlist key", detail: "not 9 bytes".into() }
@@ -199,6 +201,7 @@ impl Shard {
             checkpoint_seq: applied_seq,
             checkpoint_at_ms: None,
             now_ms: 0,
+            hold_index,
         })
     }
 }

@@ -26,6 +26,7 @@ use super::checkpoint::CheckpointPolicy;
 use super::overlay::Overlay;
 use super::persister::{CheckpointPlace, WriteBehind};
 use super::state::CardRecord;
+use super::transit_ops::TransitOp;
 use super::types::{Limits, Op, Output, Secrets};
 use super::StoreError;
 use crate::journal::{Journal, JournalFiles};
@@ -66,6 +67,8 @@ pub struct Shard {
     /// The latest time the driver passed in (Unix ms; 0 before the first): the engine reads no
     /// clock of its own.
     pub(super) now_ms: u64,
+    /// Open holds by expiry, for the sweep (derived from the card records).
+    pub(super) hold_index: super::holds::HoldIndex,
 }
 
 impl Shard {
@@ -157,6 +160,19 @@ impl Shard {
         request: &Request,
         now_ms: u64,
     ) -> Result<Answer, StoreError> {
+        // A hold whose timeout the clock has passed is settled when its card is next touched
+        // (the worker's sweep settles the others); Close and Replace settle an open hold first.
+        let touched = match request {
+            Request::Block { card_id, .. }
+            | Request::Unblock { card_id, .. }
+            | Request::Close { card_id, .. }
+            | Request::Replace { card_id, .. } => Some(*card_id),
+            other => other.card_auth().map(|a| a.card_id),
+        };
+        if let Some(card) = touched {
+            let force = matches!(request, Request::Close { .. } | Request::Replace { .. });
+            self.settle_hold(card, now_ms, force)?;
+        }
         let response = match request {
             Request::Purchase { auth, amount } => {
                 return self.money(terminal, request.message_type(), auth, *amount, now_ms)
@@ -182,6 +198,22 @@ impl Shard {
             Request::Replace { op_ref, card_id } => {
                 self.replace(terminal, *op_ref, *card_id, now_ms)
             }
+            Request::TapIn { auth } => self.transit_op(terminal, TransitOp::TapIn, auth, now_ms),
+            Request::TapOut { auth, fare } => {
+                self.transit_op(terminal, TransitOp::TapOut { fare: *fare }, auth, now_ms)
+            }
+            Request::Reversal { auth, amount, original_atc, original_cryptogram } => {
+                let op = TransitOp::Reversal {
+                    amount: *amount,
+                    original_atc: *original_atc,
+                    original_cryptogram: *original_cryptogram,
+                };
+                self.transit_op(terminal, op, auth, now_ms)
+            }
+            Request::Inquiry { auth, original_type, amount } => {
+                self.inquiry(terminal, auth, *original_type, *amount, now_ms)
+            }
+            Request::Funds { auth } => self.funds(terminal, auth),
             Request::Hello { .. } | Request::OfflineBatch { .. } | Request::HotlistSync { .. } => {
                 Err(StoreError::NotForShard(request.message_type()))
             }

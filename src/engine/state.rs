@@ -7,6 +7,7 @@
 
 use citycard_protocol::{Amount, Atc, BlockReason, CardId, CardState, KeyVersion};
 
+use super::decide::transit::Hold;
 use crate::journal::Pos;
 
 /// Key prefixes in the single sled tree.
@@ -33,6 +34,8 @@ pub struct CardRecord {
     pub state: CardState,
     /// Why staff blocked it (meaningful while `state == Blocked`).
     pub block_reason: BlockReason,
+    /// The card's open tap-in hold (protocol 1.2), `Hold::NONE` when none.
+    pub hold: Hold,
 }
 
 impl CardRecord {
@@ -60,6 +63,17 @@ impl CardRecord {
             other => other,
         }
     }
+}
+
+/// Cards with an open tap-in hold (key only, the hold is in the card record), so that a start
+/// finds the open holds for the expiry sweep without reading every card.
+pub(crate) const HOLD: u8 = b'H';
+
+/// The key marking `card` as holding an open hold.
+pub(crate) fn hold_key(card: CardId) -> [u8; 9] {
+    let mut k = card_key(card);
+    k[0] = HOLD;
+    k
 }
 
 pub(crate) fn card_key(card: CardId) -> [u8; 9] {

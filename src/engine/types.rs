@@ -37,6 +37,8 @@ pub struct Limits {
     /// Card records kept in memory per shard (about 90 bytes each); the others are read from
     /// sled when used. See [`super::store::DEFAULT_CACHE_ENTRIES`].
     pub card_cache_entries: usize,
+    /// Tap-in holds and reversals (protocol 1.2).
+    pub transit: super::decide::transit::TransitLimits,
 }
 
 impl Default for Limits {
@@ -47,6 +49,7 @@ impl Default for Limits {
             identity_ttl_ms: 5 * 60 * 1000,
             key_cache_max: 200_000,
             card_cache_entries: super::store::DEFAULT_CACHE_ENTRIES,
+            transit: super::decide::transit::TransitLimits::default(),
         }
     }
 }

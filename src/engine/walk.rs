@@ -4,6 +4,7 @@
 
 use citycard_protocol::{Amount, Atc, CardId, EntryKind, KeyVersion, Mac, Status};
 
+use super::decide::transit::Transit;
 use super::decide::AtcLookup;
 use super::entry::{Entry, HotlistChange};
 use super::shard::Shard;
@@ -159,5 +160,6 @@ pub(super) fn reference_lost(terminal: &str, op_ref: u64) -> Entry {
         extra: 0,
         terminal: terminal.to_owned(),
         prev_pos: Pos::NONE,
+        transit: Transit::NONE,
     }
 }

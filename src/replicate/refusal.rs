@@ -119,10 +119,35 @@ fn response_of(response: Response) -> Response {
         Response::OfflineBatch(results) => {
             Response::OfflineBatch(results.iter().map(card).collect())
         }
+        Response::TapIn(t) => Response::TapIn(transit(&t)),
+        Response::TapOut(t) => Response::TapOut(transit(&t)),
+        Response::Reversal(t) => Response::Reversal(transit(&t)),
+        Response::Funds(t) => Response::Funds(transit(&t)),
+        Response::Inquiry(i) => Response::Inquiry(citycard_protocol::InquiryResult {
+            status: UNAVAILABLE,
+            card_id: i.card_id,
+            atc: i.atc,
+            answer: None,
+            journal_seq: 0,
+            mac: Mac::default(),
+        }),
         other @ (Response::ServerInfo(_) | Response::HotlistSync(_) | Response::Error { .. }) => {
             other
         }
     }
+}
+
+/// A transit answer (protocol 1.2) refused: its card and ATC, nothing held or charged shown.
+fn transit(t: &citycard_protocol::TransitResult) -> citycard_protocol::TransitResult {
+    citycard_protocol::answer::decline_transit(
+        UNAVAILABLE,
+        &citycard_protocol::CardAuth {
+            card_id: t.card_id,
+            atc: t.atc,
+            nonce: 0,
+            cryptogram: Mac::default(),
+        },
+    )
 }
 
 fn staff(s: &citycard_protocol::StaffResult) -> citycard_protocol::StaffResult {

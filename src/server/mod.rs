@@ -488,9 +488,25 @@ pub fn permitted(role: Role, request: &Request) -> bool {
         (_, Hello { .. })
             | (
                 Role::Reader,
-                Purchase { .. } | Balance { .. } | OfflineBatch { .. } | HotlistSync { .. }
+                Purchase { .. }
+                    | Balance { .. }
+                    | OfflineBatch { .. }
+                    | HotlistSync { .. }
+                    | TapIn { .. }
+                    | TapOut { .. }
+                    | Reversal { .. }
+                    | Inquiry { .. }
+                    | Funds { .. }
             )
-            | (Role::Kiosk, Balance { .. } | History { .. } | TopUp { .. } | Identity { .. })
+            | (
+                Role::Kiosk,
+                Balance { .. }
+                    | History { .. }
+                    | TopUp { .. }
+                    | Identity { .. }
+                    | Inquiry { .. }
+                    | Funds { .. }
+            )
             | (
                 Role::Counter,
                 Issue { .. }
@@ -500,7 +516,8 @@ pub fn permitted(role: Role, request: &Request) -> bool {
                     | Close { .. }
                     | TopUp { .. }
                     | History { .. }
-                    | Identity { .. },
+                    | Identity { .. }
+                    | Inquiry { .. },
             )
     )
 }

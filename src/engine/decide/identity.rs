@@ -5,6 +5,7 @@ use citycard_protocol::{Amount, CardAuth, CardId, IdentityResult, Status};
 use ring::signature::Ed25519KeyPair;
 
 use super::{AtcUse, Context, Decided};
+use crate::engine::decide::transit::Transit;
 use crate::engine::entry::{Entry, HotlistChange};
 use crate::engine::state::CardRecord;
 use crate::journal::Pos;
@@ -51,6 +52,7 @@ pub fn decide(
         extra: ctx.now_ms.saturating_add(ctx.policy.limits.identity_ttl_ms) as i64,
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
+        transit: Transit::NONE,
     })
 }
 

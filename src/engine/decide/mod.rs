@@ -4,7 +4,8 @@
 //! the shard looks things up, calls a decision, appends and applies what it returns.
 //!
 //! One file per family: [`money`] (purchase, top-up), [`identity`], [`offline`], [`staff`]
-//! (issue, replace, block, unblock, close), [`read`] (balance, history); [`auth`] checks a
+//! (issue, replace, block, unblock, close), [`read`] (balance, history), [`transit`] (tap-in
+//! and tap-out holds, hold expiry, reversal, inquiry; protocol 1.2); [`auth`] checks a
 //! cryptogram or certificate with the key passed in.
 
 pub mod auth;
@@ -13,6 +14,7 @@ pub mod money;
 pub mod offline;
 pub mod read;
 pub mod staff;
+pub mod transit;
 
 use std::collections::BTreeMap;
 

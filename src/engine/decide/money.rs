@@ -4,6 +4,7 @@ use citycard_protocol::{Amount, CardAuth, CardId, CardResult, CardState, EntryKi
 
 use super::{hotlist_change, AtcUse, Context, Decided};
 use crate::engine::answer::unauthenticated;
+use crate::engine::decide::transit::Transit;
 use crate::engine::entry::Entry;
 use crate::engine::state::CardRecord;
 use crate::journal::Pos;
@@ -59,6 +60,7 @@ pub fn decide(
         extra: amount.0,
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
+        transit: Transit::NONE,
     })
 }
 
@@ -78,7 +80,8 @@ fn status(ctx: &Context<'_>, card: &CardRecord, kind: EntryKind, amount: Amount)
         EntryKind::Purchase => {
             if card.hotlisted().is_some() {
                 Status::CardBlocked
-            } else if card.balance.0 < amount.0 {
+            } else if super::transit::spendable(card) < amount.0 {
+                // An open tap-in hold is not spendable (protocol 1.2).
                 Status::InsufficientFunds
             } else {
                 Status::Approved

@@ -3,6 +3,7 @@
 use citycard_protocol::{Amount, CardId, CardResult, EntryKind, OfflineRecord, Status};
 
 use super::{hotlist_change, AtcLookup, Context, Decided};
+use crate::engine::decide::transit::Transit;
 use crate::engine::entry::Entry;
 use crate::engine::state::CardRecord;
 
@@ -72,5 +73,6 @@ pub fn decide(
         extra: record.amount.0,
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
+        transit: Transit::NONE,
     })
 }

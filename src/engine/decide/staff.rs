@@ -8,6 +8,7 @@ use citycard_protocol::{
 
 use super::{hotlist_change, Context, Decided};
 use crate::engine::answer::{declined_issue, declined_staff, state_binding};
+use crate::engine::decide::transit::Transit;
 use crate::engine::entry::{Entry, HotlistChange};
 use crate::engine::state::CardRecord;
 use crate::journal::Pos;
@@ -58,6 +59,7 @@ pub fn issue(
         extra: deposit.0,
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
+        transit: Transit::NONE,
     })
 }
 
@@ -116,6 +118,7 @@ pub fn replace(
         extra: 0,
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
+        transit: Transit::NONE,
     })
 }
 
@@ -195,6 +198,7 @@ pub fn card_op(
         },
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
+        transit: Transit::NONE,
     })
 }
 

@@ -54,6 +54,7 @@ fn card(state: CardState, balance: i64) -> CardRecord {
         last_atc: Atc(10),
         key_version: KeyVersion(1),
         last_pos: Pos::NONE,
+        hold: crate::engine::decide::transit::Hold::NONE,
     }
 }
 

@@ -152,6 +152,7 @@ mod tests {
             last_atc: Atc(1),
             key_version: KeyVersion(1),
             last_pos: crate::journal::Pos { segment: 1, offset: 32 },
+            hold: crate::engine::decide::transit::Hold::NONE,
         }
     }
 

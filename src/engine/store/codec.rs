@@ -11,17 +11,25 @@
 //! | key version | varint u16 |
 //! | last position: segment | varint u64 (first seq of the segment, 0 = no record) |
 //! | last position: offset | varint u32 |
+//! | open hold (only when bit 7 of the first byte is set) | ATC u32, amount i64, expiry ms u64, big-endian (20 bytes) |
+//!
+//! A card without an open tap-in hold (protocol 1.2) has bit 7 clear and no hold bytes, so its
+//! bytes and digest term are the same as before holds existed.
 //!
 //! Decoding refuses anything but the shortest form of each varint, values out of range and
 //! trailing bytes, so every record has exactly one encoding (the digest depends on that).
 
 use citycard_protocol::{Amount, Atc, BlockReason, CardState, KeyVersion};
 
+use crate::engine::decide::transit::Hold;
 use crate::engine::state::CardRecord;
 use crate::journal::Pos;
 
-/// Longest encoding: 1 + 10 + 5 + 3 + 10 + 5 bytes.
-pub const MAX_LEN: usize = 34;
+/// Longest encoding: 1 + 10 + 5 + 3 + 10 + 5 bytes, and an open hold.
+pub const MAX_LEN: usize = 34 + Hold::LEN;
+
+/// Bit 7 of the first byte: an open hold follows the last position.
+const HOLD_FLAG: u8 = 0x80;
 
 /// Why stored bytes are not a card record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -112,28 +120,40 @@ fn unzigzag(v: u64) -> i64 {
 
 pub fn encode(record: &CardRecord) -> Encoded {
     let mut w = Writer { out: Encoded { bytes: [0; MAX_LEN], len: 0 } };
-    w.byte((record.state as u8 & 0x07) | ((record.block_reason as u8 & 0x0f) << 3));
+    let hold = if record.hold.is_open() { HOLD_FLAG } else { 0 };
+    w.byte((record.state as u8 & 0x07) | ((record.block_reason as u8 & 0x0f) << 3) | hold);
     w.varint(zigzag(record.balance.0));
     w.varint(u64::from(record.last_atc.0));
     w.varint(u64::from(record.key_version.0));
     w.varint(record.last_pos.segment);
     w.varint(u64::from(record.last_pos.offset));
+    if record.hold.is_open() {
+        for b in record.hold.to_bytes() {
+            w.byte(b);
+        }
+    }
     w.out
 }
 
 pub fn decode(bytes: &[u8]) -> Result<CardRecord, CodecError> {
     let mut r = Reader { rest: bytes };
     let head = r.byte()?;
-    if head & 0x80 != 0 {
-        return Err(CodecError::Range);
-    }
     let state = CardState::from_u8(head & 0x07).ok_or(CodecError::Range)?;
-    let block_reason = BlockReason::from_u8(head >> 3).ok_or(CodecError::Range)?;
+    let block_reason = BlockReason::from_u8((head >> 3) & 0x0f).ok_or(CodecError::Range)?;
     let balance = Amount(unzigzag(r.varint(u64::MAX)?));
     let last_atc = Atc(r.varint(u64::from(u32::MAX))? as u32);
     let key_version = KeyVersion(r.varint(u64::from(u16::MAX))? as u16);
     let segment = r.varint(u64::MAX)?;
     let offset = r.varint(u64::from(u32::MAX))? as u32;
+    let hold = if head & HOLD_FLAG != 0 {
+        let bytes = r.rest.get(..Hold::LEN).ok_or(CodecError::Truncated)?;
+        // A flagged hold must be open, so every record keeps exactly one encoding.
+        let hold = Hold::from_bytes(bytes).filter(Hold::is_open).ok_or(CodecError::Range)?;
+        r.rest = &r.rest[Hold::LEN..];
+        hold
+    } else {
+        Hold::NONE
+    };
     if !r.rest.is_empty() {
         return Err(CodecError::Trailing);
     }
@@ -144,6 +164,7 @@ pub fn decode(bytes: &[u8]) -> Result<CardRecord, CodecError> {
         last_atc,
         key_version,
         last_pos: Pos { segment, offset },
+        hold,
     })
 }
 
@@ -161,7 +182,23 @@ mod tests {
             last_atc: Atc(atc),
             key_version: KeyVersion(3),
             last_pos: Pos { segment, offset },
+            hold: Hold::NONE,
         }
+    }
+
+    #[test]
+    fn an_open_hold_is_kept_and_a_closed_one_costs_nothing() {
+        let mut r = record(900, 7, 1, 32);
+        let without = encode(&r).len();
+        r.hold = Hold { atc: Atc(7), amount: Amount(400), expires_ms: 1_700_000_000_000 };
+        let e = encode(&r);
+        assert_eq!(e.len(), without + Hold::LEN);
+        assert_eq!(decode(&e), Ok(r));
+        // A flag with a hold of ATC 0 (not open) is refused: one encoding per record.
+        let mut bad = e.to_vec();
+        bad[without..without + 4].copy_from_slice(&[0; 4]);
+        assert_eq!(decode(&bad), Err(CodecError::Range));
+        assert_eq!(decode(&e[..e.len() - 1]), Err(CodecError::Truncated));
     }
 
     #[test]
@@ -206,6 +243,7 @@ mod tests {
                 last_atc: Atc(atc),
                 key_version: KeyVersion(version),
                 last_pos: Pos { segment, offset },
+                hold: Hold::NONE,
             };
             let e = encode(&r);
             prop_assert!(e.len() <= MAX_LEN);

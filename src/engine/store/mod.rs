@@ -57,6 +57,9 @@ pub struct CardStore {
     shard_count: u16,
     digest: StateDigest,
     verify: Option<verify::Pass>,
+    /// Cards marked in sled as holding an open hold ([`state::HOLD`]), as of the last seal.
+    /// Holds are open only for a ride, so this stays small.
+    held: HashSet<CardId>,
 }
 
 fn disagrees(what: Disagreement) -> StoreError {
@@ -124,7 +127,15 @@ impl CardStore {
             }
             None => 0,
         };
+        let mut held = HashSet::new();
+        for item in db.scan_prefix([state::HOLD]) {
+            let (k, _) = item?;
+            let id =
+                state::be_u64(&k[1..]).ok_or_else(|| disagrees(Disagreement::CardKeyMalformed))?;
+            held.insert(CardId(id));
+        }
         Ok(CardStore {
+            held,
             db,
             cache: cache::CardCache::new(cache_entries),
             dirty: HashSet::new(),
@@ -226,6 +237,13 @@ impl CardStore {
             // A changed card is pinned in the cache until sled applied this batch.
             if let Some(record) = self.cache.peek(id) {
                 batch.insert(&state::card_key(id)[..], &*codec::encode(&record));
+                if record.hold.is_open() {
+                    if self.held.insert(id) {
+                        batch.insert(&state::hold_key(id)[..], &[][..]);
+                    }
+                } else if self.held.remove(&id) {
+                    batch.remove(&state::hold_key(id)[..]);
+                }
             }
         }
         batch.insert(META_CARDS, &self.count.to_be_bytes()[..]);
@@ -236,6 +254,22 @@ impl CardStore {
     /// Lets the cache shrink back to its capacity once sled holds what was pinned.
     pub fn persisted(&mut self, persisted: u64) {
         self.cache.trim(persisted);
+    }
+
+    /// The cards with an open hold, as sled holds them (read at open, for the expiry sweep's
+    /// index; changes after that reach the index through apply).
+    pub fn open_holds(&self) -> Result<Vec<(CardId, CardRecord)>, StoreError> {
+        let mut out = Vec::with_capacity(self.held.len());
+        for id in &self.held {
+            match self.peek(*id)? {
+                Some(record) if record.hold.is_open() => out.push((*id, record)),
+                // The mark and the record are written in one batch, so they agree.
+                _ => {
+                    return Err(disagrees(Disagreement::CardRecordMalformed { card: id.masked() }))
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every card, in id order (tests, tools; reads the whole table).
