@@ -11,12 +11,14 @@
 //! - [`engine`]: the shard engine: decisions, journal records, derived state in sled.
 //! - [`server`]: TLS listener, connection tasks, shard worker threads, shutdown; `server::trust`
 //!   holds the TLS configs and open connections a SIGHUP CRL reload works on.
-//! - [`verify`]: the offline audit of a data directory; [`report`]: settlement reports.
+//! - [`verify`]: the offline audit of a data directory; [`report`]: settlement reports;
+//!   [`archive`]: pruning the archive behind a signed anchor.
 //! - [`counter`]: the staff counter console (web page on loopback and CLI) over `citycard-client`.
 //! - [`metrics`]: lock-free counters and histograms; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod archive;
 pub mod config;
 pub mod counter;
 pub mod engine;

@@ -323,7 +323,7 @@ impl Shard {
             shard.persist()?;
             let from_checkpoint = match start {
                 Start::Anchor(a) => a.seq,
-                Start::Full { .. } => 0,
+                Start::Full { .. } | Start::Pruned { .. } => 0,
             };
             // A start that replayed a long stretch records where it got to, so the next one
             // does not replay it again.

@@ -116,7 +116,7 @@ pub use format::{
     RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 pub use read::JournalFiles;
-pub use scan::{Anchor, Pos};
+pub use scan::{Anchor, Pos, Visit};
 
 pub use format::RecordHash;
 use format::{encode_record, max_payload_for, record_size};
@@ -157,6 +157,32 @@ pub enum Start<'a> {
     Full { archive: Option<&'a Path> },
     /// From the segment holding a checkpoint's record; earlier segments are not read.
     Anchor(Anchor),
+    /// Every record after a prune's anchor (`anchor.seq` and all before it were removed from
+    /// the archive), reading the archive's remaining segments first; the first record read
+    /// must link to `anchor.hash`.
+    Pruned { anchor: Anchor, archive: Option<&'a Path> },
+}
+
+impl Start<'_> {
+    fn archive(&self) -> Option<&Path> {
+        match self {
+            Start::Full { archive } | Start::Pruned { archive, .. } => *archive,
+            Start::Anchor(_) => None,
+        }
+    }
+}
+
+/// Runs the scan `start` asks for over `segments`.
+fn scan_for(
+    segments: Vec<segment::SegmentFile>,
+    start: Start<'_>,
+    visit: &mut scan::Visit<'_>,
+) -> Result<scan::Outcome, JournalError> {
+    match start {
+        Start::Full { .. } => scan::scan(segments, None, visit),
+        Start::Anchor(a) => scan::scan(segments, Some(a), visit),
+        Start::Pruned { anchor, .. } => scan::scan_after_prune(segments, anchor, visit),
+    }
 }
 
 /// The segments a scan reads: the live directory's, and for a full scan the archive's before
@@ -167,7 +193,7 @@ fn segments_for(
     start: Start<'_>,
 ) -> Result<(Vec<segment::SegmentFile>, Vec<PathBuf>), JournalError> {
     let (mut live, tmp) = segment::list_dir(dir)?;
-    if let Start::Full { archive: Some(archive) } = start {
+    if let Some(archive) = start.archive() {
         if archive.is_dir() {
             let (archived, _) = segment::list_dir(archive)?;
             let first_live = live.first().map_or(u64::MAX, |s| s.first_seq);
@@ -293,6 +319,33 @@ pub fn read_all(
     read_from(dir, Start::Full { archive: None }, visit)
 }
 
+/// [`read_from`], also telling `visit` where each record lies and its hash (which the next
+/// record's `prev_hash` holds): what a prune needs to anchor the chain at a segment boundary.
+pub fn read_hashed(
+    dir: &Path,
+    start: Start<'_>,
+    visit: &mut scan::Visit<'_>,
+) -> Result<u64, JournalError> {
+    let (segments, _tmp) = segments_for(dir, start)?;
+    let out = scan_for(segments, start, visit)?;
+    Ok(out.next_seq - 1)
+}
+
+/// The segment files of a journal or archive directory as (first seq, path), by first seq; an
+/// absent directory has none.
+pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let (segments, _) = segment::list_dir(dir)?;
+    Ok(segments.into_iter().map(|s| (s.first_seq, s.path)).collect())
+}
+
+/// The path of the segment whose first record is `first_seq` in directory `dir`.
+pub fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(segment::segment_file_name(first_seq))
+}
+
 /// [`read_all`] from a chosen start: the archive followed by the live journal, or a checkpoint.
 pub fn read_from(
     dir: &Path,
@@ -300,11 +353,7 @@ pub fn read_from(
     mut visit: impl FnMut(u64, &[u8]) -> Result<(), JournalError>,
 ) -> Result<ReadSummary, JournalError> {
     let (segments, _tmp) = segments_for(dir, start)?;
-    let anchor = match start {
-        Start::Anchor(a) => Some(a),
-        Start::Full { .. } => None,
-    };
-    let out = scan::scan(segments, anchor, &mut |seq, _, payload| visit(seq, payload))?;
+    let out = scan_for(segments, start, &mut |seq, _, payload, _| visit(seq, payload))?;
     let segments = u32::try_from(out.segments.len()).unwrap_or(u32::MAX);
     let torn_tail = out.torn.as_ref().map(|t| TornTail {
         path: out.segments[t.segment].path.clone(),
@@ -418,11 +467,7 @@ impl Journal {
             }
             sync_dir(dir)?;
         }
-        let anchor = match start {
-            Start::Anchor(a) => Some(a),
-            Start::Full { .. } => None,
-        };
-        let out = scan::scan(segments, anchor, &mut visit)?;
+        let out = scan_for(segments, start, &mut |seq, pos, payload, _| visit(seq, pos, payload))?;
         let active_first_seq = out.tail.map_or(1, |(k, _)| out.segments[k].first_seq);
         let active = match out.tail {
             None => {
