@@ -211,7 +211,7 @@ fn fill_shard(options: ShardOptions, secrets: Arc<Secrets>, plan: Plan) -> anyho
     let mut in_batch = 0usize;
     let flush = |shard: &mut Shard, in_batch: &mut usize| -> anyhow::Result<()> {
         shard.commit()?;
-        shard.persist_due()?;
+        shard.persist_due(now_ms())?;
         *in_batch = 0;
         Ok(())
     };

@@ -6,6 +6,7 @@
 //! - [`identity`]: roles and terminal ids (certificate OU and CN).
 //! - [`layout`]: the data directory: lock, shard count, shard and archive directories.
 //! - [`hex`]: lowercase hex, once.
+//! - [`host`]: the system clock and real pauses, passed to the engine by its edges.
 //! - [`tls`]: rustls server/client configuration and terminal identity from certificates.
 //! - [`journal`]: the per-shard append-only journal (source of truth, group commit).
 //! - [`engine`]: the shard engine: decisions, journal records, derived state in sled.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod counter;
 pub mod engine;
 pub mod hex;
+pub mod host;
 pub mod identity;
 pub mod journal;
 pub mod keys;

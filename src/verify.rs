@@ -146,7 +146,10 @@ fn audit_shard(
             }
         },
     };
-    let db = crate::engine::recovery::open_sled(&dir.join("state"));
+    let db = crate::engine::recovery::open_sled(
+        &dir.join("state"),
+        &mut crate::host::SystemHost::default(),
+    );
     let db = match db {
         Ok(db) => Some(db),
         Err(e) if e.is_environment() => {

@@ -57,7 +57,7 @@ impl Bench {
     fn run(&mut self, terminal: &str, request: &Request) -> Response {
         let output = self.shard().execute(terminal, Op::Request(request), NOW_MS).unwrap();
         self.shard().commit().unwrap();
-        self.shard().persist_due().unwrap();
+        self.shard().persist_due(NOW_MS).unwrap();
         match output {
             Output::Response(r) => r,
             _ => panic!("not a response"),

@@ -1,17 +1,47 @@
 //! The shard engine: decides card and staff operations, journals them (group commit), and keeps
 //! the derived state in memory and sled. One `Shard` is owned by one thread.
 
+//!
+//! # Layout
+//! - [`types`]: inputs and outputs (secrets, limits, options, `Op`, `Output`, `OpenReport`).
+//! - [`error`]: `StoreError`, the fail-stop storage failures.
+//! - [`shard`]: the `Shard` and its call pattern; the rest of `impl Shard` is split by idea:
+//!   `open` (start and recovery), `apply`, `persist` (write-behind and checkpoints), `walk`
+//!   (card chains and exactly-once lookups), `hotlist`, `auth` (card keys), `answer` (answer
+//!   shapes and their MAC), `card_ops` and `staff_ops` (the operations).
+//! - [`decide`]: every operation's decision as a pure function, with table tests.
+//! - [`cards`]: the card records behind a narrow interface.
+//! - `overlay`: committed entries sled has not confirmed; `persister`: the sled writer.
+//! - [`recovery`]: which start failures rebuild the state and which stop.
+//! - [`entry`], [`state`], [`checkpoint`]: the journal record, sled layout, checkpoint file.
+
+mod answer;
+mod apply;
+mod auth;
+mod card_ops;
+pub mod cards;
 pub mod checkpoint;
+pub mod decide;
 pub mod entry;
+pub mod error;
+mod hotlist;
+mod open;
 mod overlay;
-mod persister;
+mod persist;
+pub mod persister;
 pub mod recovery;
 pub mod shard;
+mod staff_ops;
 pub mod state;
+pub mod types;
+mod walk;
 
+pub use answer::seal;
 pub use checkpoint::CheckpointPolicy;
+pub use error::StoreError;
 pub use recovery::RebuildReason;
-pub use shard::{Limits, Op, OpenReport, Output, Secrets, Shard, ShardOptions, StoreError};
+pub use shard::Shard;
+pub use types::{Limits, Op, OpenReport, Output, Secrets, ShardOptions};
 
 use citycard_protocol::CardId;
 

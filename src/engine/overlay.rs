@@ -3,10 +3,9 @@
 //! journal files) and by staff op_ref. Reads look here first.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use super::entry::Entry;
-use super::shard::is_staff;
+use super::persist::is_staff;
 use crate::journal::Pos;
 
 /// An entry decided but not yet confirmed in sled.
@@ -24,18 +23,19 @@ pub(super) struct Chunk {
     /// records are readable from the journal files (they may not be committed yet).
     pub(super) by_pos: HashMap<Pos, usize>,
     pub(super) ops: HashMap<(String, u64), usize>,
-    pub(super) started: Instant,
+    /// The driver's clock (Unix ms) when its first entry arrived.
+    pub(super) started_ms: u64,
     /// Set when handed to the persister: the highest seq it holds.
     pub(super) sealed_at: Option<u64>,
 }
 
 impl Chunk {
-    pub(super) fn new() -> Chunk {
+    pub(super) fn new(started_ms: u64) -> Chunk {
         Chunk {
             entries: Vec::new(),
             by_pos: HashMap::new(),
             ops: HashMap::new(),
-            started: Instant::now(),
+            started_ms,
             sealed_at: None,
         }
     }
@@ -48,9 +48,10 @@ pub(super) struct Overlay {
 }
 
 impl Overlay {
-    pub(super) fn push(&mut self, seq: u64, pos: Pos, entry: Entry) {
+    /// Adds a committed (or about to be committed) entry; `now_ms` starts a new chunk's age.
+    pub(super) fn push(&mut self, seq: u64, pos: Pos, entry: Entry, now_ms: u64) {
         if self.chunks.back().is_none_or(|c| c.sealed_at.is_some()) {
-            self.chunks.push_back(Chunk::new());
+            self.chunks.push_back(Chunk::new(now_ms));
         }
         let Some(chunk) = self.chunks.back_mut() else { return };
         let index = chunk.entries.len();

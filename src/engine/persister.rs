@@ -1,28 +1,37 @@
-//! The persister: the thread that applies sealed chunks to sled in order, and takes the
-//! checkpoints (flush sled, write the checkpoint, archive the segments below it) once sled holds
-//! them. The shard thread hands it work through a bounded queue and never waits on sled except
-//! when that queue is full.
+//! The sled write-behind as work the driver runs: a sealed chunk is a [`PersistJob`] (one sled
+//! batch and perhaps a checkpoint), and a [`WriteBehind`] decides where and when it runs. The
+//! engine owns no thread: [`Inline`] runs each job at once, [`Stepped`] queues jobs until the
+//! driver calls [`Shard::persist_step`](super::Shard::persist_step) (a deterministic simulator
+//! lets sled lag behind the journal that way), and the server's worker supplies one that runs
+//! them on its own thread (`server::write_behind`).
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use super::checkpoint::Checkpoint;
-use super::shard::StoreError;
 
-/// Sealed chunks waiting for the persister; a full queue makes the shard wait (back-pressure
-/// keeps the overlay bounded if sled falls behind).
-pub(super) const PERSIST_QUEUE: usize = 2;
+/// Sealed chunks a write-behind may hold before `submit` waits (or runs the oldest): the
+/// back-pressure that keeps the overlay bounded when sled falls behind.
+pub const PERSIST_QUEUE: usize = 2;
 
-/// One sealed chunk for the persister, and the checkpoint to take once sled holds it.
-pub(super) struct PersistJob {
-    pub(super) batch: sled::Batch,
-    pub(super) last_seq: u64,
-    pub(super) checkpoint: Option<Checkpoint>,
+/// Why a write-behind could not apply a chunk. Fail-stop, like every storage error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PersistError {
+    /// sled failed to apply a batch.
+    #[error("sled write: {0}")]
+    Sled(#[from] sled::Error),
+    /// The worker running the jobs is gone (it died, or its queue was closed).
+    #[error("the write-behind worker stopped")]
+    Stopped,
+    /// sled did not apply what was handed to it within the driver's bound.
+    #[error("sled did not apply the state within {waited_ms} ms")]
+    Stuck { waited_ms: u64 },
 }
 
-/// Where the persister writes checkpoints and archives segments.
+/// Where the checkpoints of a shard are written and its segments archived.
 #[derive(Clone)]
-pub(super) struct CheckpointPlace {
+pub struct CheckpointPlace {
     pub(super) shard_dir: PathBuf,
     pub(super) journal_dir: PathBuf,
     pub(super) archive_dir: PathBuf,
@@ -59,75 +68,118 @@ impl CheckpointPlace {
     }
 }
 
-pub(super) struct Persister {
-    pub(super) queue: Option<crossbeam::channel::Sender<PersistJob>>,
-    /// Highest seq sled has applied.
-    pub(super) done: Arc<std::sync::atomic::AtomicU64>,
-    /// Set if a sled write failed (fail-stop).
-    pub(super) error: Arc<std::sync::Mutex<Option<sled::Error>>>,
-    /// The sled directory, for error messages.
-    pub(super) state_dir: PathBuf,
-    pub(super) thread: Option<std::thread::JoinHandle<()>>,
+/// One sealed chunk: the sled batch (entries' index, changed cards, applied_seq, digest), and
+/// the checkpoint to take once sled holds it. Jobs of one shard must run in the order sealed.
+pub struct PersistJob {
+    pub(super) db: sled::Db,
+    pub(super) shard: u16,
+    pub(super) batch: sled::Batch,
+    pub(super) last_seq: u64,
+    pub(super) checkpoint: Option<(Checkpoint, CheckpointPlace)>,
 }
 
-impl Persister {
-    pub(super) fn start(
-        db: sled::Db,
-        index: u16,
-        applied: u64,
-        state_dir: PathBuf,
-        place: CheckpointPlace,
-    ) -> Result<Persister, StoreError> {
-        let (queue, jobs) = crossbeam::channel::bounded::<PersistJob>(PERSIST_QUEUE);
-        let done = Arc::new(std::sync::atomic::AtomicU64::new(applied));
-        let error = Arc::new(std::sync::Mutex::new(None));
-        let (thread_done, thread_error) = (done.clone(), error.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("persist-{index}"))
-            .spawn(move || {
-                for PersistJob { batch, last_seq, checkpoint } in jobs {
-                    match db.apply_batch(batch) {
-                        Ok(()) => {
-                            thread_done.store(last_seq, std::sync::atomic::Ordering::Release);
-                            if let Some(checkpoint) = checkpoint {
-                                place.take(&db, index, &checkpoint);
-                            }
-                        }
-                        Err(e) => {
-                            // The mutex only carries this one message; poisoning cannot hide it.
-                            if let Ok(mut slot) = thread_error.lock() {
-                                *slot = Some(e);
-                            }
-                            return;
-                        }
-                    }
-                }
-            })
-            .map_err(|source| StoreError::Io { path: PathBuf::from("persister thread"), source })?;
-        Ok(Persister { queue: Some(queue), done, error, state_dir, thread: Some(thread) })
+impl PersistJob {
+    /// The highest journal seq this chunk holds.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
     }
 
-    pub(super) fn done(&self) -> u64 {
-        self.done.load(std::sync::atomic::Ordering::Acquire)
+    /// Applies the batch to sled, then takes the checkpoint if one is due. Returns the chunk's
+    /// last seq. Err is fail-stop (the caller must not run later jobs of the shard).
+    pub fn run(self) -> Result<u64, sled::Error> {
+        self.db.apply_batch(self.batch)?;
+        if let Some((checkpoint, place)) = self.checkpoint {
+            place.take(&self.db, self.shard, &checkpoint);
+        }
+        Ok(self.last_seq)
     }
+}
 
-    pub(super) fn check(&self) -> Result<(), StoreError> {
-        match self.error.lock().ok().and_then(|slot| slot.clone()) {
-            Some(e) => Err(super::recovery::write_error(e, &self.state_dir)),
-            // The thread only ends early by dying (the queue is still open): fail-stop too.
-            None if self.thread.as_ref().is_some_and(|t| t.is_finished()) => {
-                Err(StoreError::State("persister thread died".into()))
+/// Runs a shard's sealed chunks against sled, in order. Implementations decide where (this
+/// thread, a worker thread) and when (now, when the driver steps).
+pub trait WriteBehind: Send {
+    /// Takes a sealed chunk. When `PERSIST_QUEUE` chunks are already waiting it waits for (or
+    /// runs) the oldest first.
+    fn submit(&mut self, job: PersistJob) -> Result<(), PersistError>;
+    /// The highest `last_seq` of the jobs finished so far (0 before the first), or the error
+    /// that stopped them.
+    fn finished(&mut self) -> Result<u64, PersistError>;
+    /// Returns once every submitted job has finished.
+    fn drain(&mut self) -> Result<(), PersistError>;
+    /// Runs the oldest waiting job, if this write-behind waits for its driver; returns whether
+    /// one ran.
+    fn step(&mut self) -> Result<bool, PersistError> {
+        Ok(false)
+    }
+}
+
+/// Runs each job as it is submitted, on the caller's thread: deterministic, and what a start
+/// (replay) and the tests use.
+#[derive(Default)]
+pub struct Inline {
+    finished: u64,
+    failed: Option<sled::Error>,
+}
+
+impl WriteBehind for Inline {
+    fn submit(&mut self, job: PersistJob) -> Result<(), PersistError> {
+        if let Some(e) = &self.failed {
+            return Err(PersistError::Sled(e.clone()));
+        }
+        match job.run() {
+            Ok(seq) => {
+                self.finished = self.finished.max(seq);
+                Ok(())
             }
-            None => Ok(()),
+            Err(e) => {
+                self.failed = Some(e.clone());
+                Err(PersistError::Sled(e))
+            }
         }
     }
+
+    fn finished(&mut self) -> Result<u64, PersistError> {
+        match &self.failed {
+            Some(e) => Err(PersistError::Sled(e.clone())),
+            None => Ok(self.finished),
+        }
+    }
+
+    fn drain(&mut self) -> Result<(), PersistError> {
+        self.finished().map(|_| ())
+    }
 }
 
-impl Drop for Persister {
-    fn drop(&mut self) {
-        drop(self.queue.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+/// Holds jobs until the driver steps them (or until the queue is full, or a drain): for a
+/// single-threaded driver that wants sled to lag behind the journal at chosen points.
+#[derive(Default)]
+pub struct Stepped {
+    waiting: VecDeque<PersistJob>,
+    inline: Inline,
+}
+
+impl WriteBehind for Stepped {
+    fn submit(&mut self, job: PersistJob) -> Result<(), PersistError> {
+        while self.waiting.len() >= PERSIST_QUEUE {
+            self.step()?;
+        }
+        self.waiting.push_back(job);
+        Ok(())
+    }
+
+    fn finished(&mut self) -> Result<u64, PersistError> {
+        self.inline.finished()
+    }
+
+    fn drain(&mut self) -> Result<(), PersistError> {
+        while self.step()? {}
+        self.inline.drain()
+    }
+
+    fn step(&mut self) -> Result<bool, PersistError> {
+        match self.waiting.pop_front() {
+            Some(job) => self.inline.submit(job).map(|()| true),
+            None => Ok(false),
         }
     }
 }

@@ -19,15 +19,9 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use super::StoreError;
 
-/// Longest wait for sled's file lock of a database this process closed a moment ago: sled
-/// releases it from background threads shortly after the last handle is dropped.
-const SLED_LOCK_WAIT: Duration = Duration::from_secs(3);
-/// Pause between two attempts to take that lock.
-const SLED_LOCK_RETRY: Duration = Duration::from_millis(50);
 /// sled's page cache per shard; bounds its memory, not its disk use.
 const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -122,8 +116,9 @@ pub fn operator_hint(error: &io::Error) -> &'static str {
 pub(crate) fn classify(error: StoreError, state_dir: &Path) -> Verdict {
     match error {
         StoreError::Sled(sled) => classify_sled(sled, state_dir),
-        StoreError::State(detail) | StoreError::Disagrees(detail) => {
-            Verdict::Rebuild(RebuildReason::FailedCheck(detail))
+        StoreError::Disagrees(detail) => Verdict::Rebuild(RebuildReason::FailedCheck(detail)),
+        malformed @ StoreError::MalformedState { .. } => {
+            Verdict::Rebuild(RebuildReason::FailedCheck(malformed.to_string()))
         }
         other => Verdict::Stop(other),
     }
@@ -180,38 +175,54 @@ impl StoreError {
     }
 }
 
+/// What opening a shard needs from outside the engine: the wall-clock time that names a state
+/// set aside, and the pause between attempts to take sled's file lock. The engine reads no
+/// clock and never sleeps; the server passes [`crate::host::SystemHost`], a simulator its own.
+pub trait OpenHost {
+    /// Unix milliseconds now (names `state.broken-<ms>`).
+    fn now_ms(&mut self) -> u64;
+    /// Attempt `attempt` (from 1) found sled's file lock held. Pauses as the host sees fit and
+    /// returns whether to try again; false reports the lock as an environment error.
+    fn lock_busy(&mut self, attempt: u32) -> bool;
+}
+
 /// Opens the sled database in `dir` (creating it if absent).
-pub(crate) fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
-    // A reopen within the same process can race sled's release of its lock (see
-    // SLED_LOCK_WAIT), so retry for a bounded time; a lock still held after that is reported
-    // like any other environment error (another process has the state open).
-    let deadline = Instant::now() + SLED_LOCK_WAIT;
+pub(crate) fn open_sled(dir: &Path, host: &mut dyn OpenHost) -> Result<sled::Db, StoreError> {
+    // A reopen within the same process can race sled's release of its lock (sled releases it
+    // from background threads shortly after the last handle is dropped), so the host may let it
+    // retry; a lock still held after that is reported like any other environment error
+    // (another process has the state open).
+    let mut attempt = 0u32;
     loop {
         match sled::Config::new().path(dir).cache_capacity(SLED_CACHE_BYTES).open() {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e))
                 if e.kind() == io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
             {
-                if Instant::now() >= deadline {
+                attempt = attempt.saturating_add(1);
+                if !host.lock_busy(attempt) {
                     return Err(StoreError::Sled(sled::Error::Io(e)));
                 }
-                std::thread::sleep(SLED_LOCK_RETRY);
             }
             Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// Renames a state directory that is to be rebuilt to `state.broken-<unix ms>` beside it, so
-/// it can be inspected; nothing is deleted.
-pub(crate) fn move_aside(dir: &Path) -> Result<Option<PathBuf>, StoreError> {
+/// Renames a state directory that is to be rebuilt to `state.broken-<now_ms>` beside it (a
+/// numbered suffix if that name is taken), so it can be inspected; nothing is deleted.
+pub(crate) fn move_aside(dir: &Path, now_ms: u64) -> Result<Option<PathBuf>, StoreError> {
     if !dir.exists() {
         return Ok(None);
     }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let aside = dir.with_file_name(format!("state.broken-{stamp}"));
+    let mut aside = dir.with_file_name(format!("state.broken-{now_ms}"));
+    // Bounded: two rebuilds at most per start, so a handful of names always suffices.
+    for n in 1..=16u32 {
+        if !aside.exists() {
+            break;
+        }
+        aside = dir.with_file_name(format!("state.broken-{now_ms}.{n}"));
+    }
     std::fs::rename(dir, &aside)
         .map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
     tracing::warn!(moved_to = %aside.display(), "previous state kept aside for inspection");
@@ -269,7 +280,11 @@ mod tests {
             (StoreError::Sled(sled::Error::Corruption { at: None, bt: () }), "corrupt"),
             (StoreError::Sled(sled::Error::Unsupported("version 0.28".into())), "unsupported"),
             (StoreError::Sled(sled::Error::ReportableBug("bad node".into())), "corrupt"),
-            (StoreError::State("card key malformed".into()), "failed_check"),
+            (
+                StoreError::MalformedState { what: "applied_seq", detail: "3 bytes".into() },
+                "failed_check",
+            ),
+            (StoreError::Disagrees("card key malformed".into()), "failed_check"),
             (
                 StoreError::Sled(sled::Error::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

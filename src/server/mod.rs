@@ -3,6 +3,7 @@
 pub mod connection;
 pub mod trust;
 pub mod worker;
+pub mod write_behind;
 
 use std::collections::BTreeMap;
 use std::fs::File;

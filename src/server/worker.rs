@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{Op, Output, Shard};
 use crate::metrics::METRICS;
 
+use super::write_behind::ThreadWriteBehind;
+
 /// What a connection asks a shard to do.
 pub enum Work {
     Request(Request),
@@ -82,6 +84,18 @@ pub fn run(mut ctx: WorkerContext) {
             tracing::warn!(shard = ctx.shard.index(), "could not pin the shard thread");
         }
     }
+    // sled is written behind on a thread of its own, so the shard thread never waits on it
+    // except when that bounded queue is full.
+    let write_behind = match ThreadWriteBehind::start(ctx.shard.index()) {
+        Ok(write_behind) => write_behind,
+        Err(source) => {
+            let error = crate::engine::StoreError::Io { path: "persister thread".into(), source };
+            return fail(&ctx, "start the state write-behind", &error);
+        }
+    };
+    if let Err(e) = ctx.shard.set_write_behind(Box::new(write_behind)) {
+        return fail(&ctx, "start the state write-behind", &e);
+    }
     let mut jobs: Vec<Job> = Vec::with_capacity(ctx.max_batch);
     let mut replies: Vec<(UnboundedSender<Reply>, Reply)> = Vec::with_capacity(ctx.max_batch);
     loop {
@@ -92,7 +106,7 @@ pub fn run(mut ctx: WorkerContext) {
                     break;
                 }
                 // Idle: let old overlay entries reach sled.
-                if let Err(e) = ctx.shard.persist_due() {
+                if let Err(e) = ctx.shard.persist_due(crate::now_ms()) {
                     return fail(&ctx, "state persist", &e);
                 }
                 continue;
@@ -144,7 +158,7 @@ pub fn run(mut ctx: WorkerContext) {
             // A closed connection simply no longer wants its answer; the transaction stands.
             let _ = to.send(reply);
         }
-        if let Err(e) = ctx.shard.persist_due() {
+        if let Err(e) = ctx.shard.persist_due(now_ms) {
             return fail(&ctx, "state persist", &e);
         }
         ctx.shared.hotlist_version.store(ctx.shard.hotlist_version(), Ordering::Release);

@@ -1,0 +1,166 @@
+//! Card transactions on the shard: purchase, top-up, balance, history, identity, offline
+//! records. Each looks up the card and what its chain holds, calls its decision
+//! ([`super::decide`]), appends and applies the entry, and seals the answer.
+
+use citycard_protocol::{
+    Amount, CardAuth, CardResult, EntryKind, HistoryEntry, MessageType, OfflineRecord, Response,
+};
+
+use super::answer::{card_result, history_entry, seal, seal_card, unauthenticated};
+use super::decide::{self, AtcLookup, Decided};
+use super::shard::Shard;
+use super::types::{HISTORY_WALK_MAX, OFFLINE_LOOKUP_DEPTH};
+use super::StoreError;
+
+impl Shard {
+    pub(super) fn money(
+        &mut self,
+        terminal: &str,
+        message_type: MessageType,
+        auth: &CardAuth,
+        amount: Amount,
+        now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let kind = if message_type == MessageType::Purchase {
+            EntryKind::Purchase
+        } else {
+            EntryKind::TopUp
+        };
+        let wrap = |r: CardResult| {
+            if kind == EntryKind::Purchase {
+                Response::Purchase(r)
+            } else {
+                Response::TopUp(r)
+            }
+        };
+        let (card, key) = match self.authenticate(terminal, message_type, auth, amount) {
+            Ok(found) => found,
+            Err(status) => return Ok(wrap(unauthenticated(status, auth))),
+        };
+        let atc = self.atc_use(&card, auth)?;
+        let decided =
+            decide::money::decide(&self.context(terminal, now_ms), kind, auth, amount, &card, atc);
+        let result = match decided {
+            Decided::Decline(result) => result,
+            Decided::Again(seq, entry) => card_result(&entry, seq),
+            Decided::Record(entry) => {
+                // The answer is read off the entry before it moves into the journal (no clone
+                // on the per-transaction path).
+                let mut result = card_result(&entry, 0);
+                result.journal_seq = self.journal_entry(entry)?;
+                result
+            }
+        };
+        Ok(wrap(seal_card(&key, message_type, &auth.cryptogram, result)))
+    }
+
+    pub(super) fn balance(
+        &mut self,
+        terminal: &str,
+        auth: &CardAuth,
+        _now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let (card, key) = match self.authenticate(terminal, MessageType::Balance, auth, Amount(0)) {
+            Ok(found) => found,
+            Err(status) => return Ok(Response::Balance(unauthenticated(status, auth))),
+        };
+        let result = decide::read::balance(auth, &card);
+        Ok(Response::Balance(seal_card(&key, MessageType::Balance, &auth.cryptogram, result)))
+    }
+
+    pub(super) fn history(
+        &mut self,
+        terminal: &str,
+        auth: &CardAuth,
+        before_seq: u64,
+        limit: u16,
+        _now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let (card, key) = match self.authenticate(terminal, MessageType::History, auth, Amount(0)) {
+            Ok(found) => found,
+            Err(status) => {
+                return Ok(Response::History(decide::read::empty_page(status, auth, Amount(0))))
+            }
+        };
+        let limit = decide::read::history_limit(limit);
+        let before = if before_seq == 0 { u64::MAX } else { before_seq };
+        let mut entries: Vec<HistoryEntry> = Vec::with_capacity(limit + 1);
+        // The card's chain runs newest first, through the overlay and the journal files; one
+        // entry past the page says whether it continues.
+        self.walk_card(auth.card_id, HISTORY_WALK_MAX, |seq, entry| {
+            if seq < before {
+                entries.push(history_entry(entry, seq, auth.card_id));
+            }
+            entries.len() <= limit
+        })?;
+        let mut response =
+            Response::History(decide::read::history_page(auth, &card, entries, limit));
+        seal(&key, &auth.cryptogram, &mut response);
+        Ok(response)
+    }
+
+    pub(super) fn identity(
+        &mut self,
+        terminal: &str,
+        auth: &CardAuth,
+        now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let (card, key) = match self.authenticate(terminal, MessageType::Identity, auth, Amount(0))
+        {
+            Ok(found) => found,
+            Err(status) => return Ok(Response::Identity(decide::identity::declined(status, auth))),
+        };
+        let atc = self.atc_use(&card, auth)?;
+        let result =
+            match decide::identity::decide(&self.context(terminal, now_ms), auth, &card, atc) {
+                Decided::Decline(status) => decide::identity::declined(status, auth),
+                Decided::Again(seq, entry) => {
+                    decide::identity::answer(auth, &entry, seq, &self.secrets.assertion)
+                }
+                Decided::Record(entry) => {
+                    let seq = self.journal_entry(entry.clone())?;
+                    decide::identity::answer(auth, &entry, seq, &self.secrets.assertion)
+                }
+            };
+        let mut response = Response::Identity(result);
+        seal(&key, &auth.cryptogram, &mut response);
+        Ok(response)
+    }
+
+    pub(super) fn offline(
+        &mut self,
+        terminal: &str,
+        record: &OfflineRecord,
+        now_ms: u64,
+    ) -> Result<CardResult, StoreError> {
+        let declined = |status| decide::offline::declined(status, record);
+        let (card, key) = match self.card_and_key(record.card_id) {
+            Ok(found) => found,
+            Err(status) => return Ok(declined(status)),
+        };
+        if let Err(status) = decide::auth::offline(&key, terminal, record) {
+            tracing::warn!(card = %record.card_id.masked(), terminal, "bad offline certificate");
+            return Ok(declined(status));
+        }
+        let lookup = if record.atc.0 == 0 {
+            // Refused before any walk (see the decision).
+            AtcLookup::Unknown
+        } else if record.atc > card.last_atc {
+            // Above every ATC the card has used: new, no walk needed.
+            AtcLookup::Unused
+        } else {
+            self.atc_entry(record.card_id, record.atc, OFFLINE_LOOKUP_DEPTH)?
+        };
+        let result =
+            match decide::offline::decide(&self.context(terminal, now_ms), record, &card, lookup) {
+                Decided::Decline(result) => result,
+                Decided::Again(seq, entry) => card_result(&entry, seq),
+                Decided::Record(entry) => {
+                    let mut result = card_result(&entry, 0);
+                    result.journal_seq = self.journal_entry(entry)?;
+                    result
+                }
+            };
+        Ok(seal_card(&key, MessageType::OfflineBatch, &record.certificate, result))
+    }
+}

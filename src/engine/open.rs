@@ -1,0 +1,193 @@
+//! Opening a shard: load the derived state, replay what the journal holds beyond it, and set a
+//! damaged or disagreeing state aside to rebuild it (the rules are in [`super::recovery`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::cards::{Cards, Loaded};
+use super::checkpoint::Checkpoint;
+use super::overlay::Overlay;
+use super::persister::{CheckpointPlace, Inline};
+use super::recovery::{self, OpenHost, RebuildReason, Verdict};
+use super::shard::Shard;
+use super::state;
+use super::types::{OpenReport, Secrets, ShardOptions};
+use super::StoreError;
+use crate::journal::{Journal, JournalError, JournalFiles, Start};
+
+impl Shard {
+    /// Opens the shard, replaying journal records that sled has not applied. The journal is
+    /// read from the last checkpoint when the derived state is at or past it; otherwise (no
+    /// checkpoint, a state rebuilt from nothing) from seq 1, archive first. A state that sled
+    /// reports as corrupt, that fails its checks (its card digest included), that is ahead of
+    /// the journal, or whose checkpoint the journal does not pass through is moved aside and
+    /// rebuilt; a missing or empty one is rebuilt in place. A failure of the environment (disk
+    /// full, I/O error, permissions) stops with [`StoreError::Storage`] and leaves the state
+    /// untouched (see [`super::recovery`]).
+    ///
+    /// `host` gives the time that names a state set aside and the pause while sled's lock is
+    /// held (the engine reads no clock); `Shard::open` (in [`crate::host`]) passes the system's.
+    /// The shard starts with the [`Inline`] write-behind; see [`Shard::set_write_behind`].
+    pub fn open_with(
+        options: ShardOptions,
+        secrets: Arc<Secrets>,
+        host: &mut dyn OpenHost,
+    ) -> Result<(Shard, OpenReport), StoreError> {
+        let journal_dir = options.dir.join("journal");
+        let state_dir = options.dir.join("state");
+        let archive_dir = options.archive_dir();
+        std::fs::create_dir_all(&journal_dir)
+            .map_err(|source| StoreError::Io { path: journal_dir.clone(), source })?;
+        let mut checkpoint = match Checkpoint::load(&options.dir) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(shard = options.index, error = %e, "checkpoint unusable; reading the whole journal");
+                None
+            }
+        };
+        let mut rebuild: Option<RebuildReason> = None;
+        // Three rounds at most: a damaged state is set aside in the first; a checkpoint or
+        // state the journal disagrees with in the first or second; the last starts from an
+        // empty state without a checkpoint, which can disagree with nothing.
+        for _round in 0..3 {
+            let opened = recovery::open_sled(&state_dir, host)
+                .and_then(|db| Shard::from_db(&options, secrets.clone(), db));
+            let mut shard = match opened {
+                Ok(shard) => shard,
+                Err(e) => match recovery::classify(e, &state_dir) {
+                    Verdict::Rebuild(reason) if rebuild.is_none() => {
+                        tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "derived state is damaged; rebuilding it from the journal");
+                        recovery::move_aside(&state_dir, host.now_ms())?;
+                        rebuild = Some(reason);
+                        continue;
+                    }
+                    Verdict::Rebuild(reason) => return Err(StoreError::FreshStateUnusable(reason)),
+                    Verdict::Stop(e) => return Err(e),
+                },
+            };
+            let applied_before = shard.applied_seq;
+            let start = match checkpoint {
+                Some(cp) if applied_before >= cp.seq => Start::Anchor(cp.anchor()),
+                _ => Start::Full { archive: Some(&archive_dir) },
+            };
+            let mut replayed = 0u64;
+            let mut replay_error: Option<StoreError> = None;
+            let opened = Journal::open_at(
+                &journal_dir,
+                options.journal.clone(),
+                start,
+                |seq, pos, payload| {
+                    if seq <= applied_before || replay_error.is_some() {
+                        return Ok(());
+                    }
+                    if let Err(e) = shard.replay_record(seq, pos, payload) {
+                        replay_error = Some(e);
+                    }
+                    replayed += 1;
+                    Ok(())
+                },
+            );
+            let journal = match opened {
+                Ok(journal) => journal,
+                Err(JournalError::AnchorMismatch { seq, reason }) => {
+                    let reason = RebuildReason::CheckpointDisagrees(format!("seq {seq}: {reason}"));
+                    tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "checkpoint disagrees with the journal; rebuilding the state from the whole journal");
+                    drop(shard);
+                    recovery::move_aside(&state_dir, host.now_ms())?;
+                    rebuild = Some(reason);
+                    checkpoint = None;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(e) = replay_error {
+                return Err(e);
+            }
+            let last_seq = journal.next_seq() - 1;
+            shard.journal = Some(journal);
+            if applied_before > last_seq {
+                let reason =
+                    RebuildReason::AheadOfJournal { applied_seq: applied_before, last_seq };
+                tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "derived state is ahead of the journal; rebuilding it from the journal");
+                drop(shard);
+                recovery::move_aside(&state_dir, host.now_ms())?;
+                rebuild = Some(reason);
+                checkpoint = None;
+                continue;
+            }
+            if rebuild.is_none() && applied_before == 0 && replayed > 0 {
+                rebuild = Some(RebuildReason::Missing);
+            }
+            shard.persist()?;
+            let from_checkpoint = match start {
+                Start::Anchor(a) => a.seq,
+                Start::Full { .. } | Start::Pruned { .. } => 0,
+            };
+            // A start that replayed a long stretch records where it got to, so the next one
+            // does not replay it again.
+            if checkpoint.is_none_or(|cp| cp.seq < last_seq) {
+                shard.checkpoint_now()?;
+            }
+            let report = OpenReport {
+                cards: shard.cards.len(),
+                replayed,
+                last_seq,
+                rebuilt_state: rebuild.is_some(),
+                from_checkpoint,
+                rebuild,
+            };
+            return Ok((shard, report));
+        }
+        Err(StoreError::StillDisagrees)
+    }
+
+    pub(super) fn from_db(
+        options: &ShardOptions,
+        secrets: Arc<Secrets>,
+        db: sled::Db,
+    ) -> Result<Shard, StoreError> {
+        let applied_seq = match db.get(state::META_APPLIED)? {
+            Some(v) => state::be_u64(&v).ok_or_else(|| StoreError::MalformedState {
+                what: "applied_seq",
+                detail: format!("{} bytes", v.len()),
+            })?,
+            None => 0,
+        };
+        let Loaded { cards, next_card } = Cards::load(&db, options.count, applied_seq)?;
+        let hotlist_version = match db.scan_prefix([state::HOTLIST]).next_back() {
+            Some(item) => state::be_u64(&item?.0[1..]).ok_or_else(|| {
+                StoreError::MalformedState { what: "hotlist key", detail: "not 9 bytes".into() }
+            })?,
+            None => 0,
+        };
+        let place = CheckpointPlace {
+            shard_dir: options.dir.clone(),
+            journal_dir: options.dir.join("journal"),
+            archive_dir: options.archive_dir(),
+        };
+        Ok(Shard {
+            index: options.index,
+            count: options.count,
+            limits: options.limits,
+            secrets,
+            journal: None,
+            db,
+            cards,
+            keys: HashMap::new(),
+            hotlist_version,
+            next_card,
+            applied_seq,
+            overlay: Overlay::default(),
+            write_behind: Box::new(Inline::default()),
+            persisted: applied_seq,
+            state_dir: options.dir.join("state"),
+            scratch: Vec::with_capacity(256),
+            files: JournalFiles::new(options.dir.join("journal"), options.archive_dir()),
+            place,
+            checkpoint_policy: options.checkpoint,
+            checkpoint_seq: applied_seq,
+            checkpoint_at_ms: None,
+            now_ms: 0,
+        })
+    }
+}
