@@ -12,7 +12,7 @@ use citycard::archive::{PruneOptions, ANCHOR_FILE};
 use citycard::engine::CheckpointPolicy;
 use citycard::report::Date;
 use citycard::server::RunningServer;
-use citycard_protocol::{Response, Status};
+use citycard_protocol::{BlockReason, Request, Response, Status};
 use common::{balance_of, issue, Card, Client, Env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_citycard");
@@ -239,4 +239,77 @@ async fn a_tampered_anchor_is_caught_and_an_interrupted_prune_still_verifies() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("would remove 0 segment(s)"));
+}
+
+/// The README's restore (start without `state/`) after a prune: the state is rebuilt from the
+/// anchors and the journal after them, with the same balances, the same hotlist and a hotlist
+/// version that only goes on.
+#[tokio::test]
+async fn the_state_rebuilds_from_the_anchor_after_a_prune() {
+    let env = Env::new();
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    let cards = load(&env, &server, 900).await;
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let (blocked, unblocked) = (cards[0].id, cards[1].id);
+    for (op_ref, card) in [(100, blocked), (101, unblocked)] {
+        let block = Request::Block { op_ref, card_id: card, reason: BlockReason::Stolen };
+        match counter.call(&block).await {
+            Response::Block(s) => assert_eq!(s.status, Status::Approved),
+            other => panic!("{other:?}"),
+        }
+    }
+    match counter.call(&Request::Unblock { op_ref: 102, card_id: unblocked }).await {
+        Response::Unblock(s) => assert_eq!(s.status, Status::Approved),
+        other => panic!("{other:?}"),
+    }
+    // Push the blocks below the checkpoint and into the archive (a segment holds about 400
+    // records here).
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut cards = cards;
+    for i in 0..3_000 {
+        match reader.call(&cards[2 + i % 8].purchase(7, "reader-1")).await {
+            Response::Purchase(r) => assert_eq!(r.status, Status::Approved),
+            other => panic!("{other:?}"),
+        }
+    }
+    let before = balances(&env, &server, &cards).await;
+    let versions = hotlist_versions(&env, &server).await;
+    server.stop().await.unwrap();
+    let tomorrow = Date::from_days(today().days() + 1);
+    let done = citycard::archive::prune(&env.data, &env.keys, &prune_options(tomorrow)).unwrap();
+    assert!(done.iter().all(|s| !s.segments.is_empty()), "{done:?}");
+
+    for index in 0..2 {
+        std::fs::remove_dir_all(citycard::server::shard_dir(&env.data, index).join("state"))
+            .unwrap();
+    }
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    assert_eq!(balances(&env, &server, &cards).await, before);
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let sync = Request::HotlistSync { cursor: vec![], max_entries: 0 };
+    let changes = match reader.call(&sync).await {
+        Response::HotlistSync(h) => h,
+        other => panic!("{other:?}"),
+    };
+    let listed: Vec<_> = changes.entries.iter().filter(|e| e.listed).map(|e| e.card_id).collect();
+    assert!(listed.contains(&blocked), "{changes:?}");
+    // The unblocked card's entries went with the pruned records: a new terminal needs none.
+    assert!(!changes.entries.iter().any(|e| e.card_id == unblocked), "{changes:?}");
+    assert!(hotlist_versions(&env, &server).await >= versions);
+    server.stop().await.unwrap();
+    let report = verify(&env);
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+/// The sum of the shards' hotlist versions a terminal's cursor ends at after a full sync.
+async fn hotlist_versions(env: &Env, server: &RunningServer) -> u64 {
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut cursor = vec![];
+    loop {
+        match reader.call(&Request::HotlistSync { cursor, max_entries: 0 }).await {
+            Response::HotlistSync(h) if h.more => cursor = h.cursor,
+            Response::HotlistSync(h) => return h.cursor.iter().sum(),
+            other => panic!("{other:?}"),
+        }
+    }
 }

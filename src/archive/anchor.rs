@@ -17,6 +17,7 @@
 //! | 32 | hash of record `seq` (the `prev_hash` of record `seq + 1`) |
 //! | 8 | `before_days`: the `--before` date of the prune (days since 1970-01-01) |
 //! | 8 | `created_ms`: when the prune wrote it |
+//! | 8 | the shard's hotlist version at `seq` (the highest any record up to it created) |
 //! | 4 | number of days `D`, then `D` × 80 bytes: day (i64), records (u64), deposits, top-ups, purchases, offline, refunds, replaced (i64 magnitudes), balance change (i64: the sum of the approved amounts, a replacement counting 0) |
 //! | 4 | number of cards `C`, then `C` × 60 bytes: card id (u64), the card record (44 bytes, the derived state's encoding), the late-ATC window bitmap (u64: bit i = ATC `last_atc - i` used) |
 //! | 4 | number of hotlist entries `H`, then `H` × 17 bytes: hotlist version (u64), card id (u64), reason (u8): the cards listed at `seq`, each with the version that listed it |
@@ -45,7 +46,7 @@ pub const ANCHOR_FILE: &str = "anchor";
 pub const SIGNATURE_CONTEXT: &[u8] = b"citycard prune anchor v1\n";
 const MAGIC: &[u8; 8] = b"CITYANCR";
 const VERSION: u32 = 1;
-const HEADER_LEN: usize = 8 + 4 + 2 + 2 + 8 + 32 + 8 + 8;
+const HEADER_LEN: usize = 8 + 4 + 2 + 2 + 8 + 32 + 8 + 8 + 8;
 const DAY_LEN: usize = 80;
 const CARD_LEN: usize = 8 + CARD_RECORD_LEN + 8;
 const HOTLIST_LEN: usize = 17;
@@ -105,6 +106,9 @@ pub struct Anchor {
     pub hash: RecordHash,
     pub before_days: i64,
     pub created_ms: u64,
+    /// The highest hotlist version created up to `seq`: a state rebuilt from the anchor goes on
+    /// from it, so no terminal's cursor is ever handed a version twice.
+    pub hotlist_version: u64,
     /// By day (days since 1970-01-01, UTC).
     pub days: BTreeMap<i64, DayFlows>,
     pub cards: BTreeMap<CardId, AnchorCard>,
@@ -164,6 +168,7 @@ impl Anchor {
         out.extend_from_slice(&self.hash);
         out.extend_from_slice(&self.before_days.to_le_bytes());
         out.extend_from_slice(&self.created_ms.to_le_bytes());
+        out.extend_from_slice(&self.hotlist_version.to_le_bytes());
         // Counts fit in u32: a shard holds far fewer cards (see ANCHOR_BYTES_MAX).
         out.extend_from_slice(&(self.days.len() as u32).to_le_bytes());
         for (day, f) in &self.days {
@@ -230,9 +235,12 @@ impl Anchor {
             let hash: RecordHash = r.take(32)?.try_into().ok()?;
             let before_days = r.u64()? as i64;
             let created_ms = r.u64()?;
-            Some((shard, shard_count, seq, hash, before_days, created_ms))
+            let hotlist_version = r.u64()?;
+            Some((shard, shard_count, seq, hash, before_days, created_ms, hotlist_version))
         })();
-        let Some((shard, shard_count, seq, hash, before_days, created_ms)) = header else {
+        let Some((shard, shard_count, seq, hash, before_days, created_ms, hotlist_version)) =
+            header
+        else {
             return Err(bad("header cut short"));
         };
         let mut anchor = Anchor {
@@ -242,6 +250,7 @@ impl Anchor {
             hash,
             before_days,
             created_ms,
+            hotlist_version,
             days: BTreeMap::new(),
             cards: BTreeMap::new(),
             hotlist: BTreeMap::new(),
@@ -393,6 +402,7 @@ mod tests {
             hash: [7; 32],
             before_days: 20_000,
             created_ms: 1,
+            hotlist_version: 4,
             days: BTreeMap::from([(
                 19_999,
                 DayFlows { records: 42, deposits: 10, ..Default::default() },

@@ -23,24 +23,36 @@ pub struct Ledger {
     pub cards: BTreeMap<CardId, AnchorCard>,
     pub hotlist: BTreeMap<CardId, (u64, BlockReason)>,
     pub days: BTreeMap<i64, DayFlows>,
+    /// Highest hotlist version created by a committed record.
+    pub hotlist_version: u64,
     undo: Vec<Undo>,
+    hotlist_version_before: u64,
     days_before: BTreeMap<i64, DayFlows>,
 }
 
 impl Ledger {
     /// Starts where an earlier prune's anchor left off (or from nothing).
     pub fn new(anchor: Option<&Anchor>) -> Ledger {
-        let (cards, hotlist, days) = match anchor {
-            Some(a) => (a.cards.clone(), a.hotlist.clone(), a.days.clone()),
+        let (cards, hotlist, days, version) = match anchor {
+            Some(a) => (a.cards.clone(), a.hotlist.clone(), a.days.clone(), a.hotlist_version),
             None => Default::default(),
         };
-        Ledger { cards, hotlist, days_before: days.clone(), days, undo: Vec::new() }
+        Ledger {
+            cards,
+            hotlist,
+            days_before: days.clone(),
+            days,
+            hotlist_version: version,
+            hotlist_version_before: version,
+            undo: Vec::new(),
+        }
     }
 
     /// Keeps every change since the last `commit` or `rollback`.
     pub fn commit(&mut self) {
         self.undo.clear();
         self.days_before = self.days.clone();
+        self.hotlist_version_before = self.hotlist_version;
     }
 
     /// Takes back every change since the last `commit`.
@@ -62,6 +74,7 @@ impl Ledger {
             }
         }
         self.days = self.days_before.clone();
+        self.hotlist_version = self.hotlist_version_before;
     }
 
     fn save(&mut self, id: CardId) {
@@ -139,6 +152,7 @@ impl Ledger {
                 }
             }
         }
+        self.hotlist_version = self.hotlist_version.max(e.hotlist_version);
         match e.hotlist_change {
             HotlistChange::None => {}
             HotlistChange::Listed(reason) => {

@@ -246,6 +246,7 @@ fn prune_shard(
         hash,
         before_days: old.as_ref().map_or(i64::MIN, |a| a.before_days).max(options.before.days()),
         created_ms: options.now_ms,
+        hotlist_version: ledger.hotlist_version,
         days: ledger.days,
         cards: ledger.cards,
         hotlist: ledger.hotlist,

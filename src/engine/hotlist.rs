@@ -38,7 +38,13 @@ impl Shard {
                 }
             }
         }
-        let version = entries.last().map_or(since, |e| e.version);
+        // A complete answer ends at the shard's version even when its newest changes were
+        // compacted away (a prune's anchor keeps only listed cards), so a cursor never goes
+        // back and no version is handed out twice.
+        let version = match entries.last() {
+            Some(last) if more => last.version,
+            _ => since.max(self.hotlist_version),
+        };
         Ok(Output::Hotlist { version, entries, more })
     }
 }
