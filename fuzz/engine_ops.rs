@@ -101,7 +101,13 @@ struct World {
 }
 
 fn limits() -> Limits {
-    Limits { max_balance: 100_000, max_amount: 50_000, identity_ttl_ms: 300_000, key_cache_max: 8 }
+    Limits {
+        max_balance: 100_000,
+        max_amount: 50_000,
+        identity_ttl_ms: 300_000,
+        key_cache_max: 8,
+        ..Limits::default()
+    }
 }
 
 fn open(dir: &std::path::Path, secrets: &Arc<Secrets>) -> Shard {

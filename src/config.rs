@@ -103,6 +103,7 @@ impl Config {
             ("max_batch", self.max_batch as u64),
             ("checkpoint_records", self.checkpoint.records),
             ("checkpoint_interval_ms", self.checkpoint.interval_ms),
+            ("history_retention_days", u64::from(self.limits.history_retention_days)),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -168,6 +169,8 @@ pub struct Settings {
     pub max_amount: Option<i64>,
     pub identity_ttl_ms: Option<u64>,
     pub key_cache_max: Option<usize>,
+    /// Days of history a History request is answered from online (older: BeyondRetention).
+    pub history_retention_days: Option<u32>,
     pub segment_bytes: Option<u64>,
     pub checkpoint_records: Option<u64>,
     pub checkpoint_interval_ms: Option<u64>,
@@ -220,6 +223,9 @@ impl Settings {
         }
         if let Some(v) = self.key_cache_max {
             c.limits.key_cache_max = v;
+        }
+        if let Some(v) = self.history_retention_days {
+            c.limits.history_retention_days = v;
         }
         if let Some(v) = self.checkpoint_records {
             c.checkpoint.records = v;
@@ -281,6 +287,7 @@ impl Config {
         line("max_amount", self.limits.max_amount.to_string());
         line("identity_ttl_ms", self.limits.identity_ttl_ms.to_string());
         line("key_cache_max", self.limits.key_cache_max.to_string());
+        line("history_retention_days", self.limits.history_retention_days.to_string());
         line("segment_bytes", self.segment_bytes.to_string());
         line("checkpoint_records", self.checkpoint.records.to_string());
         line("checkpoint_interval_ms", self.checkpoint.interval_ms.to_string());

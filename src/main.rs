@@ -171,6 +171,7 @@ impl ServeArgs {
             max_amount: self.max_amount,
             identity_ttl_ms: self.identity_ttl_ms,
             key_cache_max: None,
+            history_retention_days: None,
             segment_bytes: self.segment_bytes,
             checkpoint_records: self.checkpoint_records,
             checkpoint_interval_ms: self.checkpoint_interval_ms,

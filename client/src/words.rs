@@ -21,6 +21,7 @@ pub fn status_name(status: Status) -> &'static str {
         Status::ReferenceReused => "ReferenceReused",
         Status::InvalidState => "InvalidState",
         Status::Unavailable => "Unavailable",
+        Status::BeyondRetention => "BeyondRetention",
     }
 }
 
@@ -46,6 +47,9 @@ pub fn status_words(status: Status) -> &'static str {
         Status::ReferenceReused => "declined: this operation reference was already used",
         Status::InvalidState => "declined: the operation does not apply to the card in its state",
         Status::Unavailable => "not done: the server is shutting down, try again later",
+        Status::BeyondRetention => {
+            "no more history online: older operations are kept in the archive, ask the operator"
+        }
     }
 }
 

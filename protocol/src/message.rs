@@ -91,6 +91,9 @@ pub enum Status {
     InvalidState = 13,
     /// The server is shutting down; retry with the same request elsewhere or later.
     Unavailable = 14,
+    /// History: the entries asked for are older than the server's online history retention
+    /// (protocol 1.2, PROTOCOL.md 6.1); the operator's archive and settlement reports hold them.
+    BeyondRetention = 15,
 }
 
 impl Status {
@@ -112,12 +115,13 @@ impl Status {
             12 => ReferenceReused,
             13 => InvalidState,
             14 => Unavailable,
+            15 => BeyondRetention,
             _ => return None,
         })
     }
 
     /// Every status, for reports and exhaustive tests.
-    pub const ALL: [Status; 15] = [
+    pub const ALL: [Status; 16] = [
         Status::Approved,
         Status::UnknownCard,
         Status::CardBlocked,
@@ -133,6 +137,7 @@ impl Status {
         Status::ReferenceReused,
         Status::InvalidState,
         Status::Unavailable,
+        Status::BeyondRetention,
     ];
 }
 

@@ -4,6 +4,7 @@
 
 use citycard_protocol::{
     Amount, CardAuth, CardResult, EntryKind, HistoryEntry, MessageType, OfflineRecord, Response,
+    Status,
 };
 
 use super::answer::{card_result, history_entry, seal, seal_card, unauthenticated};
@@ -74,7 +75,7 @@ impl Shard {
         auth: &CardAuth,
         before_seq: u64,
         limit: u16,
-        _now_ms: u64,
+        now_ms: u64,
     ) -> Result<Response, StoreError> {
         let (card, key) = match self.authenticate(terminal, MessageType::History, auth, Amount(0)) {
             Ok(found) => found,
@@ -87,14 +88,27 @@ impl Shard {
         let mut entries: Vec<HistoryEntry> = Vec::with_capacity(limit + 1);
         // The card's chain runs newest first, through the overlay and the journal files; one
         // entry past the page says whether it continues.
+        // Entries older than the retention are not answered online (PROTOCOL.md 6.1): the
+        // walk stops at the first one, newest first.
+        let retention_ms = u64::from(self.limits.history_retention_days) * 86_400_000;
+        let cut_ms = now_ms.saturating_sub(retention_ms);
+        let mut beyond = false;
         self.walk_card(auth.card_id, HISTORY_WALK_MAX, |seq, entry| {
             if seq < before {
+                if entry.time_ms < cut_ms {
+                    beyond = true;
+                    return false;
+                }
                 entries.push(history_entry(entry, seq, auth.card_id));
             }
             entries.len() <= limit
         })?;
-        let mut response =
-            Response::History(decide::read::history_page(auth, &card, entries, limit));
+        let page = if beyond && entries.is_empty() {
+            decide::read::empty_page(Status::BeyondRetention, auth, card.balance)
+        } else {
+            decide::read::history_page(auth, &card, entries, limit, beyond)
+        };
+        let mut response = Response::History(page);
         seal(&key, &auth.cryptogram, &mut response);
         Ok(response)
     }

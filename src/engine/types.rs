@@ -34,6 +34,9 @@ pub struct Limits {
     pub identity_ttl_ms: u64,
     /// Most derived card keys cached per shard (about 250 bytes each).
     pub key_cache_max: usize,
+    /// History older than this many days is not answered online (PROTOCOL.md 6.1,
+    /// BeyondRetention).
+    pub history_retention_days: u32,
 }
 
 impl Default for Limits {
@@ -43,6 +46,10 @@ impl Default for Limits {
             max_amount: 50_000,
             identity_ttl_ms: 5 * 60 * 1000,
             key_cache_max: 200_000,
+            // Thirteen months: a year of statements plus a month to dispute the oldest. Older
+            // operations are in the archive and the settlement reports, not in a card walk
+            // that every History request would pay for.
+            history_retention_days: 396,
         }
     }
 }
