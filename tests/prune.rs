@@ -258,13 +258,19 @@ async fn the_state_rebuilds_from_the_anchor_after_a_prune() {
             other => panic!("{other:?}"),
         }
     }
+    // A terminal that synced here holds both cards as listed.
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mid_cursor =
+        match reader.call(&Request::HotlistSync { cursor: vec![], max_entries: 0 }).await {
+            Response::HotlistSync(h) if !h.more => h.cursor,
+            other => panic!("{other:?}"),
+        };
     match counter.call(&Request::Unblock { op_ref: 102, card_id: unblocked }).await {
         Response::Unblock(s) => assert_eq!(s.status, Status::Approved),
         other => panic!("{other:?}"),
     }
     // Push the blocks below the checkpoint and into the archive (a segment holds about 400
     // records here).
-    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
     let mut cards = cards;
     for i in 0..3_000 {
         match reader.call(&cards[2 + i % 8].purchase(7, "reader-1")).await {
@@ -296,6 +302,16 @@ async fn the_state_rebuilds_from_the_anchor_after_a_prune() {
     // The unblocked card's entries went with the pruned records: a new terminal needs none.
     assert!(!changes.entries.iter().any(|e| e.card_id == unblocked), "{changes:?}");
     assert!(hotlist_versions(&env, &server).await >= versions);
+    // The terminal that synced before the unblock still learns of it: the compacted hotlist
+    // keeps each card's last change.
+    let sync = Request::HotlistSync { cursor: mid_cursor, max_entries: 0 };
+    match reader.call(&sync).await {
+        Response::HotlistSync(h) => {
+            assert!(!h.more);
+            assert!(h.entries.iter().any(|e| e.card_id == unblocked && !e.listed), "{h:?}");
+        }
+        other => panic!("{other:?}"),
+    }
     server.stop().await.unwrap();
     let report = verify(&env);
     assert!(report.ok(), "{:?}", report.problems);

@@ -49,7 +49,7 @@ const VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 2 + 2 + 8 + 32 + 8 + 8 + 8;
 const DAY_LEN: usize = 80;
 const CARD_LEN: usize = 8 + CARD_RECORD_LEN + 8;
-const HOTLIST_LEN: usize = 17;
+const HOTLIST_LEN: usize = 18;
 const SIGNATURE_LEN: usize = 64;
 /// Largest anchor file read: 64 million cards per shard at 60 bytes, far above what one
 /// shard holds, so a damaged length field cannot make a reader allocate without bound.
@@ -112,8 +112,9 @@ pub struct Anchor {
     /// By day (days since 1970-01-01, UTC).
     pub days: BTreeMap<i64, DayFlows>,
     pub cards: BTreeMap<CardId, AnchorCard>,
-    /// Cards listed at `seq`: the version that listed them and the reason.
-    pub hotlist: BTreeMap<CardId, (u64, BlockReason)>,
+    /// The latest hotlist change of every card ever listed up to `seq`: its version, whether
+    /// it listed the card, and the reason.
+    pub hotlist: BTreeMap<CardId, (u64, bool, BlockReason)>,
 }
 
 /// Why an anchor cannot be used.
@@ -193,9 +194,10 @@ impl Anchor {
             out.extend_from_slice(&card.recent_atcs.to_le_bytes());
         }
         out.extend_from_slice(&(self.hotlist.len() as u32).to_le_bytes());
-        for (id, (version, reason)) in &self.hotlist {
+        for (id, (version, listed, reason)) in &self.hotlist {
             out.extend_from_slice(&version.to_le_bytes());
             out.extend_from_slice(&id.0.to_le_bytes());
+            out.push(u8::from(*listed));
             out.push(*reason as u8);
         }
         let signature = key.sign(&signed_message(&out));
@@ -296,8 +298,13 @@ impl Anchor {
             let entry = (|| {
                 let version = r.u64()?;
                 let id = CardId(r.u64()?);
+                let listed = match r.take(1)?.first()? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
                 let reason = BlockReason::from_u8(*r.take(1)?.first()?)?;
-                Some((id, (version, reason)))
+                Some((id, (version, listed, reason)))
             })()
             .ok_or_else(|| bad("hotlist table malformed"))?;
             anchor.hotlist.insert(entry.0, entry.1);
@@ -408,7 +415,7 @@ mod tests {
                 DayFlows { records: 42, deposits: 10, ..Default::default() },
             )]),
             cards: BTreeMap::from([(id, AnchorCard { record, recent_atcs: 0b101 })]),
-            hotlist: BTreeMap::from([(id, (3, BlockReason::Stolen))]),
+            hotlist: BTreeMap::from([(id, (3, true, BlockReason::Stolen))]),
         }
     }
 

@@ -15,13 +15,13 @@ use crate::report::DAY_MS;
 /// Before-images of what one segment's records changed.
 enum Undo {
     Card(CardId, Option<AnchorCard>),
-    Listed(CardId, Option<(u64, BlockReason)>),
+    Listed(CardId, Option<(u64, bool, BlockReason)>),
 }
 
 /// Cards, hotlist and day totals replayed up to the last record applied.
 pub struct Ledger {
     pub cards: BTreeMap<CardId, AnchorCard>,
-    pub hotlist: BTreeMap<CardId, (u64, BlockReason)>,
+    pub hotlist: BTreeMap<CardId, (u64, bool, BlockReason)>,
     pub days: BTreeMap<i64, DayFlows>,
     /// Highest hotlist version created by a committed record.
     pub hotlist_version: u64,
@@ -155,13 +155,10 @@ impl Ledger {
         self.hotlist_version = self.hotlist_version.max(e.hotlist_version);
         match e.hotlist_change {
             HotlistChange::None => {}
-            HotlistChange::Listed(reason) => {
+            HotlistChange::Listed(reason) | HotlistChange::Unlisted(reason) => {
+                let listed = matches!(e.hotlist_change, HotlistChange::Listed(_));
                 self.undo.push(Undo::Listed(e.card_id, self.hotlist.get(&e.card_id).copied()));
-                self.hotlist.insert(e.card_id, (e.hotlist_version, reason));
-            }
-            HotlistChange::Unlisted(_) => {
-                self.undo.push(Undo::Listed(e.card_id, self.hotlist.get(&e.card_id).copied()));
-                self.hotlist.remove(&e.card_id);
+                self.hotlist.insert(e.card_id, (e.hotlist_version, listed, reason));
             }
         }
         Ok(())

@@ -176,8 +176,9 @@ impl Shard {
         Err(StoreError::StillDisagrees)
     }
 
-    /// Starts an empty state from a prune's anchor: its cards, its listed cards and its
-    /// hotlist version, as they stood at the anchor's seq.
+    /// Starts an empty state from a prune's anchor: its cards, the latest hotlist change of
+    /// every card ever listed (a compacted hotlist that still brings any cursor to the right
+    /// list, 6.5) and its hotlist version, as they stood at the anchor's seq.
     /// The hotlist entries go straight to sled (the state is empty, so writing them again
     /// after a crash is harmless); the cards go with the first chunk.
     fn seed_from_anchor(&mut self, anchor: &crate::archive::Anchor) -> Result<(), StoreError> {
@@ -185,10 +186,10 @@ impl Shard {
             self.cards.put(*id, card.record);
             self.next_card = self.next_card.max(super::card_counter(*id, self.count) + 1);
         }
-        for (id, (version, reason)) in &anchor.hotlist {
+        for (id, (version, listed, reason)) in &anchor.hotlist {
             self.db.insert(
                 &state::hotlist_key(*version)[..],
-                &state::hotlist_value(*id, true, *reason)[..],
+                &state::hotlist_value(*id, *listed, *reason)[..],
             )?;
         }
         self.hotlist_version = self.hotlist_version.max(anchor.hotlist_version);
