@@ -50,6 +50,16 @@
 //! `balances_end - balances_start == deposits + top_ups - purchases - offline - refunds`; it
 //! fails when money moved through an entry the totals do not account for.
 //!
+//! # Pruned archives
+//!
+//! A shard whose archive was pruned (`citycard archive prune`) is read from its signed anchor
+//! on: the anchor's per-day sums stand for the removed records in `balances_start`,
+//! `balances_end` and, for a day that had records removed, in the money flows. Such a report
+//! names every anchor in a line `# anchor shard N: records 1..=S pruned (before DATE); ...`
+//! before the `# net` line, and a day with removed records adds
+//! `# pruned yes: records of this day were removed on shard ...`: its rows show only the
+//! records kept. Both lines are covered by the signature.
+//!
 //! # CSV and signature
 //!
 //! ```text
