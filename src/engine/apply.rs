@@ -18,6 +18,12 @@ impl Shard {
         payload: &[u8],
     ) -> Result<(), StoreError> {
         let entry = Entry::decode(payload).map_err(|source| StoreError::Entry { seq, source })?;
+        // The same invariants as before it was appended (the hotlist version only has to grow:
+        // old hotlist entries may have been compacted out of sled).
+        entry
+            .check()
+            .and_then(|()| self.check_against_state(&entry, false))
+            .map_err(|invariant| StoreError::Invariant { seq, invariant })?;
         self.apply(seq, pos, entry);
         // Bound the replay batch so a long journal tail does not build one giant sled batch.
         if self.overlay.current().is_some_and(|c| c.entries.len() >= PERSIST_MAX_RECORDS) {
@@ -103,10 +109,58 @@ impl Shard {
         self.overlay.push(seq, pos, entry, self.now_ms);
     }
 
+    /// The invariants between an entry and the state it applies to: an issued card is new,
+    /// every other entry's card exists and its balance moves by exactly the entry's amount,
+    /// and a hotlist change takes the next version (`strict`) or at least a later one.
+    pub(super) fn check_against_state(
+        &self,
+        entry: &Entry,
+        strict: bool,
+    ) -> Result<(), &'static str> {
+        let card = self.cards.get(entry.card_id);
+        match (entry.kind, card) {
+            (EntryKind::Issue, Some(_)) if entry.status == Status::Approved => {
+                return Err("an issued card already exists")
+            }
+            (EntryKind::Issue, _) => {}
+            (_, None) => return Err("the entry's card does not exist"),
+            (_, Some(card)) => {
+                if card.balance.0.checked_add(entry.amount.0) != Some(entry.balance_after.0) {
+                    return Err("balance after is not balance before plus amount");
+                }
+            }
+        }
+        if entry.kind == EntryKind::ReplacedOut
+            && entry.status == Status::Approved
+            && self.cards.get(entry.other_card).is_some()
+        {
+            return Err("a replacement card already exists");
+        }
+        let next = self.hotlist_version + 1;
+        let version_ok = match entry.hotlist_version {
+            0 => true,
+            v if strict => v == next,
+            v => v >= next,
+        };
+        if !version_ok {
+            return Err("a hotlist change does not take the next hotlist version");
+        }
+        Ok(())
+    }
+
+    /// Checks a decided entry, links it into its card's chain, appends it to the journal (in
+    /// memory until `commit`) and applies it. Returns its seq.
     pub(super) fn journal_entry(&mut self, mut entry: Entry) -> Result<u64, StoreError> {
         // Link the card's chain: the new record points at the card's previous one.
         entry.prev_pos = self.cards.get(entry.card_id).map_or(Pos::NONE, |c| c.last_pos);
+        if let Err(invariant) = entry.check().and_then(|()| self.check_against_state(&entry, true))
+        {
+            let seq = self.journal.as_ref().map_or(0, |j| j.next_seq());
+            tracing::error!(seq, invariant, kind = ?entry.kind, "decided entry breaks an invariant; not journaled");
+            return Err(StoreError::Invariant { seq, invariant });
+        }
         entry.encode(&mut self.scratch);
+        debug_assert_eq!(Entry::decode(&self.scratch).ok().as_ref(), Some(&entry));
         let scratch = std::mem::take(&mut self.scratch);
         let appended = self.journal().and_then(|j| Ok(j.append_at(&scratch)?));
         self.scratch = scratch;

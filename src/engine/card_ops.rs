@@ -42,7 +42,10 @@ impl Shard {
         let decided =
             decide::money::decide(&self.context(terminal, now_ms), kind, auth, amount, &card, atc);
         let result = match decided {
-            Decided::Decline(result) => result,
+            Decided::Decline(result) => {
+                tracing::warn!(card = %auth.card_id.masked(), terminal, atc = auth.atc.0, "replayed counter declined");
+                result
+            }
             Decided::Again(seq, entry) => card_result(&entry, seq),
             Decided::Record(entry) => {
                 // The answer is read off the entry before it moves into the journal (no clone
@@ -163,7 +166,11 @@ impl Shard {
             // Above every ATC the card has used: new, no walk needed.
             AtcLookup::Unused
         } else {
-            self.atc_entry(record.card_id, record.atc, OFFLINE_LOOKUP_DEPTH)?
+            let found = self.atc_entry(record.card_id, record.atc, OFFLINE_LOOKUP_DEPTH)?;
+            if found == AtcLookup::Unknown {
+                tracing::warn!(card = %record.card_id.masked(), terminal, atc = record.atc.0, "offline record older than the card's chain walk; refused as a replay");
+            }
+            found
         };
         let result =
             match decide::offline::decide(&self.context(terminal, now_ms), record, &card, lookup) {

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use citycard_protocol::CardId;
 
 use super::checkpoint::StateDigest;
+use super::error::Disagreement;
 use super::state::{self, CardRecord};
 use super::StoreError;
 
@@ -37,21 +38,24 @@ impl Cards {
         for item in db.scan_prefix([state::CARD]) {
             let (k, v) = item?;
             let id = state::be_u64(&k[1..])
-                .ok_or_else(|| StoreError::Disagrees("card key malformed".into()))?;
-            let record = CardRecord::decode(&v)
-                .ok_or_else(|| StoreError::Disagrees(format!("card record {id} malformed")))?;
+                .ok_or_else(|| StoreError::Disagrees(Disagreement::CardKeyMalformed))?;
+            let record = CardRecord::decode(&v).ok_or_else(|| {
+                StoreError::Disagrees(Disagreement::CardRecordMalformed {
+                    card: CardId(id).masked(),
+                })
+            })?;
             next_card = next_card.max(super::card_counter(CardId(id), shard_count) + 1);
             cards.digest.add(CardId(id), &record);
             cards.records.insert(CardId(id), record);
         }
         if let Some(stored) = db.get(state::META_DIGEST)? {
             let stored = StateDigest::from_bytes(&stored)
-                .ok_or_else(|| StoreError::Disagrees("card digest malformed".into()))?;
+                .ok_or_else(|| StoreError::Disagrees(Disagreement::DigestMalformed))?;
             if stored != cards.digest {
-                return Err(StoreError::Disagrees(format!(
-                    "the {} card records do not match the card digest recorded at seq {applied_seq}",
-                    cards.records.len()
-                )));
+                return Err(StoreError::Disagrees(Disagreement::DigestMismatch {
+                    cards: cards.records.len(),
+                    applied_seq,
+                }));
             }
         }
         Ok(Loaded { cards, next_card })

@@ -165,6 +165,50 @@ impl Entry {
         })
     }
 
+    /// The invariants every entry holds on its own, checked before it is appended and again
+    /// after it is read back or replayed (a failure names the invariant). Damage the CRC does
+    /// not catch, or a decision that broke its own rules, stops here instead of reaching money.
+    pub fn check(&self) -> Result<(), &'static str> {
+        let approved = self.status == Status::Approved;
+        if (self.hotlist_version == 0) != (self.hotlist_change == HotlistChange::None) {
+            return Err("a hotlist change has a version, and only a change has one");
+        }
+        if self.terminal.len() > usize::from(u8::MAX) {
+            return Err("terminal id longer than its length byte");
+        }
+        if !approved && self.amount.0 != 0 {
+            return Err("a decline moves no money");
+        }
+        if self.uses_atc() && self.atc.0 == 0 {
+            return Err("no card transaction uses ATC 0");
+        }
+        if !self.uses_atc() && self.atc.0 != 0 {
+            return Err("staff operations carry no ATC");
+        }
+        let ok = match self.kind {
+            _ if !approved => true,
+            EntryKind::Purchase | EntryKind::Offline => {
+                self.extra > 0 && self.amount.0 == self.extra.saturating_neg()
+            }
+            EntryKind::TopUp => self.extra > 0 && self.amount.0 == self.extra,
+            EntryKind::Identity => self.amount.0 == 0,
+            EntryKind::Issue => {
+                self.card_id.0 != 0 && self.amount.0 >= 0 && self.amount == self.balance_after
+            }
+            EntryKind::ReplacedOut => {
+                self.other_card.0 != 0
+                    && self.other_card != self.card_id
+                    && self.balance_after.0 <= 0
+            }
+            EntryKind::Close => self.balance_after.0 <= 0 && self.extra >= 0,
+            _ => true,
+        };
+        if !ok {
+            return Err("an approval's amount, balance or cards break its kind's rules");
+        }
+        Ok(())
+    }
+
     /// Whether this entry consumed the card's ATC (card transactions that authenticated).
     pub fn uses_atc(&self) -> bool {
         matches!(
@@ -208,5 +252,52 @@ mod tests {
         let mut bad_kind = buf.clone();
         bad_kind[1] = 200;
         assert!(Entry::decode(&bad_kind).is_err());
+    }
+
+    #[test]
+    fn check_names_the_broken_invariant() {
+        let purchase = Entry {
+            kind: EntryKind::Purchase,
+            status: Status::Approved,
+            card_id: CardId(6_000_000_000_000_123),
+            atc: Atc(7),
+            amount: Amount(-250),
+            balance_after: Amount(750),
+            time_ms: 1_700_000_000_000,
+            reference: 99,
+            binding: Mac([9; 16]),
+            other_card: CardId(0),
+            key_version: KeyVersion(1),
+            hotlist_version: 0,
+            hotlist_change: HotlistChange::None,
+            extra: 250,
+            terminal: "reader-1".into(),
+            prev_pos: Pos::NONE,
+        };
+        assert_eq!(purchase.check(), Ok(()));
+        let declined =
+            Entry { status: Status::InsufficientFunds, amount: Amount(0), ..purchase.clone() };
+        assert_eq!(declined.check(), Ok(()));
+        let broken = [
+            Entry { amount: Amount(-251), ..purchase.clone() },
+            Entry { status: Status::InsufficientFunds, ..purchase.clone() },
+            Entry { atc: Atc(0), ..purchase.clone() },
+            Entry { hotlist_version: 4, ..purchase.clone() },
+            Entry { hotlist_change: HotlistChange::Listed(BlockReason::Lost), ..purchase.clone() },
+            Entry { kind: EntryKind::TopUp, ..purchase.clone() },
+            Entry { kind: EntryKind::Block, amount: Amount(0), ..purchase.clone() },
+            Entry {
+                kind: EntryKind::ReplacedOut,
+                atc: Atc(0),
+                amount: Amount(-50),
+                balance_after: Amount(0),
+                other_card: CardId(0),
+                ..purchase.clone()
+            },
+            Entry { terminal: "t".repeat(256), ..purchase.clone() },
+        ];
+        for (i, entry) in broken.iter().enumerate() {
+            assert!(entry.check().is_err(), "row {i} should break an invariant");
+        }
     }
 }

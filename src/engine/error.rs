@@ -58,7 +58,7 @@ pub enum StoreError {
     /// The derived state opens but does not match what it records about itself (its card
     /// digest): it is rebuilt from the journal, never trusted.
     #[error("derived state disagrees with itself: {0}")]
-    Disagrees(String),
+    Disagrees(Disagreement),
     /// The environment failed the derived state (disk full, I/O error, no permission,
     /// read-only filesystem): the data is not at fault, so nothing was rebuilt or moved.
     #[error(
@@ -67,4 +67,19 @@ pub enum StoreError {
         super::recovery::operator_hint(cause)
     )]
     Storage { path: PathBuf, cause: std::io::Error },
+}
+
+/// How a derived state disagrees with itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Disagreement {
+    #[error("a card key is malformed")]
+    CardKeyMalformed,
+    /// The card number is masked, as everywhere in logs.
+    #[error("the record of card {card} is malformed")]
+    CardRecordMalformed { card: String },
+    #[error("the card digest is malformed")]
+    DigestMalformed,
+    #[error("the {cards} card records do not match the card digest recorded at seq {applied_seq}")]
+    DigestMismatch { cards: usize, applied_seq: u64 },
 }

@@ -1,6 +1,11 @@
 //! The shard engine: decides card and staff operations, journals them (group commit), and keeps
 //! the derived state in memory and sled. One `Shard` is owned by one thread.
-
+//!
+//! The engine reads no clock and starts no thread: time comes in as `now_ms`, opening takes an
+//! [`OpenHost`] (the time that names a state set aside, the pause while sled's lock is held),
+//! and the sled write-behind is a [`PersistJob`] the driver runs through a [`WriteBehind`]
+//! ([`Inline`], [`Stepped`], or the server's own thread). One thread can drive it
+//! deterministically.
 //!
 //! # Layout
 //! - [`types`]: inputs and outputs (secrets, limits, options, `Op`, `Output`, `OpenReport`).
@@ -11,7 +16,8 @@
 //!   shapes and their MAC), `card_ops` and `staff_ops` (the operations).
 //! - [`decide`]: every operation's decision as a pure function, with table tests.
 //! - [`cards`]: the card records behind a narrow interface.
-//! - `overlay`: committed entries sled has not confirmed; `persister`: the sled writer.
+//! - `overlay`: committed entries sled has not confirmed; [`persister`]: the write-behind
+//!   jobs and the [`WriteBehind`] that runs them.
 //! - [`recovery`]: which start failures rebuild the state and which stop.
 //! - [`entry`], [`state`], [`checkpoint`]: the journal record, sled layout, checkpoint file.
 
@@ -22,6 +28,8 @@ mod card_ops;
 pub mod cards;
 pub mod checkpoint;
 pub mod decide;
+#[cfg(test)]
+mod driver_tests;
 pub mod entry;
 pub mod error;
 mod hotlist;
@@ -39,7 +47,8 @@ mod walk;
 pub use answer::seal;
 pub use checkpoint::CheckpointPolicy;
 pub use error::StoreError;
-pub use recovery::RebuildReason;
+pub use persister::{Inline, PersistJob, Stepped, WriteBehind};
+pub use recovery::{OpenHost, RebuildReason};
 pub use shard::Shard;
 pub use types::{Limits, Op, OpenReport, Output, Secrets, ShardOptions};
 

@@ -116,7 +116,9 @@ pub fn operator_hint(error: &io::Error) -> &'static str {
 pub(crate) fn classify(error: StoreError, state_dir: &Path) -> Verdict {
     match error {
         StoreError::Sled(sled) => classify_sled(sled, state_dir),
-        StoreError::Disagrees(detail) => Verdict::Rebuild(RebuildReason::FailedCheck(detail)),
+        StoreError::Disagrees(detail) => {
+            Verdict::Rebuild(RebuildReason::FailedCheck(detail.to_string()))
+        }
         malformed @ StoreError::MalformedState { .. } => {
             Verdict::Rebuild(RebuildReason::FailedCheck(malformed.to_string()))
         }
@@ -284,7 +286,10 @@ mod tests {
                 StoreError::MalformedState { what: "applied_seq", detail: "3 bytes".into() },
                 "failed_check",
             ),
-            (StoreError::Disagrees("card key malformed".into()), "failed_check"),
+            (
+                StoreError::Disagrees(crate::engine::error::Disagreement::CardKeyMalformed),
+                "failed_check",
+            ),
             (
                 StoreError::Sled(sled::Error::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

@@ -3,14 +3,16 @@
 //!
 //! The call pattern is: [`Shard::execute`] for each command of a batch (decisions see the
 //! effects of earlier commands in the same batch), then [`Shard::commit`] (one journal sync),
-//! then send the replies, then [`Shard::persist_due`]. sled is written behind, in large
+//! then send the replies, then [`Shard::persist_due`] with the driver's time. sled is written
+//! behind (see [`super::persister`]), in large
 //! coalesced batches: committed entries stay in an in-memory overlay that every read consults
 //! until sled has confirmed them. Nothing decided is visible to anyone before `commit` returns
 //! Ok.
 //!
 //! The rest of `impl Shard` lives beside this file, one idea per file: `open` (recovery),
 //! `persist` (the write-behind), `apply`, `walk` (card chains), `hotlist`, `auth`, and the
-//! operations.
+//! operations (`card_ops`, `staff_ops`), which do lookup, decide ([`super::decide`]), append,
+//! apply, and nothing else.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -42,7 +44,7 @@ pub struct Shard {
     pub(super) hotlist_version: u64,
     /// Allocation counter of the next card id this shard issues.
     pub(super) next_card: u64,
-    /// Highest seq handed to sled (the persister may still be writing it).
+    /// Highest seq handed to sled (the write-behind may still be writing it).
     pub(super) applied_seq: u64,
     pub(super) overlay: Overlay,
     /// Runs the sealed chunks against sled (see [`super::persister`]).
@@ -56,8 +58,10 @@ pub struct Shard {
     /// Reads committed records by position (history pages, retries, staff op lookups).
     pub(super) files: JournalFiles,
     pub(super) checkpoint_policy: CheckpointPolicy,
-    /// Seq of the last checkpoint handed to the persister, and when.
+    /// Seq of the last checkpoint handed to the write-behind.
     pub(super) checkpoint_seq: u64,
+    /// The driver's time of that checkpoint (None until a time is known: the first chunk
+    /// then starts the interval).
     pub(super) checkpoint_at_ms: Option<u64>,
     /// The latest time the driver passed in (Unix ms; 0 before the first): the engine reads no
     /// clock of its own.

@@ -20,6 +20,8 @@ impl Shard {
         }
         let (seq, payload) = self.files.read(pos)?;
         let entry = Entry::decode(payload).map_err(|source| StoreError::Entry { seq, source })?;
+        // Read back: the same invariants it was appended with.
+        entry.check().map_err(|invariant| StoreError::Invariant { seq, invariant })?;
         Ok((seq, entry))
     }
 

@@ -125,3 +125,6 @@ pub fn atc_use(card: &CardRecord, atc: Atc, lookup: Option<AtcLookup>) -> AtcUse
         _ => AtcUse::Stale,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -25,7 +25,6 @@ pub fn decide(
             return Decided::Again(seq, e)
         }
         AtcUse::Used(..) | AtcUse::Stale => {
-            tracing::warn!(card = %auth.card_id.masked(), terminal = ctx.terminal, atc = auth.atc.0, "replayed counter declined");
             return Decided::Decline(CardResult {
                 balance: card.balance,
                 ..unauthenticated(Status::Replay, auth)

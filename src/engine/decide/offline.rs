@@ -40,11 +40,7 @@ pub fn decide(
         {
             return Decided::Again(seq, e)
         }
-        AtcLookup::Used(..) => return Decided::Decline(replay),
-        AtcLookup::Unknown => {
-            tracing::warn!(card = %record.card_id.masked(), terminal = ctx.terminal, atc = record.atc.0, "offline record older than the card's chain walk; refused as a replay");
-            return Decided::Decline(replay);
-        }
+        AtcLookup::Used(..) | AtcLookup::Unknown => return Decided::Decline(replay),
         AtcLookup::Unused => {}
     }
     let status = if card.retired() {
