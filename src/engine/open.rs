@@ -23,10 +23,10 @@ fn load_anchor(
 ) -> Result<Option<crate::archive::Anchor>, StoreError> {
     use ring::signature::KeyPair;
     let Ok(public) = <[u8; 32]>::try_from(secrets.assertion.public_key().as_ref()) else {
-        return Err(StoreError::Disagrees("assertion key has no 32-byte public key".into()));
+        return Err(StoreError::Anchor("the assertion key has no 32-byte public key".into()));
     };
     crate::archive::Anchor::load(&options.dir, &public)
-        .map_err(|e| StoreError::Disagrees(format!("{e}; restore the anchor file or the keys")))
+        .map_err(|e| StoreError::Anchor(e.to_string()))
 }
 
 impl Shard {
