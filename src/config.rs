@@ -107,6 +107,7 @@ impl Config {
             ("max_batch", self.max_batch as u64),
             ("checkpoint_records", self.checkpoint.records),
             ("checkpoint_interval_ms", self.checkpoint.interval_ms),
+            ("history_retention_days", u64::from(self.limits.history_retention_days)),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -200,6 +201,8 @@ pub struct Settings {
     pub reversal_window_ms: Option<u64>,
     pub key_cache_max: Option<usize>,
     pub card_cache_entries: Option<usize>,
+    /// Days of history a History request is answered from online (older: BeyondRetention).
+    pub history_retention_days: Option<u32>,
     pub segment_bytes: Option<u64>,
     pub checkpoint_records: Option<u64>,
     pub checkpoint_interval_ms: Option<u64>,
@@ -271,6 +274,9 @@ impl Settings {
         if let Some(v) = self.reversal_window_ms {
             t.reversal_window_ms = v;
         }
+        if let Some(v) = self.history_retention_days {
+            c.limits.history_retention_days = v;
+        }
         if let Some(v) = self.checkpoint_records {
             c.checkpoint.records = v;
         }
@@ -340,6 +346,7 @@ impl Config {
         line("hold_timeout_ms", t.hold_timeout_ms.to_string());
         line("missing_tapout_fare", t.missing_tapout_fare.to_string());
         line("reversal_window_ms", t.reversal_window_ms.to_string());
+        line("history_retention_days", self.limits.history_retention_days.to_string());
         line("segment_bytes", self.segment_bytes.to_string());
         line("checkpoint_records", self.checkpoint.records.to_string());
         line("checkpoint_interval_ms", self.checkpoint.interval_ms.to_string());

@@ -14,7 +14,8 @@
 //!   holds the TLS configs and open connections a SIGHUP CRL reload works on; each connection is
 //!   a sans-IO `server::session` (frames, timers, closing order, `now` passed in) under the
 //!   tokio driver `server::connection`.
-//! - [`verify`]: the offline audit of a data directory; [`report`]: settlement reports.
+//! - [`verify`]: the offline audit of a data directory; [`report`]: settlement reports;
+//!   [`archive`]: pruning the archive behind a signed anchor.
 //! - [`counter`]: the staff counter console (web page on loopback and CLI) over `citycard-client`.
 //! - [`metrics`]: lock-free counters and histograms; [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`sim_bugs`]: bugs the simulator switches on to prove it finds them (feature `sim-bugs`).
@@ -23,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod archive;
 pub mod config;
 pub mod counter;
 pub mod engine;

@@ -51,6 +51,14 @@ enum Command {
     Verify {
         #[arg(long, default_value = "data", env = "CITYCARD_DATA")]
         data: PathBuf,
+        /// Keys directory: `assertion.pub` checks the anchors of a pruned archive.
+        #[arg(long, default_value = "keys", env = "CITYCARD_KEYS")]
+        keys: PathBuf,
+    },
+    /// The journal archive (the server must be stopped).
+    Archive {
+        #[command(subcommand)]
+        command: ArchiveCommand,
     },
     /// Counter console for staff: a web page on loopback (`--listen`), or one operation for
     /// scripts (`citycard counter topup --card N --amount M`).
@@ -179,6 +187,7 @@ impl ServeArgs {
             hold_timeout_ms: None,
             missing_tapout_fare: None,
             reversal_window_ms: None,
+            history_retention_days: None,
             segment_bytes: self.segment_bytes,
             checkpoint_records: self.checkpoint_records,
             checkpoint_interval_ms: self.checkpoint_interval_ms,
@@ -222,6 +231,24 @@ enum ReportCommand {
         #[arg(long, default_value = "keys", env = "CITYCARD_KEYS")]
         keys: PathBuf,
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArchiveCommand {
+    /// Remove archived journal segments whose records all lie before DATE (00:00 UTC), behind
+    /// a signed anchor per shard (keys/assertion.key) that verify and settlement start from.
+    Prune {
+        #[arg(long, default_value = "data", env = "CITYCARD_DATA")]
+        data: PathBuf,
+        #[arg(long, default_value = "keys", env = "CITYCARD_KEYS")]
+        keys: PathBuf,
+        /// The first day to keep, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        before: String,
+        /// Say what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -293,7 +320,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Keys { command } => keys_command(command),
-        Command::Verify { data } => verify(&data),
+        Command::Verify { data, keys } => verify(&data, &keys),
+        Command::Archive { command: ArchiveCommand::Prune { data, keys, before, dry_run } } => {
+            prune(&data, &keys, &before, dry_run)
+        }
         Command::Counter(args) => citycard::counter::cli::run(*args),
         Command::Standby(args) => citycard::replicate::cli::standby(*args),
         Command::Promote(args) => citycard::replicate::cli::promote_command(*args),
@@ -362,8 +392,38 @@ fn keys_command(command: KeysCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(data: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let report = citycard::verify::verify(data)?;
+fn prune(
+    data: &std::path::Path,
+    keys: &std::path::Path,
+    before: &str,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let options = citycard::archive::PruneOptions {
+        before: citycard::report::Date::parse(before)?,
+        dry_run,
+        now_ms: citycard::now_ms(),
+        stop_after_anchor: false,
+    };
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for shard in citycard::archive::prune(data, keys, &options)? {
+        println!(
+            "shard {}: {verb} {} segment(s), {} bytes ({} left by an interrupted prune); anchor at seq {}; stopped: {}",
+            shard.shard,
+            shard.segments.len(),
+            shard.bytes,
+            shard.leftovers,
+            shard.anchor_seq,
+            shard.stopped
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(data: &std::path::Path, keys: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let public_path = keys.join(keys::ASSERTION_PUB);
+    let public =
+        if public_path.exists() { Some(keys::load_assertion_public(&public_path)?) } else { None };
+    let report = citycard::verify::verify_with(data, public.as_ref())?;
     let t = report.totals;
     println!(
         "records {} cards {} | deposits {} top-ups {} purchases {} offline {} refunds {} | sum of balances {}",
@@ -374,6 +434,9 @@ fn verify(data: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
     for (shard, seq, head) in &report.heads {
         println!("shard {shard}: last seq {seq} head {}", citycard::hex::encode(head));
+    }
+    for note in &report.notes {
+        println!("note: {note}");
     }
     if report.ok() {
         println!("verify: OK");

@@ -57,6 +57,16 @@
 //! `balances_end - balances_start == deposits + top_ups - purchases - offline - refunds`; it
 //! fails when money moved through an entry the totals do not account for.
 //!
+//! # Pruned archives
+//!
+//! A shard whose archive was pruned (`citycard archive prune`) is read from its signed anchor
+//! on: the anchor's per-day sums stand for the removed records in `balances_start`,
+//! `balances_end` and, for a day that had records removed, in the money flows. Such a report
+//! names every anchor in a line `# anchor shard N: records 1..=S pruned (before DATE); ...`
+//! before the `# net` line, and a day with removed records adds
+//! `# pruned yes: records of this day were removed on shard ...`: its rows show only the
+//! records kept. Both lines are covered by the signature.
+//!
 //! # CSV and signature
 //!
 //! ```text
@@ -431,6 +441,11 @@ pub struct Settlement {
     pub shards: u16,
     /// Journal records read (all days).
     pub records: u64,
+    /// Shards whose archive was pruned: (shard, last removed seq, the prune's `--before`).
+    pub anchors: Vec<(u16, u64, Date)>,
+    /// Shards on which records of this day were pruned: the rows miss them, the money flows
+    /// and balances include them through the anchor's day sums.
+    pub pruned_on: Vec<u16>,
 }
 
 impl Settlement {
@@ -443,7 +458,36 @@ impl Settlement {
             balances_end: 0,
             shards: 0,
             records: 0,
+            anchors: Vec::new(),
+            pruned_on: Vec::new(),
         }
+    }
+
+    /// Starts a pruned shard's part from its anchor: the balances at its seq, and this day's
+    /// money among the removed records.
+    fn seed(&mut self, anchor: &crate::archive::Anchor) {
+        let today = self.date.days();
+        for (day, flows) in &anchor.days {
+            let change = i128::from(flows.balance_change);
+            if *day < today {
+                self.balances_start += change;
+            }
+            if *day <= today {
+                self.balances_end += change;
+            }
+            if *day == today {
+                self.flows.add(&Flows {
+                    deposits: flows.deposits.into(),
+                    top_ups: flows.top_ups.into(),
+                    purchases: flows.purchases.into(),
+                    offline: flows.offline.into(),
+                    refunds: flows.refunds.into(),
+                    replaced: flows.replaced.into(),
+                });
+                self.pruned_on.push(anchor.shard);
+            }
+        }
+        self.anchors.push((anchor.shard, anchor.seq, Date::from_days(anchor.before_days)));
     }
 
     /// The row of `terminal` and `operation` (all zero when there was no such entry).
@@ -519,6 +563,8 @@ impl Settlement {
         self.balances_start += other.balances_start;
         self.balances_end += other.balances_end;
         self.records += other.records;
+        self.anchors.extend(other.anchors);
+        self.pruned_on.extend(other.pruned_on);
     }
 
     /// The unsigned report: header, one line per row, then the summary lines.
@@ -535,6 +581,20 @@ impl Settlement {
                 row.count,
                 row.amount,
                 row.declined
+            ));
+        }
+        for (shard, seq, before) in &self.anchors {
+            out.push_str(&format!(
+                "# anchor shard {shard}: records 1..={seq} pruned (before {before}); balances \
+                 carried from its signed anchor\n"
+            ));
+        }
+        if !self.pruned_on.is_empty() {
+            let shards: Vec<String> = self.pruned_on.iter().map(u16::to_string).collect();
+            out.push_str(&format!(
+                "# pruned yes: records of this day were removed on shard {}; the rows show only \
+                 the records kept, the totals and balances include the anchors' day sums\n",
+                shards.join(",")
             ));
         }
         let f = &self.flows;
@@ -576,16 +636,27 @@ fn read_shard_count(data_dir: &Path) -> anyhow::Result<u16> {
 }
 
 /// Computes the settlement of `date` from every shard's journal, read-only (no lock, no sled):
-/// safe while the server runs.
+/// safe while the server runs. A pruned data directory needs [`settlement_with`].
 pub fn settlement(data_dir: &Path, date: Date) -> anyhow::Result<Settlement> {
+    settlement_with(data_dir, date, None)
+}
+
+/// [`settlement`], starting pruned shards from their anchors, whose signatures are checked
+/// with the assertion public key.
+pub fn settlement_with(
+    data_dir: &Path,
+    date: Date,
+    anchor_key: Option<&[u8; 32]>,
+) -> anyhow::Result<Settlement> {
     let shards = read_shard_count(data_dir)?;
     let mut total = Settlement::empty(date);
     total.shards = shards;
     let archive_root = crate::layout::archive_root(data_dir, None)?;
-    for index in 0..shards {
+    let anchors = crate::archive::load_anchors(data_dir, shards, anchor_key)?;
+    for (index, anchor) in (0..shards).zip(&anchors) {
         let dir = crate::layout::shard_dir(data_dir, index).join("journal");
         let archive = crate::layout::archive_dir(data_dir, archive_root.as_deref(), index);
-        let shard = settle_journal(&dir, &archive, date)
+        let shard = settle_journal(&dir, &archive, anchor.as_ref(), date)
             .with_context(|| format!("shard {index}: reading {}", dir.display()))?;
         total.merge(shard);
     }
@@ -593,11 +664,22 @@ pub fn settlement(data_dir: &Path, date: Date) -> anyhow::Result<Settlement> {
 }
 
 /// One journal's part of the settlement, retrying scans that may have raced with the writer.
-fn settle_journal(dir: &Path, archive: &Path, date: Date) -> anyhow::Result<Settlement> {
+fn settle_journal(
+    dir: &Path,
+    archive: &Path,
+    anchor: Option<&crate::archive::Anchor>,
+    date: Date,
+) -> anyhow::Result<Settlement> {
     let mut attempt = 1;
     loop {
         let mut part = Settlement::empty(date);
-        let start = journal::Start::Full { archive: Some(archive) };
+        let start = match anchor {
+            Some(a) => {
+                part.seed(a);
+                journal::Start::Pruned { anchor: a.link(), archive: Some(archive) }
+            }
+            None => journal::Start::Full { archive: Some(archive) },
+        };
         let scanned = journal::read_from(dir, start, |seq, payload| {
             let entry = Entry::decode(payload)
                 .map_err(|e| JournalError::Rejected { seq, reason: e.to_string() })?;
@@ -709,7 +791,11 @@ pub fn run_settlement(
     let key_path = keys.join(keys::ASSERTION_KEY);
     let key = keys::load_assertion_key(&key_path)
         .with_context(|| format!("loading the report signing key {}", key_path.display()))?;
-    let report = settlement(data, date)?;
+    let public: [u8; 32] = ring::signature::KeyPair::public_key(&key)
+        .as_ref()
+        .try_into()
+        .context("assertion key has no 32-byte public key")?;
+    let report = settlement_with(data, date, Some(&public))?;
     let signed = sign(&report.to_csv(), &key);
     match out {
         Some(path) => crate::durable_write(path, signed.as_bytes())

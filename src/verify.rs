@@ -2,6 +2,10 @@
 //! hash chain), re-derives every card's balance with its own small ledger (independent of the
 //! engine's apply code), compares sled's state with that replay, and checks that the sum of
 //! balances equals the journal's net money flow.
+//!
+//! A shard whose archive was pruned (`citycard archive prune`) has a signed anchor: its
+//! signature is checked with `assertion.pub`, its own sums must agree, and the audit starts
+//! from the cards and money it holds, with the chain required to continue from its hash.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,6 +13,7 @@ use std::path::Path;
 use anyhow::Context;
 use citycard_protocol::{CardId, EntryKind, Status};
 
+use crate::archive::Anchor;
 use crate::engine::entry::Entry;
 use crate::engine::state;
 use crate::journal;
@@ -75,6 +80,8 @@ pub struct Report {
     pub torn_tails: Vec<String>,
     /// `(shard, last seq, hash of the last record)`: equal on a primary and its standby.
     pub heads: Vec<(u16, u64, [u8; 32])>,
+    /// What is worth knowing and is not a problem (anchors, segments an interrupted prune left).
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -84,7 +91,14 @@ impl Report {
 }
 
 /// Audits `data_dir`. Errors are for an unreadable directory; findings are in the report.
+/// A pruned shard is a finding here (its anchor cannot be checked without a key): see
+/// [`verify_with`].
 pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
+    verify_with(data_dir, None)
+}
+
+/// [`verify`], checking prune anchors with the assertion public key.
+pub fn verify_with(data_dir: &Path, anchor_key: Option<&[u8; 32]>) -> anyhow::Result<Report> {
     let _lock = crate::layout::lock_data_dir(data_dir)?;
     let count: u16 = std::fs::read_to_string(data_dir.join("shards"))
         .with_context(|| {
@@ -95,7 +109,7 @@ pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
         .context("shard count malformed")?;
     let mut report = Report::default();
     for index in 0..count {
-        audit_shard(data_dir, index, count, &mut report)?;
+        audit_shard(data_dir, index, count, anchor_key, &mut report)?;
     }
     let t = &report.totals;
     let net = t.deposits + t.top_ups - t.purchases - t.offline - t.refunds;
@@ -108,8 +122,34 @@ pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> anyhow::Result<()> {
+fn audit_shard(
+    data_dir: &Path,
+    index: u16,
+    count: u16,
+    anchor_key: Option<&[u8; 32]>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let dir = crate::layout::shard_dir(data_dir, index);
+    let anchor = match (Anchor::exists(&dir), anchor_key) {
+        (false, _) => None,
+        (true, None) => {
+            report.problems.push(format!(
+                "shard {index}: pruned, and its anchor cannot be checked without assertion.pub \
+                 (pass --keys)"
+            ));
+            return Ok(());
+        }
+        (true, Some(key)) => match Anchor::load(&dir, key) {
+            Ok(anchor) => anchor,
+            Err(e) => {
+                report.problems.push(format!(
+                    "shard {index}: {e}; the records it stands for are gone, so the shard \
+                     cannot be audited"
+                ));
+                return Ok(());
+            }
+        },
+    };
     let db = crate::engine::recovery::open_sled(
         &dir.join("state"),
         &mut crate::host::SystemHost::default(),
@@ -135,12 +175,25 @@ fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> 
         None => 0,
     };
     let mut ledger: BTreeMap<CardId, Ledger> = BTreeMap::new();
-    let mut snapshot: Option<BTreeMap<CardId, Ledger>> = (applied == 0).then(BTreeMap::new);
     let mut problems = Vec::new();
     let mut totals = Totals::default();
     let archive_root = crate::layout::archive_root(data_dir, None)?;
     let archive = crate::layout::archive_dir(data_dir, archive_root.as_deref(), index);
-    let start = journal::Start::Full { archive: Some(&archive) };
+    let start = match &anchor {
+        Some(a) => {
+            seed_from_anchor(index, count, a, &archive, &mut ledger, &mut totals, report)?;
+            journal::Start::Pruned { anchor: a.link(), archive: Some(&archive) }
+        }
+        None => journal::Start::Full { archive: Some(&archive) },
+    };
+    let start_seq = anchor.as_ref().map_or(0, |a| a.seq);
+    if applied != 0 && applied < start_seq {
+        problems.push(format!(
+            "shard {index}: state applied up to seq {applied}, below the prune anchor at {start_seq}"
+        ));
+    }
+    let mut snapshot: Option<BTreeMap<CardId, Ledger>> =
+        (applied <= start_seq).then(|| ledger.clone());
     let summary = journal::read_from(&dir.join("journal"), start, |seq, payload| {
         totals.records += 1;
         match Entry::decode(payload) {
@@ -161,6 +214,11 @@ fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> 
             return Ok(());
         }
     };
+    let visited = totals.records;
+    totals.records += start_seq;
+    if anchor.is_some() && visited == 0 {
+        problems.push(format!("shard {index}: no journal records after the prune anchor"));
+    }
     if let Some(torn) = &summary.torn_tail {
         report.torn_tails.push(format!("shard {index}: {torn:?} (truncated on next start)"));
     }
@@ -190,6 +248,79 @@ fn audit_shard(data_dir: &Path, index: u16, count: u16, report: &mut Report) -> 
     t.records += totals.records;
     t.cards += totals.cards;
     report.problems.extend(problems);
+    Ok(())
+}
+
+/// Starts a pruned shard's audit from its anchor: the anchor must be this shard's, its cards
+/// this shard's, and its own sums must agree (cards' balances = money flows = the net).
+fn seed_from_anchor(
+    index: u16,
+    count: u16,
+    anchor: &Anchor,
+    archive: &Path,
+    ledger: &mut BTreeMap<CardId, Ledger>,
+    totals: &mut Totals,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let problems = &mut report.problems;
+    if anchor.shard != index || anchor.shard_count != count {
+        problems.push(format!(
+            "shard {index}: the anchor is shard {}'s of {}",
+            anchor.shard, anchor.shard_count
+        ));
+    }
+    for (id, card) in &anchor.cards {
+        if crate::engine::shard_of(*id, count) != index {
+            problems
+                .push(format!("shard {index}: anchor holds card {} of another shard", id.masked()));
+        }
+        ledger.insert(
+            *id,
+            Ledger {
+                balance: card.record.balance.0,
+                last_atc: card.record.last_atc.0,
+                recent_atcs: card.recent_atcs,
+                retired: card.record.retired(),
+                hold: card.record.hold,
+            },
+        );
+    }
+    let sums = anchor.totals();
+    if anchor.balances() != sums.balance_change || sums.balance_change != sums.net() {
+        problems.push(format!(
+            "shard {index}: anchor sums disagree: cards hold {}, the days' amounts {}, their net {}",
+            anchor.balances(),
+            sums.balance_change,
+            sums.net()
+        ));
+    }
+    if sums.records != anchor.seq {
+        problems.push(format!(
+            "shard {index}: anchor accounts for {} records but stands for seq 1..={}",
+            sums.records, anchor.seq
+        ));
+    }
+    totals.deposits += sums.deposits;
+    totals.top_ups += sums.top_ups;
+    totals.purchases += sums.purchases;
+    totals.offline += sums.offline;
+    totals.refunds += sums.refunds;
+    let leftovers =
+        journal::list_segments(archive)?.iter().filter(|(first, _)| *first <= anchor.seq).count();
+    let before = crate::report::Date::from_days(anchor.before_days);
+    report.notes.push(format!(
+        "shard {index}: pruned before {before}: records 1..={} are gone, their signed anchor \
+         checks ({} cards, {} days)",
+        anchor.seq,
+        anchor.cards.len(),
+        anchor.days.len()
+    ));
+    if leftovers > 0 {
+        report.notes.push(format!(
+            "shard {index}: {leftovers} archived segment(s) at or below the anchor remain (an \
+             interrupted prune); `citycard archive prune` removes them"
+        ));
+    }
     Ok(())
 }
 

@@ -27,6 +27,7 @@ pub fn status_name(status: Status) -> &'static str {
         Status::ReversalWindowClosed => "ReversalWindowClosed",
         Status::AlreadyReversed => "AlreadyReversed",
         Status::Reversed => "Reversed",
+        Status::BeyondRetention => "BeyondRetention",
     }
 }
 
@@ -58,6 +59,9 @@ pub fn status_words(status: Status) -> &'static str {
         Status::ReversalWindowClosed => "declined: the purchase is too old to be reversed",
         Status::AlreadyReversed => "declined: the purchase was already reversed",
         Status::Reversed => "reversed: this purchase was refunded by a later reversal",
+        Status::BeyondRetention => {
+            "no more history online: older operations are kept in the archive, ask the operator"
+        }
     }
 }
 

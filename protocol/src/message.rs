@@ -109,6 +109,9 @@ pub enum Status {
     AlreadyReversed = 19,
     /// Protocol 1.2. Only in history entries: an approved purchase that was later reversed.
     Reversed = 20,
+    /// History: the entries asked for are older than the server's online history retention
+    /// (protocol 1.2, PROTOCOL.md 6.1); the operator's archive and settlement reports hold them.
+    BeyondRetention = 21,
 }
 
 impl Status {
@@ -136,12 +139,13 @@ impl Status {
             18 => ReversalWindowClosed,
             19 => AlreadyReversed,
             20 => Reversed,
+            21 => BeyondRetention,
             _ => return None,
         })
     }
 
     /// Every status, for reports and exhaustive tests.
-    pub const ALL: [Status; 21] = [
+    pub const ALL: [Status; 22] = [
         Status::Approved,
         Status::UnknownCard,
         Status::CardBlocked,
@@ -163,6 +167,7 @@ impl Status {
         Status::ReversalWindowClosed,
         Status::AlreadyReversed,
         Status::Reversed,
+        Status::BeyondRetention,
     ];
 }
 

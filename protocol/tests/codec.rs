@@ -314,7 +314,7 @@ fn body_longer_than_required() {
 
 #[test]
 fn bad_status() {
-    for status in [21u8, 0x80, 0xff] {
+    for status in [22u8, 0x80, 0xff] {
         let buf = frame(0x82, &card_result_bytes(status));
         expect_response_err(
             buf,
@@ -383,8 +383,8 @@ fn bad_entry_kind_and_entry_status() {
         let buf = frame(0x85, &history_body(kind, 0));
         expect_response_err(buf, bad_value("kind", kind.into()), ErrorCode::BadValue, Some(RID));
     }
-    let buf = frame(0x85, &history_body(2, 21));
-    expect_response_err(buf, bad_value("status", 21), ErrorCode::BadValue, Some(RID));
+    let buf = frame(0x85, &history_body(2, 22));
+    expect_response_err(buf, bad_value("status", 22), ErrorCode::BadValue, Some(RID));
 }
 
 fn hotlist_body(more: u8, listed: u8, reason: u8) -> Vec<u8> {
@@ -713,7 +713,7 @@ fn error_codes_parse_and_know_whether_they_close() {
 #[test]
 fn enum_parsers_accept_exactly_the_documented_values() {
     for v in 0..=255u8 {
-        assert_eq!(Status::from_u8(v).is_some(), v <= 20, "status {v}");
+        assert_eq!(Status::from_u8(v).is_some(), v <= 21, "status {v}");
         assert_eq!(CardState::from_u8(v).is_some(), v <= 4, "card state {v}");
         assert_eq!(BlockReason::from_u8(v).is_some(), (1..=7).contains(&v), "reason {v}");
         assert_eq!(EntryKind::from_u8(v).is_some(), (1..=15).contains(&v), "kind {v}");

@@ -70,6 +70,7 @@ const EXPECTED: &[&str] = &[
     "topup-response",
     "balance-response",
     "history-response",
+    "history-response-beyond-retention",
     "identity-response",
     "issue-response",
     "block-response",
@@ -708,6 +709,26 @@ fn vectors() -> Vec<Vector> {
         atc: Atc(8),
         balance: Amount(3750),
         entries,
+        next_before_seq: 0,
+        mac: Mac([0; 16]),
+    };
+    let (v, resp) = sealed(v, Response::History(page), &k, history_auth.cryptogram);
+    out.push(v.msg(Msg::Resp(resp)));
+
+    // Protocol 1.2: the next page would start past the retention (6.1).
+    let v = Vector::new("history-response-beyond-retention", 10)
+        .field("status", enum_line(Status::BeyondRetention, 21))
+        .field("card_id", CARD.0)
+        .field("atc", 8)
+        .field("balance", 3750)
+        .field("entries", 0)
+        .field("next_before_seq", 0);
+    let page = HistoryPage {
+        status: Status::BeyondRetention,
+        card_id: CARD,
+        atc: Atc(8),
+        balance: Amount(3750),
+        entries: Vec::new(),
         next_before_seq: 0,
         mac: Mac([0; 16]),
     };

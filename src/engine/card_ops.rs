@@ -81,7 +81,7 @@ impl Shard {
         auth: &CardAuth,
         before_seq: u64,
         limit: u16,
-        _now_ms: u64,
+        now_ms: u64,
     ) -> Result<Response, StoreError> {
         let (card, key) = match self.authenticate(terminal, MessageType::History, auth, Amount(0)) {
             Ok(found) => found,
@@ -97,11 +97,20 @@ impl Shard {
         // ATCs of purchases reversed later (protocol 1.2): a reversal is always newer than its
         // purchase, and the walk sees every newer record, so the purchase shows Reversed.
         let mut reversed = std::collections::HashSet::new();
+        // Entries older than the retention are not answered online (PROTOCOL.md 6.1): the
+        // walk stops at the first one, newest first.
+        let retention_ms = u64::from(self.limits.history_retention_days) * 86_400_000;
+        let cut_ms = now_ms.saturating_sub(retention_ms);
+        let mut beyond = false;
         self.walk_card(auth.card_id, HISTORY_WALK_MAX, |seq, entry| {
             if entry.kind == EntryKind::Reversal && entry.status == Status::Approved {
                 reversed.insert(entry.transit.ref_atc);
             }
             if seq < before {
+                if entry.time_ms < cut_ms {
+                    beyond = true;
+                    return false;
+                }
                 let mut shown = history_entry(entry, seq, auth.card_id);
                 if entry.kind == EntryKind::Purchase
                     && entry.status == Status::Approved
@@ -113,8 +122,12 @@ impl Shard {
             }
             entries.len() <= limit
         })?;
-        let mut response =
-            Response::History(decide::read::history_page(auth, &card, entries, limit));
+        let page = if beyond && entries.is_empty() {
+            decide::read::empty_page(Status::BeyondRetention, auth, card.balance)
+        } else {
+            decide::read::history_page(auth, &card, entries, limit, beyond)
+        };
+        let mut response = Response::History(page);
         seal(&key, &auth.cryptogram, &mut response);
         Ok(response)
     }

@@ -55,6 +55,10 @@ pub enum StoreError {
     NotForShard(citycard_protocol::MessageType),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// The archive was pruned and its signed anchor cannot be used (damaged, or signed by
+    /// another key): the records it stands for are gone, so nothing is rebuilt from a guess.
+    #[error("prune anchor unusable: {0}; restore the anchor file or the keys it was signed with")]
+    Anchor(String),
     /// The derived state opens but does not match what it records about itself (its card
     /// digest): it is rebuilt from the journal, never trusted.
     #[error("derived state disagrees with itself: {0}")]

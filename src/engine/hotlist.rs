@@ -1,6 +1,8 @@
 //! The hotlist: the shard's list of cards terminals must refuse, versioned; each change is
 //! recorded in the journal entry that caused it and indexed in sled.
 
+use std::collections::HashSet;
+
 use citycard_protocol::{BlockReason, CardId, HotlistEntry};
 
 use super::entry::{Entry, HotlistChange};
@@ -13,6 +15,8 @@ impl Shard {
     pub(super) fn hotlist(&mut self, since: u64, max: usize) -> Result<Output, StoreError> {
         let mut entries = Vec::new();
         let mut more = false;
+        // Cards whose listing this answer left out: the terminal cannot hold them listed.
+        let mut skipped = HashSet::new();
         let start = state::hotlist_key(since.saturating_add(1));
         let end = state::hotlist_key(u64::MAX);
         for item in self.db.range(start..end) {
@@ -22,7 +26,11 @@ impl Shard {
                 break;
             }
             let version = state::be_u64(&k[1..]).unwrap_or(0);
-            entries.push(parse_hotlist(version, &v)?);
+            let entry = parse_hotlist(version, &v)?;
+            if self.needless(&entry, since, &mut skipped) {
+                continue;
+            }
+            entries.push(entry);
         }
         // Changes still in the overlay may not be in sled yet.
         for p in self.overlay.iter() {
@@ -33,13 +41,41 @@ impl Shard {
                     more = true;
                     break;
                 }
-                if let Some(e) = hotlist_entry_of(&p.entry) {
+                if let Some(e) =
+                    hotlist_entry_of(&p.entry).filter(|e| !self.needless(e, since, &mut skipped))
+                {
                     entries.push(e);
                 }
             }
         }
-        let version = entries.last().map_or(since, |e| e.version);
+        // A complete answer ends at the shard's version even when its newest changes were
+        // compacted away (a prune's anchor keeps only listed cards), so a cursor never goes
+        // back and no version is handed out twice.
+        let version = match entries.last() {
+            Some(last) if more => last.version,
+            _ => since.max(self.hotlist_version),
+        };
         Ok(Output::Hotlist { version, entries, more })
+    }
+}
+
+impl Shard {
+    /// Compaction at read time (PROTOCOL.md 6.5): a change that cannot alter the list the
+    /// terminal ends with is left out. A card not listed now was unlisted by a later change
+    /// than any listing of it, which the terminal gets in this answer or a later one, so its
+    /// listings are needless. Its unlisting is needless too when the terminal cannot hold it
+    /// listed: it starts from nothing, or every listing after its cursor was left out in this
+    /// answer. Nothing is removed from storage, so a cursor anywhere reaches the right list.
+    fn needless(&self, entry: &HotlistEntry, since: u64, skipped: &mut HashSet<CardId>) -> bool {
+        let listed_now = self.cards.get(entry.card_id).is_some_and(|c| c.hotlisted().is_some());
+        if listed_now {
+            return false;
+        }
+        if entry.listed {
+            skipped.insert(entry.card_id);
+            return true;
+        }
+        since == 0 || skipped.contains(&entry.card_id)
     }
 }
 

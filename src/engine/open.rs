@@ -15,6 +15,20 @@ use super::types::{OpenReport, Secrets, ShardOptions};
 use super::StoreError;
 use crate::journal::{Journal, JournalError, JournalFiles, Start};
 
+/// The shard's prune anchor, checked with the server's own assertion key (which signed it).
+/// One that does not check stops the start: the records it stands for are gone.
+fn load_anchor(
+    options: &ShardOptions,
+    secrets: &Secrets,
+) -> Result<Option<crate::archive::Anchor>, StoreError> {
+    use ring::signature::KeyPair;
+    let Ok(public) = <[u8; 32]>::try_from(secrets.assertion.public_key().as_ref()) else {
+        return Err(StoreError::Anchor("the assertion key has no 32-byte public key".into()));
+    };
+    crate::archive::Anchor::load(&options.dir, &public)
+        .map_err(|e| StoreError::Anchor(e.to_string()))
+}
+
 impl Shard {
     /// Opens the shard, replaying journal records that sled has not applied. The journal is
     /// read from the last checkpoint when the derived state is at or past it; otherwise (no
@@ -45,6 +59,7 @@ impl Shard {
                 None
             }
         };
+        let pruned = load_anchor(&options, &secrets)?;
         let mut rebuild: Option<RebuildReason> = None;
         // Three rounds at most: a damaged state is set aside in the first; a checkpoint or
         // state the journal disagrees with in the first or second; the last starts from an
@@ -66,8 +81,28 @@ impl Shard {
                 },
             };
             let applied_before = shard.applied_seq;
-            let start = match checkpoint {
-                Some(cp) if applied_before >= cp.seq => Start::Anchor(cp.anchor()),
+            let start = match (checkpoint, &pruned) {
+                (Some(cp), _) if applied_before >= cp.seq => Start::Anchor(cp.anchor()),
+                // The archive was pruned: the records up to the anchor are gone, and a state
+                // below it starts from the cards the anchor holds.
+                (_, Some(anchor)) if applied_before == 0 => {
+                    shard.seed_from_anchor(anchor)?;
+                    Start::Pruned { anchor: anchor.link(), archive: Some(&archive_dir) }
+                }
+                (_, Some(anchor)) if applied_before >= anchor.seq => {
+                    Start::Pruned { anchor: anchor.link(), archive: Some(&archive_dir) }
+                }
+                (_, Some(anchor)) => {
+                    let reason = RebuildReason::CheckpointDisagrees(format!(
+                        "state at seq {applied_before} is below the prune anchor at seq {}",
+                        anchor.seq
+                    ));
+                    tracing::warn!(shard = options.index, state = %state_dir.display(), reason = reason.label(), detail = %reason, "derived state is older than the pruned archive; rebuilding it from the anchor");
+                    drop(shard);
+                    recovery::move_aside(&state_dir, host.now_ms())?;
+                    rebuild = Some(reason);
+                    continue;
+                }
                 _ => Start::Full { archive: Some(&archive_dir) },
             };
             let mut replayed = 0u64;
@@ -123,7 +158,7 @@ impl Shard {
             shard.persist()?;
             let from_checkpoint = match start {
                 Start::Anchor(a) => a.seq,
-                Start::Full { .. } => 0,
+                Start::Full { .. } | Start::Pruned { .. } => 0,
             };
             // A start that replayed a long stretch records where it got to, so the next one
             // does not replay it again.
@@ -144,6 +179,26 @@ impl Shard {
             return Ok((shard, report));
         }
         Err(StoreError::StillDisagrees)
+    }
+
+    /// Starts an empty state from a prune's anchor: its cards, the latest hotlist change of
+    /// every card ever listed (a compacted hotlist that still brings any cursor to the right
+    /// list, 6.5) and its hotlist version, as they stood at the anchor's seq.
+    /// The hotlist entries go straight to sled (the state is empty, so writing them again
+    /// after a crash is harmless); the cards go with the first chunk.
+    fn seed_from_anchor(&mut self, anchor: &crate::archive::Anchor) -> Result<(), StoreError> {
+        for (id, card) in &anchor.cards {
+            self.cards.put(*id, card.record, anchor.seq);
+            self.next_card = self.next_card.max(super::card_counter(*id, self.count) + 1);
+        }
+        for (id, (version, listed, reason)) in &anchor.hotlist {
+            self.db.insert(
+                &state::hotlist_key(*version)[..],
+                &state::hotlist_value(*id, *listed, *reason)[..],
+            )?;
+        }
+        self.hotlist_version = self.hotlist_version.max(anchor.hotlist_version);
+        Ok(())
     }
 
     pub(super) fn from_db(

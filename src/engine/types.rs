@@ -39,6 +39,9 @@ pub struct Limits {
     pub card_cache_entries: usize,
     /// Tap-in holds and reversals (protocol 1.2).
     pub transit: super::decide::transit::TransitLimits,
+    /// History older than this many days is not answered online (PROTOCOL.md 6.1,
+    /// BeyondRetention).
+    pub history_retention_days: u32,
 }
 
 impl Default for Limits {
@@ -50,6 +53,10 @@ impl Default for Limits {
             key_cache_max: 200_000,
             card_cache_entries: super::store::DEFAULT_CACHE_ENTRIES,
             transit: super::decide::transit::TransitLimits::default(),
+            // Thirteen months: a year of statements plus a month to dispute the oldest. Older
+            // operations are in the archive and the settlement reports, not in a card walk
+            // that every History request would pay for.
+            history_retention_days: 396,
         }
     }
 }

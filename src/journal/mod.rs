@@ -128,7 +128,7 @@ pub use format::{
 pub use memdisk::{DiskFault, MemDisk};
 pub use prepare::{Background, ManualBackground, PrepareTask};
 pub use read::JournalFiles;
-pub use scan::{Anchor, Pos};
+pub use scan::{Anchor, Pos, Visit};
 pub use storage::{Disk, DiskFile, RealDisk, Storage};
 pub use tail::{RawRecord, RecordTail};
 
@@ -171,6 +171,33 @@ pub enum Start<'a> {
     Full { archive: Option<&'a Path> },
     /// From the segment holding a checkpoint's record; earlier segments are not read.
     Anchor(Anchor),
+    /// Every record after a prune's anchor (`anchor.seq` and all before it were removed from
+    /// the archive), reading the archive's remaining segments first; the first record read
+    /// must link to `anchor.hash`.
+    Pruned { anchor: Anchor, archive: Option<&'a Path> },
+}
+
+impl Start<'_> {
+    fn archive(&self) -> Option<&Path> {
+        match self {
+            Start::Full { archive } | Start::Pruned { archive, .. } => *archive,
+            Start::Anchor(_) => None,
+        }
+    }
+}
+
+/// Runs the scan `start` asks for over `segments`.
+fn scan_for(
+    storage: &Storage,
+    segments: Vec<segment::SegmentFile>,
+    start: Start<'_>,
+    visit: &mut scan::Visit<'_>,
+) -> Result<scan::Outcome, JournalError> {
+    match start {
+        Start::Full { .. } => scan::scan(storage, segments, None, visit),
+        Start::Anchor(a) => scan::scan(storage, segments, Some(a), visit),
+        Start::Pruned { anchor, .. } => scan::scan_after_prune(storage, segments, anchor, visit),
+    }
 }
 
 /// The segments a scan reads: the live directory's, and for a full scan the archive's before
@@ -182,7 +209,7 @@ fn segments_for(
     start: Start<'_>,
 ) -> Result<(Vec<segment::SegmentFile>, Vec<PathBuf>), JournalError> {
     let (mut live, tmp) = segment::list_dir(storage, dir)?;
-    if let Start::Full { archive: Some(archive) } = start {
+    if let Some(archive) = start.archive() {
         if storage.is_dir(archive) {
             let (archived, _) = segment::list_dir(storage, archive)?;
             let first_live = live.first().map_or(u64::MAX, |s| s.first_seq);
@@ -327,6 +354,35 @@ pub fn read_all(
     read_from(dir, Start::Full { archive: None }, visit)
 }
 
+/// [`read_from`], also telling `visit` where each record lies and its hash (which the next
+/// record's `prev_hash` holds): what a prune needs to anchor the chain at a segment boundary.
+pub fn read_hashed(
+    dir: &Path,
+    start: Start<'_>,
+    visit: &mut scan::Visit<'_>,
+) -> Result<u64, JournalError> {
+    // Prunes and audits run on real files (the server is stopped).
+    let storage = Storage::real();
+    let (segments, _tmp) = segments_for(&storage, dir, start)?;
+    let out = scan_for(&storage, segments, start, visit)?;
+    Ok(out.next_seq - 1)
+}
+
+/// The segment files of a journal or archive directory as (first seq, path), by first seq; an
+/// absent directory has none.
+pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let (segments, _) = segment::list_dir(&Storage::real(), dir)?;
+    Ok(segments.into_iter().map(|s| (s.first_seq, s.path)).collect())
+}
+
+/// The path of the segment whose first record is `first_seq` in directory `dir`.
+pub fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(segment::segment_file_name(first_seq))
+}
+
 /// [`read_all`] from a chosen start: the archive followed by the live journal, or a checkpoint.
 pub fn read_from(
     dir: &Path,
@@ -344,11 +400,7 @@ pub fn read_from_on(
     mut visit: impl FnMut(u64, &[u8]) -> Result<(), JournalError>,
 ) -> Result<ReadSummary, JournalError> {
     let (segments, _tmp) = segments_for(storage, dir, start)?;
-    let anchor = match start {
-        Start::Anchor(a) => Some(a),
-        Start::Full { .. } => None,
-    };
-    let out = scan::scan(storage, segments, anchor, &mut |seq, _, payload| visit(seq, payload))?;
+    let out = scan_for(storage, segments, start, &mut |seq, _, payload, _| visit(seq, payload))?;
     let segments = u32::try_from(out.segments.len()).unwrap_or(u32::MAX);
     let torn_tail = out.torn.as_ref().map(|t| TornTail {
         path: out.segments[t.segment].path.clone(),
@@ -460,11 +512,9 @@ impl Journal {
             }
             sync_dir(&storage, dir)?;
         }
-        let anchor = match start {
-            Start::Anchor(a) => Some(a),
-            Start::Full { .. } => None,
-        };
-        let out = scan::scan(&storage, segments, anchor, &mut visit)?;
+        let out = scan_for(&storage, segments, start, &mut |seq, pos, payload, _| {
+            visit(seq, pos, payload)
+        })?;
         let active_first_seq = out.tail.map_or(1, |(k, _)| out.segments[k].first_seq);
         let active = match out.tail {
             None => {

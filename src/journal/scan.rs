@@ -10,7 +10,9 @@ use super::segment::{io_err, SegmentFile};
 use super::storage::Storage;
 use super::JournalError;
 
-pub type Visit<'a> = dyn FnMut(u64, Pos, &[u8]) -> Result<(), JournalError> + 'a;
+/// Called with each record's seq, position, payload and hash (what the next record's
+/// `prev_hash` must be).
+pub type Visit<'a> = dyn FnMut(u64, Pos, &[u8], &RecordHash) -> Result<(), JournalError> + 'a;
 
 /// Where a record lies: the segment (named by its first seq) and the offset in it. Stable for
 /// the life of the record: archiving moves a segment file but keeps its name.
@@ -213,7 +215,7 @@ pub fn scan(
     visit: &mut Visit<'_>,
 ) -> Result<Outcome, JournalError> {
     let (first_index, anchor) = start(&segments, anchor)?;
-    let outcome = scan_from(storage, segments, first_index, anchor.map(|a| a.seq), visit)?;
+    let outcome = scan_from(storage, segments, first_index, anchor.map(|a| a.seq), None, visit)?;
     if let Some(a) = anchor {
         let last = outcome.next_seq - 1;
         if last < a.seq {
@@ -232,36 +234,64 @@ pub fn scan(
     Ok(outcome)
 }
 
+/// Scans the records after a prune's anchor: the segments that remain after `pruned.seq`, the
+/// first of which must start at `pruned.seq + 1` with a record linking to `pruned.hash`.
+/// Segments at or below the anchor (left by a prune interrupted before it removed them) are
+/// not read: the signed anchor stands for them.
+pub fn scan_after_prune(
+    storage: &Storage,
+    segments: Vec<SegmentFile>,
+    pruned: Anchor,
+    visit: &mut Visit<'_>,
+) -> Result<Outcome, JournalError> {
+    let first_index =
+        segments.iter().position(|s| s.first_seq > pruned.seq).unwrap_or(segments.len());
+    scan_from(storage, segments, first_index, None, Some(pruned), visit)
+}
+
 fn scan_from(
     storage: &Storage,
     mut segments: Vec<SegmentFile>,
     first_index: usize,
     anchor_seq: Option<u64>,
+    pruned: Option<Anchor>,
     visit: &mut Visit<'_>,
 ) -> Result<Outcome, JournalError> {
     // Segments before the start are not part of this scan (they are below a checkpoint).
     segments.drain(..first_index);
     let first_seq = segments.first().map_or(1, |s| s.first_seq);
-    let mut chain = Chain {
-        next_seq: first_seq,
-        prev_hash: (first_seq == 1).then_some([0; 32]),
-        batch_start: 0,
-        records: 0,
+    let initial_hash = match pruned {
+        Some(p) => Some(p.hash),
+        None => (first_seq == 1).then_some([0; 32]),
     };
+    let mut chain =
+        Chain { next_seq: first_seq, prev_hash: initial_hash, batch_start: 0, records: 0 };
     // The scan starts at the segment holding the anchor's record, so it reads that record.
     let mut anchor_hash = None;
     let Some(first) = segments.first() else {
         return Ok(Outcome {
             segments,
             records: 0,
-            next_seq: 1,
-            last_hash: [0; 32],
+            next_seq: pruned.map_or(1, |p| p.seq + 1),
+            last_hash: pruned.map_or([0; 32], |p| p.hash),
             tail: None,
             torn: None,
             anchor_hash: None,
         });
     };
-    if anchor_seq.is_none() && first.first_seq != 1 {
+    if let Some(p) = pruned.filter(|p| first.first_seq != p.seq + 1) {
+        return Err(corrupt(
+            &first.path,
+            0,
+            p.seq + 1,
+            format!(
+                "records up to seq {} were pruned behind an anchor, but the first segment left \
+                 starts at seq {}",
+                p.seq, first.first_seq
+            ),
+        ));
+    }
+    if anchor_seq.is_none() && pruned.is_none() && first.first_seq != 1 {
         return Err(corrupt(
             &first.path,
             0,
@@ -319,8 +349,8 @@ fn scan_from(
                     }
                     // Segments are at most 1 GiB, so an offset fits in u32.
                     let pos = Pos { segment: seg.first_seq, offset: at as u32 };
-                    visit(r.seq, pos, r.payload)?;
                     let hash = super::format::record_hash(r.bytes);
+                    visit(r.seq, pos, r.payload, &hash)?;
                     if anchor_seq == Some(r.seq) {
                         anchor_hash = Some(hash);
                     }

@@ -39,8 +39,11 @@ pub fn history_page(
     card: &CardRecord,
     mut entries: Vec<HistoryEntry>,
     limit: usize,
+    beyond_retention: bool,
 ) -> HistoryPage {
-    let next_before_seq = if entries.len() > limit {
+    // Older entries exist past the retention: the next page asks for them and is answered
+    // BeyondRetention, so the terminal learns they exist instead of seeing the history end.
+    let next_before_seq = if entries.len() > limit || beyond_retention {
         entries.truncate(limit);
         entries.last().map_or(0, |e| e.journal_seq)
     } else {

@@ -503,10 +503,13 @@ fn reads() {
         atc: Atc(1),
     };
     // One entry past the page: it continues below the last seq shown.
-    let page = read::history_page(&auth(1), &active, vec![entry(9), entry(7), entry(4)], 2);
+    let page = read::history_page(&auth(1), &active, vec![entry(9), entry(7), entry(4)], 2, false);
     assert_eq!((page.entries.len(), page.next_before_seq, page.balance), (2, 7, Amount(25)));
-    let page = read::history_page(&auth(1), &active, vec![entry(9), entry(7)], 2);
+    let page = read::history_page(&auth(1), &active, vec![entry(9), entry(7)], 2, false);
     assert_eq!((page.entries.len(), page.next_before_seq), (2, 0));
+    // Older entries past the retention: the page points below its last entry.
+    let page = read::history_page(&auth(1), &active, vec![entry(9)], 2, true);
+    assert_eq!((page.entries.len(), page.next_before_seq), (1, 9));
 }
 
 #[test]

@@ -1,0 +1,452 @@
+//! The signed anchor a prune leaves per shard: where the removed records ended on the hash
+//! chain, the state of every card and the hotlist at that point, and the money of every day
+//! removed, so that what remains still verifies and still reconciles.
+//!
+//! # File `shard-N/anchor`
+//!
+//! Written crash-safely (temp file, fsync, rename, fsync of the directory) before any segment
+//! is removed. Integers little-endian; money in signed minor units.
+//!
+//! | size | field |
+//! |---:|---|
+//! | 8 | magic `b"CITYANCR"` |
+//! | 4 | format version, 1 |
+//! | 2 | shard index |
+//! | 2 | shard count |
+//! | 8 | `seq`: the last removed record; records `1..=seq` are gone |
+//! | 32 | hash of record `seq` (the `prev_hash` of record `seq + 1`) |
+//! | 8 | `before_days`: the `--before` date of the prune (days since 1970-01-01) |
+//! | 8 | `created_ms`: when the prune wrote it |
+//! | 8 | the shard's hotlist version at `seq` (the highest any record up to it created) |
+//! | 4 | number of days `D`, then `D` × 80 bytes: day (i64), records (u64), deposits, top-ups, purchases, offline, refunds, replaced (i64 magnitudes), balance change (i64: the sum of the approved amounts, a replacement counting 0) |
+//! | 4 | number of cards `C`, then `C` × 60 bytes: card id (u64), the card record (44 bytes, the derived state's encoding), the late-ATC window bitmap (u64: bit i = ATC `last_atc - i` used) |
+//! | 4 | number of hotlist entries `H`, then `H` × 17 bytes: hotlist version (u64), card id (u64), reason (u8): the cards listed at `seq`, each with the version that listed it |
+//! | 64 | Ed25519 signature over [`SIGNATURE_CONTEXT`] followed by every byte before it |
+//!
+//! # Why this key
+//!
+//! The anchor is signed with the server's Ed25519 assertion key (`keys/assertion.key`), the
+//! key that already signs settlement reports for the same auditors, under its own context
+//! string so neither signature can stand for the other. A public-key signature and not an
+//! HMAC: whoever checks an anchor (`citycard verify`, an auditor with `assertion.pub`) must not
+//! be able to forge one, and an HMAC key that can check can also sign.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use citycard_protocol::{BlockReason, CardId};
+use ring::signature::{Ed25519KeyPair, UnparsedPublicKey, ED25519};
+
+use crate::engine::state::CardRecord;
+use crate::engine::store::codec;
+use crate::journal::RecordHash;
+
+/// File name of a shard's anchor, next to its checkpoint.
+pub const ANCHOR_FILE: &str = "anchor";
+/// Domain separation: the Ed25519 message is this followed by the anchor's bytes.
+pub const SIGNATURE_CONTEXT: &[u8] = b"citycard prune anchor v1\n";
+const MAGIC: &[u8; 8] = b"CITYANCR";
+const VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 2 + 2 + 8 + 32 + 8 + 8 + 8;
+const DAY_LEN: usize = 80;
+/// Most bytes one card takes in the anchor: id, record length, record, recent-ATC bitmap.
+const CARD_LEN: usize = 8 + 1 + codec::MAX_LEN + 8;
+const HOTLIST_LEN: usize = 18;
+const SIGNATURE_LEN: usize = 64;
+/// Largest anchor file read: 64 million cards per shard at 60 bytes, far above what one
+/// shard holds, so a damaged length field cannot make a reader allocate without bound.
+pub const ANCHOR_BYTES_MAX: u64 = 4 << 30;
+
+/// The money of one UTC day among the removed records, in the settlement report's terms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DayFlows {
+    pub records: u64,
+    pub deposits: i64,
+    pub top_ups: i64,
+    pub purchases: i64,
+    pub offline: i64,
+    pub refunds: i64,
+    /// Moved between cards by replacements (not part of the net).
+    pub replaced: i64,
+    /// Sum of the approved amounts (a replacement counting 0): how the sum of all balances
+    /// changed through the day's records.
+    pub balance_change: i64,
+}
+
+impl DayFlows {
+    /// `deposits + top_ups - purchases - offline - refunds`.
+    pub fn net(&self) -> i64 {
+        self.deposits + self.top_ups - self.purchases - self.offline - self.refunds
+    }
+
+    pub fn add(&mut self, other: &DayFlows) {
+        self.records += other.records;
+        self.deposits += other.deposits;
+        self.top_ups += other.top_ups;
+        self.purchases += other.purchases;
+        self.offline += other.offline;
+        self.refunds += other.refunds;
+        self.replaced += other.replaced;
+        self.balance_change += other.balance_change;
+    }
+}
+
+/// A card's state at the anchor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnchorCard {
+    pub record: CardRecord,
+    /// Bit i set: ATC `last_atc - i` was used (the late-ATC window).
+    pub recent_atcs: u64,
+}
+
+/// What a prune keeps of the records it removes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    pub shard: u16,
+    pub shard_count: u16,
+    pub seq: u64,
+    pub hash: RecordHash,
+    pub before_days: i64,
+    pub created_ms: u64,
+    /// The highest hotlist version created up to `seq`: a state rebuilt from the anchor goes on
+    /// from it, so no terminal's cursor is ever handed a version twice.
+    pub hotlist_version: u64,
+    /// By day (days since 1970-01-01, UTC).
+    pub days: BTreeMap<i64, DayFlows>,
+    pub cards: BTreeMap<CardId, AnchorCard>,
+    /// The latest hotlist change of every card ever listed up to `seq`: its version, whether
+    /// it listed the card, and the reason.
+    pub hotlist: BTreeMap<CardId, (u64, bool, BlockReason)>,
+}
+
+/// Why an anchor cannot be used.
+#[derive(thiserror::Error, Debug)]
+pub enum AnchorError {
+    #[error("anchor {} unreadable: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("anchor {} is malformed: {reason}", path.display())]
+    Malformed { path: PathBuf, reason: String },
+    #[error(
+        "anchor {}: the signature does not match (altered, or signed by another key)",
+        path.display()
+    )]
+    BadSignature { path: PathBuf },
+}
+
+impl Anchor {
+    /// The journal's view of it: where the remaining chain must link.
+    pub fn link(&self) -> crate::journal::Anchor {
+        crate::journal::Anchor { seq: self.seq, hash: self.hash }
+    }
+
+    /// All removed days' flows together.
+    pub fn totals(&self) -> DayFlows {
+        let mut total = DayFlows::default();
+        for day in self.days.values() {
+            total.add(day);
+        }
+        total
+    }
+
+    /// Sum of the cards' balances at the anchor.
+    pub fn balances(&self) -> i64 {
+        self.cards.values().map(|c| c.record.balance.0).sum()
+    }
+
+    /// The signed bytes of the anchor.
+    pub fn to_signed_bytes(&self, key: &Ed25519KeyPair) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            HEADER_LEN
+                + 12
+                + self.days.len() * DAY_LEN
+                + self.cards.len() * CARD_LEN
+                + self.hotlist.len() * HOTLIST_LEN
+                + SIGNATURE_LEN,
+        );
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.shard.to_le_bytes());
+        out.extend_from_slice(&self.shard_count.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.hash);
+        out.extend_from_slice(&self.before_days.to_le_bytes());
+        out.extend_from_slice(&self.created_ms.to_le_bytes());
+        out.extend_from_slice(&self.hotlist_version.to_le_bytes());
+        // Counts fit in u32: a shard holds far fewer cards (see ANCHOR_BYTES_MAX).
+        out.extend_from_slice(&(self.days.len() as u32).to_le_bytes());
+        for (day, f) in &self.days {
+            out.extend_from_slice(&day.to_le_bytes());
+            out.extend_from_slice(&f.records.to_le_bytes());
+            for v in [
+                f.deposits,
+                f.top_ups,
+                f.purchases,
+                f.offline,
+                f.refunds,
+                f.replaced,
+                f.balance_change,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&(self.cards.len() as u32).to_le_bytes());
+        for (id, card) in &self.cards {
+            out.extend_from_slice(&id.0.to_le_bytes());
+            // The card record in the state's compact encoding, after its length.
+            let record = codec::encode(&card.record);
+            out.push(record.len() as u8);
+            out.extend_from_slice(&record);
+            out.extend_from_slice(&card.recent_atcs.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.hotlist.len() as u32).to_le_bytes());
+        for (id, (version, listed, reason)) in &self.hotlist {
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(&id.0.to_le_bytes());
+            out.push(u8::from(*listed));
+            out.push(*reason as u8);
+        }
+        let signature = key.sign(&signed_message(&out));
+        out.extend_from_slice(signature.as_ref());
+        out
+    }
+
+    /// Parses and checks an anchor's bytes against the assertion public key.
+    pub fn from_signed_bytes(
+        bytes: &[u8],
+        public_key: &[u8; 32],
+        path: &Path,
+    ) -> Result<Anchor, AnchorError> {
+        let bad = |reason: &str| AnchorError::Malformed {
+            path: path.to_path_buf(),
+            reason: reason.to_owned(),
+        };
+        if bytes.len() < HEADER_LEN + 12 + SIGNATURE_LEN {
+            return Err(bad("too short"));
+        }
+        let (body, signature) = bytes.split_at(bytes.len() - SIGNATURE_LEN);
+        UnparsedPublicKey::new(&ED25519, public_key)
+            .verify(&signed_message(body), signature)
+            .map_err(|_| AnchorError::BadSignature { path: path.to_path_buf() })?;
+        // Signed by our key: what follows can only fail on a bug, but is still checked.
+        let mut r = Reader { bytes: body, at: 0 };
+        if r.take(8) != Some(&MAGIC[..]) {
+            return Err(bad("not an anchor file"));
+        }
+        if r.u32() != Some(VERSION) {
+            return Err(bad("unknown format version"));
+        }
+        let header = (|| {
+            let shard = r.u16()?;
+            let shard_count = r.u16()?;
+            let seq = r.u64()?;
+            let hash: RecordHash = r.take(32)?.try_into().ok()?;
+            let before_days = r.u64()? as i64;
+            let created_ms = r.u64()?;
+            let hotlist_version = r.u64()?;
+            Some((shard, shard_count, seq, hash, before_days, created_ms, hotlist_version))
+        })();
+        let Some((shard, shard_count, seq, hash, before_days, created_ms, hotlist_version)) =
+            header
+        else {
+            return Err(bad("header cut short"));
+        };
+        let mut anchor = Anchor {
+            shard,
+            shard_count,
+            seq,
+            hash,
+            before_days,
+            created_ms,
+            hotlist_version,
+            days: BTreeMap::new(),
+            cards: BTreeMap::new(),
+            hotlist: BTreeMap::new(),
+        };
+        let days = r.u32().ok_or_else(|| bad("day count"))?;
+        for _ in 0..days {
+            let day = (|| {
+                let day = r.u64()? as i64;
+                let records = r.u64()?;
+                let mut v = [0i64; 7];
+                for slot in &mut v {
+                    *slot = r.u64()? as i64;
+                }
+                let [deposits, top_ups, purchases, offline, refunds, replaced, balance_change] = v;
+                let flows = DayFlows {
+                    records,
+                    deposits,
+                    top_ups,
+                    purchases,
+                    offline,
+                    refunds,
+                    replaced,
+                    balance_change,
+                };
+                Some((day, flows))
+            })()
+            .ok_or_else(|| bad("day table cut short"))?;
+            anchor.days.insert(day.0, day.1);
+        }
+        let cards = r.u32().ok_or_else(|| bad("card count"))?;
+        for _ in 0..cards {
+            let card = (|| {
+                let id = CardId(r.u64()?);
+                let len = usize::from(r.take(1)?[0]);
+                let record = codec::decode(r.take(len)?).ok()?;
+                let recent_atcs = r.u64()?;
+                Some((id, AnchorCard { record, recent_atcs }))
+            })()
+            .ok_or_else(|| bad("card table malformed"))?;
+            anchor.cards.insert(card.0, card.1);
+        }
+        let listed = r.u32().ok_or_else(|| bad("hotlist count"))?;
+        for _ in 0..listed {
+            let entry = (|| {
+                let version = r.u64()?;
+                let id = CardId(r.u64()?);
+                let listed = match r.take(1)?.first()? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                let reason = BlockReason::from_u8(*r.take(1)?.first()?)?;
+                Some((id, (version, listed, reason)))
+            })()
+            .ok_or_else(|| bad("hotlist table malformed"))?;
+            anchor.hotlist.insert(entry.0, entry.1);
+        }
+        if r.at != body.len() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(anchor)
+    }
+
+    /// The shard's anchor, `Ok(None)` when it was never pruned.
+    pub fn load(shard_dir: &Path, public_key: &[u8; 32]) -> Result<Option<Anchor>, AnchorError> {
+        let path = shard_dir.join(ANCHOR_FILE);
+        let io = |source| AnchorError::Io { path: path.clone(), source };
+        let len = match std::fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        if len > ANCHOR_BYTES_MAX {
+            return Err(AnchorError::Malformed {
+                path: path.clone(),
+                reason: format!("{len} bytes, more than the {ANCHOR_BYTES_MAX} an anchor may have"),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(io)?;
+        Anchor::from_signed_bytes(&bytes, public_key, &path).map(Some)
+    }
+
+    /// Whether the shard has an anchor file at all (without checking it).
+    pub fn exists(shard_dir: &Path) -> bool {
+        shard_dir.join(ANCHOR_FILE).exists()
+    }
+
+    /// Writes the anchor crash-safely: after a crash the file holds the old or the new one.
+    pub fn store(&self, shard_dir: &Path, key: &Ed25519KeyPair) -> std::io::Result<()> {
+        crate::durable_write(&shard_dir.join(ANCHOR_FILE), &self.to_signed_bytes(key))
+    }
+}
+
+fn signed_message(body: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(SIGNATURE_CONTEXT.len() + body.len());
+    message.extend_from_slice(SIGNATURE_CONTEXT);
+    message.extend_from_slice(body);
+    message
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let out = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(out)
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use citycard_protocol::{Amount, Atc, CardState, KeyVersion};
+    use ring::rand::SystemRandom;
+
+    fn key() -> Ed25519KeyPair {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+        Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap()
+    }
+
+    fn sample() -> Anchor {
+        let record = CardRecord {
+            state: CardState::Blocked,
+            block_reason: BlockReason::Stolen,
+            balance: Amount(-40),
+            last_atc: Atc(9),
+            key_version: KeyVersion(2),
+            last_pos: crate::journal::Pos { segment: 1, offset: 96 },
+            hold: crate::engine::decide::transit::Hold::NONE,
+        };
+        let id = CardId(6_000_000_000_000_002);
+        Anchor {
+            shard: 1,
+            shard_count: 2,
+            seq: 42,
+            hash: [7; 32],
+            before_days: 20_000,
+            created_ms: 1,
+            hotlist_version: 4,
+            days: BTreeMap::from([(
+                19_999,
+                DayFlows { records: 42, deposits: 10, ..Default::default() },
+            )]),
+            cards: BTreeMap::from([(id, AnchorCard { record, recent_atcs: 0b101 })]),
+            hotlist: BTreeMap::from([(id, (3, true, BlockReason::Stolen))]),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_any_flipped_bit_is_refused() {
+        let key = key();
+        let public: [u8; 32] =
+            ring::signature::KeyPair::public_key(&key).as_ref().try_into().unwrap();
+        let anchor = sample();
+        let bytes = anchor.to_signed_bytes(&key);
+        let path = Path::new("anchor");
+        assert_eq!(Anchor::from_signed_bytes(&bytes, &public, path).unwrap(), anchor);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            assert!(Anchor::from_signed_bytes(&bad, &public, path).is_err(), "flip at {i}");
+        }
+        assert!(Anchor::from_signed_bytes(&bytes[..bytes.len() - 1], &public, path).is_err());
+        let other = key_public(&self::key());
+        assert!(matches!(
+            Anchor::from_signed_bytes(&bytes, &other, path),
+            Err(AnchorError::BadSignature { .. })
+        ));
+    }
+
+    fn key_public(key: &Ed25519KeyPair) -> [u8; 32] {
+        ring::signature::KeyPair::public_key(key).as_ref().try_into().unwrap()
+    }
+}

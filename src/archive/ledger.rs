@@ -1,0 +1,230 @@
+//! The replay a prune runs over the records it is about to remove: every card's state, the
+//! listed cards and each day's money, as they stand after the last removed record. Changes are
+//! kept per segment so a segment found to hold a record of the kept days can be taken back.
+
+use std::collections::BTreeMap;
+
+use citycard_protocol::{Amount, Atc, BlockReason, CardId, CardState, EntryKind, Status};
+
+use super::anchor::{Anchor, AnchorCard, DayFlows};
+use crate::engine::entry::{Entry, HotlistChange};
+use crate::engine::state::CardRecord;
+use crate::journal::Pos;
+use crate::report::DAY_MS;
+
+/// Before-images of what one segment's records changed.
+enum Undo {
+    Card(CardId, Option<AnchorCard>),
+    Listed(CardId, Option<(u64, bool, BlockReason)>),
+}
+
+/// Cards, hotlist and day totals replayed up to the last record applied.
+pub struct Ledger {
+    pub cards: BTreeMap<CardId, AnchorCard>,
+    pub hotlist: BTreeMap<CardId, (u64, bool, BlockReason)>,
+    pub days: BTreeMap<i64, DayFlows>,
+    /// Highest hotlist version created by a committed record.
+    pub hotlist_version: u64,
+    undo: Vec<Undo>,
+    hotlist_version_before: u64,
+    days_before: BTreeMap<i64, DayFlows>,
+}
+
+impl Ledger {
+    /// Starts where an earlier prune's anchor left off (or from nothing).
+    pub fn new(anchor: Option<&Anchor>) -> Ledger {
+        let (cards, hotlist, days, version) = match anchor {
+            Some(a) => (a.cards.clone(), a.hotlist.clone(), a.days.clone(), a.hotlist_version),
+            None => Default::default(),
+        };
+        Ledger {
+            cards,
+            hotlist,
+            days_before: days.clone(),
+            days,
+            hotlist_version: version,
+            hotlist_version_before: version,
+            undo: Vec::new(),
+        }
+    }
+
+    /// Keeps every change since the last `commit` or `rollback`.
+    pub fn commit(&mut self) {
+        self.undo.clear();
+        self.days_before = self.days.clone();
+        self.hotlist_version_before = self.hotlist_version;
+    }
+
+    /// Takes back every change since the last `commit`.
+    pub fn rollback(&mut self) {
+        while let Some(undo) = self.undo.pop() {
+            match undo {
+                Undo::Card(id, Some(card)) => {
+                    self.cards.insert(id, card);
+                }
+                Undo::Card(id, None) => {
+                    self.cards.remove(&id);
+                }
+                Undo::Listed(id, Some(listed)) => {
+                    self.hotlist.insert(id, listed);
+                }
+                Undo::Listed(id, None) => {
+                    self.hotlist.remove(&id);
+                }
+            }
+        }
+        self.days = self.days_before.clone();
+        self.hotlist_version = self.hotlist_version_before;
+    }
+
+    fn save(&mut self, id: CardId) {
+        self.undo.push(Undo::Card(id, self.cards.get(&id).copied()));
+    }
+
+    /// Applies one record as the engine does; an error says why the record does not follow
+    /// from the ones before it (a prune then removes nothing).
+    pub fn apply(&mut self, pos: Pos, e: &Entry) -> Result<(), String> {
+        let approved = e.status == Status::Approved;
+        let day = (e.time_ms / DAY_MS as u64) as i64;
+        let flows = self.days.entry(day).or_default();
+        flows.records += 1;
+        if approved {
+            let amount = e.amount.0;
+            match e.kind {
+                EntryKind::Issue => flows.deposits += amount,
+                EntryKind::TopUp => flows.top_ups += amount,
+                // Fares are spent like purchases and a reversal gives one back, as the
+                // settlement report counts them (protocol 1.2).
+                EntryKind::Purchase
+                | EntryKind::TapOut
+                | EntryKind::HoldExpired
+                | EntryKind::Reversal => flows.purchases -= amount,
+                EntryKind::Offline => flows.offline -= amount,
+                EntryKind::Close => flows.refunds -= amount,
+                EntryKind::ReplacedOut => flows.replaced -= amount,
+                _ => {}
+            }
+            if e.kind != EntryKind::ReplacedOut {
+                flows.balance_change += amount;
+            }
+        }
+        match e.kind {
+            EntryKind::Issue if approved => {
+                if self.cards.contains_key(&e.card_id) {
+                    return Err(format!("card {} issued twice", e.card_id.masked()));
+                }
+                self.save(e.card_id);
+                self.cards.insert(e.card_id, fresh(e, e.balance_after, CardId(0), pos));
+            }
+            EntryKind::ReplacedOut if approved => {
+                let moved = Amount(e.amount.0.saturating_neg());
+                self.change(e.card_id, e, |card| {
+                    card.record.state = CardState::Replaced;
+                })?;
+                self.save(e.other_card);
+                self.cards.insert(e.other_card, fresh(e, moved, e.card_id, pos));
+                self.cards.entry(e.card_id).and_modify(|c| c.record.last_pos = pos);
+            }
+            _ => {
+                if !self.cards.contains_key(&e.card_id) {
+                    // A declined request for an unknown card changes nothing.
+                    if approved {
+                        return Err(format!(
+                            "{:?} on card {} never issued",
+                            e.kind,
+                            e.card_id.masked()
+                        ));
+                    }
+                } else {
+                    self.change(e.card_id, e, |card| {
+                        if approved {
+                            match e.kind {
+                                EntryKind::Block => {
+                                    card.record.state = CardState::Blocked;
+                                    card.record.block_reason = u8::try_from(e.extra)
+                                        .ok()
+                                        .and_then(BlockReason::from_u8)
+                                        .unwrap_or(card.record.block_reason);
+                                }
+                                EntryKind::Unblock => card.record.state = CardState::Active,
+                                EntryKind::Close => card.record.state = CardState::Closed,
+                                _ => {}
+                            }
+                        }
+                    })?;
+                    self.cards.entry(e.card_id).and_modify(|c| c.record.last_pos = pos);
+                }
+            }
+        }
+        self.hotlist_version = self.hotlist_version.max(e.hotlist_version);
+        match e.hotlist_change {
+            HotlistChange::None => {}
+            HotlistChange::Listed(reason) | HotlistChange::Unlisted(reason) => {
+                let listed = matches!(e.hotlist_change, HotlistChange::Listed(_));
+                self.undo.push(Undo::Listed(e.card_id, self.hotlist.get(&e.card_id).copied()));
+                self.hotlist.insert(e.card_id, (e.hotlist_version, listed, reason));
+            }
+        }
+        Ok(())
+    }
+
+    /// The balance and ATC rules every record of an existing card follows, then `more`.
+    fn change(
+        &mut self,
+        id: CardId,
+        e: &Entry,
+        more: impl FnOnce(&mut AnchorCard),
+    ) -> Result<(), String> {
+        self.save(id);
+        let Some(card) = self.cards.get_mut(&id) else {
+            return Err(format!("{:?} on card {} never issued", e.kind, id.masked()));
+        };
+        if e.status == Status::Approved {
+            if card.record.balance.0.checked_add(e.amount.0) != Some(e.balance_after.0) {
+                return Err(format!(
+                    "card {}: balance {} + {} != {}",
+                    id.masked(),
+                    card.record.balance.0,
+                    e.amount.0,
+                    e.balance_after.0
+                ));
+            }
+            card.record.balance = e.balance_after;
+        }
+        if e.uses_atc() {
+            use_atc(card, e.atc);
+        }
+        more(card);
+        Ok(())
+    }
+}
+
+/// Records a use of `atc` in the card's late-ATC window.
+fn use_atc(card: &mut AnchorCard, atc: Atc) {
+    let last = card.record.last_atc.0;
+    if atc.0 > last {
+        let shift = atc.0 - last;
+        card.recent_atcs = if shift >= 64 { 0 } else { card.recent_atcs << shift };
+        card.recent_atcs |= 1;
+        card.record.last_atc = atc;
+    } else if last - atc.0 < 64 {
+        card.recent_atcs |= 1 << (last - atc.0);
+    }
+}
+
+/// A card created by `e` (issued, or the new card of a replacement).
+/// (`_linked`: the other card of a replacement; the journal keeps the link, the record does not.)
+fn fresh(e: &Entry, balance: Amount, _linked: CardId, pos: Pos) -> AnchorCard {
+    AnchorCard {
+        record: CardRecord {
+            state: CardState::Active,
+            block_reason: BlockReason::Other,
+            balance,
+            last_atc: Atc(0),
+            key_version: e.key_version,
+            last_pos: pos,
+            hold: crate::engine::decide::transit::Hold::NONE,
+        },
+        recent_atcs: 0,
+    }
+}

@@ -1,0 +1,331 @@
+//! `citycard archive prune`: archived segments go behind a signed anchor, and what remains
+//! still verifies, still settles and still serves; a tampered anchor is caught; a prune
+//! stopped between its anchor and its removals leaves a directory that verifies.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use citycard::archive::{PruneOptions, ANCHOR_FILE};
+use citycard::engine::CheckpointPolicy;
+use citycard::report::Date;
+use citycard::server::RunningServer;
+use citycard_protocol::{BlockReason, Request, Response, Status};
+use common::{balance_of, issue, Card, Client, Env};
+
+const BIN: &str = env!("CARGO_BIN_EXE_citycard");
+const SEGMENT_BYTES: u64 = 64 * 1024;
+const PURCHASES: usize = 1_500;
+
+fn config(env: &Env) -> citycard::config::Config {
+    let mut config = env.config();
+    config.segment_bytes = SEGMENT_BYTES;
+    config.checkpoint = CheckpointPolicy { records: 100, interval_ms: 60_000 };
+    config
+}
+
+fn public_key(env: &Env) -> [u8; 32] {
+    citycard::keys::load_assertion_public(&env.keys.join(citycard::keys::ASSERTION_PUB)).unwrap()
+}
+
+/// Issues ten cards with 50,000 each and makes `purchases` purchases of 7 over them.
+async fn load(env: &Env, server: &RunningServer, purchases: usize) -> Vec<Card> {
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut cards = Vec::new();
+    for op_ref in 0..10 {
+        cards.push(issue(&mut counter, 1 + op_ref, 50_000).await);
+    }
+    for i in 0..purchases {
+        match reader.call(&cards[i % 10].purchase(7, "reader-1")).await {
+            Response::Purchase(r) => assert_eq!(r.status, Status::Approved),
+            other => panic!("{other:?}"),
+        }
+    }
+    cards
+}
+
+async fn balances(env: &Env, server: &RunningServer, cards: &[Card]) -> Vec<i64> {
+    let mut kiosk = Client::connect(&env.keys, server.local_addr, "kiosk-1").await;
+    let mut out = Vec::new();
+    for card in cards {
+        out.push(balance_of(&mut kiosk, card).await);
+    }
+    out
+}
+
+fn archived(env: &Env, shard: u16) -> usize {
+    let dir = citycard::server::shard_dir(&env.data, shard).join("archive");
+    citycard::journal::list_segments(&dir).unwrap().len()
+}
+
+fn verify(env: &Env) -> citycard::verify::Report {
+    citycard::verify::verify_with(&env.data, Some(&public_key(env))).unwrap()
+}
+
+fn today() -> Date {
+    Date::from_unix_ms(citycard::now_ms())
+}
+
+fn prune_options(before: Date) -> PruneOptions {
+    PruneOptions { before, dry_run: false, now_ms: citycard::now_ms(), stop_after_anchor: false }
+}
+
+#[tokio::test]
+async fn prune_then_verify_settle_and_serve() {
+    let env = Env::new();
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    let cards = load(&env, &server, PURCHASES).await;
+    let before = balances(&env, &server, &cards).await;
+    server.stop().await.unwrap();
+    let archived_before = archived(&env, 0) + archived(&env, 1);
+    assert!(archived_before >= 2, "{archived_before}");
+    let today = today();
+    let tomorrow = Date::from_days(today.days() + 1);
+
+    // Pruning before today removes nothing: every record is of today.
+    let none = citycard::archive::prune(&env.data, &env.keys, &prune_options(today)).unwrap();
+    assert!(none.iter().all(|s| s.segments.is_empty() && s.anchor_seq == 0), "{none:?}");
+    assert!(none[0].stopped.contains("not before"), "{none:?}");
+
+    // A dry run says what would go and changes nothing.
+    let dry = PruneOptions { dry_run: true, ..prune_options(tomorrow) };
+    let planned = citycard::archive::prune(&env.data, &env.keys, &dry).unwrap();
+    assert_eq!(planned.iter().map(|s| s.segments.len()).sum::<usize>(), archived_before);
+    assert_eq!(archived(&env, 0) + archived(&env, 1), archived_before);
+    assert!(!citycard::server::shard_dir(&env.data, 0).join(ANCHOR_FILE).exists());
+
+    // Before tomorrow: every archived segment goes; the live journal stays.
+    let done = citycard::archive::prune(&env.data, &env.keys, &prune_options(tomorrow)).unwrap();
+    assert_eq!(done.iter().map(|s| s.segments.len()).sum::<usize>(), archived_before);
+    assert!(done.iter().all(|s| s.stopped.contains("live journal")), "{done:?}");
+    assert_eq!(archived(&env, 0) + archived(&env, 1), 0);
+
+    // The remaining chain verifies from the anchors, and the money still adds up.
+    let report = verify(&env);
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.totals.purchases, PURCHASES as i64 * 7);
+    assert_eq!(report.totals.deposits, 10 * 50_000);
+    assert_eq!(report.totals.balances, before.iter().sum::<i64>());
+    assert!(report.notes.iter().any(|n| n.contains("pruned before")), "{:?}", report.notes);
+    // Without the key a pruned directory is not taken on trust.
+    assert!(!citycard::verify::verify(&env.data).unwrap().ok());
+
+    // Today is a pruned date: the report says so and reconciles through the anchors' sums.
+    let key = Some(public_key(&env));
+    let s = citycard::report::settlement_with(&env.data, today, key.as_ref()).unwrap();
+    assert!(s.reconciled(), "{}", s.to_csv());
+    assert!(!s.pruned_on.is_empty());
+    assert_eq!(s.flows.purchases, PURCHASES as i128 * 7);
+    assert_eq!(s.balances_end, before.iter().sum::<i64>() as i128);
+    let csv = s.to_csv();
+    assert!(csv.contains("# pruned yes"), "{csv}");
+    // Tomorrow is not pruned, and starts from the anchors' balances.
+    let s = citycard::report::settlement_with(&env.data, tomorrow, key.as_ref()).unwrap();
+    assert!(s.reconciled() && s.pruned_on.is_empty(), "{}", s.to_csv());
+    assert_eq!(s.balances_start, before.iter().sum::<i64>() as i128);
+    // The CLI's signed report runs on the pruned directory and reconciles (exit 0).
+    let out = Command::new(BIN)
+        .args(["report", "settlement", "--date", &today.to_string()])
+        .arg("--data")
+        .arg(&env.data)
+        .arg("--keys")
+        .arg(&env.keys)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("# pruned yes"));
+
+    // The server starts and serves the same balances; more work after the prune verifies.
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    assert_eq!(balances(&env, &server, &cards).await, before);
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut card = cards.into_iter().next().unwrap();
+    match reader.call(&card.purchase(7, "reader-1")).await {
+        Response::Purchase(r) => assert_eq!(r.status, Status::Approved),
+        other => panic!("{other:?}"),
+    }
+    server.stop().await.unwrap();
+    let report = verify(&env);
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.totals.purchases, (PURCHASES as i64 + 1) * 7);
+
+    // A second prune builds on the first anchor.
+    citycard::archive::prune(&env.data, &env.keys, &prune_options(tomorrow)).unwrap();
+    let report = verify(&env);
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.totals.purchases, (PURCHASES as i64 + 1) * 7);
+}
+
+fn flip(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_tampered_anchor_is_caught_and_an_interrupted_prune_still_verifies() {
+    let env = Env::new();
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    load(&env, &server, 800).await;
+    server.stop().await.unwrap();
+    let tomorrow = Date::from_days(today().days() + 1);
+    let archived_before = archived(&env, 0) + archived(&env, 1);
+    assert!(archived_before >= 2);
+
+    // Killed after the anchors were durable and before any segment was removed.
+    let stop = PruneOptions { stop_after_anchor: true, ..prune_options(tomorrow) };
+    citycard::archive::prune(&env.data, &env.keys, &stop).unwrap();
+    assert_eq!(archived(&env, 0) + archived(&env, 1), archived_before);
+    let report = verify(&env);
+    assert!(report.ok(), "{:?}", report.problems);
+    assert!(report.notes.iter().any(|n| n.contains("interrupted prune")), "{:?}", report.notes);
+    let purchases = report.totals.purchases;
+    // The next prune removes what the anchors already stand for.
+    let done = citycard::archive::prune(&env.data, &env.keys, &prune_options(tomorrow)).unwrap();
+    assert_eq!(done.iter().map(|s| s.leftovers).sum::<usize>(), archived_before);
+    assert_eq!(archived(&env, 0) + archived(&env, 1), 0);
+    let report = verify(&env);
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.totals.purchases, purchases);
+
+    // One changed byte anywhere in an anchor: verify, settlement and the next prune refuse.
+    let anchor = citycard::server::shard_dir(&env.data, 0).join(ANCHOR_FILE);
+    let len = std::fs::metadata(&anchor).unwrap().len() as usize;
+    let original = std::fs::read(&anchor).unwrap();
+    for at in [20, 120, len / 2, len - 80, len - 1] {
+        flip(&anchor, at);
+        let report = verify(&env);
+        assert!(
+            report.problems.iter().any(|p| p.contains("shard 0") && p.contains("anchor")),
+            "flip at {at}: {:?}",
+            report.problems
+        );
+        let key = public_key(&env);
+        assert!(citycard::report::settlement_with(&env.data, today(), Some(&key)).is_err());
+        assert!(citycard::archive::prune(&env.data, &env.keys, &prune_options(tomorrow)).is_err());
+        std::fs::write(&anchor, &original).unwrap();
+    }
+    // An anchor signed by another key is caught the same way.
+    let other = tempfile::tempdir().unwrap();
+    citycard::keys::init(other.path()).unwrap();
+    let foreign =
+        citycard::keys::load_assertion_public(&other.path().join(citycard::keys::ASSERTION_PUB))
+            .unwrap();
+    let report = citycard::verify::verify_with(&env.data, Some(&foreign)).unwrap();
+    assert!(report.problems.iter().any(|p| p.contains("signature")), "{:?}", report.problems);
+
+    // The CLI: verify with the keys directory is clean; a dry run exits 0 and says so.
+    let out = Command::new(BIN)
+        .arg("verify")
+        .arg("--data")
+        .arg(&env.data)
+        .arg("--keys")
+        .arg(&env.keys)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("verify: OK") && stdout.contains("pruned before"), "{stdout}");
+    let out = Command::new(BIN)
+        .args(["archive", "prune", "--dry-run", "--before", &tomorrow.to_string()])
+        .arg("--data")
+        .arg(&env.data)
+        .arg("--keys")
+        .arg(&env.keys)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("would remove 0 segment(s)"));
+}
+
+/// The README's restore (start without `state/`) after a prune: the state is rebuilt from the
+/// anchors and the journal after them, with the same balances, the same hotlist and a hotlist
+/// version that only goes on.
+#[tokio::test]
+async fn the_state_rebuilds_from_the_anchor_after_a_prune() {
+    let env = Env::new();
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    let cards = load(&env, &server, 900).await;
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let (blocked, unblocked) = (cards[0].id, cards[1].id);
+    for (op_ref, card) in [(100, blocked), (101, unblocked)] {
+        let block = Request::Block { op_ref, card_id: card, reason: BlockReason::Stolen };
+        match counter.call(&block).await {
+            Response::Block(s) => assert_eq!(s.status, Status::Approved),
+            other => panic!("{other:?}"),
+        }
+    }
+    // A terminal that synced here holds both cards as listed.
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mid_cursor =
+        match reader.call(&Request::HotlistSync { cursor: vec![], max_entries: 0 }).await {
+            Response::HotlistSync(h) if !h.more => h.cursor,
+            other => panic!("{other:?}"),
+        };
+    match counter.call(&Request::Unblock { op_ref: 102, card_id: unblocked }).await {
+        Response::Unblock(s) => assert_eq!(s.status, Status::Approved),
+        other => panic!("{other:?}"),
+    }
+    // Push the blocks below the checkpoint and into the archive (a segment holds about 400
+    // records here).
+    let mut cards = cards;
+    for i in 0..3_000 {
+        match reader.call(&cards[2 + i % 8].purchase(7, "reader-1")).await {
+            Response::Purchase(r) => assert_eq!(r.status, Status::Approved),
+            other => panic!("{other:?}"),
+        }
+    }
+    let before = balances(&env, &server, &cards).await;
+    let versions = hotlist_versions(&env, &server).await;
+    server.stop().await.unwrap();
+    let tomorrow = Date::from_days(today().days() + 1);
+    let done = citycard::archive::prune(&env.data, &env.keys, &prune_options(tomorrow)).unwrap();
+    assert!(done.iter().all(|s| !s.segments.is_empty()), "{done:?}");
+
+    for index in 0..2 {
+        std::fs::remove_dir_all(citycard::server::shard_dir(&env.data, index).join("state"))
+            .unwrap();
+    }
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    assert_eq!(balances(&env, &server, &cards).await, before);
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let sync = Request::HotlistSync { cursor: vec![], max_entries: 0 };
+    let changes = match reader.call(&sync).await {
+        Response::HotlistSync(h) => h,
+        other => panic!("{other:?}"),
+    };
+    let listed: Vec<_> = changes.entries.iter().filter(|e| e.listed).map(|e| e.card_id).collect();
+    assert!(listed.contains(&blocked), "{changes:?}");
+    // The unblocked card's entries went with the pruned records: a new terminal needs none.
+    assert!(!changes.entries.iter().any(|e| e.card_id == unblocked), "{changes:?}");
+    assert!(hotlist_versions(&env, &server).await >= versions);
+    // The terminal that synced before the unblock still learns of it: the compacted hotlist
+    // keeps each card's last change.
+    let sync = Request::HotlistSync { cursor: mid_cursor, max_entries: 0 };
+    match reader.call(&sync).await {
+        Response::HotlistSync(h) => {
+            assert!(!h.more);
+            assert!(h.entries.iter().any(|e| e.card_id == unblocked && !e.listed), "{h:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    server.stop().await.unwrap();
+    let report = verify(&env);
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+/// The sum of the shards' hotlist versions a terminal's cursor ends at after a full sync.
+async fn hotlist_versions(env: &Env, server: &RunningServer) -> u64 {
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut cursor = vec![];
+    loop {
+        match reader.call(&Request::HotlistSync { cursor, max_entries: 0 }).await {
+            Response::HotlistSync(h) if h.more => cursor = h.cursor,
+            Response::HotlistSync(h) => return h.cursor.iter().sum(),
+            other => panic!("{other:?}"),
+        }
+    }
+}
