@@ -233,3 +233,32 @@ fn an_offline_record_with_atc_zero_is_a_replay() {
         _ => panic!("not offline results"),
     }
 }
+
+#[test]
+fn a_reused_op_ref_does_not_end_a_ride() {
+    // postmortem: found by the simulator (seed 4, step 226): a Close or Replace settled the
+    // card's open hold before the op_ref was looked up, so a retry of an answered Close, or a
+    // Close with a reused op_ref (ReferenceReused, nothing journaled for it), charged the
+    // missing tap-out fare and ended the ride of a card that stayed open.
+    let mut bench = Bench::new();
+    let (card, key) = bench.issue(1, 1_000);
+    let block = Request::Block { op_ref: 2, card_id: card, reason: BlockReason::Lost };
+    bench.run(COUNTER, &block);
+    bench.run(COUNTER, &Request::Unblock { op_ref: 3, card_id: card });
+    let nonce = 77;
+    let cryptogram =
+        key.request_cryptogram(MessageType::TapIn as u8, card, Atc(1), Amount(0), nonce, TERMINAL);
+    let tap_in =
+        Request::TapIn { auth: CardAuth { card_id: card, atc: Atc(1), nonce, cryptogram } };
+    match bench.run(TERMINAL, &tap_in) {
+        Response::TapIn(t) => assert_eq!(t.status, Status::Approved),
+        other => panic!("{other:?}"),
+    }
+    match bench.run(COUNTER, &Request::Close { op_ref: 2, card_id: card }) {
+        Response::Close(s) => assert_eq!((s.status, s.journal_seq), (Status::ReferenceReused, 0)),
+        other => panic!("{other:?}"),
+    }
+    let record = bench.shard().card(card).unwrap();
+    assert!(record.hold.is_open(), "the ride goes on");
+    assert_eq!(record.balance, Amount(1_000));
+}

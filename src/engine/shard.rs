@@ -170,7 +170,14 @@ impl Shard {
             other => other.card_auth().map(|a| a.card_id),
         };
         if let Some(card) = touched {
-            let force = matches!(request, Request::Close { .. } | Request::Replace { .. });
+            // Only a Close or Replace that will be decided ends the ride: a retry of one
+            // (its op_ref already answered) or a reused op_ref executes nothing.
+            let force = match request {
+                Request::Close { op_ref, .. } | Request::Replace { op_ref, .. } => {
+                    self.op_entry(terminal, *op_ref)?.is_none()
+                }
+                _ => false,
+            };
             self.settle_hold(card, now_ms, force)?;
         }
         let response = match request {
