@@ -4,7 +4,7 @@
 
 use citycard_protocol::CardId;
 
-use crate::model::{Card, Model, StaffUse, State, Use};
+use crate::model::{Card, Hold, Model, Purchase, StaffUse, State, Use};
 
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -17,6 +17,9 @@ pub enum Change {
     MoneyOut(i64),
     /// One more journaled record of this card.
     Op(CardId),
+    Hold(CardId, Option<Hold>),
+    Purchased(CardId, u32, Purchase),
+    Reversed(CardId, u32),
 }
 
 /// The changes of one journaled record (`seq` 0: nothing was journaled).
@@ -57,6 +60,21 @@ impl Model {
                 }
                 Change::MoneyIn(n) => self.money_in += n,
                 Change::MoneyOut(n) => self.money_out += n,
+                Change::Hold(id, h) => {
+                    if let Some(c) = self.cards.get_mut(id) {
+                        c.hold = *h;
+                    }
+                }
+                Change::Purchased(id, atc, p) => {
+                    if let Some(c) = self.cards.get_mut(id) {
+                        c.purchases.insert(*atc, p.clone());
+                    }
+                }
+                Change::Reversed(id, atc) => {
+                    if let Some(p) = self.cards.get_mut(id).and_then(|c| c.purchases.get_mut(atc)) {
+                        p.reversed = true;
+                    }
+                }
                 Change::Op(id) => {
                     if let Some(c) = self.cards.get_mut(id) {
                         c.ops += 1;

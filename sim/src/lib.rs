@@ -9,6 +9,8 @@
 //! - `effect`: what an acknowledged answer changes in the ledger, as data.
 //! - `traffic`: the terminals: requests built with real card keys and cryptograms, each answer
 //!   checked when it arrives.
+//! - `transit`: the 1.2 terminals (tap-in/out, Funds, reversals, inquiries), checked against
+//!   the ledger's holds, purchases and burnt ATCs.
 //! - `world`: the shards, the disk, commits, faults, crashes, restarts and the invariants.
 //!
 //! The same seed gives the same trace ([`Summary::trace`], a SHA-256 over every request,
@@ -18,6 +20,7 @@ pub mod effect;
 pub mod model;
 pub mod rng;
 pub mod traffic;
+pub mod transit;
 pub mod world;
 
 use std::fmt;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use citycard_protocol::crypto::CardKey;
-use citycard_protocol::{CardId, OfflineRecord, Request, Status};
+use citycard_protocol::{CardId, Mac, OfflineRecord, Request, Status};
 
 /// Highest balance a card may hold (the sim's `Limits::max_balance`).
 pub const MAX_BALANCE: i64 = 20_000;
@@ -15,6 +15,31 @@ pub const LATE_WINDOW: u32 = 64;
 /// Journaled operations of a card after which an old ATC may no longer be found by the
 /// engine's bounded chain walk (`ATC_LOOKUP_DEPTH` is 256; a margin for staff records).
 pub const WALK_DEPTH: u64 = 240;
+/// The sim's transit limits (`TransitLimits`): the hold a tap-in places, how long it waits for
+/// its tap-out, what a missing tap-out costs (below the hold, so settling is visible), and
+/// how long a purchase may be reversed.
+pub const MAX_FARE: i64 = 400;
+pub const HOLD_TIMEOUT_MS: u64 = 3 * 60 * 60 * 1000;
+pub const MISSING_TAPOUT_FARE: i64 = 250;
+pub const REVERSAL_WINDOW_MS: u64 = 15 * 60 * 1000;
+
+/// A card's open hold (6.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    pub atc: u32,
+    pub amount: i64,
+    pub expires_ms: u64,
+}
+
+/// An approved purchase a reversal may name (6.8).
+#[derive(Debug, Clone)]
+pub struct Purchase {
+    pub terminal: String,
+    pub cryptogram: Mac,
+    pub amount: i64,
+    pub time_ms: u64,
+    pub reversed: bool,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -48,6 +73,10 @@ pub struct Card {
     pub used: BTreeMap<u32, Use>,
     /// Journaled records of this card.
     pub ops: u64,
+    /// The open hold, at most one.
+    pub hold: Option<Hold>,
+    /// Approved purchases by ATC.
+    pub purchases: BTreeMap<u32, Purchase>,
 }
 
 impl Card {
@@ -58,6 +87,17 @@ impl Card {
     /// On the hotlist: blocked, retired, or overdrawn.
     pub fn hotlisted(&self) -> bool {
         self.state != State::Active || self.balance < 0
+    }
+
+    /// balance - hold.
+    pub fn spendable(&self) -> i64 {
+        self.balance - self.hold.map_or(0, |h| h.amount)
+    }
+
+    /// What settling the open hold costs when it is due at `now_ms` (or `force`d).
+    pub fn settle_fare(&self, now_ms: u64, force: bool) -> Option<i64> {
+        let h = self.hold?;
+        (force || now_ms >= h.expires_ms).then(|| MISSING_TAPOUT_FARE.clamp(0, h.amount.max(0)))
     }
 }
 
@@ -124,7 +164,7 @@ impl Model {
             Status::InvalidAmount
         } else if purchase && card.hotlisted() {
             Status::CardBlocked
-        } else if purchase && card.balance < amount {
+        } else if purchase && card.spendable() < amount {
             Status::InsufficientFunds
         } else if !purchase && card.state == State::Blocked {
             Status::CardBlocked

@@ -12,17 +12,19 @@ use citycard_protocol::{
 };
 
 use crate::effect::{Change, Effect};
-use crate::model::{AtcExpect, Card, Model, StaffUse, State, Use, MAX_AMOUNT, MAX_BALANCE};
+use crate::model::{
+    AtcExpect, Card, Model, Purchase, StaffUse, State, Use, MAX_AMOUNT, MAX_BALANCE,
+};
 use crate::world::{World, IDENTITY_TTL_MS, SHARDS};
 use crate::Failure;
 
-const POS: [&str; 3] = ["pos-1", "pos-2", "pos-3"];
+pub(crate) const POS: [&str; 3] = ["pos-1", "pos-2", "pos-3"];
 const KIOSKS: [&str; 2] = ["kiosk-1", "kiosk-2"];
 const COUNTERS: [&str; 2] = ["counter-1", "counter-2"];
 /// Cards the counters aim for; past it they issue rarely.
 const CARDS_TARGET: usize = 24;
 
-fn encode(response: &Response) -> Vec<u8> {
+pub(crate) fn encode(response: &Response) -> Vec<u8> {
     let mut out = BytesMut::new();
     // Every engine answer encodes (it built it); an error is a failure the caller reports.
     match response.encode(RequestId(0), &mut out) {
@@ -31,7 +33,7 @@ fn encode(response: &Response) -> Vec<u8> {
     }
 }
 
-fn mac_ok(key: &CardKey, binding: &Mac, response: &Response) -> bool {
+pub(crate) fn mac_ok(key: &CardKey, binding: &Mac, response: &Response) -> bool {
     let mut body = BytesMut::new();
     response.encode_body(&mut body).is_ok()
         && response_mac_ok(key, response.message_type() as u8, binding, &body)
@@ -53,7 +55,9 @@ impl World {
             return self.issue();
         }
         match roll {
-            0..=24 => self.money(true),
+            0..=19 => self.money(true),
+            20..=22 => self.tap_in(),
+            23..=24 => self.tap_out(),
             25..=36 => self.money(false),
             37..=41 => self.read(false),
             42..=44 => self.read(true),
@@ -70,16 +74,20 @@ impl World {
             85..=87 => self.forge(),
             88..=89 => self.reuse_op_ref(),
             90..=92 => self.hotlist(),
-            _ => self.money(true),
+            93 => self.funds(),
+            94..=95 => self.reversal(),
+            96 => self.inquire_unsent(),
+            97 => self.tap_in(),
+            _ => self.tap_out(),
         }
     }
 
-    fn pick_card(&mut self) -> Option<(CardId, Card)> {
+    pub(crate) fn pick_card(&mut self) -> Option<(CardId, Card)> {
         let i = self.rng.index(self.pending.cards.len());
         self.pending.cards.iter().nth(i).map(|(a, b)| (*a, b.clone()))
     }
 
-    fn next_atc(&mut self, id: CardId) -> u32 {
+    pub(crate) fn next_atc(&mut self, id: CardId) -> u32 {
         // Now and then the card skips ATCs (a request that never reached the server), which a
         // later late request may use.
         let skip = if self.rng.chance(100) { 1 + self.rng.below(3) as u32 } else { 0 };
@@ -88,7 +96,7 @@ impl World {
         *counter
     }
 
-    fn auth(
+    pub(crate) fn auth(
         key: &CardKey,
         id: CardId,
         mt: MessageType,
@@ -103,7 +111,7 @@ impl World {
     }
 
     /// Sends a request and records the exchange in the trace.
-    fn send(
+    pub(crate) fn send(
         &mut self,
         terminal: &str,
         request: &Request,
@@ -124,7 +132,7 @@ impl World {
         Ok((shard, response, bytes))
     }
 
-    fn record(&mut self, shard: u16, seq: u64, changes: Vec<Change>) {
+    pub(crate) fn record(&mut self, shard: u16, seq: u64, changes: Vec<Change>) {
         let effect = Effect { shard, seq, changes };
         self.pending.apply(&effect);
         self.batch.push(effect);
@@ -142,7 +150,7 @@ impl World {
     }
 
     /// A consuming card request (purchase, top-up) with the ATC rule of 6.1 checked.
-    fn money(&mut self, purchase: bool) -> Result<(), Failure> {
+    pub(crate) fn money(&mut self, purchase: bool) -> Result<(), Failure> {
         let Some((id, card)) = self.pick_card() else { return Ok(()) };
         let terminal = if purchase { POS[self.rng.index(3)] } else { KIOSKS[self.rng.index(2)] };
         let amount = self.amount(card.balance);
@@ -159,8 +167,12 @@ impl World {
     }
 
     /// Sends a consuming online request and checks its answer by the ATC rule.
-    fn consume(&mut self, terminal: &str, request: Request) -> Result<(), Failure> {
+    pub(crate) fn consume(&mut self, terminal: &str, request: Request) -> Result<(), Failure> {
         let (auth, amount, purchase) = match &request {
+            Request::TapIn { .. } | Request::TapOut { .. } | Request::Reversal { .. } => {
+                return self.transit(terminal, request)
+            }
+            Request::Inquiry { .. } => return self.ask(terminal, request),
             Request::Purchase { auth, amount } => (*auth, amount.0, Some(true)),
             Request::TopUp { auth, amount } => (*auth, amount.0, Some(false)),
             Request::Identity { auth } => (*auth, 0, None),
@@ -245,6 +257,19 @@ impl World {
                 ops_at: 0,
             },
         )];
+        if status == Status::Approved && purchase == Some(true) {
+            changes.push(Change::Purchased(
+                id,
+                auth.atc.0,
+                Purchase {
+                    terminal: terminal.to_string(),
+                    cryptogram: auth.cryptogram,
+                    amount,
+                    time_ms: self.now_ms,
+                    reversed: false,
+                },
+            ));
+        }
         if status == Status::Approved && purchase.is_some() {
             changes.push(Change::Balance(id, after));
             changes.push(if purchase == Some(true) {
@@ -476,6 +501,8 @@ impl World {
             last_atc: 0,
             used: Default::default(),
             ops: 0,
+            hold: None,
+            purchases: Default::default(),
         };
         let changes = vec![
             Change::NewCard(r.card_id, card),
@@ -499,7 +526,27 @@ impl World {
             2 => Request::Close { op_ref, card_id: id },
             _ => Request::Replace { op_ref, card_id: id },
         };
+        // Close and Replace settle an open hold first (6.7), journaled just before them.
+        let settle = card.settle_fare(self.now_ms, which >= 2);
         let (shard, response, bytes) = self.send(terminal, &request)?;
+        let mut card = card;
+        if let Some(fare) = settle {
+            let seq = match &response {
+                Response::Block(s) | Response::Unblock(s) | Response::Close(s) => s.journal_seq,
+                Response::Replace(r) => r.journal_seq,
+                _ => 0,
+            };
+            card.balance -= fare;
+            card.hold = None;
+            card.ops += 1;
+            let changes = vec![
+                Change::Balance(id, card.balance),
+                Change::Hold(id, None),
+                Change::MoneyOut(fare),
+                Change::Op(id),
+            ];
+            self.record(shard, seq.saturating_sub(1), changes);
+        }
         let blocked = card.state == State::Blocked;
         let debtor_not_blocked = card.balance < 0 && !blocked;
         let expected = if card.retired() {
@@ -575,6 +622,8 @@ impl World {
                                 last_atc: 0,
                                 used: Default::default(),
                                 ops: 0,
+                                hold: None,
+                                purchases: Default::default(),
                             },
                         ),
                     );
@@ -632,6 +681,9 @@ impl World {
             Request::Purchase { auth, .. }
             | Request::TopUp { auth, .. }
             | Request::Identity { auth }
+            | Request::TapIn { auth }
+            | Request::TapOut { auth, .. }
+            | Request::Reversal { auth, .. }
                 if self.pending.cards.get(&auth.card_id).is_some_and(|c| {
                     // The card's issue was lost with the batch: its id now belongs to another.
                     auth.cryptogram
@@ -640,13 +692,22 @@ impl World {
                             auth.card_id,
                             request.message_type(),
                             auth.atc.0,
-                            request_amount(&request),
+                            request.cryptogram_amount().0,
                             &terminal,
                             auth.nonce,
                         )
                         .cryptogram
                 }) =>
             {
+                // The terminal asks what became of it (6.9), or sends it again; after an
+                // inquiry it may still send the late copy, which must then be declined.
+                if self.rng.chance(400) {
+                    self.inquire(&terminal, &request)?;
+                    if self.rng.chance(300) {
+                        self.unanswered.push((terminal, request));
+                    }
+                    return Ok(());
+                }
                 self.consume(&terminal, request)
             }
             // Others were reads or staff operations; a staff retry is checked by `retry`.
@@ -746,13 +807,6 @@ impl World {
             self.hash(&(entries.len() as u64).to_le_bytes());
         }
         Ok(())
-    }
-}
-
-fn request_amount(request: &Request) -> i64 {
-    match request {
-        Request::Purchase { amount, .. } | Request::TopUp { amount, .. } => amount.0,
-        _ => 0,
     }
 }
 

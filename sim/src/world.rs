@@ -5,14 +5,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use citycard::engine::decide::transit::TransitLimits;
 use citycard::engine::{
     CheckpointPolicy, Limits, Op, Output, RebuildReason, Secrets, Shard, ShardOptions, Stepped,
 };
 use citycard::journal::{Background, DiskFault, JournalOptions, ManualBackground, MemDisk};
 use citycard_protocol::{CardId, KeyVersion};
 
+use crate::effect::Change;
 use crate::effect::Effect;
-use crate::model::{Model, MAX_AMOUNT, MAX_BALANCE};
+use crate::model::{
+    Hold, Model, HOLD_TIMEOUT_MS, MAX_AMOUNT, MAX_BALANCE, MAX_FARE, MISSING_TAPOUT_FARE,
+    REVERSAL_WINDOW_MS,
+};
 use crate::rng::Rng;
 use crate::{Config, Failure};
 
@@ -27,6 +32,9 @@ const EPOCH_MS: u64 = 1_700_000_000_000;
 pub const IDENTITY_TTL_MS: u64 = 5 * 60 * 1000;
 /// Lost answers the terminals still mean to retry (older ones are given up).
 const UNANSWERED_MAX: usize = 64;
+/// Holds the sweep settles per call, as the worker's between-batch sweep (more than the sim's
+/// cards, so every due hold is settled before the next batch).
+const SWEEP_MAX: usize = 4096;
 
 /// What a crash does to sled (derived state, on real files next to the in-memory journal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +158,12 @@ impl World {
                     max_balance: MAX_BALANCE,
                     max_amount: MAX_AMOUNT,
                     identity_ttl_ms: IDENTITY_TTL_MS,
+                    transit: TransitLimits {
+                        max_fare: MAX_FARE,
+                        hold_timeout_ms: HOLD_TIMEOUT_MS,
+                        missing_tapout_fare: MISSING_TAPOUT_FARE,
+                        reversal_window_ms: REVERSAL_WINDOW_MS,
+                    },
                     ..Limits::default()
                 },
                 checkpoint: CheckpointPolicy { records: 300, ..CheckpointPolicy::default() },
@@ -283,7 +297,46 @@ impl World {
             self.crash(&BTreeMap::new())?;
         }
         self.advance_clock();
+        self.sweep()?;
         self.check()
+    }
+
+    /// The worker's hold sweep after the clock moved, committed: every hold whose timeout
+    /// passed is settled at the missing tap-out fare, and no other.
+    fn sweep(&mut self) -> Result<(), Failure> {
+        let now = self.now_ms;
+        for index in 0..SHARDS {
+            let due: Vec<_> = self
+                .model
+                .cards
+                .iter()
+                .filter(|(_, c)| c.shard == index)
+                .filter_map(|(id, c)| c.settle_fare(now, false).map(|f| (*id, c.balance - f, f)))
+                .collect();
+            let shard = self.shard(index)?;
+            let settled =
+                shard.expire_holds(now, SWEEP_MAX).and_then(|n| shard.commit().map(|()| n));
+            let settled = settled.map_err(|e| self.fail(format!("hold sweep: {e}")))?;
+            if settled != due.len() {
+                return Err(self.fail(format!(
+                    "shard {index}: the sweep settled {settled} holds, {} were due",
+                    due.len()
+                )));
+            }
+            for (id, balance, fare) in due {
+                let changes = vec![
+                    Change::Balance(id, balance),
+                    Change::Hold(id, None),
+                    Change::MoneyOut(fare),
+                    Change::Op(id),
+                ];
+                self.model.apply(&Effect { shard: index, seq: 0, changes });
+            }
+            if settled > 0 {
+                self.hash(format!("swept-{index}-{settled}").as_bytes());
+            }
+        }
+        Ok(())
     }
 
     fn advance_clock(&mut self) {
@@ -292,6 +345,15 @@ impl World {
             // A jump: an hour to ten days (NTP step, a suspended VM).
             self.now_ms += 3_600_000 * (1 + self.rng.below(240));
             self.hash(b"clock-jump");
+        }
+        if self.rng.chance(15) {
+            // About the hold timeout, so some holds just expire and others just do not.
+            self.now_ms += HOLD_TIMEOUT_MS - 60_000 + self.rng.below(120_000);
+            self.hash(b"clock-jump-hold");
+        } else if self.rng.chance(10) {
+            // About the reversal window.
+            self.now_ms += REVERSAL_WINDOW_MS - 30_000 + self.rng.below(60_000);
+            self.hash(b"clock-jump-window");
         }
     }
 
@@ -416,16 +478,25 @@ impl World {
                 Ok(listed) => listed,
                 Err(e) => return Err(self.fail(format!("cannot list the shard's cards: {e}"))),
             };
-            let cards: BTreeMap<CardId, (i64, bool)> = listed
+            type Seen = (i64, bool, Option<Hold>);
+            let cards: BTreeMap<CardId, Seen> = listed
                 .into_iter()
-                .map(|(id, c)| (id, (c.balance.0, c.hotlisted().is_some())))
+                .map(|(id, c)| {
+                    let h = c.hold;
+                    let hold = h.is_open().then_some(Hold {
+                        atc: h.atc.0,
+                        amount: h.amount.0,
+                        expires_ms: h.expires_ms,
+                    });
+                    (id, (c.balance.0, c.hotlisted().is_some(), hold))
+                })
                 .collect();
-            let model: BTreeMap<CardId, (i64, bool)> = self
+            let model: BTreeMap<CardId, Seen> = self
                 .model
                 .cards
                 .iter()
                 .filter(|(_, c)| c.shard == index)
-                .map(|(id, c)| (*id, (c.balance, c.hotlisted())))
+                .map(|(id, c)| (*id, (c.balance, c.hotlisted(), c.hold)))
                 .collect();
             if cards != model {
                 let diff: Vec<String> = model
