@@ -57,7 +57,9 @@ impl World {
     }
 
     pub(crate) fn tap_in(&mut self) -> Result<(), Failure> {
-        let Some((id, card)) = self.pick_card() else { return Ok(()) };
+        // Now and then a card already riding (HoldExists).
+        let picked = if self.rng.chance(250) { self.pick_held_card() } else { self.pick_card() };
+        let Some((id, card)) = picked else { return Ok(()) };
         let terminal = POS[self.rng.index(3)];
         let atc = self.next_atc(id);
         let nonce = self.rng.next_u64();
@@ -89,7 +91,9 @@ impl World {
         if card.purchases.is_empty() {
             return self.money(true);
         }
-        let i = self.rng.index(card.purchases.len());
+        // Mostly the newest purchase (a gate that did not open reverses at once).
+        let n = card.purchases.len();
+        let i = if self.rng.chance(700) { n - 1 } else { self.rng.index(n) };
         let Some((&original, p)) = card.purchases.iter().nth(i) else { return Ok(()) };
         let mut terminal = p.terminal.as_str();
         if self.rng.chance(100) {
@@ -143,7 +147,8 @@ impl World {
     pub(crate) fn inquire_unsent(&mut self) -> Result<(), Failure> {
         let Some((id, card)) = self.pick_card() else { return Ok(()) };
         let terminal = POS[self.rng.index(3)];
-        let atc = self.next_atc(id);
+        // Now and then ATC 0, which nothing can use: NotFound with nothing burnt.
+        let atc = if self.rng.chance(100) { 0 } else { self.next_atc(id) };
         let amount = self.rng.range(1, 500);
         let nonce = self.rng.next_u64();
         let auth = Self::auth(&card.key, id, MessageType::Purchase, atc, amount, terminal, nonce);
