@@ -418,7 +418,8 @@ pub struct TransitResult {
     /// TapOut: the ATC of the tap-in completed. Reversal: the purchase's ATC. Funds: the open
     /// hold's tap-in ATC. TapIn: 0.
     pub ref_atc: Atc,
-    /// TapIn and Funds: when the open hold expires (Unix ms, 0 when none). Otherwise 0.
+    /// When the open hold (`held`) expires, server time in Unix ms; 0 when there is none (in
+    /// every transit answer, as PROTOCOL.md 3.2 says).
     pub time_ms: u64,
     pub journal_seq: u64,
     pub mac: Mac,
