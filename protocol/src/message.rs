@@ -419,7 +419,7 @@ pub struct TransitResult {
     /// hold's tap-in ATC. TapIn: 0.
     pub ref_atc: Atc,
     /// When the open hold (`held`) expires, server time in Unix ms; 0 when there is none (in
-    /// every transit answer, as PROTOCOL.md 3.2 says).
+    /// every transit answer, as PROTOCOL.md 3.3 says).
     pub time_ms: u64,
     pub journal_seq: u64,
     pub mac: Mac,
