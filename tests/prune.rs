@@ -332,6 +332,23 @@ async fn hotlist_versions(env: &Env, server: &RunningServer) -> u64 {
     }
 }
 
+fn open_shard(env: &Env, index: u16) -> (citycard::engine::Shard, citycard::engine::OpenReport) {
+    let secrets = std::sync::Arc::new(citycard::server::load_secrets(&env.keys, &[]).unwrap());
+    let options = citycard::engine::ShardOptions {
+        index,
+        count: 2,
+        dir: citycard::server::shard_dir(&env.data, index),
+        journal: citycard::journal::JournalOptions {
+            segment_bytes: SEGMENT_BYTES,
+            ..Default::default()
+        },
+        limits: citycard::config::Config::default().limits,
+        checkpoint: CheckpointPolicy { records: 100, interval_ms: 60_000 },
+        archive: None,
+    };
+    citycard::engine::Shard::open(options, secrets).unwrap()
+}
+
 fn tap_in(card: &mut Card) -> Request {
     Request::TapIn { auth: card.auth(MessageType::TapIn, 0, "reader-1") }
 }
@@ -396,11 +413,21 @@ async fn a_hold_open_across_the_cut_survives_the_prune() {
     let report = verify(&env);
     assert!(report.ok(), "{:?}", report.problems);
 
-    // Restore without state/: the hold is rebuilt from the anchor, and its tap-out completes it.
-    for index in 0..2 {
-        std::fs::remove_dir_all(citycard::server::shard_dir(&env.data, index).join("state"))
-            .unwrap();
-    }
+    // Restore without state/: the hold is rebuilt from the anchor (and is in the index the
+    // expiry sweep reads), and its tap-out completes it.
+    let remove_states = || {
+        for index in 0..2 {
+            let state = citycard::server::shard_dir(&env.data, index).join("state");
+            if state.exists() {
+                std::fs::remove_dir_all(state).unwrap();
+            }
+        }
+    };
+    remove_states();
+    let (rebuilt, _) = open_shard(&env, shard);
+    assert_eq!(rebuilt.open_holds(), 1, "the sweep's index holds the anchor's hold");
+    drop(rebuilt);
+    remove_states();
     let server = RunningServer::start(cfg).await.unwrap();
     let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
     let out = transit(reader.call(&tap_out(&mut rider, 100)).await);
