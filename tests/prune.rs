@@ -12,7 +12,9 @@ use citycard::archive::{PruneOptions, ANCHOR_FILE};
 use citycard::engine::CheckpointPolicy;
 use citycard::report::Date;
 use citycard::server::RunningServer;
-use citycard_protocol::{BlockReason, Request, Response, Status};
+use citycard_protocol::{
+    Amount, BlockReason, MessageType, Request, Response, Status, TransitResult,
+};
 use common::{balance_of, issue, Card, Client, Env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_citycard");
@@ -328,4 +330,120 @@ async fn hotlist_versions(env: &Env, server: &RunningServer) -> u64 {
             other => panic!("{other:?}"),
         }
     }
+}
+
+fn open_shard(env: &Env, index: u16) -> (citycard::engine::Shard, citycard::engine::OpenReport) {
+    let secrets = std::sync::Arc::new(citycard::server::load_secrets(&env.keys, &[]).unwrap());
+    let options = citycard::engine::ShardOptions {
+        index,
+        count: 2,
+        dir: citycard::server::shard_dir(&env.data, index),
+        journal: citycard::journal::JournalOptions {
+            segment_bytes: SEGMENT_BYTES,
+            ..Default::default()
+        },
+        limits: citycard::config::Config::default().limits,
+        checkpoint: CheckpointPolicy { records: 100, interval_ms: 60_000 },
+        archive: None,
+    };
+    citycard::engine::Shard::open(options, secrets).unwrap()
+}
+
+fn tap_in(card: &mut Card) -> Request {
+    Request::TapIn { auth: card.auth(MessageType::TapIn, 0, "reader-1") }
+}
+
+fn tap_out(card: &mut Card, fare: i64) -> Request {
+    Request::TapOut { auth: card.auth(MessageType::TapOut, fare, "reader-1"), fare: Amount(fare) }
+}
+
+fn transit(response: Response) -> TransitResult {
+    match response {
+        Response::TapIn(t) | Response::TapOut(t) | Response::Reversal(t) => t,
+        other => panic!("not a transit result: {other:?}"),
+    }
+}
+
+/// Protocol 1.2 across a prune: a completed ride and a reversal among the removed records,
+/// and a hold opened before the cut that is still open after it. The anchor keeps the hold,
+/// a state rebuilt from the anchor still has it, the tap-out after the rebuild completes it,
+/// and verify and settlement agree with the fares.
+// postmortem: the prune's ledger never set a card's hold, so the anchor lost every hold open
+// across the cut and a rebuild from it answered the tap-out with NoOpenHold.
+#[tokio::test]
+async fn a_hold_open_across_the_cut_survives_the_prune() {
+    let env = Env::new();
+    let mut cfg = config(&env);
+    cfg.limits.transit.reversal_window_ms = 3_600_000;
+    let server = RunningServer::start(cfg.clone()).await.unwrap();
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut rider = issue(&mut counter, 50, 5_000).await;
+    let mut shopper = issue(&mut counter, 51, 5_000).await;
+    let t = transit(reader.call(&tap_in(&mut rider)).await);
+    assert_eq!(t.status, Status::Approved);
+    let t = transit(reader.call(&tap_out(&mut rider, 320)).await);
+    assert_eq!((t.status, t.balance), (Status::Approved, Amount(4_680)));
+    let purchase = shopper.purchase(250, "reader-1");
+    assert_eq!(reader.call(&purchase).await.status(), Some(Status::Approved));
+    let original = *purchase.card_auth().unwrap();
+    let reversal = Request::Reversal {
+        auth: shopper.auth(MessageType::Reversal, 250, "reader-1"),
+        amount: Amount(250),
+        original_atc: original.atc,
+        original_cryptogram: original.cryptogram,
+    };
+    assert_eq!(transit(reader.call(&reversal).await).status, Status::Approved);
+    // The hold that stays open across the cut.
+    let opened = transit(reader.call(&tap_in(&mut rider)).await);
+    assert_eq!(opened.status, Status::Approved);
+    // Push all of it below the checkpoint and into the archive.
+    let mut others = load(&env, &server, 3_000).await;
+    others.push(shopper);
+    server.stop().await.unwrap();
+
+    let tomorrow = Date::from_days(today().days() + 1);
+    let done = citycard::archive::prune(&env.data, &env.keys, &prune_options(tomorrow)).unwrap();
+    let shard = citycard::engine::shard_of(rider.id, 2);
+    assert!(!done[usize::from(shard)].segments.is_empty(), "{done:?}");
+    let dir = citycard::server::shard_dir(&env.data, shard);
+    let anchor = citycard::archive::Anchor::load(&dir, &public_key(&env)).unwrap().unwrap();
+    let hold = anchor.cards[&rider.id].record.hold;
+    assert_eq!((hold.atc, hold.amount), (opened.atc, opened.held), "the anchor keeps the hold");
+    let report = verify(&env);
+    assert!(report.ok(), "{:?}", report.problems);
+
+    // Restore without state/: the hold is rebuilt from the anchor (and is in the index the
+    // expiry sweep reads), and its tap-out completes it.
+    let remove_states = || {
+        for index in 0..2 {
+            let state = citycard::server::shard_dir(&env.data, index).join("state");
+            if state.exists() {
+                std::fs::remove_dir_all(state).unwrap();
+            }
+        }
+    };
+    remove_states();
+    let (rebuilt, _) = open_shard(&env, shard);
+    assert_eq!(rebuilt.open_holds(), 1, "the sweep's index holds the anchor's hold");
+    drop(rebuilt);
+    remove_states();
+    let server = RunningServer::start(cfg).await.unwrap();
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let out = transit(reader.call(&tap_out(&mut rider, 100)).await);
+    assert_eq!(
+        (out.status, out.balance, out.ref_atc),
+        (Status::Approved, Amount(4_580), opened.atc),
+        "the tap-out completes the hold opened before the prune"
+    );
+    server.stop().await.unwrap();
+    let report = verify(&env);
+    assert!(report.ok(), "{:?}", report.problems);
+    // Fares count as purchases, the reversal as a negative one.
+    let purchases = 3_000 * 7 + 320 + 100;
+    assert_eq!(report.totals.purchases, purchases);
+    let s = citycard::report::settlement_with(&env.data, today(), Some(&public_key(&env))).unwrap();
+    assert!(s.reconciled(), "{}", s.to_csv());
+    assert_eq!(s.flows.purchases, i128::from(purchases));
+    assert_eq!(s.balances_end, i128::from(report.totals.balances));
 }

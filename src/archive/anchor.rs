@@ -323,7 +323,12 @@ impl Anchor {
 
     /// The shard's anchor, `Ok(None)` when it was never pruned.
     pub fn load(shard_dir: &Path, public_key: &[u8; 32]) -> Result<Option<Anchor>, AnchorError> {
-        let path = shard_dir.join(ANCHOR_FILE);
+        Anchor::load_file(&shard_dir.join(ANCHOR_FILE), public_key)
+    }
+
+    /// [`Anchor::load`] from a file anywhere (an anchor copied beside an archive).
+    pub fn load_file(path: &Path, public_key: &[u8; 32]) -> Result<Option<Anchor>, AnchorError> {
+        let path = path.to_path_buf();
         let io = |source| AnchorError::Io { path: path.clone(), source };
         let len = match std::fs::metadata(&path) {
             Ok(meta) => meta.len(),

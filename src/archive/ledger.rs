@@ -1,5 +1,6 @@
-//! The replay a prune runs over the records it is about to remove: every card's state, the
-//! listed cards and each day's money, as they stand after the last removed record. Changes are
+//! The replay a prune runs over the records it is about to remove: every card's state (its
+//! open tap-in hold included), the listed cards and each day's money, as they stand after the
+//! last removed record. Changes are
 //! kept per segment so a segment found to hold a record of the kept days can be taken back.
 
 use std::collections::BTreeMap;
@@ -148,6 +149,11 @@ impl Ledger {
                                 }
                                 EntryKind::Unblock => card.record.state = CardState::Active,
                                 EntryKind::Close => card.record.state = CardState::Closed,
+                                // The open hold as the entry leaves it, as the engine's apply
+                                // keeps it: a hold open across the cut stays in the anchor.
+                                EntryKind::TapIn | EntryKind::TapOut | EntryKind::HoldExpired => {
+                                    card.record.hold = e.transit.hold;
+                                }
                                 _ => {}
                             }
                         }
@@ -226,5 +232,76 @@ fn fresh(e: &Entry, balance: Amount, _linked: CardId, pos: Pos) -> AnchorCard {
             hold: crate::engine::decide::transit::Hold::NONE,
         },
         recent_atcs: 0,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use citycard_protocol::{KeyVersion, Mac};
+
+    use super::*;
+    use crate::engine::decide::transit::{Hold, Transit};
+
+    const CARD: CardId = CardId(6_000_000_000_000_001);
+
+    fn entry(kind: EntryKind, atc: u32, amount: i64, balance_after: i64, hold: Hold) -> Entry {
+        Entry {
+            kind,
+            status: Status::Approved,
+            card_id: CARD,
+            atc: Atc(atc),
+            amount: Amount(amount),
+            balance_after: Amount(balance_after),
+            time_ms: 1_000,
+            reference: 0,
+            binding: Mac::default(),
+            other_card: CardId(0),
+            key_version: KeyVersion(1),
+            hotlist_version: 0,
+            hotlist_change: HotlistChange::None,
+            extra: 0,
+            terminal: "reader-1".into(),
+            prev_pos: Pos::NONE,
+            transit: if kind == EntryKind::Issue {
+                Transit::NONE
+            } else {
+                Transit { hold, ref_atc: Atc(0) }
+            },
+        }
+    }
+
+    fn pos(offset: u32) -> Pos {
+        Pos { segment: 1, offset }
+    }
+
+    // postmortem: the ledger never set `record.hold`, so a hold open across a prune's cut was
+    // lost from the anchor and from every state rebuilt from it.
+    #[test]
+    fn holds_and_fares_follow_the_journal() {
+        let held = |atc| Hold { atc: Atc(atc), amount: Amount(400), expires_ms: 9_000 };
+        let mut ledger = Ledger::new(None);
+        ledger.apply(pos(0), &entry(EntryKind::Issue, 0, 1_000, 1_000, Hold::NONE)).unwrap();
+        ledger.apply(pos(1), &entry(EntryKind::TapIn, 1, 0, 1_000, held(1))).unwrap();
+        assert_eq!(ledger.cards[&CARD].record.hold, held(1));
+        ledger.apply(pos(2), &entry(EntryKind::TapOut, 2, -320, 680, Hold::NONE)).unwrap();
+        assert_eq!(ledger.cards[&CARD].record.hold, Hold::NONE);
+        ledger.apply(pos(3), &entry(EntryKind::Purchase, 3, -50, 630, Hold::NONE)).unwrap();
+        ledger.apply(pos(4), &entry(EntryKind::Reversal, 4, 50, 680, Hold::NONE)).unwrap();
+        ledger.apply(pos(5), &entry(EntryKind::TapIn, 5, 0, 680, held(5))).unwrap();
+        ledger.commit();
+        // A segment taken back restores the hold as it was.
+        ledger.apply(pos(6), &entry(EntryKind::HoldExpired, 0, -250, 430, Hold::NONE)).unwrap();
+        assert_eq!(ledger.cards[&CARD].record.hold, Hold::NONE);
+        ledger.rollback();
+        let card = ledger.cards[&CARD].record;
+        assert_eq!(
+            (card.hold, card.balance, card.last_atc, card.last_pos),
+            (held(5), Amount(680), Atc(5), pos(5))
+        );
+        // The settlement report's terms: fares are purchases, a reversal a negative one.
+        let day = ledger.days[&0];
+        assert_eq!((day.records, day.deposits, day.purchases), (6, 1_000, 320));
+        assert_eq!((day.balance_change, day.net()), (680, 680));
     }
 }

@@ -5,8 +5,10 @@
 //! - [`anchor`]: the anchor file, its signature and its format.
 //! - [`ledger`]: the replay a prune runs over the records it removes.
 //! - [`prune`]: the prune itself and its crash-safe order.
+//! - [`check`]: `citycard verify --archive`, an archive checked by itself.
 
 pub mod anchor;
+pub mod check;
 pub mod ledger;
 pub mod prune;
 

@@ -189,6 +189,9 @@ impl Shard {
     fn seed_from_anchor(&mut self, anchor: &crate::archive::Anchor) -> Result<(), StoreError> {
         for (id, card) in &anchor.cards {
             self.cards.put(*id, card.record, anchor.seq);
+            // A hold open at the anchor is swept on expiry like any other.
+            let none = super::decide::transit::Hold::NONE;
+            self.hold_index.change(*id, none, card.record.hold);
             self.next_card = self.next_card.max(super::card_counter(*id, self.count) + 1);
         }
         for (id, (version, listed, reason)) in &anchor.hotlist {
