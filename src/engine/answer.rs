@@ -20,13 +20,8 @@ pub(super) fn seal_card(
     binding: &Mac,
     mut result: CardResult,
 ) -> CardResult {
-    use citycard_protocol::MessageType;
-    let response_type = match request_type {
-        MessageType::Purchase => MessageType::PurchaseResult,
-        MessageType::TopUp => MessageType::TopUpResult,
-        MessageType::Balance => MessageType::BalanceResult,
-        _ => MessageType::OfflineResults,
-    };
+    let response_type = citycard_protocol::answer::response_type(request_type)
+        .unwrap_or(citycard_protocol::MessageType::OfflineResults);
     seal_card_result(key, response_type, binding, &mut result);
     result
 }

@@ -10,6 +10,7 @@ use citycard_protocol::{
 };
 
 use super::answer::{card_result, seal, seal_card};
+// An answer for a card that was not authenticated: zeros, zero MAC (the protocol crate's decline).
 use super::decide::transit::{self, AtcFinding, Decision, InquiryOutcome, PurchaseFacts};
 use super::decide::{self, AtcLookup, AtcUse};
 use super::entry::Entry;
@@ -18,6 +19,7 @@ use super::state::CardRecord;
 use super::types::ATC_LOOKUP_DEPTH;
 use super::StoreError;
 use crate::journal::Pos;
+use citycard_protocol::answer::decline_transit as unauthenticated;
 
 /// The transit operations that consume an ATC and answer a TransitResult.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -389,23 +391,6 @@ impl Shard {
         let mut response = Response::Funds(result);
         seal(&key, &auth.cryptogram, &mut response);
         Ok(response)
-    }
-}
-
-/// An answer for a card that was not authenticated: zeros, zero MAC.
-fn unauthenticated(status: Status, auth: &CardAuth) -> TransitResult {
-    TransitResult {
-        status,
-        card_id: auth.card_id,
-        atc: auth.atc,
-        balance: Amount(0),
-        amount: Amount(0),
-        held: Amount(0),
-        spendable: Amount(0),
-        ref_atc: Atc(0),
-        time_ms: 0,
-        journal_seq: 0,
-        mac: Mac::default(),
     }
 }
 
