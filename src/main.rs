@@ -10,7 +10,8 @@ use citycard::config::{Config, KeyCutoff, Settings};
 use citycard::keys::{self, Role, TerminalId};
 use citycard::server::trust::Trust;
 use citycard::server::RunningServer;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "citycard", version, about = "Citizen-card transaction server")]
@@ -324,9 +325,23 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_logging(cli.log_format);
+    // `verify --archive DIR` checks DIR alone; a `--data` typed beside it would be silently
+    // ignored, so it is refused (a CITYCARD_DATA in the environment is not "typed").
+    let data_typed = matches
+        .subcommand_matches("verify")
+        .is_some_and(|m| m.value_source("data") == Some(ValueSource::CommandLine));
     let result = match cli.command {
+        Command::Verify { archive: Some(_), .. } if data_typed => Err(anyhow::anyhow!(
+            "--data and --archive do not go together: --archive DIR checks that archive alone; \
+             `citycard verify --data DIR` checks a data directory's journal together with its \
+             archive"
+        )),
         Command::Serve(args) => serve(*args),
         Command::Keys { command } => keys_command(command),
         Command::Verify { archive: Some(archive), anchor, keys, .. } => {

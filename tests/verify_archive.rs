@@ -204,3 +204,16 @@ async fn an_archive_checks_alone_and_damage_is_caught() {
     let report = check_archive(&alone, Some(&other), Some(&key)).unwrap();
     assert!(!report.ok());
 }
+
+#[test]
+fn data_beside_archive_is_refused_not_ignored() {
+    // postmortem: `verify --data D --archive A` checked A and silently ignored D.
+    let out = Command::new(BIN)
+        .args(["verify", "--data", "/nonexistent/data", "--archive", "/nonexistent/archive"])
+        .env_remove("CITYCARD_DATA")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--data and --archive do not go together"), "{stderr}");
+}
