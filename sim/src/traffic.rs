@@ -18,6 +18,18 @@ use crate::model::{
 use crate::world::{World, IDENTITY_TTL_MS, SHARDS};
 use crate::Failure;
 
+/// A consuming online request as [`World::send_consuming`] sent it.
+pub(crate) struct Sent {
+    /// The card as the model held it before the request.
+    pub card: Card,
+    /// What the ATC rule expects: `None` decide it fresh; `Some((Some(answer), deep))` the
+    /// original answer again (or Replay when `deep`); `Some((None, _))` a Replay decline.
+    pub expect: Option<(Option<Vec<u8>>, bool)>,
+    pub shard: u16,
+    pub response: Response,
+    pub bytes: Vec<u8>,
+}
+
 pub(crate) const POS: [&str; 3] = ["pos-1", "pos-2", "pos-3"];
 const KIOSKS: [&str; 2] = ["kiosk-1", "kiosk-2"];
 const COUNTERS: [&str; 2] = ["counter-1", "counter-2"];
@@ -110,6 +122,32 @@ impl World {
         CardAuth { card_id: id, atc: Atc(atc), nonce, cryptogram }
     }
 
+    /// Sends a consuming online request of a card the model knows, after working out what the
+    /// ATC rule of 6.1 expects of it, and checks the answer's MAC under the card's key.
+    pub(crate) fn send_consuming(
+        &mut self,
+        terminal: &str,
+        request: &Request,
+        auth: &CardAuth,
+        what: &str,
+    ) -> Result<Sent, Failure> {
+        let Some(card) = self.pending.cards.get(&auth.card_id).cloned() else {
+            return Err(self.fail(format!("{what} for an unknown card")));
+        };
+        let expect = match Model::online_atc(&card, auth.atc.0, |u| {
+            u.terminal == terminal && u.request.as_ref() == Some(request)
+        }) {
+            AtcExpect::Fresh => None,
+            AtcExpect::Same(u, deep) => Some((Some(u.answer.clone()), deep)),
+            AtcExpect::Replay => Some((None, false)),
+        };
+        let (shard, response, bytes) = self.send(terminal, request)?;
+        if !mac_ok(&card.key, &auth.cryptogram, &response) {
+            return Err(self.fail(format!("{what}: answer MAC does not verify: {response:?}")));
+        }
+        Ok(Sent { card, expect, shard, response, bytes })
+    }
+
     /// Sends a request and records the exchange in the trace.
     pub(crate) fn send(
         &mut self,
@@ -178,20 +216,8 @@ impl World {
             Request::Identity { auth } => (*auth, 0, None),
             _ => return Err(self.fail("consume of a non-consuming request")),
         };
-        let Some(card) = self.pending.cards.get(&auth.card_id).cloned() else {
-            return Err(self.fail("consume for an unknown card"));
-        };
-        let expect = match Model::online_atc(&card, auth.atc.0, |u| {
-            u.terminal == terminal && u.request.as_ref() == Some(&request)
-        }) {
-            AtcExpect::Fresh => None,
-            AtcExpect::Same(u, deep) => Some((Some(u.answer.clone()), deep)),
-            AtcExpect::Replay => Some((None, false)),
-        };
-        let (shard, response, bytes) = self.send(terminal, &request)?;
-        if !mac_ok(&card.key, &auth.cryptogram, &response) {
-            return Err(self.fail(format!("answer MAC does not verify: {response:?}")));
-        }
+        let Sent { card, expect, shard, response, bytes } =
+            self.send_consuming(terminal, &request, &auth, "consume")?;
         let (status, balance, seq) = match &response {
             Response::Identity(r) => (r.status, card.balance, r.journal_seq),
             other => match card_result(other) {

@@ -7,10 +7,9 @@ use citycard_protocol::{Amount, Atc, MessageType, Request, Response, Status, Tra
 
 use crate::effect::Change;
 use crate::model::{
-    AtcExpect, Card, Hold, Model, Use, HOLD_TIMEOUT_MS, LATE_WINDOW, MAX_FARE, REVERSAL_WINDOW_MS,
-    WALK_DEPTH,
+    Card, Hold, Use, HOLD_TIMEOUT_MS, LATE_WINDOW, MAX_FARE, REVERSAL_WINDOW_MS, WALK_DEPTH,
 };
-use crate::traffic::{encode, mac_ok, POS};
+use crate::traffic::{encode, mac_ok, Sent, POS};
 use crate::world::World;
 use crate::Failure;
 
@@ -247,20 +246,8 @@ impl World {
     /// TapIn, TapOut and Reversal: the ATC rule of 6.1, then 6.7's and 6.8's tables.
     pub(crate) fn transit(&mut self, terminal: &str, request: Request) -> Result<(), Failure> {
         let Some(&auth) = request.card_auth() else { return Err(self.fail("no card auth")) };
-        let Some(card) = self.pending.cards.get(&auth.card_id).cloned() else {
-            return Err(self.fail("transit request for an unknown card"));
-        };
-        let expect = match Model::online_atc(&card, auth.atc.0, |u| {
-            u.terminal == terminal && u.request.as_ref() == Some(&request)
-        }) {
-            AtcExpect::Fresh => None,
-            AtcExpect::Same(u, deep) => Some((Some(u.answer.clone()), deep)),
-            AtcExpect::Replay => Some((None, false)),
-        };
-        let (shard, response, bytes) = self.send(terminal, &request)?;
-        if !mac_ok(&card.key, &auth.cryptogram, &response) {
-            return Err(self.fail(format!("transit answer MAC does not verify: {response:?}")));
-        }
+        let Sent { card, expect, shard, response, bytes } =
+            self.send_consuming(terminal, &request, &auth, "transit request")?;
         let Some(t) = transit_of(&response) else {
             return Err(self.fail(format!("wrong answer type {response:?}")));
         };
