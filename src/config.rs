@@ -60,6 +60,17 @@ pub struct Config {
     /// `[replicate]`: every group commit also committed to PostgreSQL (synchronous streaming
     /// replication to the disaster-recovery site) before it is answered. None: one site only.
     pub replicate: Option<crate::replicate::ReplicateConfig>,
+    /// `[[product]]` tables (protocol 1.3): the card products besides the built-in product 0,
+    /// with their names. [`Config::from_layers`] copies their rules into `limits.products`.
+    pub products: Vec<ProductConfig>,
+}
+
+/// One configured card product: its id, a name for people, and its rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProductConfig {
+    pub id: u8,
+    pub name: String,
+    pub rules: crate::engine::product::Product,
 }
 
 impl Default for Config {
@@ -89,6 +100,7 @@ impl Default for Config {
             archive_dir: None,
             journal_faults: None,
             replicate: None,
+            products: Vec::new(),
         }
     }
 }
@@ -153,6 +165,7 @@ impl Config {
         if let Some(replicate) = &self.replicate {
             replicate.validate()?;
         }
+        self.validate_products()?;
         if !self.admin.ip().is_loopback() && !self.admin_tls {
             return Err(format!(
                 "admin = {} is not a loopback address, and plain HTTP there would serve metrics \
@@ -163,6 +176,86 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// The product table's rules (protocol 1.3): ids below MAX_PRODUCTS and each once, names
+    /// of 1..=32 printable characters, every limit within the server-wide one it narrows.
+    fn validate_products(&self) -> Result<(), String> {
+        use crate::engine::product::{MAX_PRODUCTS, MAX_PRODUCT_NAME};
+        let mut seen = [false; MAX_PRODUCTS];
+        for p in &self.products {
+            let at = format!("[[product]] id = {}", p.id);
+            let Some(slot) = seen.get_mut(usize::from(p.id)) else {
+                return Err(format!("{at}: product ids must be 0..={}", MAX_PRODUCTS - 1));
+            };
+            if std::mem::replace(slot, true) {
+                return Err(format!("{at}: the id is given twice"));
+            }
+            let name_ok = !p.name.is_empty()
+                && p.name.len() <= MAX_PRODUCT_NAME
+                && p.name.chars().all(|c| !c.is_control());
+            if !name_ok {
+                return Err(format!(
+                    "{at}: name must be 1..={MAX_PRODUCT_NAME} bytes of printable text"
+                ));
+            }
+            let r = &p.rules;
+            let within = [
+                ("max_balance", r.max_balance, self.limits.max_balance, "max_balance"),
+                ("max_amount", r.max_amount, self.limits.max_amount, "max_amount"),
+                ("max_fare", r.max_fare, r.max_amount, "the product's max_amount"),
+                ("deposit", r.deposit + 1, self.limits.max_balance + 1, "max_balance"),
+            ];
+            for (key, value, max, max_name) in within {
+                if value < 1 || value > max {
+                    return Err(format!("{at}: {key} must be within 1..={max_name} ({max})"));
+                }
+            }
+            if r.daily_amount_limit.is_some_and(|v| v < 1) {
+                return Err(format!(
+                    "{at}: daily_amount_limit must be at least 1 (leave it out for none)"
+                ));
+            }
+            if r.daily_count_limit == Some(0) {
+                return Err(format!(
+                    "{at}: daily_count_limit must be at least 1 (leave it out for none)"
+                ));
+            }
+            if self.limits.products.configured(p.id) != Some(p.rules) {
+                return Err(format!("{at}: not copied into the limits (use Config::from_layers)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the `[[product]]` rules into the engine's limits.
+    pub fn apply_products(&mut self) {
+        let mut table = crate::engine::product::Products::default();
+        for p in &self.products {
+            table.set(p.id, p.rules);
+        }
+        self.limits.products = table;
+    }
+}
+
+/// One `[[product]]` table. Limits left out are the server-wide ones (`max_balance`,
+/// `max_amount`, `max_fare`); daily limits left out are none.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductSettings {
+    pub id: u8,
+    pub name: String,
+    pub max_balance: Option<i64>,
+    pub max_amount: Option<i64>,
+    pub daily_amount_limit: Option<i64>,
+    pub daily_count_limit: Option<u32>,
+    pub max_fare: Option<i64>,
+    /// The refundable card deposit in minor units (0: none).
+    pub deposit: i64,
+    /// `"move"` (default: the deposit moves to the new card) or `"keep"` (the operator keeps
+    /// the old card's deposit and the holder pays the deposit for the new card).
+    pub replace_deposit: Option<String>,
 }
 
 /// One layer of settings: the TOML file, or the command line with environment variables (clap
@@ -211,6 +304,8 @@ pub struct Settings {
     pub key_cutoff: Option<Vec<KeyCutoff>>,
     /// The `[replicate]` table (see [`crate::replicate::ReplicateSettings`]).
     pub replicate: Option<crate::replicate::ReplicateSettings>,
+    /// `[[product]]` tables (protocol 1.3, config file only).
+    pub product: Option<Vec<ProductSettings>>,
 }
 
 #[derive(Clone, Copy, Debug, serde::Deserialize)]
@@ -225,6 +320,42 @@ impl Settings {
     pub fn from_file(path: &std::path::Path) -> Result<Settings, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The `[[product]]` tables against the server-wide limits of `c` (all layers applied).
+    fn products(&self, c: &Config) -> Result<Option<Vec<ProductConfig>>, String> {
+        use crate::engine::product::{Product, ReplaceDeposit};
+        let Some(tables) = &self.product else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(tables.len());
+        for t in tables {
+            let replace_deposit = match t.replace_deposit.as_deref() {
+                None | Some("move") => ReplaceDeposit::Move,
+                Some("keep") => ReplaceDeposit::Keep,
+                Some(other) => {
+                    return Err(format!(
+                        "[[product]] id = {}: replace_deposit must be \"move\" or \"keep\", not {other:?}",
+                        t.id
+                    ))
+                }
+            };
+            let max_amount = t.max_amount.unwrap_or(c.limits.max_amount);
+            out.push(ProductConfig {
+                id: t.id,
+                name: t.name.clone(),
+                rules: Product {
+                    max_balance: t.max_balance.unwrap_or(c.limits.max_balance),
+                    max_amount,
+                    daily_amount_limit: t.daily_amount_limit,
+                    daily_count_limit: t.daily_count_limit,
+                    max_fare: t.max_fare.unwrap_or(c.limits.transit.max_fare.min(max_amount)),
+                    deposit: t.deposit,
+                    replace_deposit,
+                },
+            });
+        }
+        Ok(Some(out))
     }
 
     fn apply(&self, c: &mut Config) {
@@ -303,6 +434,13 @@ impl Config {
         for layer in layers {
             layer.apply(&mut config);
         }
+        // Products last: their left-out limits are the server-wide ones of every layer.
+        for layer in layers {
+            if let Some(products) = layer.products(&config)? {
+                config.products = products;
+            }
+        }
+        config.apply_products();
         config.validate()?;
         Ok(config)
     }
@@ -361,6 +499,27 @@ impl Config {
         if let Some(replicate) = &self.replicate {
             out.push_str(&replicate.render());
         }
+        for p in &self.products {
+            let r = &p.rules;
+            out.push_str(&format!(
+                "[[product]]\nid = {}\nname = {:?}\nmax_balance = {}\nmax_amount = {}\n",
+                p.id, p.name, r.max_balance, r.max_amount
+            ));
+            if let Some(v) = r.daily_amount_limit {
+                out.push_str(&format!("daily_amount_limit = {v}\n"));
+            }
+            if let Some(v) = r.daily_count_limit {
+                out.push_str(&format!("daily_count_limit = {v}\n"));
+            }
+            let rule = match r.replace_deposit {
+                crate::engine::product::ReplaceDeposit::Move => "move",
+                crate::engine::product::ReplaceDeposit::Keep => "keep",
+            };
+            out.push_str(&format!(
+                "max_fare = {}\ndeposit = {}\nreplace_deposit = \"{rule}\"\n",
+                r.max_fare, r.deposit
+            ));
+        }
         out
     }
 }
@@ -390,6 +549,46 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(wrong_type.contains("max_in_flight"), "{wrong_type}");
+    }
+
+    #[test]
+    fn products_read_narrow_the_server_limits_and_bad_ones_are_named() {
+        let text = "max_balance = 500000\n\
+            [[product]]\nid = 1\nname = \"anonymous\"\nmax_balance = 100000\n\
+            daily_count_limit = 3\ndeposit = 2000\nreplace_deposit = \"keep\"\n";
+        let file: Settings = toml::from_str(text).unwrap_or_default();
+        let config = Config::from_layers(&[&file]).unwrap_or_else(|e| panic!("{e}"));
+        let p = config.limits.product(1).unwrap_or_else(|| panic!("product 1"));
+        assert_eq!((p.max_balance, p.max_amount, p.max_fare), (100_000, 50_000, 400));
+        assert_eq!((p.daily_count_limit, p.daily_amount_limit, p.deposit), (Some(3), None, 2_000));
+        assert_eq!(p.replace_deposit, crate::engine::product::ReplaceDeposit::Keep);
+        // Product 0 stays the server-wide limits; an unconfigured id is unknown.
+        let zero = config.limits.product(0).unwrap_or_else(|| panic!("product 0"));
+        assert_eq!((zero.max_balance, zero.deposit), (500_000, 0));
+        assert!(config.limits.product(2).is_none());
+        // The rendered config reads back the same table.
+        let back: Settings = toml::from_str(&config.render()).unwrap_or_default();
+        let back = Config::from_layers(&[&back]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.products, config.products);
+
+        let bad = [
+            ("[[product]]\nid = 32\nname = \"x\"\ndeposit = 0\n", "0..=31"),
+            ("[[product]]\nid = 1\nname = \"x\"\ndeposit = 0\n[[product]]\nid = 1\nname = \"y\"\ndeposit = 0\n", "twice"),
+            ("[[product]]\nid = 1\nname = \"\"\ndeposit = 0\n", "name"),
+            ("[[product]]\nid = 1\nname = \"x\"\nmax_balance = 100001\ndeposit = 0\n", "max_balance"),
+            ("[[product]]\nid = 1\nname = \"x\"\nmax_amount = 100\nmax_fare = 200\ndeposit = 0\n", "max_fare"),
+            ("[[product]]\nid = 1\nname = \"x\"\ndeposit = -1\n", "deposit"),
+            ("[[product]]\nid = 1\nname = \"x\"\ndeposit = 0\ndaily_count_limit = 0\n", "daily_count_limit"),
+            ("[[product]]\nid = 1\nname = \"x\"\ndeposit = 0\nreplace_deposit = \"refund\"\n", "replace_deposit"),
+        ];
+        for (text, key) in bad {
+            let err = toml::from_str::<Settings>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|s| Config::from_layers(&[&s]).map(|_| ()))
+                .err()
+                .unwrap_or_default();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -194,6 +194,7 @@ impl ServeArgs {
             card_cache_entries: None,
             // Transit limits are set in the configuration file only.
             max_fare: None,
+            product: None,
             hold_timeout_ms: None,
             missing_tapout_fare: None,
             reversal_window_ms: None,

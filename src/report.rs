@@ -292,12 +292,21 @@ impl FromStr for Date {
 /// sorting by the enum sorts the CSV by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Operation {
+    /// Protocol 1.3: card deposits the operator kept at a Replace (product rule `keep`).
+    CardDepositKept,
+    /// Protocol 1.3: card deposits taken at the counter (Issue, SetProduct, Replace `keep`).
+    CardDepositPaid,
+    /// Protocol 1.3: card deposits paid back (Close, SetProduct to a smaller deposit).
+    CardDepositRefunded,
     /// Issue: the deposit taken with a new card.
     Deposit,
     /// HoldExpired: a hold not tapped out in time, settled at the missing tap-out fare.
     HoldExpired,
     Identity,
     Offline,
+    /// Protocol 1.3: SetProduct (`amount` 0: the balance does not change; the deposit
+    /// difference is in the card deposit rows).
+    ProductChange,
     Purchase,
     /// Close: the balance refunded.
     Refund,
@@ -313,11 +322,15 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 11] = [
+    pub const ALL: [Operation; 15] = [
+        Operation::CardDepositKept,
+        Operation::CardDepositPaid,
+        Operation::CardDepositRefunded,
         Operation::Deposit,
         Operation::HoldExpired,
         Operation::Identity,
         Operation::Offline,
+        Operation::ProductChange,
         Operation::Purchase,
         Operation::Refund,
         Operation::Replacement,
@@ -329,7 +342,11 @@ impl Operation {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Operation::CardDepositKept => "card_deposit_kept",
+            Operation::CardDepositPaid => "card_deposit_paid",
+            Operation::CardDepositRefunded => "card_deposit_refunded",
             Operation::Deposit => "deposit",
+            Operation::ProductChange => "product_change",
             Operation::HoldExpired => "hold_expired",
             Operation::Identity => "identity",
             Operation::Offline => "offline",
@@ -357,6 +374,7 @@ impl Operation {
             EntryKind::TapOut => Operation::TapOut,
             EntryKind::HoldExpired => Operation::HoldExpired,
             EntryKind::Reversal => Operation::Reversal,
+            EntryKind::ProductChanged => Operation::ProductChange,
             EntryKind::Block | EntryKind::Unblock | EntryKind::ReplacedIn | EntryKind::Inquiry => {
                 return None
             }
@@ -372,6 +390,11 @@ impl Operation {
             }
             // The hold placed (journaled in `extra`); the balance does not change.
             Operation::TapIn => i128::from(entry.extra),
+            Operation::ProductChange => 0,
+            // Card deposit rows are added from the entry's product fields, not by kind.
+            Operation::CardDepositKept
+            | Operation::CardDepositPaid
+            | Operation::CardDepositRefunded => 0,
             Operation::Purchase
             | Operation::Offline
             | Operation::Refund
@@ -427,6 +450,42 @@ impl Flows {
     }
 }
 
+/// Protocol 1.3: the card deposits (kept apart from balances) over the day, minor units.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Deposits {
+    /// Taken at counters: Issue, SetProduct to a larger deposit, Replace under `keep`.
+    pub paid: i128,
+    /// Paid back: Close, SetProduct to a smaller deposit.
+    pub refunded: i128,
+    /// Kept by the operator at a Replace under `keep` (the old card's deposit).
+    pub kept: i128,
+    /// Sum of all card deposits at 00:00 UTC.
+    pub start: i128,
+    /// Sum of all card deposits at 24:00 UTC.
+    pub end: i128,
+}
+
+impl Deposits {
+    /// `paid - refunded - kept`: how the sum of card deposits changed.
+    pub fn net(&self) -> i128 {
+        self.paid - self.refunded - self.kept
+    }
+
+    /// Whether any card deposit exists or moved (the CSV shows deposit lines only then, so a
+    /// server without deposits writes the report of before protocol 1.3).
+    pub fn any(&self) -> bool {
+        *self != Deposits::default()
+    }
+
+    fn add(&mut self, other: &Deposits) {
+        self.paid += other.paid;
+        self.refunded += other.refunded;
+        self.kept += other.kept;
+        self.start += other.start;
+        self.end += other.end;
+    }
+}
+
 /// The settlement of one UTC day.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settlement {
@@ -434,6 +493,10 @@ pub struct Settlement {
     /// Keyed by (terminal, operation); iteration order is the CSV order.
     pub rows: BTreeMap<(String, Operation), Row>,
     pub flows: Flows,
+    /// Protocol 1.3: card deposits. A pruned shard's deposits before its anchor are not
+    /// carried (anchors hold balances only), so `start` and `end` then count from the anchor
+    /// on; their difference still reconciles with the day's deposit movements.
+    pub deposits: Deposits,
     /// Sum of all card balances at 00:00 UTC.
     pub balances_start: i128,
     /// Sum of all card balances at 24:00 UTC.
@@ -454,6 +517,7 @@ impl Settlement {
             date,
             rows: BTreeMap::new(),
             flows: Flows::default(),
+            deposits: Deposits::default(),
             balances_start: 0,
             balances_end: 0,
             shards: 0,
@@ -500,9 +564,11 @@ impl Settlement {
         self.flows.net()
     }
 
-    /// Whether `balances_end - balances_start == net`.
+    /// Whether `balances_end - balances_start == net` and (protocol 1.3) the card deposits
+    /// changed by exactly what was paid, refunded and kept.
     pub fn reconciled(&self) -> bool {
-        self.balances_end - self.balances_start == self.net()
+        let d = &self.deposits;
+        self.balances_end - self.balances_start == self.net() && d.end - d.start == d.net()
     }
 
     /// Adds one journal entry.
@@ -520,6 +586,35 @@ impl Settlement {
             }
             if time < end {
                 self.balances_end += net;
+            }
+        }
+        // Protocol 1.3: card deposit movements, apart from the balances.
+        let moved = entry.product.filter(|_| approved).map(|p| {
+            (i128::from(p.deposit_paid), i128::from(p.deposit_refunded), i128::from(p.deposit_kept))
+        });
+        if let Some((paid, refunded, kept)) = moved {
+            let change = paid - refunded - kept;
+            if time < start {
+                self.deposits.start += change;
+            }
+            if time < end {
+                self.deposits.end += change;
+            }
+            if time >= start && time < end {
+                self.deposits.paid += paid;
+                self.deposits.refunded += refunded;
+                self.deposits.kept += kept;
+                for (operation, amount) in [
+                    (Operation::CardDepositPaid, paid),
+                    (Operation::CardDepositRefunded, refunded),
+                    (Operation::CardDepositKept, kept),
+                ] {
+                    if amount != 0 {
+                        let row = self.rows.entry((entry.terminal.clone(), operation)).or_default();
+                        row.count += 1;
+                        row.amount += amount;
+                    }
+                }
             }
         }
         if time < start || time >= end {
@@ -547,7 +642,12 @@ impl Settlement {
             // Fares are money spent at readers like purchases; a reversal gives a purchase back.
             Operation::TapOut | Operation::HoldExpired => flows.purchases += amount,
             Operation::Reversal => flows.purchases -= amount,
-            Operation::Identity | Operation::TapIn => {}
+            Operation::Identity
+            | Operation::TapIn
+            | Operation::ProductChange
+            | Operation::CardDepositKept
+            | Operation::CardDepositPaid
+            | Operation::CardDepositRefunded => {}
         }
     }
 
@@ -560,6 +660,7 @@ impl Settlement {
             mine.declined += row.declined;
         }
         self.flows.add(&other.flows);
+        self.deposits.add(&other.deposits);
         self.balances_start += other.balances_start;
         self.balances_end += other.balances_end;
         self.records += other.records;
@@ -609,6 +710,18 @@ impl Settlement {
         ));
         out.push_str(&format!("# balances_start {}\n", self.balances_start));
         out.push_str(&format!("# balances_end {}\n", self.balances_end));
+        let d = &self.deposits;
+        if d.any() {
+            out.push_str(&format!(
+                "# card_deposits net {} = paid {} - refunded {} - kept {}\n",
+                d.net(),
+                d.paid,
+                d.refunded,
+                d.kept
+            ));
+            out.push_str(&format!("# card_deposits_start {}\n", d.start));
+            out.push_str(&format!("# card_deposits_end {}\n", d.end));
+        }
         out.push_str(&format!("# reconciled {}\n", if self.reconciled() { "yes" } else { "no" }));
         out
     }
@@ -949,6 +1062,7 @@ mod tests {
             terminal: terminal.into(),
             prev_pos: crate::journal::Pos::NONE,
             transit: crate::engine::decide::transit::Transit::NONE,
+            product: None,
         }
     }
 

@@ -65,7 +65,13 @@ impl Tally {
                 | Operation::Refund
                 | Operation::TapOut
                 | Operation::HoldExpired => -row.amount,
-                Operation::Identity | Operation::Replacement | Operation::TapIn => 0,
+                Operation::Identity
+                | Operation::Replacement
+                | Operation::TapIn
+                | Operation::ProductChange
+                | Operation::CardDepositKept
+                | Operation::CardDepositPaid
+                | Operation::CardDepositRefunded => 0,
             })
             .sum()
     }

@@ -28,6 +28,11 @@ pub fn status_name(status: Status) -> &'static str {
         Status::AlreadyReversed => "AlreadyReversed",
         Status::Reversed => "Reversed",
         Status::BeyondRetention => "BeyondRetention",
+        Status::BalanceLimit => "BalanceLimit",
+        Status::TransactionLimit => "TransactionLimit",
+        Status::DailyAmountLimit => "DailyAmountLimit",
+        Status::DailyCountLimit => "DailyCountLimit",
+        Status::UnknownProduct => "UnknownProduct",
     }
 }
 
@@ -62,6 +67,19 @@ pub fn status_words(status: Status) -> &'static str {
         Status::BeyondRetention => {
             "no more history online: older operations are kept in the archive, ask the operator"
         }
+        Status::BalanceLimit => {
+            "declined: the balance would exceed the maximum of the card's product"
+        }
+        Status::TransactionLimit => {
+            "declined: the amount is above the per-transaction maximum of the card's product"
+        }
+        Status::DailyAmountLimit => {
+            "declined: the card's product allows no more spending today (UTC day)"
+        }
+        Status::DailyCountLimit => {
+            "declined: the card's product allows no more payments today (UTC day)"
+        }
+        Status::UnknownProduct => "declined: the server has no card product with this number",
     }
 }
 
@@ -107,6 +125,7 @@ pub fn entry_kind_name(kind: EntryKind) -> &'static str {
         EntryKind::HoldExpired => "HoldExpired",
         EntryKind::Reversal => "Reversal",
         EntryKind::Inquiry => "Inquiry",
+        EntryKind::ProductChanged => "ProductChanged",
     }
 }
 

@@ -13,8 +13,8 @@ use crate::crypto::CardKey;
 use crate::frame::{EncodeError, ErrorCode, MessageType, RequestId, HEADER_LEN};
 use crate::message::{
     put_card_result, Amount, Atc, CardAuth, CardId, CardResult, CardState, HistoryPage,
-    IdentityResult, InquiryResult, IssueResult, Mac, OfflineRecord, Request, Response, StaffResult,
-    Status, TransitResult, CARD_RESULT_LEN,
+    IdentityResult, InquiryResult, IssueResult, Mac, OfflineRecord, ProductResult, Request,
+    Response, StaffResult, Status, TransitResult, CARD_RESULT_LEN,
 };
 
 /// Length of the response MAC at the end of a sealed body.
@@ -43,6 +43,7 @@ pub fn response_type(request: MessageType) -> Option<MessageType> {
         Inquiry => InquiryResult,
         Reversal => ReversalResult,
         Funds => FundsResult,
+        SetProduct => SetProductResult,
         _ => return None,
     })
 }
@@ -90,6 +91,22 @@ pub fn decline_staff(status: Status, card_id: CardId) -> StaffResult {
         balance: Amount(0),
         refunded: Amount(0),
         hotlist_version: 0,
+        journal_seq: 0,
+        mac: Mac::default(),
+    }
+}
+
+/// A declined SetProduct of `card_id` (protocol 1.3): nothing changed, nothing journaled.
+pub fn decline_product(status: Status, card_id: CardId) -> ProductResult {
+    ProductResult {
+        status,
+        card_id,
+        card_state: CardState::Active,
+        product: 0,
+        balance: Amount(0),
+        deposit: Amount(0),
+        deposit_paid: Amount(0),
+        deposit_refunded: Amount(0),
         journal_seq: 0,
         mac: Mac::default(),
     }
@@ -180,7 +197,12 @@ pub fn decline(request: &Request, status: Status) -> Response {
         Request::Balance { .. } => Response::Balance(decline_card(status, &auth)),
         Request::History { .. } => Response::History(decline_history(status, &auth)),
         Request::Identity { .. } => Response::Identity(decline_identity(status, &auth)),
-        Request::Issue { .. } => Response::Issue(decline_issue(status, CardId(0))),
+        Request::Issue { .. } | Request::IssueProduct { .. } => {
+            Response::Issue(decline_issue(status, CardId(0)))
+        }
+        Request::SetProduct { card_id, .. } => {
+            Response::SetProduct(decline_product(status, *card_id))
+        }
         Request::Replace { card_id, .. } => Response::Replace(decline_issue(status, *card_id)),
         Request::Block { card_id, .. } => Response::Block(decline_staff(status, *card_id)),
         Request::Unblock { card_id, .. } => Response::Unblock(decline_staff(status, *card_id)),
@@ -321,6 +343,7 @@ pub fn has_trailing_mac(response: &Response) -> bool {
             | Response::Inquiry(_)
             | Response::Reversal(_)
             | Response::Funds(_)
+            | Response::SetProduct(_)
     )
 }
 

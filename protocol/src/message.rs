@@ -112,6 +112,18 @@ pub enum Status {
     /// History: the entries asked for are older than the server's online history retention
     /// (protocol 1.2, PROTOCOL.md 6.1); the operator's archive and settlement reports hold them.
     BeyondRetention = 21,
+    /// Protocol 1.3. The balance would exceed the maximum balance of the card's product (below
+    /// the server's cap, which stays OverBalanceCap).
+    BalanceLimit = 22,
+    /// Protocol 1.3. The amount is above the per-transaction maximum of the card's product
+    /// (within the server's, which stays InvalidAmount).
+    TransactionLimit = 23,
+    /// Protocol 1.3. The card's product allows no more money spent online today (UTC day).
+    DailyAmountLimit = 24,
+    /// Protocol 1.3. The card's product allows no more online debits today (UTC day).
+    DailyCountLimit = 25,
+    /// Protocol 1.3. Issue or SetProduct named a product id the server's table does not have.
+    UnknownProduct = 26,
 }
 
 impl Status {
@@ -140,12 +152,17 @@ impl Status {
             19 => AlreadyReversed,
             20 => Reversed,
             21 => BeyondRetention,
+            22 => BalanceLimit,
+            23 => TransactionLimit,
+            24 => DailyAmountLimit,
+            25 => DailyCountLimit,
+            26 => UnknownProduct,
             _ => return None,
         })
     }
 
     /// Every status, for reports and exhaustive tests.
-    pub const ALL: [Status; 22] = [
+    pub const ALL: [Status; 27] = [
         Status::Approved,
         Status::UnknownCard,
         Status::CardBlocked,
@@ -168,6 +185,11 @@ impl Status {
         Status::AlreadyReversed,
         Status::Reversed,
         Status::BeyondRetention,
+        Status::BalanceLimit,
+        Status::TransactionLimit,
+        Status::DailyAmountLimit,
+        Status::DailyCountLimit,
+        Status::UnknownProduct,
     ];
 }
 
@@ -256,6 +278,9 @@ pub enum EntryKind {
     Reversal = 14,
     /// Protocol 1.2: an inquiry found nothing and burnt the ATC (amount 0, status NotFound).
     Inquiry = 15,
+    /// Protocol 1.3: a counter changed the card's product (amount 0: the balance is unchanged;
+    /// the deposit difference is paid or refunded apart from the balance).
+    ProductChanged = 16,
 }
 
 impl EntryKind {
@@ -277,6 +302,7 @@ impl EntryKind {
             13 => HoldExpired,
             14 => Reversal,
             15 => Inquiry,
+            16 => ProductChanged,
             _ => return None,
         })
     }
@@ -336,6 +362,13 @@ pub enum Request {
         op_ref: u64,
         deposit: Amount,
     },
+    /// Protocol 1.3: an Issue with a product id (17-byte body). `deposit` keeps its meaning, the
+    /// new card's initial balance; the product's card deposit is paid on top (PROTOCOL.md 6.12).
+    IssueProduct {
+        op_ref: u64,
+        deposit: Amount,
+        product: u8,
+    },
     Block {
         op_ref: u64,
         card_id: CardId,
@@ -388,6 +421,12 @@ pub enum Request {
     /// Protocol 1.2: balance, holds and spendable balance.
     Funds {
         auth: CardAuth,
+    },
+    /// Protocol 1.3: a counter changes the card's product (PROTOCOL.md 6.12).
+    SetProduct {
+        op_ref: u64,
+        card_id: CardId,
+        product: u8,
     },
 }
 
@@ -506,6 +545,27 @@ pub struct IssueResult {
     pub mac: Mac,
 }
 
+/// Protocol 1.3: the answer to SetProduct (67 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProductResult {
+    pub status: Status,
+    pub card_id: CardId,
+    /// The card's state after the operation (Active when the card is unknown).
+    pub card_state: CardState,
+    /// The card's product after the operation (on a decline: its product unchanged; 0 when the
+    /// card is unknown).
+    pub product: u8,
+    pub balance: Amount,
+    /// The card's deposit after the operation.
+    pub deposit: Amount,
+    /// Deposit money the clerk takes from the holder for this change (new deposit above old).
+    pub deposit_paid: Amount,
+    /// Deposit money the clerk pays out for this change (new deposit below old).
+    pub deposit_refunded: Amount,
+    pub journal_seq: u64,
+    pub mac: Mac,
+}
+
 /// Answer to block, unblock and close.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StaffResult {
@@ -572,6 +632,7 @@ pub enum Response {
     Inquiry(InquiryResult),
     Reversal(TransitResult),
     Funds(TransitResult),
+    SetProduct(ProductResult),
     Error { code: u16, message: String },
 }
 
@@ -784,6 +845,8 @@ impl Request {
             Request::Inquiry { .. } => MessageType::Inquiry,
             Request::Reversal { .. } => MessageType::Reversal,
             Request::Funds { .. } => MessageType::Funds,
+            Request::IssueProduct { .. } => MessageType::Issue,
+            Request::SetProduct { .. } => MessageType::SetProduct,
         }
     }
 
@@ -863,6 +926,16 @@ impl Request {
                 body.put_u64(*op_ref);
                 body.put_i64(deposit.0);
             }
+            Request::IssueProduct { op_ref, deposit, product } => {
+                body.put_u64(*op_ref);
+                body.put_i64(deposit.0);
+                body.put_u8(*product);
+            }
+            Request::SetProduct { op_ref, card_id, product } => {
+                body.put_u64(*op_ref);
+                body.put_u64(card_id.0);
+                body.put_u8(*product);
+            }
             Request::Block { op_ref, card_id, reason } => {
                 body.put_u64(*op_ref);
                 body.put_u64(card_id.0);
@@ -914,7 +987,19 @@ impl Request {
                 Request::History { auth: r.card_auth()?, before_seq: r.u64()?, limit: r.u16()? }
             }
             MessageType::Identity => Request::Identity { auth: r.card_auth()? },
-            MessageType::Issue => Request::Issue { op_ref: r.u64()?, deposit: r.amount()? },
+            MessageType::Issue => {
+                let op_ref = r.u64()?;
+                let deposit = r.amount()?;
+                // Protocol 1.3: a 17th byte names the product; 16 bytes mean product 0.
+                if body.len() > 16 {
+                    Request::IssueProduct { op_ref, deposit, product: r.u8()? }
+                } else {
+                    Request::Issue { op_ref, deposit }
+                }
+            }
+            MessageType::SetProduct => {
+                Request::SetProduct { op_ref: r.u64()?, card_id: r.card_id()?, product: r.u8()? }
+            }
             MessageType::Block => {
                 let op_ref = r.u64()?;
                 let card_id = r.card_id()?;
@@ -1001,6 +1086,7 @@ impl Response {
             Response::Inquiry(_) => MessageType::InquiryResult,
             Response::Reversal(_) => MessageType::ReversalResult,
             Response::Funds(_) => MessageType::FundsResult,
+            Response::SetProduct(_) => MessageType::SetProductResult,
             Response::Error { .. } => MessageType::Error,
         }
     }
@@ -1020,6 +1106,7 @@ impl Response {
             | Response::Reversal(t)
             | Response::Funds(t) => Some(t.status),
             Response::Inquiry(i) => Some(i.status),
+            Response::SetProduct(p) => Some(p.status),
             Response::ServerInfo(_) | Response::HotlistSync(_) | Response::Error { .. } => None,
         }
     }
@@ -1038,6 +1125,7 @@ impl Response {
             | Response::Reversal(t)
             | Response::Funds(t) => t.status = status,
             Response::Inquiry(i) => i.status = status,
+            Response::SetProduct(p) => p.status = status,
             Response::ServerInfo(_) | Response::HotlistSync(_) | Response::Error { .. } => {}
         }
     }
@@ -1055,6 +1143,7 @@ impl Response {
             | Response::Reversal(t)
             | Response::Funds(t) => Some(&mut t.mac),
             Response::Inquiry(i) => Some(&mut i.mac),
+            Response::SetProduct(p) => Some(&mut p.mac),
             Response::OfflineBatch(_)
             | Response::ServerInfo(_)
             | Response::HotlistSync(_)
@@ -1188,6 +1277,18 @@ impl Response {
             | Response::TapOut(t)
             | Response::Reversal(t)
             | Response::Funds(t) => put_transit_result(body, t),
+            Response::SetProduct(p) => {
+                body.put_u8(p.status as u8);
+                body.put_u64(p.card_id.0);
+                body.put_u8(p.card_state as u8);
+                body.put_u8(p.product);
+                body.put_i64(p.balance.0);
+                body.put_i64(p.deposit.0);
+                body.put_i64(p.deposit_paid.0);
+                body.put_i64(p.deposit_refunded.0);
+                body.put_u64(p.journal_seq);
+                body.put_slice(&p.mac.0);
+            }
             Response::Inquiry(i) => {
                 body.put_u8(i.status as u8);
                 body.put_u64(i.card_id.0);
@@ -1355,6 +1456,24 @@ impl Response {
             MessageType::TapOutResult => Response::TapOut(read_transit_result(&mut r)?),
             MessageType::ReversalResult => Response::Reversal(read_transit_result(&mut r)?),
             MessageType::FundsResult => Response::Funds(read_transit_result(&mut r)?),
+            MessageType::SetProductResult => {
+                let status = r.status()?;
+                let card_id = r.card_id()?;
+                let v = r.u8()?;
+                let card_state = CardState::from_u8(v).ok_or(bad_value("card_state", v.into()))?;
+                Response::SetProduct(ProductResult {
+                    status,
+                    card_id,
+                    card_state,
+                    product: r.u8()?,
+                    balance: r.amount()?,
+                    deposit: r.amount()?,
+                    deposit_paid: r.amount()?,
+                    deposit_refunded: r.amount()?,
+                    journal_seq: r.u64()?,
+                    mac: r.mac()?,
+                })
+            }
             MessageType::InquiryResult => {
                 let status = r.status()?;
                 let card_id = r.card_id()?;

@@ -157,7 +157,7 @@ fn nonzero_flags_or_reserved() {
 
 #[test]
 fn unknown_type_is_rejected_from_the_header_alone() {
-    for t in [0x00u8, 0x13, 0x7f, 0x80, 0x93, 0xfe] {
+    for t in [0x00u8, 0x7e, 0x7f, 0x80, 0xfe] {
         // Header only: the body is not awaited.
         let buf = BytesMut::from(&header(b"CC", 1, t, 0, 0, RID, 8)[..]);
         let expected = DecodeError::UnknownType { message_type: t, request_id: RequestId(RID) };
@@ -314,7 +314,7 @@ fn body_longer_than_required() {
 
 #[test]
 fn bad_status() {
-    for status in [22u8, 0x80, 0xff] {
+    for status in [27u8, 0x80, 0xff] {
         let buf = frame(0x82, &card_result_bytes(status));
         expect_response_err(
             buf,
@@ -379,12 +379,13 @@ fn history_body(kind: u8, entry_status: u8) -> Vec<u8> {
 #[test]
 fn bad_entry_kind_and_entry_status() {
     assert!(decode_response(&mut frame(0x85, &history_body(15, 0))).is_ok());
-    for kind in [0u8, 16, 0xff] {
+    assert!(decode_response(&mut frame(0x85, &history_body(16, 26))).is_ok());
+    for kind in [0u8, 0x7f, 0xff] {
         let buf = frame(0x85, &history_body(kind, 0));
         expect_response_err(buf, bad_value("kind", kind.into()), ErrorCode::BadValue, Some(RID));
     }
-    let buf = frame(0x85, &history_body(2, 22));
-    expect_response_err(buf, bad_value("status", 22), ErrorCode::BadValue, Some(RID));
+    let buf = frame(0x85, &history_body(2, 27));
+    expect_response_err(buf, bad_value("status", 27), ErrorCode::BadValue, Some(RID));
 }
 
 fn hotlist_body(more: u8, listed: u8, reason: u8) -> Vec<u8> {
@@ -713,12 +714,12 @@ fn error_codes_parse_and_know_whether_they_close() {
 #[test]
 fn enum_parsers_accept_exactly_the_documented_values() {
     for v in 0..=255u8 {
-        assert_eq!(Status::from_u8(v).is_some(), v <= 21, "status {v}");
+        assert_eq!(Status::from_u8(v).is_some(), v <= 26, "status {v}");
         assert_eq!(CardState::from_u8(v).is_some(), v <= 4, "card state {v}");
         assert_eq!(BlockReason::from_u8(v).is_some(), (1..=7).contains(&v), "reason {v}");
-        assert_eq!(EntryKind::from_u8(v).is_some(), (1..=15).contains(&v), "kind {v}");
+        assert_eq!(EntryKind::from_u8(v).is_some(), (1..=16).contains(&v), "kind {v}");
         let t = MessageType::from_u8(v);
-        assert_eq!(t.is_some(), (1..=0x12).contains(&v) || (0x81..=0x92).contains(&v) || v == 0xff);
+        assert_eq!(t.is_some(), (1..=0x13).contains(&v) || (0x81..=0x93).contains(&v) || v == 0xff);
         if let Some(t) = t {
             assert_eq!(t as u8, v);
             assert_eq!(t.is_request(), v < 0x80);
@@ -825,6 +826,12 @@ fn arb_request() -> impl Strategy<Value = Request> {
             Request::Reversal { auth, amount, original_atc: Atc(a), original_cryptogram: m }
         }),
         arb_auth().prop_map(|auth| Request::Funds { auth }),
+        (any::<u64>(), arb_amount(), any::<u8>()).prop_map(|(op_ref, deposit, product)| {
+            Request::IssueProduct { op_ref, deposit, product }
+        }),
+        (any::<u64>(), any::<u64>(), any::<u8>()).prop_map(|(op_ref, c, product)| {
+            Request::SetProduct { op_ref, card_id: CardId(c), product }
+        }),
     ]
 }
 
@@ -900,6 +907,30 @@ fn arb_issue_result() -> impl Strategy<Value = IssueResult> {
             journal_seq,
             mac,
         })
+}
+
+fn arb_product_result() -> impl Strategy<Value = ProductResult> {
+    (
+        (arb_status(), any::<u64>(), arb_card_state(), any::<u8>()),
+        (arb_amount(), arb_amount(), arb_amount(), arb_amount()),
+        (any::<u64>(), arb_mac()),
+    )
+        .prop_map(
+            |((status, c, card_state, product), (balance, deposit, paid, refunded), (seq, mac))| {
+                ProductResult {
+                    status,
+                    card_id: CardId(c),
+                    card_state,
+                    product,
+                    balance,
+                    deposit,
+                    deposit_paid: paid,
+                    deposit_refunded: refunded,
+                    journal_seq: seq,
+                    mac,
+                }
+            },
+        )
 }
 
 fn arb_staff_result() -> impl Strategy<Value = StaffResult> {
@@ -1043,6 +1074,7 @@ fn arb_response() -> impl Strategy<Value = Response> {
         arb_staff_result().prop_map(Response::Unblock),
         arb_issue_result().prop_map(Response::Replace),
         arb_staff_result().prop_map(Response::Close),
+        arb_product_result().prop_map(Response::SetProduct),
         prop::collection::vec(arb_card_result(), 0..=12).prop_map(Response::OfflineBatch),
         hotlist,
         (any::<u16>(), "\\PC{0,64}").prop_map(|(code, message)| Response::Error { code, message }),

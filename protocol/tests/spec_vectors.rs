@@ -95,6 +95,12 @@ const EXPECTED: &[&str] = &[
     "inquiry-not-found-response",
     "reversal-response",
     "funds-response",
+    // Protocol 1.3.
+    "issue-product-request",
+    "set-product-request",
+    "set-product-response",
+    "set-product-balance-limit-response",
+    "purchase-daily-count-limit-response",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -958,6 +964,65 @@ fn vectors() -> Vec<Vector> {
         let (v, resp) = sealed(v, Response::Inquiry(result), &k, purchase_auth.cryptogram);
         out.push(v.msg(Msg::Resp(resp)));
     }
+
+    // Protocol 1.3: card products and deposits.
+    out.push(
+        Vector::new("issue-product-request", 50)
+            .field("terminal_id", COUNTER)
+            .field("op_ref", 5010)
+            .field("deposit", 1000)
+            .field("product", 1)
+            .msg(Msg::Req(Request::IssueProduct {
+                op_ref: 5010,
+                deposit: Amount(1000),
+                product: 1,
+            })),
+    );
+    out.push(
+        Vector::new("set-product-request", 51)
+            .field("terminal_id", COUNTER)
+            .field("op_ref", 5011)
+            .field("card_id", CARD.0)
+            .field("product", 2)
+            .msg(Msg::Req(Request::SetProduct { op_ref: 5011, card_id: CARD, product: 2 })),
+    );
+    for (name, rid, status, product, deposit, paid, seq) in [
+        ("set-product-response", 51, Status::Approved, 2u8, 2000, 1500, 1070u64),
+        ("set-product-balance-limit-response", 53, Status::BalanceLimit, 1, 500, 0, 1072),
+    ] {
+        let result = ProductResult {
+            status,
+            card_id: CARD,
+            card_state: CardState::Active,
+            product,
+            balance: Amount(3750),
+            deposit: Amount(deposit),
+            deposit_paid: Amount(paid),
+            deposit_refunded: Amount(0),
+            journal_seq: seq,
+            mac: Mac([0; 16]),
+        };
+        let v = Vector::new(name, rid)
+            .field("status", enum_line(result.status, result.status as u8))
+            .field("card_id", result.card_id.0)
+            .field("card_state", enum_line(result.card_state, result.card_state as u8))
+            .field("product", result.product)
+            .field("balance", result.balance.0)
+            .field("deposit", result.deposit.0)
+            .field("deposit_paid", result.deposit_paid.0)
+            .field("deposit_refunded", result.deposit_refunded.0)
+            .field("journal_seq", result.journal_seq)
+            .field("op_ref", if rid == 51 { 5011 } else { 5013 });
+        let op_ref = if rid == 51 { 5011 } else { 5013 };
+        let (v, resp) =
+            sealed(v, Response::SetProduct(result), &key(CARD), crypto::staff_binding(op_ref));
+        out.push(v.msg(Msg::Resp(resp)));
+    }
+    let limited = card_result(Status::DailyCountLimit, 5, 3750, 1071);
+    let v =
+        card_result_fields(Vector::new("purchase-daily-count-limit-response", 52), "", &limited);
+    let (v, resp) = sealed(v, Response::Purchase(limited), &k, purchase_auth.cryptogram);
+    out.push(v.msg(Msg::Resp(resp)));
 
     for (name, rid, code, message) in [
         ("error-response", 7, ErrorCode::DuplicateRequestId, "request id 7 is already in flight"),

@@ -176,7 +176,7 @@ fn transit_results() {
         Response::Reversal(transit(Status::AlreadyReversed)),
     );
     both_ways_response(frame(0x92, &transit_bytes(0)), Response::Funds(transit(Status::Approved)));
-    let err = response(&frame(0x8e, &transit_bytes(22))).unwrap_err();
+    let err = response(&frame(0x8e, &transit_bytes(27))).unwrap_err();
     assert_eq!(err.code(), ErrorCode::BadValue);
 }
 

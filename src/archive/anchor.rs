@@ -410,6 +410,7 @@ mod tests {
             key_version: KeyVersion(2),
             last_pos: crate::journal::Pos { segment: 1, offset: 96 },
             hold: crate::engine::decide::transit::Hold::NONE,
+            product: crate::engine::product::CardProduct::DEFAULT,
         };
         let id = CardId(6_000_000_000_000_002);
         Anchor {

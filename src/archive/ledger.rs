@@ -9,6 +9,7 @@ use citycard_protocol::{Amount, Atc, BlockReason, CardId, CardState, EntryKind, 
 
 use super::anchor::{Anchor, AnchorCard, DayFlows};
 use crate::engine::entry::{Entry, HotlistChange};
+use crate::engine::product::CardProduct;
 use crate::engine::state::CardRecord;
 use crate::journal::Pos;
 use crate::report::DAY_MS;
@@ -115,15 +116,28 @@ impl Ledger {
                     return Err(format!("card {} issued twice", e.card_id.masked()));
                 }
                 self.save(e.card_id);
-                self.cards.insert(e.card_id, fresh(e, e.balance_after, CardId(0), pos));
+                let mut card = fresh(e, e.balance_after, CardId(0), pos);
+                card.record.product = e.product.map_or(CardProduct::DEFAULT, |p| p.after);
+                self.cards.insert(e.card_id, card);
             }
             EntryKind::ReplacedOut if approved => {
                 let moved = Amount(e.amount.0.saturating_neg());
+                // Protocol 1.3: as the engine's apply, the new card gets the product and the
+                // old deposit less what was kept plus what was paid.
+                let mut product = CardProduct::DEFAULT;
                 self.change(e.card_id, e, |card| {
                     card.record.state = CardState::Replaced;
+                    if let Some(p) = e.product {
+                        let old = card.record.product.deposit.0;
+                        let deposit = Amount(old - p.deposit_kept + p.deposit_paid);
+                        product = CardProduct { deposit, ..p.after };
+                        card.record.product = p.after;
+                    }
                 })?;
                 self.save(e.other_card);
-                self.cards.insert(e.other_card, fresh(e, moved, e.card_id, pos));
+                let mut card = fresh(e, moved, e.card_id, pos);
+                card.record.product = product;
+                self.cards.insert(e.other_card, card);
                 self.cards.entry(e.card_id).and_modify(|c| c.record.last_pos = pos);
             }
             _ => {
@@ -139,6 +153,9 @@ impl Ledger {
                 } else {
                     self.change(e.card_id, e, |card| {
                         if approved {
+                            if let Some(p) = e.product {
+                                card.record.product = p.after;
+                            }
                             match e.kind {
                                 EntryKind::Block => {
                                     card.record.state = CardState::Blocked;
@@ -230,6 +247,7 @@ fn fresh(e: &Entry, balance: Amount, _linked: CardId, pos: Pos) -> AnchorCard {
             key_version: e.key_version,
             last_pos: pos,
             hold: crate::engine::decide::transit::Hold::NONE,
+            product: CardProduct::DEFAULT,
         },
         recent_atcs: 0,
     }
@@ -268,6 +286,7 @@ mod tests {
             } else {
                 Transit { hold, ref_atc: Atc(0) }
             },
+            product: None,
         }
     }
 

@@ -5,6 +5,7 @@ use citycard_protocol::{Amount, Atc, BlockReason, CardState, EntryKind, Status};
 
 use super::decide::transit::Hold;
 use super::entry::Entry;
+use super::product::CardProduct;
 use super::shard::Shard;
 use super::state::CardRecord;
 use super::types::PERSIST_MAX_RECORDS;
@@ -51,6 +52,7 @@ impl Shard {
                         key_version: entry.key_version,
                         last_pos: pos,
                         hold: Hold::NONE,
+                        product: entry.product.map_or(CardProduct::DEFAULT, |p| p.after),
                     },
                     seq,
                 );
@@ -59,7 +61,15 @@ impl Shard {
             }
             EntryKind::ReplacedOut if approved => {
                 let moved = entry.amount.0.saturating_neg();
+                // Protocol 1.3: the new card has the old card's product and its deposit moved
+                // (less what the operator kept, plus what the holder paid for the new card).
+                let mut product = CardProduct::DEFAULT;
                 if let Some(mut old) = self.cards.get(entry.card_id) {
+                    if let Some(p) = entry.product {
+                        let deposit = old.product.deposit.0 - p.deposit_kept + p.deposit_paid;
+                        product = CardProduct { deposit: Amount(deposit), ..p.after };
+                        old.product = p.after;
+                    }
                     old.state = CardState::Replaced;
                     old.balance = entry.balance_after;
                     old.last_pos = pos;
@@ -76,6 +86,7 @@ impl Shard {
                         // The replacement's chain starts at the record that created it.
                         last_pos: pos,
                         hold: Hold::NONE,
+                        product,
                     },
                     seq,
                 );
@@ -90,6 +101,9 @@ impl Shard {
                     }
                     if approved {
                         card.balance = entry.balance_after;
+                        if let Some(p) = entry.product {
+                            card.product = p.after;
+                        }
                         match entry.kind {
                             EntryKind::Block => {
                                 card.state = CardState::Blocked;
@@ -144,6 +158,22 @@ impl Shard {
             && self.cards.get(entry.other_card).is_some()
         {
             return Err("a replacement card already exists");
+        }
+        if let (Some(p), Status::Approved) = (entry.product, entry.status) {
+            // Deposits move only by what the entry says changed hands (protocol 1.3).
+            let before = card.map_or(0, |c| c.product.deposit.0);
+            let ok = if entry.kind == EntryKind::ReplacedOut {
+                p.after.deposit.0 == 0 && p.deposit_refunded == 0 && p.deposit_kept <= before
+            } else {
+                p.deposit_kept == 0
+                    && before
+                        .checked_add(p.deposit_paid)
+                        .and_then(|d| d.checked_sub(p.deposit_refunded))
+                        == Some(p.after.deposit.0)
+            };
+            if !ok {
+                return Err("deposit after is not deposit before plus paid less refunded");
+            }
         }
         let next = self.hotlist_version + 1;
         let version_ok = match entry.hotlist_version {

@@ -4,6 +4,7 @@
 use citycard_protocol::{Amount, Atc, BlockReason, CardId, EntryKind, KeyVersion, Mac, Status};
 
 use super::decide::transit::{Hold, Transit};
+use super::product::ProductFields;
 use crate::journal::Pos;
 
 /// Encoding version byte at the front of every payload. Version 2 added `prev_pos` (the
@@ -14,6 +15,11 @@ const ENTRY_VERSION: u8 = 2;
 /// its version 2 bytes (and hash chain) exactly, and a version 2 reader refuses only records
 /// it could not interpret anyway.
 const ENTRY_VERSION_TRANSIT: u8 = 3;
+/// Version 4 (protocol 1.3) is version 3's layout (transit fields always present, possibly
+/// empty) followed by the [`ProductFields`]. Written only for entries that carry product fields
+/// (a product or deposit change, or a debit counted against a daily limit), so every other
+/// entry keeps its version 2 or 3 bytes exactly.
+const ENTRY_VERSION_PRODUCT: u8 = 4;
 const FIXED_LEN: usize = 92 + Pos::LEN;
 
 /// How an operation changed a card's hotlist standing.
@@ -60,6 +66,9 @@ pub struct Entry {
     /// Tap-in, tap-out, hold expiry, reversal and inquiry: the card's hold after the operation
     /// and the ATC it refers to. `Transit::NONE` for every other kind.
     pub transit: Transit,
+    /// Protocol 1.3: the card's product, deposit and daily counters after the operation, and
+    /// the deposit money that changed hands. None: the operation left them as they were.
+    pub product: Option<ProductFields>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,8 +78,15 @@ pub struct EntryError(pub &'static str);
 impl Entry {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
-        let with_transit = self.transit != Transit::NONE;
-        out.push(if with_transit { ENTRY_VERSION_TRANSIT } else { ENTRY_VERSION });
+        let with_product = self.product.is_some();
+        let with_transit = self.transit != Transit::NONE || with_product;
+        out.push(if with_product {
+            ENTRY_VERSION_PRODUCT
+        } else if with_transit {
+            ENTRY_VERSION_TRANSIT
+        } else {
+            ENTRY_VERSION
+        });
         out.push(self.kind as u8);
         out.push(self.status as u8);
         out.extend_from_slice(&self.card_id.0.to_be_bytes());
@@ -96,6 +112,9 @@ impl Entry {
             out.extend_from_slice(&self.transit.hold.to_bytes());
             out.extend_from_slice(&self.transit.ref_atc.0.to_be_bytes());
         }
+        if let Some(product) = self.product {
+            out.extend_from_slice(&product.to_bytes());
+        }
         let terminal = &self.terminal.as_bytes()[..self.terminal.len().min(32)];
         out.push(terminal.len() as u8);
         out.extend_from_slice(terminal);
@@ -116,9 +135,11 @@ impl Entry {
             a.copy_from_slice(s);
             u64::from_be_bytes(a)
         };
-        let fixed_len = match take(1)[0] {
+        let version = take(1)[0];
+        let fixed_len = match version {
             ENTRY_VERSION => FIXED_LEN,
             ENTRY_VERSION_TRANSIT => FIXED_LEN + Transit::LEN,
+            ENTRY_VERSION_PRODUCT => FIXED_LEN + Transit::LEN + ProductFields::LEN,
             1 => return Err(EntryError("entry version 1 (data directory older than 2026-12)")),
             _ => return Err(EntryError("unknown entry version")),
         };
@@ -163,11 +184,19 @@ impl Entry {
             let a = take(4);
             let ref_atc = Atc(u32::from_be_bytes([a[0], a[1], a[2], a[3]]));
             let transit = Transit { hold, ref_atc };
-            if transit == Transit::NONE {
+            if transit == Transit::NONE && version == ENTRY_VERSION_TRANSIT {
                 // Version 3 is only written with transit fields.
                 return Err(EntryError("version 3 without transit fields"));
             }
             transit
+        };
+        let product = if version == ENTRY_VERSION_PRODUCT {
+            let fields = ProductFields::from_bytes(take(ProductFields::LEN))
+                .ok_or(EntryError("product fields"))?;
+            fields.check().map_err(EntryError)?;
+            Some(fields)
+        } else {
+            None
         };
         let terminal_len = usize::from(take(1)[0]);
         if bytes.len() != fixed_len + terminal_len {
@@ -194,6 +223,7 @@ impl Entry {
             terminal,
             prev_pos,
             transit,
+            product,
         })
     }
 
@@ -266,6 +296,30 @@ impl Entry {
         if !ok {
             return Err("an approval's amount, balance or cards break its kind's rules");
         }
+        if let Some(product) = &self.product {
+            product.check()?;
+            let moves_deposit = product.deposit_paid != 0
+                || product.deposit_refunded != 0
+                || product.deposit_kept != 0;
+            if moves_deposit
+                && !(approved
+                    && matches!(
+                        self.kind,
+                        EntryKind::Issue
+                            | EntryKind::ProductChanged
+                            | EntryKind::Close
+                            | EntryKind::ReplacedOut
+                    ))
+            {
+                return Err(
+                    "only an approved issue, product change, close or replace moves a deposit",
+                );
+            }
+        }
+        if self.kind == EntryKind::ProductChanged && (self.amount.0 != 0 || self.product.is_none())
+        {
+            return Err("a product change carries its product and leaves the balance alone");
+        }
         Ok(())
     }
 
@@ -309,6 +363,7 @@ mod tests {
             terminal: "reader-1".into(),
             prev_pos: Pos { segment: 1, offset: 32 },
             transit: Transit::NONE,
+            product: None,
         };
         let mut buf = Vec::new();
         entry.encode(&mut buf);
@@ -342,6 +397,7 @@ mod tests {
             terminal: "reader-1".into(),
             prev_pos: Pos::NONE,
             transit: Transit::NONE,
+            product: None,
         };
         assert_eq!(purchase.check(), Ok(()));
         let declined =
@@ -391,6 +447,7 @@ mod tests {
             terminal: "reader-1".into(),
             prev_pos: Pos::NONE,
             transit: Transit { hold, ref_atc: Atc(8) },
+            product: None,
         };
         let done = Transit { hold: Hold::NONE, ref_atc: Atc(8) };
         let tap_out = Entry {
@@ -458,6 +515,7 @@ mod tests {
             terminal: "reader-1".into(),
             prev_pos: Pos { segment: 2, offset: 64 },
             transit: Transit::NONE,
+            product: None,
         };
         let mut v2 = Vec::new();
         plain.encode(&mut v2);
@@ -486,5 +544,59 @@ mod tests {
         let mut relabelled = v2.clone();
         relabelled[0] = ENTRY_VERSION_TRANSIT;
         assert!(Entry::decode(&relabelled).is_err());
+    }
+
+    #[test]
+    fn product_fields_use_version_4_and_leave_versions_2_and_3_alone() {
+        use crate::engine::product::{CardProduct, Daily};
+        let issue = Entry {
+            kind: EntryKind::Issue,
+            status: Status::Approved,
+            card_id: CardId(6_000_000_000_000_123),
+            atc: Atc(0),
+            amount: Amount(1_000),
+            balance_after: Amount(1_000),
+            time_ms: 1_700_000_000_000,
+            reference: 70,
+            binding: Mac([0; 16]),
+            other_card: CardId(0),
+            key_version: KeyVersion(1),
+            hotlist_version: 0,
+            hotlist_change: HotlistChange::None,
+            extra: 1_000,
+            terminal: "counter-1".into(),
+            prev_pos: Pos::NONE,
+            transit: Transit::NONE,
+            product: None,
+        };
+        let mut v2 = Vec::new();
+        issue.encode(&mut v2);
+        assert_eq!((v2[0], v2.len()), (ENTRY_VERSION, FIXED_LEN + 9));
+        let after = CardProduct { id: 1, deposit: Amount(2_000), daily: Daily::NONE };
+        let with_product = Entry {
+            product: Some(ProductFields { deposit_paid: 2_000, ..ProductFields::state(after) }),
+            ..issue.clone()
+        };
+        assert_eq!(with_product.check(), Ok(()));
+        let mut v4 = Vec::new();
+        with_product.encode(&mut v4);
+        assert_eq!(v4[0], ENTRY_VERSION_PRODUCT);
+        assert_eq!(v4.len(), FIXED_LEN + Transit::LEN + ProductFields::LEN + 9);
+        assert_eq!(Entry::decode(&v4).ok(), Some(with_product.clone()));
+        // Version 2 and 3 bytes stay readable as they were; a cut version 4 record is refused.
+        assert_eq!(Entry::decode(&v2).ok(), Some(issue.clone()));
+        assert!(Entry::decode(&v4[..v4.len() - 1]).is_err());
+        // A product id beyond the table, or a deposit moved by a purchase, breaks a rule.
+        let mut beyond = v4.clone();
+        beyond[FIXED_LEN - 1 + Transit::LEN] = 200;
+        assert!(Entry::decode(&beyond).is_err());
+        let purchase = Entry {
+            kind: EntryKind::Purchase,
+            atc: Atc(3),
+            amount: Amount(-5),
+            extra: 5,
+            ..with_product
+        };
+        assert!(purchase.check().is_err());
     }
 }

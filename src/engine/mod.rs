@@ -42,6 +42,7 @@ mod open;
 mod overlay;
 mod persist;
 pub mod persister;
+pub mod product;
 pub mod recovery;
 pub mod shard;
 mod staff_ops;

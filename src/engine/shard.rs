@@ -166,7 +166,8 @@ impl Shard {
             Request::Block { card_id, .. }
             | Request::Unblock { card_id, .. }
             | Request::Close { card_id, .. }
-            | Request::Replace { card_id, .. } => Some(*card_id),
+            | Request::Replace { card_id, .. }
+            | Request::SetProduct { card_id, .. } => Some(*card_id),
             other => other.card_auth().map(|a| a.card_id),
         };
         if let Some(card) = touched {
@@ -192,7 +193,15 @@ impl Shard {
                 self.history(terminal, auth, *before_seq, *limit, now_ms)
             }
             Request::Identity { auth } => self.identity(terminal, auth, now_ms),
-            Request::Issue { op_ref, deposit } => self.issue(terminal, *op_ref, *deposit, now_ms),
+            Request::Issue { op_ref, deposit } => {
+                self.issue(terminal, *op_ref, *deposit, 0, now_ms)
+            }
+            Request::IssueProduct { op_ref, deposit, product } => {
+                self.issue(terminal, *op_ref, *deposit, *product, now_ms)
+            }
+            Request::SetProduct { op_ref, card_id, product } => {
+                self.set_product(terminal, *op_ref, *card_id, *product, now_ms)
+            }
             Request::Block { op_ref, card_id, reason } => {
                 self.staff(terminal, EntryKind::Block, *op_ref, *card_id, Some(*reason), now_ms)
             }

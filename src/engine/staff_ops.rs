@@ -2,6 +2,7 @@
 //! Each looks up the card and what its (terminal, op_ref) already recorded, calls its decision
 //! ([`super::decide::staff`]), appends and applies the entry, and seals the answer.
 
+use citycard_protocol::answer::decline_product;
 use citycard_protocol::crypto::staff_binding;
 use citycard_protocol::{
     Amount, BlockReason, CardId, EntryKind, IssueResult, Mac, Response, Status,
@@ -19,12 +20,13 @@ impl Shard {
         terminal: &str,
         op_ref: u64,
         deposit: Amount,
+        product: u8,
         now_ms: u64,
     ) -> Result<Response, StoreError> {
         let prior = self.op_entry(terminal, op_ref)?;
         let new_card = super::card_id_for(self.index, self.count, self.next_card);
-        let decided =
-            decide::staff::issue(&self.context(terminal, now_ms), op_ref, deposit, new_card, prior);
+        let ctx = self.context(terminal, now_ms);
+        let decided = decide::staff::issue(&ctx, op_ref, deposit, product, new_card, prior);
         let (seq, entry) = match decided {
             Decided::Decline(result) => return Ok(Response::Issue(result)),
             Decided::Again(seq, entry) => (seq, entry),
@@ -142,6 +144,44 @@ impl Shard {
         if entry.status == Status::ReferenceReused {
             return Ok(response);
         }
+        if let Some(card) = self.cards.get(card_id) {
+            if let Some(key) = self.card_key(card_id, card.key_version) {
+                seal(&key, &staff_binding(op_ref), &mut response);
+            }
+        }
+        Ok(response)
+    }
+
+    /// Protocol 1.3: changes a card's product (and its deposit), sealed under the card's key
+    /// like block, unblock and close.
+    pub(super) fn set_product(
+        &mut self,
+        terminal: &str,
+        op_ref: u64,
+        card_id: CardId,
+        product: u8,
+        now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let card = self.cards.get(card_id);
+        if let Some(card) = card {
+            if self.card_key(card_id, card.key_version).is_none() {
+                tracing::error!(card = %card_id.masked(), key_version = card.key_version.0, "no issuer key for the card's key version; set product declined");
+                return Ok(Response::SetProduct(decline_product(
+                    Status::KeyVersionRetired,
+                    card_id,
+                )));
+            }
+        }
+        let prior = self.op_entry(terminal, op_ref)?;
+        let ctx = self.context(terminal, now_ms);
+        let decided = decide::staff::set_product(&ctx, op_ref, card_id, product, card, prior);
+        let (seq, entry) = match decided {
+            Decided::Decline(result) => return Ok(Response::SetProduct(result)),
+            Decided::Again(seq, entry) => (seq, entry),
+            Decided::Record(entry) => (self.journal_entry(entry.clone())?, entry),
+        };
+        let mut response =
+            Response::SetProduct(decide::staff::product_answer(&entry, seq, card_id));
         if let Some(card) = self.cards.get(card_id) {
             if let Some(key) = self.card_key(card_id, card.key_version) {
                 seal(&key, &staff_binding(op_ref), &mut response);

@@ -8,6 +8,7 @@
 use citycard_protocol::{Amount, Atc, BlockReason, CardId, CardState, KeyVersion};
 
 use super::decide::transit::Hold;
+use super::product::CardProduct;
 use crate::journal::Pos;
 
 /// Key prefixes in the single sled tree.
@@ -36,6 +37,8 @@ pub struct CardRecord {
     pub block_reason: BlockReason,
     /// The card's open tap-in hold (protocol 1.2), `Hold::NONE` when none.
     pub hold: Hold,
+    /// The card's product, deposit and daily counters (protocol 1.3).
+    pub product: CardProduct,
 }
 
 impl CardRecord {

@@ -14,6 +14,7 @@ use super::answer::{card_result, seal, seal_card};
 use super::decide::transit::{self, AtcFinding, Decision, InquiryOutcome, PurchaseFacts};
 use super::decide::{self, AtcLookup, AtcUse};
 use super::entry::Entry;
+use super::product::ProductFields;
 use super::shard::Shard;
 use super::state::CardRecord;
 use super::types::ATC_LOOKUP_DEPTH;
@@ -123,12 +124,28 @@ impl Shard {
             }
             AtcUse::Fresh => {
                 let key_retired = self.context(terminal, now_ms).policy.key_retired(&card, now_ms);
-                let limits = self.limits.transit;
+                let mut limits = self.limits.transit;
+                let product = self.limits.card_product(card.product.id);
+                // Protocol 1.3: the hold is the card's product's maximum fare.
+                limits.max_fare = product.max_fare;
                 let (d, requested) = match op {
-                    TransitOp::TapIn => (
-                        transit::tap_in(&card, key_retired, &limits, auth.atc, now_ms),
-                        limits.max_fare,
-                    ),
+                    TransitOp::TapIn => {
+                        let over_daily = decide::money::daily_limit(
+                            &product,
+                            card.product.daily,
+                            now_ms,
+                            product.max_fare,
+                        );
+                        let d = transit::tap_in(
+                            &card,
+                            key_retired,
+                            &limits,
+                            over_daily,
+                            auth.atc,
+                            now_ms,
+                        );
+                        (d, limits.max_fare)
+                    }
                     TransitOp::TapOut { fare } => {
                         (transit::tap_out(&card, key_retired, fare), fare.0)
                     }
@@ -188,6 +205,20 @@ impl Shard {
             after.balance = Amount(card.balance.0.saturating_add(d.delta));
             after.hold = d.transit.hold;
         }
+        // Protocol 1.3: a card whose product has a daily limit counts a tap-in as a debit and
+        // a tap-out's or expiry's fare as money spent (on the day it is charged).
+        let mut product = None;
+        let counted = matches!(kind, EntryKind::TapIn | EntryKind::TapOut | EntryKind::HoldExpired);
+        if approved && counted && self.limits.card_product(card.product.id).has_daily_limit() {
+            let mut daily = card.product.daily.today(now_ms);
+            if kind == EntryKind::TapIn {
+                daily.count = daily.count.saturating_add(1);
+            } else {
+                daily.amount = daily.amount.saturating_add(d.amount);
+            }
+            after.product.daily = daily;
+            product = Some(ProductFields::state(after.product));
+        }
         let (hotlist_version, hotlist_change) =
             decide::hotlist_change(self.hotlist_version, card.hotlisted(), &after);
         let entry = Entry {
@@ -210,6 +241,7 @@ impl Shard {
             terminal: terminal.to_owned(),
             prev_pos: Pos::NONE,
             transit: d.transit,
+            product,
         };
         let seq = self.journal_entry(entry.clone())?;
         Ok((seq, entry))
@@ -329,6 +361,7 @@ impl Shard {
                     terminal: terminal.to_owned(),
                     prev_pos: Pos::NONE,
                     transit: transit::Transit::NONE,
+                    product: None,
                 };
                 let seq = self.journal_entry(entry)?;
                 answer(Status::NotFound, None, seq)

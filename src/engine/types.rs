@@ -42,6 +42,43 @@ pub struct Limits {
     /// History older than this many days is not answered online (PROTOCOL.md 6.1,
     /// BeyondRetention).
     pub history_retention_days: u32,
+    /// Card products (protocol 1.3) besides the built-in product 0.
+    pub products: super::product::Products,
+}
+
+impl Limits {
+    /// Product `id`'s rules: as configured, or for product 0 when it is not configured the
+    /// server-wide limits with no daily limit and no deposit. None for an id the table does
+    /// not have (Issue and SetProduct: UnknownProduct).
+    pub fn product(&self, id: u8) -> Option<super::product::Product> {
+        use super::product::{Product, ReplaceDeposit};
+        self.products.configured(id).or_else(|| {
+            (id == 0).then_some(Product {
+                max_balance: self.max_balance,
+                max_amount: self.max_amount,
+                daily_amount_limit: None,
+                daily_count_limit: None,
+                max_fare: self.transit.max_fare,
+                deposit: 0,
+                replace_deposit: ReplaceDeposit::Move,
+            })
+        })
+    }
+
+    /// The rules a card of product `id` is held to: its product, or product 0's when the
+    /// operator removed its product from the table (the card keeps its id and deposit).
+    pub fn card_product(&self, id: u8) -> super::product::Product {
+        self.product(id).or_else(|| self.product(0)).unwrap_or(super::product::Product {
+            // Invariant: product(0) always answers; this arm only satisfies the type.
+            max_balance: self.max_balance,
+            max_amount: self.max_amount,
+            daily_amount_limit: None,
+            daily_count_limit: None,
+            max_fare: self.transit.max_fare,
+            deposit: 0,
+            replace_deposit: super::product::ReplaceDeposit::Move,
+        })
+    }
 }
 
 impl Default for Limits {
@@ -57,6 +94,7 @@ impl Default for Limits {
             // operations are in the archive and the settlement reports, not in a card walk
             // that every History request would pay for.
             history_retention_days: 396,
+            products: super::product::Products::default(),
         }
     }
 }

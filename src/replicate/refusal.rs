@@ -123,6 +123,10 @@ fn response_of(response: Response) -> Response {
         Response::TapOut(t) => Response::TapOut(transit(&t)),
         Response::Reversal(t) => Response::Reversal(transit(&t)),
         Response::Funds(t) => Response::Funds(transit(&t)),
+        // Protocol 1.3: a product change refused: its card, nothing of the decision shown.
+        Response::SetProduct(p) => {
+            Response::SetProduct(citycard_protocol::answer::decline_product(UNAVAILABLE, p.card_id))
+        }
         Response::Inquiry(i) => Response::Inquiry(citycard_protocol::InquiryResult {
             status: UNAVAILABLE,
             card_id: i.card_id,

@@ -510,6 +510,8 @@ pub fn permitted(role: Role, request: &Request) -> bool {
             | (
                 Role::Counter,
                 Issue { .. }
+                    | IssueProduct { .. }
+                    | SetProduct { .. }
                     | Block { .. }
                     | Unblock { .. }
                     | Replace { .. }
@@ -539,14 +541,15 @@ fn stable_hash(parts: &[&[u8]]) -> u64 {
 pub fn route(request: &Request, terminal: &str, shard_count: usize) -> usize {
     let n = shard_count as u16;
     let card = match request {
-        Request::Issue { op_ref, .. } => {
+        Request::Issue { op_ref, .. } | Request::IssueProduct { op_ref, .. } => {
             return (stable_hash(&[terminal.as_bytes(), &op_ref.to_be_bytes()]) % shard_count as u64)
                 as usize
         }
         Request::Block { card_id, .. }
         | Request::Unblock { card_id, .. }
         | Request::Replace { card_id, .. }
-        | Request::Close { card_id, .. } => *card_id,
+        | Request::Close { card_id, .. }
+        | Request::SetProduct { card_id, .. } => *card_id,
         other => other.card_auth().map_or(CardId(0), |a| a.card_id),
     };
     usize::from(crate::engine::shard_of(card, n))

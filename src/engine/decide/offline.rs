@@ -74,5 +74,6 @@ pub fn decide(
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
+        product: None,
     })
 }

@@ -1,15 +1,19 @@
-//! Staff operations (counter terminals): issue, replace, block, unblock, close. Each is keyed
+//! Staff operations (counter terminals): issue, replace, block, unblock, close, and (protocol
+//! 1.3) set product, with the card deposit kept apart from the balance. Each is keyed
 //! by (terminal, op_ref): the same operation sent again answers from its entry; a different
 //! operation under a used op_ref is declined ReferenceReused and journals nothing.
 
+use citycard_protocol::answer::decline_product;
 use citycard_protocol::{
-    Amount, Atc, BlockReason, CardId, CardState, EntryKind, IssueResult, Mac, StaffResult, Status,
+    Amount, Atc, BlockReason, CardId, CardState, EntryKind, IssueResult, Mac, ProductResult,
+    StaffResult, Status,
 };
 
 use super::{hotlist_change, Context, Decided};
 use crate::engine::answer::{declined_issue, declined_staff, state_binding};
 use crate::engine::decide::transit::Transit;
 use crate::engine::entry::{Entry, HotlistChange};
+use crate::engine::product::{CardProduct, ProductFields, ReplaceDeposit};
 use crate::engine::state::CardRecord;
 use crate::journal::Pos;
 
@@ -24,24 +28,54 @@ fn reused_issue(found: &Entry, old: CardId) -> IssueResult {
     IssueResult { key_version: found.key_version, ..declined_issue(Status::ReferenceReused, old) }
 }
 
-/// Decides issuing a card with `deposit`; `new_card` is the id the shard would give it.
+/// The binding field of an issue entry: the product id asked for in byte 0 (zero for the
+/// 16-byte Issue of protocol 1.1, which asks for product 0), so a retry is told from another
+/// operation under the same op_ref even when the issue was declined.
+fn issue_binding(product: u8) -> Mac {
+    let mut b = [0u8; 16];
+    b[0] = product;
+    Mac(b)
+}
+
+/// Decides issuing a card of `product` (0 for the 16-byte Issue) with `deposit` as its initial
+/// balance; the product's card deposit is paid on top, apart from the balance. `new_card` is
+/// the id the shard would give it.
 pub fn issue(
     ctx: &Context<'_>,
     op_ref: u64,
     deposit: Amount,
+    product: u8,
     new_card: CardId,
     prior: Option<(u64, Entry)>,
 ) -> Decided<IssueResult> {
     if let Some((seq, found)) = prior {
-        return if same_operation(&found, EntryKind::Issue, CardId(0), Some(deposit.0)) {
+        let same = same_operation(&found, EntryKind::Issue, CardId(0), Some(deposit.0))
+            && found.binding == issue_binding(product);
+        return if same {
             Decided::Again(seq, found)
         } else {
             Decided::Decline(reused_issue(&found, CardId(0)))
         };
     }
-    let approved = deposit.0 >= 0 && deposit.0 <= ctx.policy.limits.max_balance;
-    let status = if approved { Status::Approved } else { Status::InvalidAmount };
+    let limits = ctx.policy.limits;
+    let rules = limits.product(product);
+    let status = match rules {
+        None => Status::UnknownProduct,
+        Some(_) if deposit.0 < 0 || deposit.0 > limits.max_balance => Status::InvalidAmount,
+        Some(p) if deposit.0 > p.max_balance => Status::BalanceLimit,
+        Some(_) => Status::Approved,
+    };
+    let approved = status == Status::Approved;
     let kept = if approved { deposit } else { Amount(0) };
+    let fields = match rules {
+        Some(p) if approved => {
+            let after =
+                CardProduct { id: product, deposit: Amount(p.deposit), ..CardProduct::DEFAULT };
+            (after != CardProduct::DEFAULT)
+                .then_some(ProductFields { deposit_paid: p.deposit, ..ProductFields::state(after) })
+        }
+        _ => None,
+    };
     Decided::Record(Entry {
         kind: EntryKind::Issue,
         status,
@@ -51,7 +85,7 @@ pub fn issue(
         balance_after: kept,
         time_ms: ctx.now_ms,
         reference: op_ref,
-        binding: Mac::default(),
+        binding: issue_binding(product),
         other_card: CardId(0),
         key_version: ctx.policy.current_version,
         hotlist_version: 0,
@@ -60,6 +94,7 @@ pub fn issue(
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
+        product: fields,
     })
 }
 
@@ -93,11 +128,27 @@ pub fn replace(
         Status::Approved
     };
     let mut after = card;
+    let mut fields = None;
     if status == Status::Approved {
         after.state = CardState::Replaced;
         // A positive balance moves to the new card; a debt stays recorded on the retired card,
         // and the new card starts at 0.
         after.balance = Amount(card.balance.0.min(0));
+        // Protocol 1.3: the new card keeps the product; the deposit moves to it, or the
+        // operator keeps it and the holder pays the product's deposit for the new card.
+        let rules = ctx.policy.limits.card_product(card.product.id);
+        let (kept, paid) = match rules.replace_deposit {
+            ReplaceDeposit::Move => (0, 0),
+            ReplaceDeposit::Keep => (card.product.deposit.0, rules.deposit),
+        };
+        after.product.deposit = Amount(0);
+        if card.product != CardProduct::DEFAULT || paid != 0 {
+            fields = Some(ProductFields {
+                deposit_paid: paid,
+                deposit_kept: kept,
+                ..ProductFields::state(after.product)
+            });
+        }
     }
     let (hotlist_version, hotlist_change) =
         hotlist_change(ctx.hotlist_version, card.hotlisted(), &after);
@@ -119,6 +170,7 @@ pub fn replace(
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
+        product: fields,
     })
 }
 
@@ -170,11 +222,16 @@ pub fn card_op(
     };
     let (hotlist_version, hotlist_change) =
         hotlist_change(ctx.hotlist_version, card.hotlisted(), &after);
-    let refunded = if kind == EntryKind::Close && status == Status::Approved {
-        card.balance.0.max(0)
-    } else {
-        0
-    };
+    let closed = kind == EntryKind::Close && status == Status::Approved;
+    let refunded = if closed { card.balance.0.max(0) } else { 0 };
+    // Protocol 1.3: a Close pays the card deposit back too (apart from the balance refund).
+    let fields = (closed && card.product != CardProduct::DEFAULT).then(|| {
+        after.product.deposit = Amount(0);
+        ProductFields {
+            deposit_refunded: card.product.deposit.0,
+            ..ProductFields::state(after.product)
+        }
+    });
     Decided::Record(Entry {
         kind,
         status,
@@ -199,6 +256,7 @@ pub fn card_op(
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
+        product: fields,
     })
 }
 
@@ -211,7 +269,13 @@ pub fn answer(kind: EntryKind, entry: &Entry, seq: u64, card_id: CardId) -> Staf
     result.journal_seq = seq;
     result.balance = entry.balance_after;
     result.hotlist_version = entry.hotlist_version;
-    result.refunded = if kind == EntryKind::Close { Amount(entry.extra) } else { Amount(0) };
+    // A Close's refund is what the clerk pays out: the balance and (1.3) the card deposit.
+    let deposit_refunded = entry.product.map_or(0, |p| p.deposit_refunded);
+    result.refunded = if kind == EntryKind::Close {
+        Amount(entry.extra.saturating_add(deposit_refunded))
+    } else {
+        Amount(0)
+    };
     result.card_state = match (entry.status, kind) {
         (Status::Approved, EntryKind::Block) => CardState::Blocked,
         (Status::Approved, EntryKind::Close) => CardState::Closed,
@@ -219,5 +283,90 @@ pub fn answer(kind: EntryKind, entry: &Entry, seq: u64, card_id: CardId) -> Staf
         (Status::Approved, _) => CardState::Active,
         _ => CardState::from_u8(entry.binding.0[0]).unwrap_or(CardState::Active),
     };
+    result
+}
+
+/// Decides changing `card_id`'s product to `product` (protocol 1.3; `card` its record, if it
+/// exists). The deposit becomes the new product's: the difference is paid at the counter, or
+/// paid back. The balance, an open hold and today's counters stay; the new product's limits
+/// apply from the next request. Declines for the card are journaled too, so a retry repeats
+/// them.
+pub fn set_product(
+    ctx: &Context<'_>,
+    op_ref: u64,
+    card_id: CardId,
+    product: u8,
+    card: Option<CardRecord>,
+    prior: Option<(u64, Entry)>,
+) -> Decided<ProductResult> {
+    if let Some((seq, found)) = prior {
+        let same = same_operation(&found, EntryKind::ProductChanged, card_id, Some(product.into()));
+        return if same {
+            Decided::Again(seq, found)
+        } else {
+            Decided::Decline(decline_product(Status::ReferenceReused, card_id))
+        };
+    }
+    let Some(card) = card else {
+        return Decided::Decline(decline_product(Status::UnknownCard, card_id));
+    };
+    let rules = ctx.policy.limits.product(product);
+    let status = match rules {
+        _ if card.retired() => Status::CardClosed,
+        None => Status::UnknownProduct,
+        Some(p) if card.balance.0 > p.max_balance => Status::BalanceLimit,
+        Some(_) => Status::Approved,
+    };
+    let mut after = card.product;
+    let mut fields = ProductFields::state(card.product);
+    if let (Status::Approved, Some(p)) = (status, rules) {
+        after.id = product;
+        after.deposit = Amount(p.deposit);
+        let change = p.deposit.saturating_sub(card.product.deposit.0);
+        fields = ProductFields {
+            deposit_paid: change.max(0),
+            deposit_refunded: change.saturating_neg().max(0),
+            ..ProductFields::state(after)
+        };
+    }
+    Decided::Record(Entry {
+        kind: EntryKind::ProductChanged,
+        status,
+        card_id,
+        atc: Atc(0),
+        amount: Amount(0),
+        balance_after: card.balance,
+        time_ms: ctx.now_ms,
+        reference: op_ref,
+        // The card's state when this was decided, as for block, unblock and close.
+        binding: state_binding(card.reported_state()),
+        other_card: CardId(0),
+        key_version: card.key_version,
+        hotlist_version: 0,
+        hotlist_change: HotlistChange::None,
+        // The product asked for (tells a retry from another operation under the op_ref).
+        extra: product.into(),
+        terminal: ctx.terminal.to_owned(),
+        prev_pos: Pos::NONE,
+        transit: Transit::NONE,
+        // Declines carry the card's product unchanged, so a retry answers it again.
+        product: Some(fields),
+    })
+}
+
+/// The answer to the SetProduct journaled as `entry` at `seq` (before its MAC).
+pub fn product_answer(entry: &Entry, seq: u64, card_id: CardId) -> ProductResult {
+    let mut result = decline_product(entry.status, card_id);
+    if entry.status == Status::ReferenceReused {
+        return result;
+    }
+    let fields = entry.product.unwrap_or(ProductFields::state(CardProduct::DEFAULT));
+    result.journal_seq = seq;
+    result.card_state = CardState::from_u8(entry.binding.0[0]).unwrap_or(CardState::Active);
+    result.product = fields.after.id;
+    result.balance = entry.balance_after;
+    result.deposit = fields.after.deposit;
+    result.deposit_paid = Amount(fields.deposit_paid);
+    result.deposit_refunded = Amount(fields.deposit_refunded);
     result
 }

@@ -55,6 +55,7 @@ fn card(state: CardState, balance: i64) -> CardRecord {
         key_version: KeyVersion(1),
         last_pos: Pos::NONE,
         hold: crate::engine::decide::transit::Hold::NONE,
+        product: crate::engine::product::CardProduct::DEFAULT,
     }
 }
 
@@ -342,8 +343,9 @@ fn issue_table() {
         (-1, Status::InvalidAmount, CardId(0), 0),
     ];
     for (i, (deposit, status, card_id, balance)) in rows.into_iter().enumerate() {
-        let entry =
-            with_ctx(&[], |ctx| recorded(staff::issue(ctx, 70, Amount(deposit), NEW_CARD, None)));
+        let entry = with_ctx(&[], |ctx| {
+            recorded(staff::issue(ctx, 70, Amount(deposit), 0, NEW_CARD, None))
+        });
         assert_eq!(
             (entry.status, entry.card_id, entry.balance_after),
             (status, card_id, Amount(balance)),
@@ -356,12 +358,13 @@ fn issue_table() {
         );
     }
     let original =
-        with_ctx(&[], |ctx| recorded(staff::issue(ctx, 70, Amount(100), NEW_CARD, None)));
+        with_ctx(&[], |ctx| recorded(staff::issue(ctx, 70, Amount(100), 0, NEW_CARD, None)));
     let again = with_ctx(&[], |ctx| {
-        staff::issue(ctx, 70, Amount(100), CardId(1), Some((12, original.clone())))
+        staff::issue(ctx, 70, Amount(100), 0, CardId(1), Some((12, original.clone())))
     });
     assert_eq!(again, Decided::Again(12, original.clone()));
-    match with_ctx(&[], |ctx| staff::issue(ctx, 70, Amount(101), NEW_CARD, Some((12, original)))) {
+    match with_ctx(&[], |ctx| staff::issue(ctx, 70, Amount(101), 0, NEW_CARD, Some((12, original))))
+    {
         Decided::Decline(r) => {
             assert_eq!(
                 (r.status, r.card_id, r.journal_seq),

@@ -135,10 +135,13 @@ fn card_gate(card: &CardRecord, key_retired: bool) -> Option<Status> {
 }
 
 /// A tap-in at an entry gate (an expired hold was settled before this is called).
+/// `limits.max_fare` is the card's product's (protocol 1.3); `over_daily` the daily limit the
+/// hold would break ([`super::money::daily_limit`]), if any.
 pub fn tap_in(
     card: &CardRecord,
     key_retired: bool,
     limits: &TransitLimits,
+    over_daily: Option<Status>,
     atc: Atc,
     now_ms: u64,
 ) -> Decision {
@@ -148,6 +151,8 @@ pub fn tap_in(
         Status::CardBlocked
     } else if card.hold.is_open() {
         Status::HoldExists
+    } else if let Some(limit) = over_daily {
+        limit
     } else if spendable(card) < limits.max_fare {
         Status::InsufficientFunds
     } else {

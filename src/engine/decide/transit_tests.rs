@@ -26,6 +26,7 @@ fn card(state: CardState, balance: i64, hold: Hold) -> CardRecord {
         key_version: KeyVersion(1),
         last_pos: Pos::NONE,
         hold,
+        product: crate::engine::product::CardProduct::DEFAULT,
     }
 }
 
@@ -48,7 +49,7 @@ fn tap_in_table() {
         ("key retired", card(CardState::Active, 5000, Hold::NONE), true, Status::KeyVersionRetired),
     ];
     for (name, c, key_retired, expected) in rows {
-        let d = tap_in(&c, key_retired, &limits(), Atc(11), NOW);
+        let d = tap_in(&c, key_retired, &limits(), None, Atc(11), NOW);
         assert_eq!(d.status, expected, "{name}");
         assert_eq!(d.delta, 0, "{name}: a tap-in never moves money");
         if expected == Status::Approved {
@@ -59,7 +60,7 @@ fn tap_in_table() {
             assert_eq!(d.amount, 0, "{name}");
         }
     }
-    let d = tap_in(&card(CardState::Active, 5000, open), false, &limits(), Atc(11), NOW);
+    let d = tap_in(&card(CardState::Active, 5000, open), false, &limits(), None, Atc(11), NOW);
     assert_eq!(d.transit.ref_atc, Atc(9), "HoldExists names the open hold's tap-in");
 }
 

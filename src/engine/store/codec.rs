@@ -12,9 +12,11 @@
 //! | last position: segment | varint u64 (first seq of the segment, 0 = no record) |
 //! | last position: offset | varint u32 |
 //! | open hold (only when bit 7 of the first byte is set) | ATC u32, amount i64, expiry ms u64, big-endian (20 bytes) |
+//! | product (only when bit 6 of the first byte is set) | id u8, then varints: deposit, day, day's amount, day's count |
 //!
 //! A card without an open tap-in hold (protocol 1.2) has bit 7 clear and no hold bytes, so its
-//! bytes and digest term are the same as before holds existed.
+//! bytes and digest term are the same as before holds existed. Likewise a card of product 0
+//! without deposit or daily counters (protocol 1.3) has bit 6 clear and no product bytes.
 //!
 //! Decoding refuses anything but the shortest form of each varint, values out of range and
 //! trailing bytes, so every record has exactly one encoding (the digest depends on that).
@@ -22,11 +24,16 @@
 use citycard_protocol::{Amount, Atc, BlockReason, CardState, KeyVersion};
 
 use crate::engine::decide::transit::Hold;
+use crate::engine::product::{CardProduct, Daily, MAX_PRODUCTS};
 use crate::engine::state::CardRecord;
 use crate::journal::Pos;
 
-/// Longest encoding: 1 + 10 + 5 + 3 + 10 + 5 bytes, and an open hold.
-pub const MAX_LEN: usize = 34 + Hold::LEN;
+/// Longest encoding: 1 + 10 + 5 + 3 + 10 + 5 bytes, an open hold, and the product fields
+/// (1 + 10 + 5 + 10 + 5 bytes).
+pub const MAX_LEN: usize = 34 + Hold::LEN + 31;
+
+/// Bit 6 of the first byte: the card's product fields follow the hold (protocol 1.3).
+const PRODUCT_FLAG: u8 = 0x40;
 
 /// Bit 7 of the first byte: an open hold follows the last position.
 const HOLD_FLAG: u8 = 0x80;
@@ -121,7 +128,11 @@ fn unzigzag(v: u64) -> i64 {
 pub fn encode(record: &CardRecord) -> Encoded {
     let mut w = Writer { out: Encoded { bytes: [0; MAX_LEN], len: 0 } };
     let hold = if record.hold.is_open() { HOLD_FLAG } else { 0 };
-    w.byte((record.state as u8 & 0x07) | ((record.block_reason as u8 & 0x0f) << 3) | hold);
+    let with_product = record.product != CardProduct::DEFAULT;
+    let product = if with_product { PRODUCT_FLAG } else { 0 };
+    w.byte(
+        (record.state as u8 & 0x07) | ((record.block_reason as u8 & 0x07) << 3) | hold | product,
+    );
     w.varint(zigzag(record.balance.0));
     w.varint(u64::from(record.last_atc.0));
     w.varint(u64::from(record.key_version.0));
@@ -132,6 +143,14 @@ pub fn encode(record: &CardRecord) -> Encoded {
             w.byte(b);
         }
     }
+    if with_product {
+        let p = record.product;
+        w.byte(p.id);
+        w.varint(p.deposit.0.max(0) as u64);
+        w.varint(u64::from(p.daily.day));
+        w.varint(p.daily.amount.max(0) as u64);
+        w.varint(u64::from(p.daily.count));
+    }
     w.out
 }
 
@@ -139,7 +158,7 @@ pub fn decode(bytes: &[u8]) -> Result<CardRecord, CodecError> {
     let mut r = Reader { rest: bytes };
     let head = r.byte()?;
     let state = CardState::from_u8(head & 0x07).ok_or(CodecError::Range)?;
-    let block_reason = BlockReason::from_u8((head >> 3) & 0x0f).ok_or(CodecError::Range)?;
+    let block_reason = BlockReason::from_u8((head >> 3) & 0x07).ok_or(CodecError::Range)?;
     let balance = Amount(unzigzag(r.varint(u64::MAX)?));
     let last_atc = Atc(r.varint(u64::from(u32::MAX))? as u32);
     let key_version = KeyVersion(r.varint(u64::from(u16::MAX))? as u16);
@@ -154,6 +173,22 @@ pub fn decode(bytes: &[u8]) -> Result<CardRecord, CodecError> {
     } else {
         Hold::NONE
     };
+    let product = if head & PRODUCT_FLAG != 0 {
+        let id = r.byte()?;
+        let deposit = Amount(r.varint(i64::MAX as u64)? as i64);
+        let day = r.varint(u64::from(u32::MAX))? as u32;
+        let amount = r.varint(i64::MAX as u64)? as i64;
+        let count = r.varint(u64::from(u32::MAX))? as u32;
+        let product = CardProduct { id, deposit, daily: Daily { day, amount, count } };
+        // A flagged product must differ from the default, so every record keeps exactly one
+        // encoding.
+        if product == CardProduct::DEFAULT || usize::from(id) >= MAX_PRODUCTS {
+            return Err(CodecError::Range);
+        }
+        product
+    } else {
+        CardProduct::DEFAULT
+    };
     if !r.rest.is_empty() {
         return Err(CodecError::Trailing);
     }
@@ -165,6 +200,7 @@ pub fn decode(bytes: &[u8]) -> Result<CardRecord, CodecError> {
         key_version,
         last_pos: Pos { segment, offset },
         hold,
+        product,
     })
 }
 
@@ -183,7 +219,30 @@ mod tests {
             key_version: KeyVersion(3),
             last_pos: Pos { segment, offset },
             hold: Hold::NONE,
+            product: CardProduct::DEFAULT,
         }
+    }
+
+    #[test]
+    fn a_product_is_kept_and_the_default_costs_nothing() {
+        let mut r = record(900, 7, 1, 32);
+        let without = encode(&r).len();
+        r.hold = Hold { atc: Atc(7), amount: Amount(400), expires_ms: 1_700_000_000_000 };
+        r.product = CardProduct {
+            id: 2,
+            deposit: Amount(2_000),
+            daily: Daily { day: 20_000, amount: 750, count: 3 },
+        };
+        let e = encode(&r);
+        assert!(e.len() > without + Hold::LEN);
+        assert_eq!(decode(&e), Ok(r));
+        assert_eq!(decode(&e[..e.len() - 1]), Err(CodecError::Truncated));
+        // The flag with default product fields is refused: one encoding per record.
+        let plain = record(900, 7, 1, 32);
+        let mut flagged = encode(&plain).to_vec();
+        flagged[0] |= PRODUCT_FLAG;
+        flagged.extend_from_slice(&[0, 0, 0, 0, 0]);
+        assert_eq!(decode(&flagged), Err(CodecError::Range));
     }
 
     #[test]
@@ -244,6 +303,7 @@ mod tests {
                 key_version: KeyVersion(version),
                 last_pos: Pos { segment, offset },
                 hold: Hold::NONE,
+                product: CardProduct::DEFAULT,
             };
             let e = encode(&r);
             prop_assert!(e.len() <= MAX_LEN);

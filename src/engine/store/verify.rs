@@ -181,6 +181,7 @@ mod tests {
             key_version: KeyVersion(1),
             last_pos: crate::journal::Pos { segment: 1, offset: 32 },
             hold: crate::engine::decide::transit::Hold::NONE,
+            product: crate::engine::product::CardProduct::DEFAULT,
         }
     }
 
