@@ -205,6 +205,7 @@ pub(super) fn is_staff(kind: EntryKind) -> bool {
             | EntryKind::Unblock
             | EntryKind::ReplacedOut
             | EntryKind::Close
+            | EntryKind::ProductChanged
     )
 }
 
