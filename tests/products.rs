@@ -354,3 +354,39 @@ async fn deposits_and_daily_counters_survive_restart_and_rebuild_and_settle() {
         assert!(csv.ends_with("# reconciled yes\n"), "{csv}");
     }
 }
+
+/// The client crate's Issue-with-product and SetProduct, and the counter console's "set
+/// product", against the same server.
+#[tokio::test]
+async fn client_crate_and_counter_console_set_products() {
+    let env = Env::new();
+    let server = start(&env).await;
+    let addr = server.local_addr.to_string();
+    let config = citycard_client::Config::from_keys_dir(&addr, &env.keys, "counter-1").unwrap();
+    let client = citycard_client::Client::new(config).unwrap();
+    let issued = client.issue_product(1, Amount(300), 1).await.unwrap();
+    assert_eq!((issued.status, issued.balance), (Status::Approved, Amount(300)));
+    let key = CardKey::from_bytes(issued.card_key);
+    let p = client.set_product(2, issued.card_id, 2, Some(&key)).await.unwrap();
+    assert_eq!(
+        (p.status, p.deposit, p.deposit_refunded),
+        (Status::Approved, Amount(500), Amount(1_500))
+    );
+    // Checked under the wrong key, the answer is not believed.
+    let wrong = CardKey::from_bytes([7; 32]);
+    let err = client.set_product(2, issued.card_id, 2, Some(&wrong)).await.unwrap_err();
+    assert!(matches!(err, citycard_client::ClientError::BadMac(_)), "{err}");
+    let unknown = client.issue_product(3, Amount(0), 30).await.unwrap();
+    assert_eq!(unknown.status, Status::UnknownProduct);
+
+    // The counter console: back to product 1 takes the 1,500 again.
+    let counter = citycard::counter::ops::Counter { client, cards: None };
+    let op = citycard::counter::ops::Op::SetProduct { card: issued.card_id, product: 1 };
+    let answer = counter.run(&op, 4).await;
+    assert!(answer.approved, "{answer:?}");
+    let field = |name: &str| answer.fields.iter().find(|f| f.name == name).map(|f| f.value.clone());
+    assert_eq!(field("product").as_deref(), Some("1"));
+    assert!(field("take deposit").is_some_and(|v| v.contains("15")), "{answer:?}");
+    assert_eq!(answer.op_ref, Some(4));
+    server.stop().await.unwrap();
+}

@@ -11,8 +11,8 @@ use citycard_protocol::crypto::{response_mac_ok, staff_binding, CardKey};
 use citycard_protocol::message::CARD_RESULT_LEN;
 use citycard_protocol::{
     Amount, BlockReason, CardAuth, CardId, CardResult, Frame, HistoryPage, HotlistChanges,
-    IdentityResult, IssueResult, Mac, MessageType, OfflineRecord, Request, Response, ServerInfo,
-    StaffResult, Status, MAX_HISTORY_PAGE, MAX_HOTLIST_ENTRIES, MAX_OFFLINE_RECORDS,
+    IdentityResult, IssueResult, Mac, MessageType, OfflineRecord, ProductResult, Request, Response,
+    ServerInfo, StaffResult, Status, MAX_HISTORY_PAGE, MAX_HOTLIST_ENTRIES, MAX_OFFLINE_RECORDS,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::{oneshot, Semaphore};
@@ -146,6 +146,7 @@ fn expected_answer(request: MessageType) -> MessageType {
         MessageType::Inquiry => MessageType::InquiryResult,
         MessageType::Reversal => MessageType::ReversalResult,
         MessageType::Funds => MessageType::FundsResult,
+        MessageType::SetProduct => MessageType::SetProductResult,
         // Only requests are sent; a response type here is a bug that the check below reports.
         other => other,
     }
@@ -448,6 +449,50 @@ impl Client {
         };
         if self.checks_answers() {
             check_issue(op_ref, &result, &frame)?;
+        }
+        Ok(result)
+    }
+
+    /// Protocol 1.3: issues a new card of `product` with `deposit` as its initial balance (the
+    /// product's card deposit is paid on top, PROTOCOL.md 6.12; counter role). Exactly-once by
+    /// `op_ref` as [`Client::issue`]; an approval's MAC is checked under the new card key.
+    pub async fn issue_product(
+        &self,
+        op_ref: u64,
+        deposit: Amount,
+        product: u8,
+    ) -> Result<IssueResult, ClientError> {
+        let request = Request::IssueProduct { op_ref, deposit, product };
+        let (response, frame) = self.exchange(&request, None).await?;
+        let Response::Issue(result) = response else {
+            return Err(unexpected(MessageType::IssueResult, &response));
+        };
+        if self.checks_answers() {
+            check_issue(op_ref, &result, &frame)?;
+        }
+        Ok(result)
+    }
+
+    /// Protocol 1.3: changes `card`'s product (counter role). The answer tells the deposit
+    /// money to take (`deposit_paid`) or pay back (`deposit_refunded`). Its MAC is under the
+    /// card's key: pass it when you have it.
+    pub async fn set_product(
+        &self,
+        op_ref: u64,
+        card: CardId,
+        product: u8,
+        key: Option<&CardKey>,
+    ) -> Result<ProductResult, ClientError> {
+        let request = Request::SetProduct { op_ref, card_id: card, product };
+        let (response, frame) = self.exchange(&request, Some(card)).await?;
+        let Response::SetProduct(result) = response else {
+            return Err(unexpected(MessageType::SetProductResult, &response));
+        };
+        if self.checks_answers() {
+            if result.card_id != card {
+                return Err(ClientError::Mismatch("card id"));
+            }
+            check_mac(key, result.status, &result.mac, &frame, &staff_binding(op_ref))?;
         }
         Ok(result)
     }

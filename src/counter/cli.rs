@@ -100,10 +100,21 @@ enum CounterOp {
         #[command(flatten)]
         op_ref: OpRef,
     },
-    /// Close a card and refund its balance.
+    /// Close a card and refund its balance and card deposit.
     Close {
         #[arg(long, value_parser = parse_card)]
         card: citycard_protocol::CardId,
+        #[command(flatten)]
+        op_ref: OpRef,
+    },
+    /// Change a card's product (protocol 1.3; e.g. register an anonymous card). The answer says
+    /// what deposit difference to take or pay back.
+    SetProduct {
+        #[arg(long, value_parser = parse_card)]
+        card: citycard_protocol::CardId,
+        /// The product id of the server's `[[product]]` table (0..=31).
+        #[arg(long)]
+        product: u8,
         #[command(flatten)]
         op_ref: OpRef,
     },
@@ -147,6 +158,9 @@ fn op_of(op: &CounterOp) -> (Op, u64) {
         CounterOp::Unblock { card, op_ref } => (Op::Unblock { card: *card }, op_ref.value()),
         CounterOp::Replace { card, op_ref } => (Op::Replace { card: *card }, op_ref.value()),
         CounterOp::Close { card, op_ref } => (Op::Close { card: *card }, op_ref.value()),
+        CounterOp::SetProduct { card, product, op_ref } => {
+            (Op::SetProduct { card: *card, product: *product }, op_ref.value())
+        }
     }
 }
 

@@ -19,14 +19,39 @@ pub const MAX_TYPED_AMOUNT: i64 = 10_000_000_000;
 /// One staff action with its inputs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Issue { deposit: Amount },
-    TopUp { card: CardId, amount: Amount },
-    Balance { card: CardId },
-    History { card: CardId, before_seq: u64, limit: u16 },
-    Block { card: CardId, reason: BlockReason },
-    Unblock { card: CardId },
-    Replace { card: CardId },
-    Close { card: CardId },
+    Issue {
+        deposit: Amount,
+    },
+    TopUp {
+        card: CardId,
+        amount: Amount,
+    },
+    Balance {
+        card: CardId,
+    },
+    History {
+        card: CardId,
+        before_seq: u64,
+        limit: u16,
+    },
+    Block {
+        card: CardId,
+        reason: BlockReason,
+    },
+    Unblock {
+        card: CardId,
+    },
+    Replace {
+        card: CardId,
+    },
+    Close {
+        card: CardId,
+    },
+    /// Protocol 1.3: change the card's product (e.g. register an anonymous card).
+    SetProduct {
+        card: CardId,
+        product: u8,
+    },
 }
 
 impl Op {
@@ -40,6 +65,7 @@ impl Op {
             Op::Unblock { .. } => "unblock",
             Op::Replace { .. } => "replace",
             Op::Close { .. } => "close",
+            Op::SetProduct { .. } => "set product",
         }
     }
 }
@@ -251,6 +277,26 @@ impl Counter {
                 }
                 answer
             }
+            Op::SetProduct { card, product } => {
+                let result = client.set_product(op_ref, *card, *product, None).await?;
+                let mut answer = Answer::new(op, result.status);
+                answer.card = Some(result.card_id.masked());
+                if authenticated(result.status) && result.status != Status::UnknownCard {
+                    answer.field("product", result.product.to_string());
+                    answer.field("card deposit", money(result.deposit.0));
+                    if result.deposit_paid.0 != 0 {
+                        answer.field("take deposit", money(result.deposit_paid.0));
+                    }
+                    if result.deposit_refunded.0 != 0 {
+                        answer.field("pay back deposit", money(result.deposit_refunded.0));
+                    }
+                    answer.balance(result.balance.0);
+                }
+                if result.journal_seq != 0 {
+                    answer.field("journal seq", result.journal_seq.to_string());
+                }
+                answer
+            }
             Op::TopUp { card, amount } => return self.top_up(op, *card, *amount).await,
             Op::Balance { card } | Op::History { card, .. } => {
                 return self.read(op, *card).await;
@@ -324,7 +370,8 @@ fn op_card(op: &Op) -> Option<CardId> {
         | Op::Block { card, .. }
         | Op::Unblock { card }
         | Op::Replace { card }
-        | Op::Close { card } => Some(*card),
+        | Op::Close { card }
+        | Op::SetProduct { card, .. } => Some(*card),
     }
 }
 

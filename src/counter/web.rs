@@ -150,6 +150,7 @@ fn op_label(name: &str) -> &'static str {
         "unblock" => "unblock",
         "replace" => "replace",
         "close" => "close",
+        "setproduct" => "set product",
         _ => "unknown operation",
     }
 }
@@ -183,6 +184,13 @@ fn parse_op(name: &str, form: &HashMap<String, String>) -> Result<Op, String> {
         "unblock" => Op::Unblock { card: card()? },
         "replace" => Op::Replace { card: card()? },
         "close" => Op::Close { card: card()? },
+        "setproduct" => {
+            let product = field("product")
+                .trim()
+                .parse::<u8>()
+                .map_err(|_| "the product is a number 0..=31")?;
+            Op::SetProduct { card: card()?, product }
+        }
         _ => return Err(format!("there is no operation {:?}", escape(name))),
     })
 }
@@ -275,6 +283,16 @@ fn page(console: &Console, answer: Option<&Answer>) -> String {
     form(&mut html, "unblock", "Unblock", card, "Unblock", "");
     form(&mut html, "replace", "Replace", card, "Replace card", "");
     form(&mut html, "close", "Close and refund", card, "Close card", "");
+    form(
+        &mut html,
+        "setproduct",
+        "Set product",
+        &format!(
+            "{card}<label>Product</label><input name=\"product\" inputmode=\"numeric\" required>"
+        ),
+        "Set product",
+        "",
+    );
     html.push_str("</div><p class=\"note\">Amounts in currency units (20 or 20.50). Card numbers are shown masked except a newly issued one.</p></main></body></html>");
     html
 }
