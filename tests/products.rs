@@ -187,6 +187,23 @@ async fn products_limits_and_set_product_with_every_decline() {
         assert_eq!((r.status, r.balance), (Status::DailyCountLimit, Amount(980)));
     }
 
+    // Funds with the 1.3 detail byte: product, deposit and today's counters (300 + 200 spent
+    // in 2 debits; the declined tap-in counted nothing); a read, so any ATC will do.
+    let auth = card.auth_at(MessageType::Funds, 0, "kiosk-1", card.atc + 1);
+    let response = kiosk.call(&Request::FundsProduct { auth }).await;
+    assert!(mac_ok(&card.key, &auth.cryptogram, &response), "MAC of the 1.3 FundsResult");
+    let Response::FundsProduct(f) = response else { panic!("{response:?}") };
+    assert_eq!(
+        (f.funds.status, f.funds.balance, f.product, f.deposit),
+        (Status::Approved, Amount(500), 1, Amount(2_000))
+    );
+    if same_day(started) {
+        assert_eq!((f.spent_today, f.debits_today), (Amount(500), 2));
+    }
+    // The 36-byte Funds keeps its 1.2 answer.
+    let auth = card.auth_at(MessageType::Funds, 0, "kiosk-1", card.atc + 1);
+    assert!(matches!(kiosk.call(&Request::Funds { auth }).await, Response::Funds(_)));
+
     // SetProduct: to product 2 ("registering" the card): the deposit falls from 2,000 to 500,
     // 1,500 is paid back; the balance and today's counters stay.
     let p = set_product(&mut counter, &card, 10, 2).await;

@@ -12,9 +12,9 @@ use bytes::BytesMut;
 use crate::crypto::CardKey;
 use crate::frame::{EncodeError, ErrorCode, MessageType, RequestId, HEADER_LEN};
 use crate::message::{
-    put_card_result, Amount, Atc, CardAuth, CardId, CardResult, CardState, HistoryPage,
-    IdentityResult, InquiryResult, IssueResult, Mac, OfflineRecord, ProductResult, Request,
-    Response, StaffResult, Status, TransitResult, CARD_RESULT_LEN,
+    put_card_result, Amount, Atc, CardAuth, CardId, CardResult, CardState, FundsProductResult,
+    HistoryPage, IdentityResult, InquiryResult, IssueResult, Mac, OfflineRecord, ProductResult,
+    Request, Response, StaffResult, Status, TransitResult, CARD_RESULT_LEN,
 };
 
 /// Length of the response MAC at the end of a sealed body.
@@ -200,6 +200,13 @@ pub fn decline(request: &Request, status: Status) -> Response {
         Request::Issue { .. } | Request::IssueProduct { .. } => {
             Response::Issue(decline_issue(status, CardId(0)))
         }
+        Request::FundsProduct { .. } => Response::FundsProduct(FundsProductResult {
+            funds: decline_transit(status, &auth),
+            product: 0,
+            deposit: Amount(0),
+            spent_today: Amount(0),
+            debits_today: 0,
+        }),
         Request::SetProduct { card_id, .. } => {
             Response::SetProduct(decline_product(status, *card_id))
         }
@@ -344,6 +351,7 @@ pub fn has_trailing_mac(response: &Response) -> bool {
             | Response::Reversal(_)
             | Response::Funds(_)
             | Response::SetProduct(_)
+            | Response::FundsProduct(_)
     )
 }
 

@@ -422,6 +422,11 @@ pub enum Request {
     Funds {
         auth: CardAuth,
     },
+    /// Protocol 1.3: Funds with a 37th byte of 1: answered with the card's product, deposit
+    /// and today's counters besides the 1.2 fields (PROTOCOL.md 6.10, 6.12).
+    FundsProduct {
+        auth: CardAuth,
+    },
     /// Protocol 1.3: a counter changes the card's product (PROTOCOL.md 6.12).
     SetProduct {
         op_ref: u64,
@@ -545,6 +550,21 @@ pub struct IssueResult {
     pub mac: Mac,
 }
 
+/// Protocol 1.3: the answer to a 37-byte Funds (102 bytes): the 1.2 FundsResult fields, then
+/// the card's product, deposit and today's counters, then the MAC (in `funds.mac`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FundsProductResult {
+    pub funds: TransitResult,
+    /// The card's product (0 when the card was not authenticated).
+    pub product: u8,
+    /// The card deposit held for the card, apart from its balance.
+    pub deposit: Amount,
+    /// Money spent online today (UTC day) as the card's daily counters count it.
+    pub spent_today: Amount,
+    /// Online debits today (UTC day) as the card's daily counters count them.
+    pub debits_today: u32,
+}
+
 /// Protocol 1.3: the answer to SetProduct (67 bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProductResult {
@@ -633,7 +653,12 @@ pub enum Response {
     Reversal(TransitResult),
     Funds(TransitResult),
     SetProduct(ProductResult),
-    Error { code: u16, message: String },
+    /// Protocol 1.3: the answer to a 37-byte Funds (type FundsResult, 102-byte body).
+    FundsProduct(FundsProductResult),
+    Error {
+        code: u16,
+        message: String,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -764,6 +789,15 @@ pub(crate) fn put_card_result(out: &mut impl BufMut, r: &CardResult) {
 pub const TRANSIT_RESULT_LEN: usize = 81;
 
 fn put_transit_result(out: &mut BytesMut, r: &TransitResult) {
+    put_transit_fields(out, r);
+    out.put_slice(&r.mac.0);
+}
+
+/// Encoded length of the 1.3 FundsResult with product fields, its MAC included.
+pub const FUNDS_PRODUCT_RESULT_LEN: usize = TRANSIT_RESULT_LEN + 21;
+
+/// A TransitResult's fields before its MAC (65 bytes).
+fn put_transit_fields(out: &mut BytesMut, r: &TransitResult) {
     out.put_u8(r.status as u8);
     out.put_u64(r.card_id.0);
     out.put_u32(r.atc.0);
@@ -774,7 +808,6 @@ fn put_transit_result(out: &mut BytesMut, r: &TransitResult) {
     out.put_u32(r.ref_atc.0);
     out.put_u64(r.time_ms);
     out.put_u64(r.journal_seq);
-    out.put_slice(&r.mac.0);
 }
 
 fn read_transit_result(r: &mut Reader<'_>) -> Result<TransitResult, DecodeError> {
@@ -790,6 +823,23 @@ fn read_transit_result(r: &mut Reader<'_>) -> Result<TransitResult, DecodeError>
         time_ms: r.u64()?,
         journal_seq: r.u64()?,
         mac: r.mac()?,
+    })
+}
+
+/// A TransitResult's fields before its MAC; the MAC is read by the caller (zero until then).
+fn read_transit_result_fields(r: &mut Reader<'_>) -> Result<TransitResult, DecodeError> {
+    Ok(TransitResult {
+        status: r.status()?,
+        card_id: r.card_id()?,
+        atc: r.atc()?,
+        balance: r.amount()?,
+        amount: r.amount()?,
+        held: r.amount()?,
+        spendable: r.amount()?,
+        ref_atc: r.atc()?,
+        time_ms: r.u64()?,
+        journal_seq: r.u64()?,
+        mac: Mac::default(),
     })
 }
 
@@ -846,6 +896,7 @@ impl Request {
             Request::Reversal { .. } => MessageType::Reversal,
             Request::Funds { .. } => MessageType::Funds,
             Request::IssueProduct { .. } => MessageType::Issue,
+            Request::FundsProduct { .. } => MessageType::Funds,
             Request::SetProduct { .. } => MessageType::SetProduct,
         }
     }
@@ -862,7 +913,8 @@ impl Request {
             | Request::TapOut { auth, .. }
             | Request::Inquiry { auth, .. }
             | Request::Reversal { auth, .. }
-            | Request::Funds { auth } => Some(auth),
+            | Request::Funds { auth }
+            | Request::FundsProduct { auth } => Some(auth),
             _ => None,
         }
     }
@@ -902,6 +954,10 @@ impl Request {
             | Request::Identity { auth }
             | Request::TapIn { auth }
             | Request::Funds { auth } => put_auth(&mut body, auth),
+            Request::FundsProduct { auth } => {
+                put_auth(&mut body, auth);
+                body.put_u8(1);
+            }
             Request::TapOut { auth, fare } => {
                 put_auth(&mut body, auth);
                 body.put_i64(fare.0);
@@ -1052,7 +1108,19 @@ impl Request {
                 original_atc: r.atc()?,
                 original_cryptogram: r.mac()?,
             },
-            MessageType::Funds => Request::Funds { auth: r.card_auth()? },
+            MessageType::Funds => {
+                let auth = r.card_auth()?;
+                // Protocol 1.3: a 37th byte of 1 asks for the product fields too.
+                if body.len() > 36 {
+                    let v = r.u8()?;
+                    if v != 1 {
+                        return Err(bad_value("detail", v.into()));
+                    }
+                    Request::FundsProduct { auth }
+                } else {
+                    Request::Funds { auth }
+                }
+            }
             other => {
                 return Err(DecodeError::UnknownType {
                     message_type: other as u8,
@@ -1087,6 +1155,7 @@ impl Response {
             Response::Reversal(_) => MessageType::ReversalResult,
             Response::Funds(_) => MessageType::FundsResult,
             Response::SetProduct(_) => MessageType::SetProductResult,
+            Response::FundsProduct(_) => MessageType::FundsResult,
             Response::Error { .. } => MessageType::Error,
         }
     }
@@ -1107,6 +1176,7 @@ impl Response {
             | Response::Funds(t) => Some(t.status),
             Response::Inquiry(i) => Some(i.status),
             Response::SetProduct(p) => Some(p.status),
+            Response::FundsProduct(f) => Some(f.funds.status),
             Response::ServerInfo(_) | Response::HotlistSync(_) | Response::Error { .. } => None,
         }
     }
@@ -1126,6 +1196,7 @@ impl Response {
             | Response::Funds(t) => t.status = status,
             Response::Inquiry(i) => i.status = status,
             Response::SetProduct(p) => p.status = status,
+            Response::FundsProduct(f) => f.funds.status = status,
             Response::ServerInfo(_) | Response::HotlistSync(_) | Response::Error { .. } => {}
         }
     }
@@ -1144,6 +1215,7 @@ impl Response {
             | Response::Funds(t) => Some(&mut t.mac),
             Response::Inquiry(i) => Some(&mut i.mac),
             Response::SetProduct(p) => Some(&mut p.mac),
+            Response::FundsProduct(f) => Some(&mut f.funds.mac),
             Response::OfflineBatch(_)
             | Response::ServerInfo(_)
             | Response::HotlistSync(_)
@@ -1277,6 +1349,14 @@ impl Response {
             | Response::TapOut(t)
             | Response::Reversal(t)
             | Response::Funds(t) => put_transit_result(body, t),
+            Response::FundsProduct(f) => {
+                put_transit_fields(body, &f.funds);
+                body.put_u8(f.product);
+                body.put_i64(f.deposit.0);
+                body.put_i64(f.spent_today.0);
+                body.put_u32(f.debits_today);
+                body.put_slice(&f.funds.mac.0);
+            }
             Response::SetProduct(p) => {
                 body.put_u8(p.status as u8);
                 body.put_u64(p.card_id.0);
@@ -1455,6 +1535,21 @@ impl Response {
             MessageType::TapInResult => Response::TapIn(read_transit_result(&mut r)?),
             MessageType::TapOutResult => Response::TapOut(read_transit_result(&mut r)?),
             MessageType::ReversalResult => Response::Reversal(read_transit_result(&mut r)?),
+            MessageType::FundsResult if body.len() == FUNDS_PRODUCT_RESULT_LEN => {
+                let mut funds = read_transit_result_fields(&mut r)?;
+                let product = r.u8()?;
+                let deposit = r.amount()?;
+                let spent_today = r.amount()?;
+                let debits_today = r.u32()?;
+                funds.mac = r.mac()?;
+                Response::FundsProduct(FundsProductResult {
+                    funds,
+                    product,
+                    deposit,
+                    spent_today,
+                    debits_today,
+                })
+            }
             MessageType::FundsResult => Response::Funds(read_transit_result(&mut r)?),
             MessageType::SetProductResult => {
                 let status = r.status()?;

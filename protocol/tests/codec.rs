@@ -832,6 +832,7 @@ fn arb_request() -> impl Strategy<Value = Request> {
         (any::<u64>(), any::<u64>(), any::<u8>()).prop_map(|(op_ref, c, product)| {
             Request::SetProduct { op_ref, card_id: CardId(c), product }
         }),
+        arb_auth().prop_map(|auth| Request::FundsProduct { auth }),
     ]
 }
 
@@ -1075,6 +1076,17 @@ fn arb_response() -> impl Strategy<Value = Response> {
         arb_issue_result().prop_map(Response::Replace),
         arb_staff_result().prop_map(Response::Close),
         arb_product_result().prop_map(Response::SetProduct),
+        (arb_transit_result(), any::<u8>(), arb_amount(), arb_amount(), any::<u32>()).prop_map(
+            |(funds, product, deposit, spent_today, debits_today)| {
+                Response::FundsProduct(FundsProductResult {
+                    funds,
+                    product,
+                    deposit,
+                    spent_today,
+                    debits_today,
+                })
+            }
+        ),
         prop::collection::vec(arb_card_result(), 0..=12).prop_map(Response::OfflineBatch),
         hotlist,
         (any::<u16>(), "\\PC{0,64}").prop_map(|(code, message)| Response::Error { code, message }),

@@ -101,6 +101,8 @@ const EXPECTED: &[&str] = &[
     "set-product-response",
     "set-product-balance-limit-response",
     "purchase-daily-count-limit-response",
+    "funds-product-request",
+    "funds-product-response",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -1018,6 +1020,46 @@ fn vectors() -> Vec<Vector> {
             sealed(v, Response::SetProduct(result), &key(CARD), crypto::staff_binding(op_ref));
         out.push(v.msg(Msg::Resp(resp)));
     }
+    // Funds with its 37th byte: the 1.2 fields, then product 2, deposit 2,000 and today's
+    // counters (spent 620 in 3 debits), then the MAC over all of it.
+    let (v, funds_product_auth) = card_request(
+        Vector::new("funds-product-request", 54),
+        MessageType::Funds,
+        16,
+        0x0000_0000_0000_0010,
+        0,
+        KIOSK,
+    );
+    let v = v.field("detail", 1);
+    out.push(v.msg(Msg::Req(Request::FundsProduct { auth: funds_product_auth })));
+    let funds = TransitResult {
+        status: Status::Approved,
+        card_id: CARD,
+        atc: Atc(16),
+        balance: Amount(3750),
+        amount: Amount(0),
+        held: Amount(0),
+        spendable: Amount(3750),
+        ref_atc: Atc(0),
+        time_ms: 0,
+        journal_seq: 0,
+        mac: Mac([0; 16]),
+    };
+    let result = FundsProductResult {
+        funds,
+        product: 2,
+        deposit: Amount(2000),
+        spent_today: Amount(620),
+        debits_today: 3,
+    };
+    let v = transit_fields(Vector::new("funds-product-response", 54), &funds)
+        .field("product", 2)
+        .field("deposit", 2000)
+        .field("spent_today", 620)
+        .field("debits_today", 3);
+    let (v, resp) = sealed(v, Response::FundsProduct(result), &k, funds_product_auth.cryptogram);
+    out.push(v.msg(Msg::Resp(resp)));
+
     let limited = card_result(Status::DailyCountLimit, 5, 3750, 1071);
     let v =
         card_result_fields(Vector::new("purchase-daily-count-limit-response", 52), "", &limited);

@@ -230,6 +230,7 @@ impl Shard {
                 self.inquiry(terminal, auth, *original_type, *amount, now_ms)
             }
             Request::Funds { auth } => self.funds(terminal, auth),
+            Request::FundsProduct { auth } => self.funds_product(terminal, auth, now_ms),
             Request::Hello { .. } | Request::OfflineBatch { .. } | Request::HotlistSync { .. } => {
                 Err(StoreError::NotForShard(request.message_type()))
             }

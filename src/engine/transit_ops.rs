@@ -5,8 +5,8 @@
 
 use citycard_protocol::crypto::CardKey;
 use citycard_protocol::{
-    Amount, Atc, CardAuth, CardId, EntryKind, InquiryResult, Mac, MessageType, Response, Status,
-    TransitResult, ATC_LATE_WINDOW,
+    Amount, Atc, CardAuth, CardId, EntryKind, FundsProductResult, InquiryResult, Mac, MessageType,
+    Response, Status, TransitResult, ATC_LATE_WINDOW,
 };
 
 use super::answer::{card_result, seal, seal_card};
@@ -422,6 +422,44 @@ impl Shard {
         let mut result = current(status, &card, auth);
         result.ref_atc = card.hold.atc;
         let mut response = Response::Funds(result);
+        seal(&key, &auth.cryptogram, &mut response);
+        Ok(response)
+    }
+}
+
+impl Shard {
+    /// Protocol 1.3: Funds with the card's product, deposit and today's counters (a read:
+    /// nothing journaled, the ATC not used).
+    pub(super) fn funds_product(
+        &mut self,
+        terminal: &str,
+        auth: &CardAuth,
+        now_ms: u64,
+    ) -> Result<Response, StoreError> {
+        let declined = |funds| FundsProductResult {
+            funds,
+            product: 0,
+            deposit: Amount(0),
+            spent_today: Amount(0),
+            debits_today: 0,
+        };
+        let (card, key) = match self.authenticate(terminal, MessageType::Funds, auth, Amount(0)) {
+            Ok(found) => found,
+            Err(status) => {
+                return Ok(Response::FundsProduct(declined(unauthenticated(status, auth))))
+            }
+        };
+        let status = if card.retired() { Status::CardClosed } else { Status::Approved };
+        let mut funds = current(status, &card, auth);
+        funds.ref_atc = card.hold.atc;
+        let today = card.product.daily.today(now_ms);
+        let mut response = Response::FundsProduct(FundsProductResult {
+            funds,
+            product: card.product.id,
+            deposit: card.product.deposit,
+            spent_today: Amount(today.amount),
+            debits_today: today.count,
+        });
         seal(&key, &auth.cryptogram, &mut response);
         Ok(response)
     }

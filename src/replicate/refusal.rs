@@ -123,6 +123,15 @@ fn response_of(response: Response) -> Response {
         Response::TapOut(t) => Response::TapOut(transit(&t)),
         Response::Reversal(t) => Response::Reversal(transit(&t)),
         Response::Funds(t) => Response::Funds(transit(&t)),
+        Response::FundsProduct(f) => {
+            Response::FundsProduct(citycard_protocol::FundsProductResult {
+                funds: transit(&f.funds),
+                product: 0,
+                deposit: Amount(0),
+                spent_today: Amount(0),
+                debits_today: 0,
+            })
+        }
         // Protocol 1.3: a product change refused: its card, nothing of the decision shown.
         Response::SetProduct(p) => {
             Response::SetProduct(citycard_protocol::answer::decline_product(UNAVAILABLE, p.card_id))

@@ -497,6 +497,7 @@ pub fn permitted(role: Role, request: &Request) -> bool {
                     | Reversal { .. }
                     | Inquiry { .. }
                     | Funds { .. }
+                    | FundsProduct { .. }
             )
             | (
                 Role::Kiosk,
@@ -506,6 +507,7 @@ pub fn permitted(role: Role, request: &Request) -> bool {
                     | Identity { .. }
                     | Inquiry { .. }
                     | Funds { .. }
+                    | FundsProduct { .. }
             )
             | (
                 Role::Counter,
