@@ -949,6 +949,7 @@ mod tests {
             terminal: terminal.into(),
             prev_pos: crate::journal::Pos::NONE,
             transit: crate::engine::decide::transit::Transit::NONE,
+            numbered: crate::engine::entry::Numbered::NONE,
         }
     }
 

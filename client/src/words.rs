@@ -28,6 +28,7 @@ pub fn status_name(status: Status) -> &'static str {
         Status::AlreadyReversed => "AlreadyReversed",
         Status::Reversed => "Reversed",
         Status::BeyondRetention => "BeyondRetention",
+        Status::SeqConflict => "SeqConflict",
     }
 }
 
@@ -61,6 +62,9 @@ pub fn status_words(status: Status) -> &'static str {
         Status::Reversed => "reversed: this purchase was refunded by a later reversal",
         Status::BeyondRetention => {
             "no more history online: older operations are kept in the archive, ask the operator"
+        }
+        Status::SeqConflict => {
+            "refused: this terminal already uploaded another record under this sequence number"
         }
     }
 }

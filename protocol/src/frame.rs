@@ -53,6 +53,7 @@ message_types! {
     Inquiry = 0x10,
     Reversal = 0x11,
     Funds = 0x12,
+    NumberedOfflineBatch = 0x14,
     ServerInfo = 0x81,
     PurchaseResult = 0x82,
     TopUpResult = 0x83,
@@ -71,6 +72,7 @@ message_types! {
     InquiryResult = 0x90,
     ReversalResult = 0x91,
     FundsResult = 0x92,
+    NumberedOfflineResults = 0x94,
     Error = 0xFF,
 }
 

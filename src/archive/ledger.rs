@@ -268,6 +268,7 @@ mod tests {
             } else {
                 Transit { hold, ref_atc: Atc(0) }
             },
+            numbered: crate::engine::entry::Numbered::NONE,
         }
     }
 

@@ -210,6 +210,7 @@ impl Shard {
             terminal: terminal.to_owned(),
             prev_pos: Pos::NONE,
             transit: d.transit,
+            numbered: crate::engine::entry::Numbered::NONE,
         };
         let seq = self.journal_entry(entry.clone())?;
         Ok((seq, entry))
@@ -329,6 +330,7 @@ impl Shard {
                     terminal: terminal.to_owned(),
                     prev_pos: Pos::NONE,
                     transit: transit::Transit::NONE,
+                    numbered: crate::engine::entry::Numbered::NONE,
                 };
                 let seq = self.journal_entry(entry)?;
                 answer(Status::NotFound, None, seq)

@@ -161,5 +161,6 @@ pub(super) fn reference_lost(terminal: &str, op_ref: u64) -> Entry {
         terminal: terminal.to_owned(),
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
+        numbered: crate::engine::entry::Numbered::NONE,
     }
 }

@@ -32,6 +32,7 @@ impl Sim {
                 Arc::new(WorkerShared {
                     hotlist_version: AtomicU64::new(3),
                     last_batch: AtomicU64::new(0),
+                    numbered_uploads: Default::default(),
                 })
             })
             .collect();

@@ -61,6 +61,7 @@ pub fn decide(
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
+        numbered: crate::engine::entry::Numbered::NONE,
     })
 }
 

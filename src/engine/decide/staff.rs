@@ -60,6 +60,7 @@ pub fn issue(
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
+        numbered: crate::engine::entry::Numbered::NONE,
     })
 }
 
@@ -119,6 +120,7 @@ pub fn replace(
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
+        numbered: crate::engine::entry::Numbered::NONE,
     })
 }
 
@@ -199,6 +201,7 @@ pub fn card_op(
         terminal: ctx.terminal.to_owned(),
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
+        numbered: crate::engine::entry::Numbered::NONE,
     })
 }
 
