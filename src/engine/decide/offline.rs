@@ -124,3 +124,7 @@ pub fn same_record(entry: &Entry, record: &OfflineRecord, uncertain: bool) -> bo
         && entry.binding == record.certificate
         && entry.numbered.uncertain == uncertain
 }
+
+#[cfg(test)]
+#[path = "offline_tests.rs"]
+mod tests;
