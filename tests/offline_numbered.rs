@@ -211,3 +211,79 @@ async fn a_second_numbered_batch_in_flight_is_busy() {
     counter.close().await;
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn settlement_lists_gaps_refusals_and_uncertain_records() {
+    let env = Env::new();
+    let server = env.start().await;
+    let addr = server.local_addr;
+    let mut counter = Client::connect(&env.keys, addr, "counter-1").await;
+    let mut reader = Client::connect(&env.keys, addr, READER).await;
+    let (mut a, mut b) = two_shards(&mut counter).await;
+
+    let mut forged = numbered(&mut a, 40, 7, 0);
+    forged.record.certificate.0[0] ^= 1;
+    a.atc -= 1; // the forged record did not use the card's ATC
+    let records = [
+        numbered(&mut a, 100, 1, 0),
+        numbered(&mut b, 200, 2, 0),
+        // Uncertain, and the card's counter goes on past it (seq 5): completed.
+        numbered(&mut a, 50, 4, FLAG_UNCERTAIN),
+        numbered(&mut a, 70, 5, 0),
+        // Uncertain, and nothing later from card b: unresolved.
+        numbered(&mut b, 30, 6, FLAG_UNCERTAIN),
+        forged,
+        // Uncertain and refused (amount 0): nothing to resolve.
+        numbered(&mut a, 0, 9, FLAG_UNCERTAIN),
+    ];
+    let got = upload(&mut reader, &records).await;
+    let statuses: Vec<Status> = got.results.iter().map(|r| r.result.status).collect();
+    use Status::{Approved, BadCryptogram, InvalidAmount};
+    assert_eq!(
+        statuses,
+        [Approved, Approved, Approved, Approved, Approved, BadCryptogram, InvalidAmount]
+    );
+    // Seq 2 again with another record: refused, and it fills no gap.
+    let conflict = NumberedRecord { terminal_seq: 2, ..numbered(&mut a, 10, 0, 0) };
+    assert_eq!(
+        upload(&mut reader, &[conflict]).await.results[0].result.status,
+        Status::SeqConflict
+    );
+
+    let day = citycard::report::Date::parse("2026-01-01").unwrap();
+    let report = citycard::report::settlement(&env.data, day).unwrap();
+    let csv = report.to_csv();
+    assert!(report.reconciled(), "{csv}");
+    assert_eq!((report.balances_start, report.balances_end), (0, -450), "{csv}");
+    let row = report.row(READER, citycard::report::Operation::Offline);
+    assert_eq!((row.count, row.amount, row.declined), (5, 450, 3), "{csv}");
+    let mask = |card: &Card| card.id.masked();
+    let expected = format!(
+        "# offline_seqs reader-1 highest 9 recorded 7 gaps 3,8\n\
+         # offline_refused reader-1 seq 2 card {a} atc 5 SeqConflict\n\
+         # offline_refused reader-1 seq 7 card {a} atc 1 BadCryptogram\n\
+         # offline_refused reader-1 seq 9 card {a} atc 4 InvalidAmount\n\
+         # offline_uncertain reader-1 seq 4 card {a} atc 2 completed\n\
+         # offline_uncertain reader-1 seq 6 card {b} atc 2 unresolved\n\
+         # offline_uncertain reader-1 seq 9 card {a} atc 4 refused\n\
+         # net ",
+        a = mask(&a),
+        b = mask(&b),
+    );
+    assert!(csv.contains(&expected), "{csv}");
+
+    // A later ATC of card b, online, resolves its uncertain record.
+    match reader.call(&b.purchase(5, READER)).await {
+        Response::Purchase(r) => assert_eq!(r.status, Status::Approved),
+        other => panic!("{other:?}"),
+    }
+    let csv = citycard::report::settlement(&env.data, day).unwrap().to_csv();
+    let line = format!("# offline_uncertain reader-1 seq 6 card {} atc 2 completed\n", mask(&b));
+    assert!(csv.contains(&line), "{csv}");
+    // Today's report (the issues, the purchase) still reconciles.
+    let today = citycard::report::settlement(&env.data, citycard::report::Date::today()).unwrap();
+    assert!(today.reconciled(), "{}", today.to_csv());
+    reader.close().await;
+    counter.close().await;
+    server.stop().await.unwrap();
+}
