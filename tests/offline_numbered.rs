@@ -172,6 +172,21 @@ async fn numbered_uploads_are_exactly_once_per_seq_and_survive_a_restart() {
     assert_eq!(balance_of(&mut reader, &a).await, 850);
     reader.close().await;
     server.stop().await.unwrap();
+
+    // With the derived state gone, the seqs come back from the journal.
+    for shard in 0..2 {
+        let state = citycard::server::shard_dir(&env.data, shard).join("state");
+        std::fs::remove_dir_all(state).unwrap();
+    }
+    let server = env.start().await;
+    let mut reader = Client::connect(&env.keys, server.local_addr, READER).await;
+    let rebuilt = upload(&mut reader, &first).await;
+    assert_eq!((rebuilt.highest_seq, &rebuilt.results), (7, &answer.results));
+    let got = upload(&mut reader, &[other_card, forged]).await;
+    let statuses: Vec<Status> = got.results.iter().map(|r| r.result.status).collect();
+    assert_eq!(statuses, [Status::SeqConflict, Status::BadCryptogram]);
+    reader.close().await;
+    server.stop().await.unwrap();
     let report = citycard::verify::verify(&env.data).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
