@@ -67,6 +67,14 @@
 //! `# pruned yes: records of this day were removed on shard ...`: its rows show only the
 //! records kept. Both lines are covered by the signature.
 //!
+//! # Offline records (protocol 1.3)
+//!
+//! Lines `# offline_seqs`, `# offline_refused` and `# offline_uncertain`, after the rows and the
+//! anchor lines and before `# net`, list per terminal the gaps in its numbered offline records,
+//! every refused offline record with its status, and the uncertain records with their
+//! resolution: see [`numbered`]. They move no money and do not enter the reconciliation (a
+//! refused record moved nothing; an approved one is in the `offline` row).
+//!
 //! # CSV and signature
 //!
 //! ```text
@@ -101,6 +109,8 @@ use ring::signature::{Ed25519KeyPair, UnparsedPublicKey, ED25519};
 use crate::engine::entry::Entry;
 use crate::journal::{self, JournalError};
 use crate::keys;
+
+pub mod numbered;
 
 /// Milliseconds in a UTC day.
 pub const DAY_MS: i64 = 86_400_000;
@@ -509,6 +519,8 @@ pub struct Settlement {
     /// Shards on which records of this day were pruned: the rows miss them, the money flows
     /// and balances include them through the anchor's day sums.
     pub pruned_on: Vec<u16>,
+    /// Offline records: seq gaps, refusals, uncertain records (protocol 1.3).
+    pub offline: numbered::OfflineSettlement,
 }
 
 impl Settlement {
@@ -524,6 +536,7 @@ impl Settlement {
             records: 0,
             anchors: Vec::new(),
             pruned_on: Vec::new(),
+            offline: numbered::OfflineSettlement::default(),
         }
     }
 
@@ -574,6 +587,7 @@ impl Settlement {
     /// Adds one journal entry.
     fn add(&mut self, entry: &Entry) {
         self.records += 1;
+        self.offline.add(entry, self.date.start_ms(), self.date.end_ms());
         let (start, end) = (i128::from(self.date.start_ms()), i128::from(self.date.end_ms()));
         let time = i128::from(entry.time_ms);
         let approved = entry.status == Status::Approved;
@@ -666,6 +680,7 @@ impl Settlement {
         self.records += other.records;
         self.anchors.extend(other.anchors);
         self.pruned_on.extend(other.pruned_on);
+        self.offline.merge(other.offline);
     }
 
     /// The unsigned report: header, one line per row, then the summary lines.
@@ -698,6 +713,7 @@ impl Settlement {
                 shards.join(",")
             ));
         }
+        out.push_str(&self.offline.lines());
         let f = &self.flows;
         out.push_str(&format!(
             "# net {} = deposits {} + top_ups {} - purchases {} - offline {} - refunds {}\n",
@@ -1063,6 +1079,7 @@ mod tests {
             prev_pos: crate::journal::Pos::NONE,
             transit: crate::engine::decide::transit::Transit::NONE,
             product: None,
+            numbered: crate::engine::entry::Numbered::NONE,
         }
     }
 

@@ -341,6 +341,14 @@ pub(crate) fn check_entry(
     problems: &mut Vec<String>,
 ) {
     let at = |what: String| format!("shard {shard} seq {seq} card {}: {what}", e.card_id.masked());
+    if e.is_note() {
+        // A numbered offline record refused before it reached the card (protocol 1.3): it
+        // touches no card, and may name one that does not exist (`Entry::check` holds the rest).
+        if e.amount.0 != 0 || e.status == Status::Approved {
+            problems.push(at(format!("refusal note ({:?}) moved {}", e.status, e.amount.0)));
+        }
+        return;
+    }
     if e.status != Status::Approved {
         if e.amount.0 != 0 {
             problems.push(at(format!("declined ({:?}) but moved {}", e.status, e.amount.0)));

@@ -53,6 +53,8 @@ async fn role_examples_run_against_a_spawned_server() {
     let reader = reader_example::run(&addr, &keys).await.expect("reader example");
     assert_eq!(reader.balances, vec![1_000 - 3 * 150; 4]);
     assert_eq!(reader.offline, vec![Status::Approved, Status::Approved]);
+    assert_eq!(reader.numbered, vec![Status::Approved, Status::Approved]);
+    assert!(reader.numbered_again_same, "a re-upload answers the first results");
 
     let kiosk = kiosk_example::run(&addr, &keys).await.expect("kiosk example");
     assert_eq!(kiosk.top_up, Status::Approved);

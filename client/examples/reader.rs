@@ -15,7 +15,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use citycard_client::words::status_words;
 use citycard_client::{Card, Client, Config};
-use citycard_protocol::{Amount, MessageType, Status};
+use citycard_protocol::{Amount, MessageType, NumberedRecord, Status, FLAG_UNCERTAIN};
 
 /// What the demo did, for the test that runs it.
 #[derive(Debug)]
@@ -26,6 +26,10 @@ pub struct ReaderReport {
     pub offline: Vec<Status>,
     /// Hotlist entries received.
     pub hotlist_entries: usize,
+    /// Protocol 1.3: status of every numbered offline record, and whether uploading the same
+    /// records again returned the same results.
+    pub numbered: Vec<Status>,
+    pub numbered_again_same: bool,
 }
 
 /// Cards the demo issues (each gets its own task: the client pipelines their purchases).
@@ -80,6 +84,28 @@ pub async fn run(server: &str, keys: &Path) -> anyhow::Result<ReaderReport> {
     let offline: Vec<Status> = results.iter().map(|r| r.status).collect();
     println!("offline upload: {offline:?}");
 
+    // Protocol 1.3: records numbered by the reader, continuing from the highest seq the server
+    // has for it (an empty batch asks); sent twice, as after a lost answer.
+    let from = reader.numbered_offline_batch(&[], |_| None).await?.highest_seq;
+    let numbered = [
+        NumberedRecord {
+            record: card.offline(Amount(50), now_ms(), reader.terminal_id()),
+            terminal_seq: from + 1,
+            flags: 0,
+        },
+        NumberedRecord {
+            record: card.offline(Amount(60), now_ms(), reader.terminal_id()),
+            terminal_seq: from + 2,
+            // The card left the field before the reader saw it finish.
+            flags: FLAG_UNCERTAIN,
+        },
+    ];
+    let first = reader.numbered_offline_batch(&numbered, |_| Some(key.clone())).await?;
+    let again = reader.numbered_offline_batch(&numbered, |_| Some(key.clone())).await?;
+    let numbered_again_same = again.results == first.results;
+    let numbered: Vec<Status> = first.results.iter().map(|r| r.result.status).collect();
+    println!("numbered upload: {numbered:?}, highest seq {}", first.highest_seq);
+
     let mut cursor = Vec::new();
     let mut hotlist_entries = 0;
     for _ in 0..MAX_SYNC_ROUNDS {
@@ -91,7 +117,7 @@ pub async fn run(server: &str, keys: &Path) -> anyhow::Result<ReaderReport> {
         }
     }
     println!("hotlist: {hotlist_entries} changes");
-    Ok(ReaderReport { balances, offline, hotlist_entries })
+    Ok(ReaderReport { balances, offline, hotlist_entries, numbered, numbered_again_same })
 }
 
 /// A fresh op_ref per staff operation: time-based, so re-running the demo does not collide.

@@ -11,8 +11,9 @@ use citycard_protocol::crypto::{response_mac_ok, staff_binding, CardKey};
 use citycard_protocol::message::CARD_RESULT_LEN;
 use citycard_protocol::{
     Amount, BlockReason, CardAuth, CardId, CardResult, Frame, HistoryPage, HotlistChanges,
-    IdentityResult, IssueResult, Mac, MessageType, OfflineRecord, ProductResult, Request, Response,
-    ServerInfo, StaffResult, Status, MAX_HISTORY_PAGE, MAX_HOTLIST_ENTRIES, MAX_OFFLINE_RECORDS,
+    IdentityResult, IssueResult, Mac, MessageType, NumberedRecord, NumberedResults, OfflineRecord,
+    ProductResult, Request, Response, ServerInfo, StaffResult, Status, MAX_HISTORY_PAGE,
+    MAX_HOTLIST_ENTRIES, MAX_OFFLINE_RECORDS,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::{oneshot, Semaphore};
@@ -123,6 +124,7 @@ fn unauthenticated(status: Status, mac: &Mac) -> bool {
             | Status::Busy
             | Status::Unavailable
             | Status::ReferenceReused
+            | Status::SeqConflict
     ) || (status == Status::KeyVersionRetired && *mac == Mac::default())
 }
 
@@ -147,6 +149,7 @@ fn expected_answer(request: MessageType) -> MessageType {
         MessageType::Reversal => MessageType::ReversalResult,
         MessageType::Funds => MessageType::FundsResult,
         MessageType::SetProduct => MessageType::SetProductResult,
+        MessageType::NumberedOfflineBatch => MessageType::NumberedOfflineResults,
         // Only requests are sent; a response type here is a bug that the check below reports.
         other => other,
     }
@@ -157,6 +160,7 @@ fn not_done(response: &Response) -> bool {
     let retry = |s: Status| matches!(s, Status::Busy | Status::Unavailable);
     match response {
         Response::OfflineBatch(results) => results.iter().any(|r| retry(r.status)),
+        Response::NumberedOfflineBatch(n) => n.results.iter().any(|r| retry(r.result.status)),
         other => other.status().is_some_and(retry),
     }
 }
@@ -614,6 +618,66 @@ impl Client {
             }
         }
         Ok(results)
+    }
+
+    /// Protocol 1.3: uploads records numbered by this reader (at most 256 per call, seqs
+    /// strictly increasing; an empty slice asks for the highest seq the server has recorded).
+    /// `key_of` as for [`Client::offline_batch`]. A retry of the same records is answered
+    /// their first results (PROTOCOL.md 6.13), so a lost answer is safe to send again.
+    pub async fn numbered_offline_batch(
+        &self,
+        records: &[NumberedRecord],
+        key_of: impl Fn(CardId) -> Option<CardKey>,
+    ) -> Result<NumberedResults, ClientError> {
+        if records.len() > MAX_OFFLINE_RECORDS {
+            return Err(ClientError::Config(format!(
+                "at most {MAX_OFFLINE_RECORDS} offline records per batch"
+            )));
+        }
+        if records.windows(2).any(|w| w[1].terminal_seq <= w[0].terminal_seq)
+            || records.first().is_some_and(|r| r.terminal_seq == 0)
+        {
+            return Err(ClientError::Config(
+                "terminal seqs start at 1 and increase strictly within a batch".into(),
+            ));
+        }
+        let request = Request::NumberedOfflineBatch { records: records.to_vec() };
+        let (response, frame) = self.exchange(&request, None).await?;
+        let Response::NumberedOfflineBatch(answer) = response else {
+            return Err(unexpected(MessageType::NumberedOfflineResults, &response));
+        };
+        if answer.results.len() != records.len() {
+            return Err(ClientError::Mismatch("number of numbered offline results"));
+        }
+        if !self.checks_answers() {
+            return Ok(answer);
+        }
+        for (i, (sent, got)) in records.iter().zip(&answer.results).enumerate() {
+            let (record, result) = (&sent.record, &got.result);
+            if got.terminal_seq != sent.terminal_seq
+                || result.card_id != record.card_id
+                || result.atc != record.atc
+            {
+                return Err(ClientError::Mismatch("numbered offline result seq, card or ATC"));
+            }
+            let Some(key) = key_of(record.card_id) else { continue };
+            if unauthenticated(result.status, &result.mac) {
+                continue;
+            }
+            // highest_seq and count, then terminal_seq before each result (PROTOCOL.md 3.3);
+            // each MAC covers its result's first 29 bytes, type byte 0x94 (7.4).
+            let start = 10 + i * (8 + CARD_RESULT_LEN) + 8;
+            let covered = frame
+                .body
+                .get(start..start + CARD_RESULT_LEN - 16)
+                .ok_or(ClientError::Mismatch("numbered offline results body length"))?;
+            let t = MessageType::NumberedOfflineResults;
+            let expected = key.response_mac(t as u8, &record.certificate, covered);
+            if !CardKey::verify(&expected, &result.mac) {
+                return Err(ClientError::BadMac(t));
+            }
+        }
+        Ok(answer)
     }
 
     /// One round of hotlist sync (reader role): changes after `cursor` (empty = from the

@@ -33,6 +33,7 @@ pub fn status_name(status: Status) -> &'static str {
         Status::DailyAmountLimit => "DailyAmountLimit",
         Status::DailyCountLimit => "DailyCountLimit",
         Status::UnknownProduct => "UnknownProduct",
+        Status::SeqConflict => "SeqConflict",
     }
 }
 
@@ -80,6 +81,9 @@ pub fn status_words(status: Status) -> &'static str {
             "declined: the card's product allows no more payments today (UTC day)"
         }
         Status::UnknownProduct => "declined: the server has no card product with this number",
+        Status::SeqConflict => {
+            "refused: this terminal already uploaded another record under this sequence number"
+        }
     }
 }
 

@@ -44,6 +44,7 @@ pub fn response_type(request: MessageType) -> Option<MessageType> {
         Reversal => ReversalResult,
         Funds => FundsResult,
         SetProduct => SetProductResult,
+        NumberedOfflineBatch => NumberedOfflineResults,
         _ => return None,
     })
 }
@@ -217,6 +218,18 @@ pub fn decline(request: &Request, status: Status) -> Response {
         Request::OfflineBatch { records } => Response::OfflineBatch(
             records.iter().map(|record| decline_record(status, record)).collect(),
         ),
+        Request::NumberedOfflineBatch { records } => {
+            Response::NumberedOfflineBatch(crate::NumberedResults {
+                highest_seq: 0,
+                results: records
+                    .iter()
+                    .map(|n| crate::NumberedResult {
+                        terminal_seq: n.terminal_seq,
+                        result: decline_record(status, &n.record),
+                    })
+                    .collect(),
+            })
+        }
         Request::TapIn { .. } => Response::TapIn(decline_transit(status, &auth)),
         Request::TapOut { .. } => Response::TapOut(decline_transit(status, &auth)),
         Request::Reversal { .. } => Response::Reversal(decline_transit(status, &auth)),
@@ -409,6 +422,9 @@ mod tests {
             Request::Close { op_ref: 5, card_id: CardId(42) },
             Request::OfflineBatch { records: vec![record, record] },
             Request::HotlistSync { cursor: Vec::new(), max_entries: 0 },
+            Request::NumberedOfflineBatch {
+                records: vec![crate::NumberedRecord { record, terminal_seq: 9, flags: 1 }],
+            },
         ]
     }
 
@@ -434,6 +450,11 @@ mod tests {
         let Response::OfflineBatch(results) = batch else { panic!("not a batch") };
         assert_eq!(results.len(), 2);
         assert!(results.iter().all(|r| r.card_id == CardId(43) && r.atc == Atc(2)));
+        let numbered = decline(&all_requests()[13], Status::Busy);
+        let Response::NumberedOfflineBatch(n) = numbered else { panic!("not a numbered batch") };
+        assert_eq!((n.highest_seq, n.results.len()), (0, 1));
+        assert_eq!(n.results[0].terminal_seq, 9);
+        assert_eq!(n.results[0].result.status, Status::Busy);
     }
 
     #[test]

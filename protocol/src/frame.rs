@@ -54,6 +54,7 @@ message_types! {
     Reversal = 0x11,
     Funds = 0x12,
     SetProduct = 0x13,
+    NumberedOfflineBatch = 0x14,
     ServerInfo = 0x81,
     PurchaseResult = 0x82,
     TopUpResult = 0x83,
@@ -73,6 +74,7 @@ message_types! {
     ReversalResult = 0x91,
     FundsResult = 0x92,
     SetProductResult = 0x93,
+    NumberedOfflineResults = 0x94,
     Error = 0xFF,
 }
 

@@ -124,6 +124,9 @@ pub enum Status {
     DailyCountLimit = 25,
     /// Protocol 1.3. Issue or SetProduct named a product id the server's table does not have.
     UnknownProduct = 26,
+    /// Protocol 1.3 (numbered offline uploads). This terminal already uploaded a different
+    /// record under this `terminal_seq`; the record was not decided (PROTOCOL.md 6.13).
+    SeqConflict = 28,
 }
 
 impl Status {
@@ -157,12 +160,13 @@ impl Status {
             24 => DailyAmountLimit,
             25 => DailyCountLimit,
             26 => UnknownProduct,
+            28 => SeqConflict,
             _ => return None,
         })
     }
 
     /// Every status, for reports and exhaustive tests.
-    pub const ALL: [Status; 27] = [
+    pub const ALL: [Status; 28] = [
         Status::Approved,
         Status::UnknownCard,
         Status::CardBlocked,
@@ -190,6 +194,7 @@ impl Status {
         Status::DailyAmountLimit,
         Status::DailyCountLimit,
         Status::UnknownProduct,
+        Status::SeqConflict,
     ];
 }
 
@@ -333,6 +338,39 @@ pub struct OfflineRecord {
     pub certificate: Mac,
 }
 
+/// Protocol 1.3: `flags` bit 0 of a [`NumberedRecord`]: the reader is not sure the card
+/// completed the transaction (the card left the field before the reader saw it finish).
+pub const FLAG_UNCERTAIN: u8 = 0x01;
+
+/// Protocol 1.3: an offline record with the number its terminal gave it (PROTOCOL.md 6.13).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NumberedRecord {
+    pub record: OfflineRecord,
+    /// The terminal's own sequence number: per terminal, from 1, strictly increasing in the
+    /// order the reader took its records.
+    pub terminal_seq: u64,
+    /// Bit 0: [`FLAG_UNCERTAIN`]; bits 1-7 must be zero.
+    pub flags: u8,
+}
+
+/// Protocol 1.3: one numbered record's result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NumberedResult {
+    /// The record's `terminal_seq`, repeated.
+    pub terminal_seq: u64,
+    pub result: CardResult,
+}
+
+/// Protocol 1.3: the answer to a NumberedOfflineBatch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NumberedResults {
+    /// The highest `terminal_seq` the server has recorded for this terminal after this batch
+    /// (0: none yet).
+    pub highest_seq: u64,
+    /// One per record, in request order.
+    pub results: Vec<NumberedResult>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     Hello {
@@ -432,6 +470,11 @@ pub enum Request {
         op_ref: u64,
         card_id: CardId,
         product: u8,
+    },
+    /// Protocol 1.3: offline records numbered by their terminal (`terminal_seq` strictly
+    /// increasing within the batch).
+    NumberedOfflineBatch {
+        records: Vec<NumberedRecord>,
     },
 }
 
@@ -655,6 +698,7 @@ pub enum Response {
     SetProduct(ProductResult),
     /// Protocol 1.3: the answer to a 37-byte Funds (type FundsResult, 102-byte body).
     FundsProduct(FundsProductResult),
+    NumberedOfflineBatch(NumberedResults),
     Error {
         code: u16,
         message: String,
@@ -751,6 +795,17 @@ impl<'a> Reader<'a> {
         })
     }
 
+    fn offline_record(&mut self) -> Result<OfflineRecord, DecodeError> {
+        Ok(OfflineRecord {
+            card_id: self.card_id()?,
+            atc: self.atc()?,
+            amount: self.amount()?,
+            time_ms: self.u64()?,
+            nonce: self.u64()?,
+            certificate: self.mac()?,
+        })
+    }
+
     fn finish(self) -> Result<(), DecodeError> {
         if self.pos != self.data.len() {
             return Err(DecodeError::TrailingBytes {
@@ -771,6 +826,15 @@ fn put_auth(out: &mut BytesMut, auth: &CardAuth) {
     out.put_u32(auth.atc.0);
     out.put_u64(auth.nonce);
     out.put_slice(&auth.cryptogram.0);
+}
+
+fn put_offline_record(out: &mut BytesMut, rec: &OfflineRecord) {
+    out.put_u64(rec.card_id.0);
+    out.put_u32(rec.atc.0);
+    out.put_i64(rec.amount.0);
+    out.put_u64(rec.time_ms);
+    out.put_u64(rec.nonce);
+    out.put_slice(&rec.certificate.0);
 }
 
 /// Encoded length of a CardResult, its 16-byte MAC included (the MAC covers the first 29).
@@ -898,6 +962,7 @@ impl Request {
             Request::IssueProduct { .. } => MessageType::Issue,
             Request::FundsProduct { .. } => MessageType::Funds,
             Request::SetProduct { .. } => MessageType::SetProduct,
+            Request::NumberedOfflineBatch { .. } => MessageType::NumberedOfflineBatch,
         }
     }
 
@@ -1007,12 +1072,16 @@ impl Request {
                 check_count("records", records.len(), MAX_OFFLINE_RECORDS)?;
                 body.put_u16(records.len() as u16);
                 for rec in records {
-                    body.put_u64(rec.card_id.0);
-                    body.put_u32(rec.atc.0);
-                    body.put_i64(rec.amount.0);
-                    body.put_u64(rec.time_ms);
-                    body.put_u64(rec.nonce);
-                    body.put_slice(&rec.certificate.0);
+                    put_offline_record(&mut body, rec);
+                }
+            }
+            Request::NumberedOfflineBatch { records } => {
+                check_count("records", records.len(), MAX_OFFLINE_RECORDS)?;
+                body.put_u16(records.len() as u16);
+                for numbered in records {
+                    put_offline_record(&mut body, &numbered.record);
+                    body.put_u64(numbered.terminal_seq);
+                    body.put_u8(numbered.flags);
                 }
             }
             Request::HotlistSync { cursor, max_entries } => {
@@ -1072,16 +1141,29 @@ impl Request {
                 let n = r.count("records", true, MAX_OFFLINE_RECORDS)?;
                 let mut records = Vec::with_capacity(n);
                 for _ in 0..n {
-                    records.push(OfflineRecord {
-                        card_id: r.card_id()?,
-                        atc: r.atc()?,
-                        amount: r.amount()?,
-                        time_ms: r.u64()?,
-                        nonce: r.u64()?,
-                        certificate: r.mac()?,
-                    });
+                    records.push(r.offline_record()?);
                 }
                 Request::OfflineBatch { records }
+            }
+            MessageType::NumberedOfflineBatch => {
+                let n = r.count("records", true, MAX_OFFLINE_RECORDS)?;
+                let mut records: Vec<NumberedRecord> = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let record = r.offline_record()?;
+                    let terminal_seq = r.u64()?;
+                    let previous = records.last().map_or(0, |p| p.terminal_seq);
+                    // From 1, strictly increasing within the batch: a batch cannot carry one
+                    // seq twice (PROTOCOL.md 6.13).
+                    if terminal_seq <= previous {
+                        return Err(bad_value("terminal_seq", terminal_seq));
+                    }
+                    let flags = r.u8()?;
+                    if flags & !FLAG_UNCERTAIN != 0 {
+                        return Err(bad_value("flags", flags.into()));
+                    }
+                    records.push(NumberedRecord { record, terminal_seq, flags });
+                }
+                Request::NumberedOfflineBatch { records }
             }
             MessageType::HotlistSync => {
                 let max_entries = r.u16()?;
@@ -1156,6 +1238,7 @@ impl Response {
             Response::Funds(_) => MessageType::FundsResult,
             Response::SetProduct(_) => MessageType::SetProductResult,
             Response::FundsProduct(_) => MessageType::FundsResult,
+            Response::NumberedOfflineBatch(_) => MessageType::NumberedOfflineResults,
             Response::Error { .. } => MessageType::Error,
         }
     }
@@ -1170,6 +1253,7 @@ impl Response {
             Response::Issue(i) | Response::Replace(i) => Some(i.status),
             Response::Block(s) | Response::Unblock(s) | Response::Close(s) => Some(s.status),
             Response::OfflineBatch(results) => results.first().map(|r| r.status),
+            Response::NumberedOfflineBatch(n) => n.results.first().map(|r| r.result.status),
             Response::TapIn(t)
             | Response::TapOut(t)
             | Response::Reversal(t)
@@ -1190,6 +1274,9 @@ impl Response {
             Response::Issue(i) | Response::Replace(i) => i.status = status,
             Response::Block(s) | Response::Unblock(s) | Response::Close(s) => s.status = status,
             Response::OfflineBatch(results) => results.iter_mut().for_each(|r| r.status = status),
+            Response::NumberedOfflineBatch(n) => {
+                n.results.iter_mut().for_each(|r| r.result.status = status)
+            }
             Response::TapIn(t)
             | Response::TapOut(t)
             | Response::Reversal(t)
@@ -1217,6 +1304,7 @@ impl Response {
             Response::SetProduct(p) => Some(&mut p.mac),
             Response::FundsProduct(f) => Some(&mut f.funds.mac),
             Response::OfflineBatch(_)
+            | Response::NumberedOfflineBatch(_)
             | Response::ServerInfo(_)
             | Response::HotlistSync(_)
             | Response::Error { .. } => None,
@@ -1327,6 +1415,15 @@ impl Response {
                 body.put_u16(results.len() as u16);
                 for c in results {
                     put_card_result(body, c);
+                }
+            }
+            Response::NumberedOfflineBatch(n) => {
+                check_count("results", n.results.len(), MAX_OFFLINE_RECORDS)?;
+                body.put_u64(n.highest_seq);
+                body.put_u16(n.results.len() as u16);
+                for r in &n.results {
+                    body.put_u64(r.terminal_seq);
+                    put_card_result(body, &r.result);
                 }
             }
             Response::HotlistSync(h) => {
@@ -1505,6 +1602,18 @@ impl Response {
                     results.push(read_card_result(&mut r)?);
                 }
                 Response::OfflineBatch(results)
+            }
+            MessageType::NumberedOfflineResults => {
+                let highest_seq = r.u64()?;
+                let n = r.count("results", true, MAX_OFFLINE_RECORDS)?;
+                let mut results = Vec::with_capacity(n);
+                for _ in 0..n {
+                    results.push(NumberedResult {
+                        terminal_seq: r.u64()?,
+                        result: read_card_result(&mut r)?,
+                    });
+                }
+                Response::NumberedOfflineBatch(NumberedResults { highest_seq, results })
             }
             MessageType::HotlistChanges => {
                 let n = r.count("cursor", false, MAX_SHARDS)?;

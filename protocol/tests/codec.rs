@@ -714,12 +714,17 @@ fn error_codes_parse_and_know_whether_they_close() {
 #[test]
 fn enum_parsers_accept_exactly_the_documented_values() {
     for v in 0..=255u8 {
-        assert_eq!(Status::from_u8(v).is_some(), v <= 26, "status {v}");
+        // 22..=26 are card products (protocol 1.3), 28 is SeqConflict (numbered offline).
+        assert_eq!(Status::from_u8(v).is_some(), v <= 26 || v == 28, "status {v}");
         assert_eq!(CardState::from_u8(v).is_some(), v <= 4, "card state {v}");
         assert_eq!(BlockReason::from_u8(v).is_some(), (1..=7).contains(&v), "reason {v}");
         assert_eq!(EntryKind::from_u8(v).is_some(), (1..=16).contains(&v), "kind {v}");
         let t = MessageType::from_u8(v);
-        assert_eq!(t.is_some(), (1..=0x13).contains(&v) || (0x81..=0x93).contains(&v) || v == 0xff);
+        assert_eq!(
+            t.is_some(),
+            (1..=0x14).contains(&v) || (0x81..=0x94).contains(&v) || v == 0xff,
+            "type {v:#04x}"
+        );
         if let Some(t) = t {
             assert_eq!(t as u8, v);
             assert_eq!(t.is_request(), v < 0x80);
@@ -1166,4 +1171,81 @@ fn decode_all(bytes: &[u8]) {
         resp.encode(id, &mut again).unwrap();
         assert_eq!(decode_response(&mut again).unwrap(), Some((id, resp)));
     }
+}
+
+fn numbered_record(terminal_seq: u64, flags: u8) -> NumberedRecord {
+    NumberedRecord { record: zero_record(), terminal_seq, flags }
+}
+
+/// The body of a NumberedOfflineBatch with these (seq, flags) pairs, written out by hand.
+fn numbered_body(records: &[(u64, u8)]) -> Vec<u8> {
+    let mut body = (records.len() as u16).to_be_bytes().to_vec();
+    for (seq, flags) in records {
+        body.extend_from_slice(&1u64.to_be_bytes()); // card
+        body.extend_from_slice(&1u32.to_be_bytes()); // ATC
+        body.extend_from_slice(&1i64.to_be_bytes()); // amount
+        body.extend_from_slice(&1u64.to_be_bytes()); // time
+        body.extend_from_slice(&1u64.to_be_bytes()); // nonce
+        body.extend_from_slice(&[0; 16]); // certificate
+        body.extend_from_slice(&seq.to_be_bytes());
+        body.push(*flags);
+    }
+    body
+}
+
+#[test]
+fn numbered_offline_batch_layout_and_rules() {
+    // 61 bytes a record: the 1.1 record, then terminal_seq and flags.
+    let request = Request::NumberedOfflineBatch {
+        records: vec![numbered_record(1, 0), numbered_record(2, FLAG_UNCERTAIN)],
+    };
+    let mut out = BytesMut::new();
+    request.encode(RequestId(3), &mut out).unwrap();
+    assert_eq!(&out[HEADER_LEN..], &numbered_body(&[(1, 0), (2, 1)])[..]);
+    assert_eq!(out[3], 0x14);
+    let (_, back) = decode_request(&mut out).unwrap().unwrap();
+    assert_eq!(back, request);
+    // An empty batch is allowed (it asks for the highest seq).
+    let empty = Request::decode_body(MessageType::NumberedOfflineBatch, &numbered_body(&[]));
+    assert_eq!(empty.unwrap(), Request::NumberedOfflineBatch { records: vec![] });
+    // Seq 0, a seq not above the one before, flag bits other than bit 0: BadValue.
+    for (records, field) in [
+        (vec![(0u64, 0u8)], "terminal_seq"),
+        (vec![(5, 0), (5, 0)], "terminal_seq"),
+        (vec![(5, 0), (4, 0)], "terminal_seq"),
+        (vec![(5, 2)], "flags"),
+        (vec![(5, 0x80)], "flags"),
+    ] {
+        match Request::decode_body(MessageType::NumberedOfflineBatch, &numbered_body(&records)) {
+            Err(DecodeError::BadValue { field: f, .. }) => assert_eq!(f, field, "{records:?}"),
+            other => panic!("{records:?}: {other:?}"),
+        }
+    }
+    let mut too_many = numbered_body(&[]);
+    too_many[..2].copy_from_slice(&257u16.to_be_bytes());
+    assert!(matches!(
+        Request::decode_body(MessageType::NumberedOfflineBatch, &too_many),
+        Err(DecodeError::BadValue { field: "records", .. })
+    ));
+    expect_request_encode_err(
+        &Request::NumberedOfflineBatch { records: vec![numbered_record(1, 0); 257] },
+        EncodeError::TooMany { field: "records", count: 257, max: 256 },
+    );
+    // The answer: highest_seq, count, then terminal_seq + CardResult (53 bytes) per record.
+    let response = Response::NumberedOfflineBatch(NumberedResults {
+        highest_seq: 9,
+        results: vec![NumberedResult { terminal_seq: 9, result: zero_card_result() }],
+    });
+    let mut out = BytesMut::new();
+    response.encode(RequestId(3), &mut out).unwrap();
+    assert_eq!(out.len(), HEADER_LEN + 8 + 2 + 53);
+    assert_eq!(out[3], 0x94);
+    assert_eq!(&out[HEADER_LEN..HEADER_LEN + 10], &[0, 0, 0, 0, 0, 0, 0, 9, 0, 1]);
+    let (_, back) = decode_response(&mut out).unwrap().unwrap();
+    assert_eq!(back, response);
+    // The largest batch and its answer fit in a frame.
+    let records = (1..=256).map(|s| numbered_record(s, 0)).collect();
+    let mut out = BytesMut::new();
+    Request::NumberedOfflineBatch { records }.encode(RequestId(1), &mut out).unwrap();
+    assert_eq!(out.len(), HEADER_LEN + 2 + 256 * 61);
 }

@@ -103,6 +103,9 @@ const EXPECTED: &[&str] = &[
     "purchase-daily-count-limit-response",
     "funds-product-request",
     "funds-product-response",
+    // Protocol 1.3: numbered offline uploads.
+    "numbered-offline-request",
+    "numbered-offline-response",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -1065,6 +1068,66 @@ fn vectors() -> Vec<Vector> {
         card_result_fields(Vector::new("purchase-daily-count-limit-response", 52), "", &limited);
     let (v, resp) = sealed(v, Response::Purchase(limited), &k, purchase_auth.cryptogram);
     out.push(v.msg(Msg::Resp(resp)));
+    // Protocol 1.3: numbered offline uploads. Records 5 and 6 of the card (seqs 7 and 8, the
+    // second uncertain); the answer approves seq 7 and refuses seq 8 as SeqConflict (the reader
+    // had used seq 8 for another record already): unauthenticated, balance 0, zero MAC.
+    let numbered: Vec<NumberedRecord> = [(5u32, 7u64, 0u8), (6, 8, FLAG_UNCERTAIN)]
+        .into_iter()
+        .map(|(atc, terminal_seq, flags)| {
+            let (amount, time_ms, nonce) =
+                (Amount(120), T0 - 600_000, 0x0b0b_0b0b_0000_0000 | u64::from(atc));
+            let certificate = k.offline_certificate(CARD, Atc(atc), amount, time_ms, nonce, READER);
+            let record =
+                OfflineRecord { card_id: CARD, atc: Atc(atc), amount, time_ms, nonce, certificate };
+            NumberedRecord { record, terminal_seq, flags }
+        })
+        .collect();
+    let mut v = Vector::new("numbered-offline-request", 50)
+        .field("terminal_id", READER)
+        .hex("card_key", k.bytes())
+        .field("records", numbered.len());
+    for (i, n) in numbered.iter().enumerate() {
+        let r = &n.record;
+        v = v
+            .field(format!("record[{i}].card_id"), r.card_id.0)
+            .field(format!("record[{i}].atc"), r.atc.0)
+            .field(format!("record[{i}].amount"), r.amount.0)
+            .field(format!("record[{i}].time_ms"), r.time_ms)
+            .field(format!("record[{i}].nonce"), format!("0x{:016x}", r.nonce))
+            .hex(format!("record[{i}].certificate_input"), &certificate_input(r, READER))
+            .hex(format!("record[{i}].certificate"), &r.certificate.0)
+            .field(format!("record[{i}].terminal_seq"), n.terminal_seq)
+            .field(format!("record[{i}].flags"), format!("0x{:02x}", n.flags));
+    }
+    out.push(v.msg(Msg::Req(Request::NumberedOfflineBatch { records: numbered.clone() })));
+    let mut v = Vector::new("numbered-offline-response", 50)
+        .hex("card_key", k.bytes())
+        .field("highest_seq", 8)
+        .field("results", numbered.len());
+    let mut results = Vec::new();
+    let approved = card_result(Status::Approved, 5, 3630, 1070);
+    let conflict =
+        CardResult { balance: Amount(0), ..card_result(Status::SeqConflict, 6, 0, 1071) };
+    for (i, (n, mut c)) in numbered.iter().zip([approved, conflict]).enumerate() {
+        v = v.field(format!("result[{i}].terminal_seq"), n.terminal_seq);
+        v = card_result_fields(v, &format!("result[{i}]."), &c);
+        if c.status == Status::Approved {
+            let mut body = BytesMut::new();
+            Response::Purchase(c).encode_body(&mut body).unwrap();
+            let t = MessageType::NumberedOfflineResults as u8;
+            let input = mac_input(t, &n.record.certificate.0, &body[..29]);
+            c.mac = k.response_mac(t, &n.record.certificate, &body[..29]);
+            v = v
+                .hex(format!("result[{i}].binding"), &n.record.certificate.0)
+                .hex(format!("result[{i}].mac_input"), &input)
+                .hex(format!("result[{i}].mac"), &c.mac.0);
+        } else {
+            v = v.hex(format!("result[{i}].mac"), &c.mac.0);
+        }
+        results.push(NumberedResult { terminal_seq: n.terminal_seq, result: c });
+    }
+    let response = NumberedResults { highest_seq: 8, results };
+    out.push(v.msg(Msg::Resp(Response::NumberedOfflineBatch(response))));
 
     for (name, rid, code, message) in [
         ("error-response", 7, ErrorCode::DuplicateRequestId, "request id 7 is already in flight"),
@@ -1295,7 +1358,9 @@ fn document_vectors_are_self_consistent() {
             };
             let input = unhex(input);
             let terminal = get(block, "terminal_id").unwrap();
-            let rec = &body[2 + 52 * i..2 + 52 * (i + 1)];
+            // 52 bytes a record, 61 in a numbered batch (terminal_seq and flags after).
+            let stride = if t == 0x14 { 61 } else { 52 };
+            let rec = &body[2 + stride * i..2 + stride * i + 52];
             let mut expected = b"CCOF\x01".to_vec();
             expected.extend_from_slice(&rec[..36]);
             expected.push(terminal.len() as u8);
@@ -1328,7 +1393,9 @@ fn document_vectors_are_self_consistent() {
                 break;
             };
             let input = unhex(input);
-            let rec = &body[2 + 45 * i..2 + 45 * (i + 1)];
+            // A numbered answer: highest_seq, count, then terminal_seq before each result.
+            let (start, stride) = if t == 0x94 { (18, 53) } else { (2, 45) };
+            let rec = &body[start + stride * i..start + stride * i + 45];
             let binding = unhex16(get(block, &format!("result[{i}].binding")).unwrap());
             assert_eq!(input, mac_input(t, &binding, &rec[..29]), "{name}: MAC input {i}");
             let mac = unhex16(get(block, &format!("result[{i}].mac")).unwrap());

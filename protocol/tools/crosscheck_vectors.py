@@ -132,7 +132,12 @@ def main():
                     + terminal(b))
             assert data == unhex(b[p + "certificate_input"]), name
             c = tag(unhex(b["card_key"]), data)
-            assert c == unhex(b[p + "certificate"]) == body[2 + 52 * i + 36:2 + 52 * (i + 1)], name
+            # 52 bytes a record; 61 in a NumberedOfflineBatch (terminal_seq u64, flags u8 after).
+            stride = 61 if mtype == 0x14 else 52
+            assert c == unhex(b[p + "certificate"]) == body[2 + stride * i + 36:2 + stride * i + 52], name
+            if mtype == 0x14:
+                seq, flags = struct.unpack(">QB", body[2 + stride * i + 52:2 + stride * (i + 1)])
+                assert seq == int(b[p + "terminal_seq"]) and flags == int(b[p + "flags"], 0), name
             counts["certificates"] += 1
             i += 1
         if "mac_input" in b:
@@ -147,10 +152,22 @@ def main():
         i = 0
         while f"result[{i}].mac" in b:
             p = f"result[{i}]."
-            rec = body[2 + 45 * i:2 + 45 * (i + 1)]
+            # NumberedOfflineResults: highest_seq u64 and count u16, then terminal_seq u64 before
+            # each 45-byte result.
+            start, stride = (18, 53) if mtype == 0x94 else (2, 45)
+            rec = body[start + stride * i:start + stride * i + 45]
+            if mtype == 0x94:
+                seq = struct.unpack(">Q", body[start + stride * i - 8:start + stride * i])[0]
+                assert seq == int(b[p + "terminal_seq"]), name
             fields = struct.pack(">BQIqQ", enum_value(b[p + "status"]), int(b[p + "card_id"]),
                                  int(b[p + "atc"]), int(b[p + "balance"]), int(b[p + "journal_seq"]))
             assert fields == rec[:29], name
+            if p + "mac_input" not in b:
+                # An unauthenticated result: all-zero MAC.
+                assert unhex(b[p + "mac"]) == bytes(16) == rec[29:], name
+                counts["zero macs"] += 1
+                i += 1
+                continue
             data = b"CCRS\x01" + bytes([mtype]) + unhex(b[p + "binding"]) + rec[:29]
             assert data == unhex(b[p + "mac_input"]), name
             m = tag(unhex(b["card_key"]), data)

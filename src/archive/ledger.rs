@@ -287,6 +287,7 @@ mod tests {
                 Transit { hold, ref_atc: Atc(0) }
             },
             product: None,
+            numbered: crate::engine::entry::Numbered::NONE,
         }
     }
 

@@ -93,6 +93,8 @@ impl Shard {
                 self.next_card =
                     self.next_card.max(super::card_counter(entry.other_card, self.count) + 1);
             }
+            // A numbered record's refusal note touches no card (see `Numbered::note`).
+            _ if entry.is_note() => {}
             _ => {
                 if let Some(mut card) = self.cards.get(entry.card_id) {
                     card.last_pos = pos;
@@ -142,6 +144,9 @@ impl Shard {
     ) -> Result<(), &'static str> {
         let card = self.cards.get(entry.card_id);
         match (entry.kind, card) {
+            // A refusal note moves nothing (`Entry::check`) and may name a card that does not
+            // exist (that is one of the refusals it records).
+            _ if entry.is_note() => {}
             (EntryKind::Issue, Some(_)) if entry.status == Status::Approved => {
                 return Err("an issued card already exists")
             }
@@ -190,8 +195,12 @@ impl Shard {
     /// Checks a decided entry, links it into its card's chain, appends it to the journal (in
     /// memory until `commit`) and applies it. Returns its seq.
     pub(super) fn journal_entry(&mut self, mut entry: Entry) -> Result<u64, StoreError> {
-        // Link the card's chain: the new record points at the card's previous one.
-        entry.prev_pos = self.cards.get(entry.card_id).map_or(Pos::NONE, |c| c.last_pos);
+        // Link the card's chain: the new record points at the card's previous one (a refusal
+        // note stays off every chain).
+        entry.prev_pos = match self.cards.get(entry.card_id) {
+            Some(card) if !entry.is_note() => card.last_pos,
+            _ => Pos::NONE,
+        };
         if let Err(invariant) = entry.check().and_then(|()| self.check_against_state(&entry, true))
         {
             let seq = self.journal.as_ref().map_or(0, |j| j.next_seq());

@@ -9,6 +9,7 @@ use citycard_protocol::{
 
 use super::answer::{card_result, history_entry, seal, seal_card_result, unauthenticated};
 use super::decide::{self, AtcLookup, Decided};
+use super::entry::Numbered;
 use super::shard::Shard;
 use super::types::{HISTORY_WALK_MAX, OFFLINE_LOOKUP_DEPTH};
 use super::StoreError;
@@ -166,14 +167,33 @@ impl Shard {
         record: &OfflineRecord,
         now_ms: u64,
     ) -> Result<CardResult, StoreError> {
+        self.offline_record(terminal, record, Numbered::NONE, now_ms)
+    }
+
+    /// Decides one offline record. A numbered record (protocol 1.3, `numbered` not NONE) is
+    /// journaled with its terminal seq, and when it is refused before reaching the card its
+    /// refusal is journaled as a note (`decide::offline::note`); its result is sealed for the
+    /// NumberedOfflineResults type.
+    pub(super) fn offline_record(
+        &mut self,
+        terminal: &str,
+        record: &OfflineRecord,
+        numbered: Numbered,
+        now_ms: u64,
+    ) -> Result<CardResult, StoreError> {
+        let response_type = if numbered == Numbered::NONE {
+            MessageType::OfflineResults
+        } else {
+            MessageType::NumberedOfflineResults
+        };
         let declined = |status| decide::offline::declined(status, record);
         let (card, key) = match self.card_and_key(record.card_id) {
             Ok(found) => found,
-            Err(status) => return Ok(declined(status)),
+            Err(status) => return self.noted(terminal, record, numbered, declined(status), now_ms),
         };
         if let Err(status) = decide::auth::offline(&key, terminal, record) {
             tracing::warn!(card = %record.card_id.masked(), terminal, "bad offline certificate");
-            return Ok(declined(status));
+            return self.noted(terminal, record, numbered, declined(status), now_ms);
         }
         let lookup = if record.atc.0 == 0 {
             // Refused before any walk (see the decision).
@@ -188,19 +208,46 @@ impl Shard {
             }
             found
         };
-        let result =
-            match decide::offline::decide(&self.context(terminal, now_ms), record, &card, lookup) {
-                Decided::Decline(result) => result,
-                Decided::Again(seq, entry) => card_result(&entry, seq),
-                Decided::Record(entry) => {
-                    let mut result = card_result(&entry, 0);
-                    result.journal_seq = self.journal_entry(entry)?;
-                    result
-                }
-            };
+        let context = self.context(terminal, now_ms);
+        let result = match decide::offline::decide(&context, record, &card, lookup, numbered) {
+            Decided::Decline(result) => self.noted(terminal, record, numbered, result, now_ms)?,
+            Decided::Again(_, entry)
+                if numbered != Numbered::NONE && entry.numbered.seq != numbered.seq =>
+            {
+                // The same card record under another seq (or uploaded before without one): it
+                // was taken once, so this seq is a replay of it (PROTOCOL.md 6.13).
+                let replay = CardResult { balance: card.balance, ..declined(Status::Replay) };
+                self.noted(terminal, record, numbered, replay, now_ms)?
+            }
+            Decided::Again(seq, entry) => card_result(&entry, seq),
+            Decided::Record(entry) => {
+                let mut result = card_result(&entry, 0);
+                result.journal_seq = self.journal_entry(entry)?;
+                result
+            }
+        };
         // Each record of a batch has its own key and binding, so each is sealed here.
         let mut result = result;
-        seal_card_result(&key, MessageType::OfflineResults, &record.certificate, &mut result);
+        seal_card_result(&key, response_type, &record.certificate, &mut result);
+        Ok(result)
+    }
+
+    /// A record refused before it reached the card: a numbered one gets its refusal note
+    /// journaled (and its seq in the result); a 1.1 record is answered without a record.
+    fn noted(
+        &mut self,
+        terminal: &str,
+        record: &OfflineRecord,
+        numbered: Numbered,
+        mut result: CardResult,
+        now_ms: u64,
+    ) -> Result<CardResult, StoreError> {
+        if numbered != Numbered::NONE {
+            let context = self.context(terminal, now_ms);
+            let note =
+                decide::offline::note(&context, record, numbered, result.status, result.balance);
+            result.journal_seq = self.journal_entry(note)?;
+        }
         Ok(result)
     }
 }

@@ -21,6 +21,35 @@ const ENTRY_VERSION_TRANSIT: u8 = 3;
 /// entry keeps its version 2 or 3 bytes exactly.
 const ENTRY_VERSION_PRODUCT: u8 = 4;
 const FIXED_LEN: usize = 92 + Pos::LEN;
+/// Version 5 (protocol 1.3) is version 2 with the [`Numbered`] fields after `prev_pos`. It is
+/// written only for numbered offline records (and their refusal notes), so every other entry
+/// keeps its version 2 or 3 bytes exactly. (Version 4 belongs to card products.)
+const ENTRY_VERSION_NUMBERED: u8 = 5;
+
+/// Protocol 1.3: what a numbered offline record adds to its journal entry (PROTOCOL.md 6.13).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Numbered {
+    /// The terminal's own sequence number (from 1); 0 only in [`Numbered::NONE`].
+    pub seq: u64,
+    /// The record's wire flags (bit 0: uncertain).
+    pub uncertain: bool,
+    /// A refusal note: the record was refused before it reached the card (unknown card, bad
+    /// certificate, replayed ATC, conflicting seq). A note is not on the card's chain, moves
+    /// nothing and consumes no ATC; it exists so settlement can tell a refused record from a
+    /// record never uploaded.
+    pub note: bool,
+}
+
+impl Numbered {
+    pub const NONE: Numbered = Numbered { seq: 0, uncertain: false, note: false };
+    pub const LEN: usize = 9;
+    /// Flags byte bits in the journal: bit 0 is the wire's uncertain flag, bit 7 marks a note.
+    const NOTE_BIT: u8 = 0x80;
+
+    fn flags(&self) -> u8 {
+        u8::from(self.uncertain) | if self.note { Self::NOTE_BIT } else { 0 }
+    }
+}
 
 /// How an operation changed a card's hotlist standing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +98,9 @@ pub struct Entry {
     /// Protocol 1.3: the card's product, deposit and daily counters after the operation, and
     /// the deposit money that changed hands. None: the operation left them as they were.
     pub product: Option<ProductFields>,
+    /// Protocol 1.3: a numbered offline record's terminal seq and flags; `Numbered::NONE` for
+    /// every other entry.
+    pub numbered: Numbered,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,11 +111,14 @@ impl Entry {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
         let with_product = self.product.is_some();
+        let with_numbered = self.numbered != Numbered::NONE;
         let with_transit = self.transit != Transit::NONE || with_product;
         out.push(if with_product {
             ENTRY_VERSION_PRODUCT
         } else if with_transit {
             ENTRY_VERSION_TRANSIT
+        } else if with_numbered {
+            ENTRY_VERSION_NUMBERED
         } else {
             ENTRY_VERSION
         });
@@ -111,6 +146,11 @@ impl Entry {
         if with_transit {
             out.extend_from_slice(&self.transit.hold.to_bytes());
             out.extend_from_slice(&self.transit.ref_atc.0.to_be_bytes());
+        } else if with_numbered {
+            // `check` refuses an entry with both, or with product fields: transit kinds are
+            // never numbered, and offline records count against no product limit.
+            out.extend_from_slice(&self.numbered.seq.to_be_bytes());
+            out.push(self.numbered.flags());
         }
         if let Some(product) = self.product {
             out.extend_from_slice(&product.to_bytes());
@@ -140,6 +180,7 @@ impl Entry {
             ENTRY_VERSION => FIXED_LEN,
             ENTRY_VERSION_TRANSIT => FIXED_LEN + Transit::LEN,
             ENTRY_VERSION_PRODUCT => FIXED_LEN + Transit::LEN + ProductFields::LEN,
+            ENTRY_VERSION_NUMBERED => FIXED_LEN + Numbered::LEN,
             1 => return Err(EntryError("entry version 1 (data directory older than 2026-12)")),
             _ => return Err(EntryError("unknown entry version")),
         };
@@ -177,7 +218,21 @@ impl Entry {
         };
         let extra = u64_of(take(8)) as i64;
         let prev_pos = Pos::from_bytes(take(Pos::LEN)).ok_or(EntryError("prev_pos"))?;
-        let transit = if fixed_len == FIXED_LEN {
+        let version = bytes[0];
+        let mut numbered = Numbered::NONE;
+        let transit = if version != ENTRY_VERSION_TRANSIT && version != ENTRY_VERSION_PRODUCT {
+            if version == ENTRY_VERSION_NUMBERED {
+                let seq = u64_of(take(8));
+                let flags = take(1)[0];
+                if seq == 0 || flags & !(1 | Numbered::NOTE_BIT) != 0 {
+                    return Err(EntryError("numbered fields"));
+                }
+                numbered = Numbered {
+                    seq,
+                    uncertain: flags & 1 != 0,
+                    note: flags & Numbered::NOTE_BIT != 0,
+                };
+            }
             Transit::NONE
         } else {
             let hold = Hold::from_bytes(take(Hold::LEN)).ok_or(EntryError("hold"))?;
@@ -224,7 +279,20 @@ impl Entry {
             prev_pos,
             transit,
             product,
+            numbered,
         })
+    }
+
+    /// A numbered offline record's refusal note (see [`Numbered::note`]): journaled, but not
+    /// on the card's chain, and no effect on any card.
+    pub fn is_note(&self) -> bool {
+        self.numbered.note
+    }
+
+    /// Whether this entry holds its terminal seq (and is found by it): every numbered entry
+    /// but a SeqConflict note, which records a refused second use of a seq already held.
+    pub fn claims_seq(&self) -> bool {
+        self.numbered.seq != 0 && self.status != Status::SeqConflict
     }
 
     /// The invariants every entry holds on its own, checked before it is appended and again
@@ -241,10 +309,21 @@ impl Entry {
         if !approved && self.amount.0 != 0 {
             return Err("a decline moves no money");
         }
+        if self.numbered != Numbered::NONE {
+            if self.kind != EntryKind::Offline || self.numbered.seq == 0 {
+                return Err("only offline records carry a terminal seq, and it is at least 1");
+            }
+            if self.product.is_some() {
+                return Err("a numbered offline record carries no product fields");
+            }
+            if self.numbered.note && (approved || self.prev_pos != Pos::NONE) {
+                return Err("a refusal note is a decline on no card's chain");
+            }
+        }
         if self.uses_atc() && self.atc.0 == 0 {
             return Err("no card transaction uses ATC 0");
         }
-        if !self.uses_atc() && self.atc.0 != 0 {
+        if !self.uses_atc() && !self.is_note() && self.atc.0 != 0 {
             return Err("staff operations carry no ATC");
         }
         let ok = match self.kind {
@@ -325,17 +404,18 @@ impl Entry {
 
     /// Whether this entry consumed the card's ATC (card transactions that authenticated).
     pub fn uses_atc(&self) -> bool {
-        matches!(
-            self.kind,
-            EntryKind::Purchase
-                | EntryKind::TopUp
-                | EntryKind::Identity
-                | EntryKind::Offline
-                | EntryKind::TapIn
-                | EntryKind::TapOut
-                | EntryKind::Reversal
-                | EntryKind::Inquiry
-        )
+        !self.is_note()
+            && matches!(
+                self.kind,
+                EntryKind::Purchase
+                    | EntryKind::TopUp
+                    | EntryKind::Identity
+                    | EntryKind::Offline
+                    | EntryKind::TapIn
+                    | EntryKind::TapOut
+                    | EntryKind::Reversal
+                    | EntryKind::Inquiry
+            )
     }
 }
 
@@ -364,6 +444,7 @@ mod tests {
             prev_pos: Pos { segment: 1, offset: 32 },
             transit: Transit::NONE,
             product: None,
+            numbered: Numbered::NONE,
         };
         let mut buf = Vec::new();
         entry.encode(&mut buf);
@@ -398,6 +479,7 @@ mod tests {
             prev_pos: Pos::NONE,
             transit: Transit::NONE,
             product: None,
+            numbered: Numbered::NONE,
         };
         assert_eq!(purchase.check(), Ok(()));
         let declined =
@@ -448,6 +530,7 @@ mod tests {
             prev_pos: Pos::NONE,
             transit: Transit { hold, ref_atc: Atc(8) },
             product: None,
+            numbered: Numbered::NONE,
         };
         let done = Transit { hold: Hold::NONE, ref_atc: Atc(8) };
         let tap_out = Entry {
@@ -516,6 +599,7 @@ mod tests {
             prev_pos: Pos { segment: 2, offset: 64 },
             transit: Transit::NONE,
             product: None,
+            numbered: Numbered::NONE,
         };
         let mut v2 = Vec::new();
         plain.encode(&mut v2);
@@ -568,6 +652,7 @@ mod tests {
             prev_pos: Pos::NONE,
             transit: Transit::NONE,
             product: None,
+            numbered: Numbered::NONE,
         };
         let mut v2 = Vec::new();
         issue.encode(&mut v2);

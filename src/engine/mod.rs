@@ -24,6 +24,8 @@
 //!   background check of the card digest.
 //! - [`decide`]: decisions as pure functions (`decide::transit`: holds, reversals, inquiries);
 //!   `transit_ops`: the shard side of those operations (lookups, journal, answers).
+//! - `numbered`: protocol 1.3 numbered offline uploads: the (terminal, seq) index and the order
+//!   of one numbered record's decision.
 
 mod answer;
 mod apply;
@@ -38,6 +40,7 @@ pub mod entry;
 pub mod error;
 mod holds;
 mod hotlist;
+mod numbered;
 mod open;
 mod overlay;
 mod persist;

@@ -23,6 +23,10 @@ pub(super) struct Chunk {
     /// records are readable from the journal files (they may not be committed yet).
     pub(super) by_pos: HashMap<Pos, usize>,
     pub(super) ops: HashMap<(String, u64), usize>,
+    /// Numbered offline entries by (terminal, terminal seq) (protocol 1.3).
+    pub(super) seqs: HashMap<(String, u64), usize>,
+    /// The highest terminal seq of each terminal in this chunk.
+    pub(super) seq_high: HashMap<String, u64>,
     /// The driver's clock (Unix ms) when its first entry arrived.
     pub(super) started_ms: u64,
     /// Set when handed to the persister: the highest seq it holds.
@@ -35,6 +39,8 @@ impl Chunk {
             entries: Vec::new(),
             by_pos: HashMap::new(),
             ops: HashMap::new(),
+            seqs: HashMap::new(),
+            seq_high: HashMap::new(),
             started_ms,
             sealed_at: None,
         }
@@ -59,7 +65,22 @@ impl Overlay {
         if is_staff(entry.kind) {
             chunk.ops.insert((entry.terminal.clone(), entry.reference), index);
         }
+        if entry.claims_seq() {
+            let high = chunk.seq_high.entry(entry.terminal.clone()).or_default();
+            *high = (*high).max(entry.numbered.seq);
+            chunk.seqs.insert((entry.terminal.clone(), entry.numbered.seq), index);
+        }
         chunk.entries.push(Pending { seq, pos, entry });
+    }
+
+    pub(super) fn terminal_seq(&self, terminal: &str, terminal_seq: u64) -> Option<&Pending> {
+        let key = (terminal.to_owned(), terminal_seq);
+        self.chunks.iter().rev().find_map(|c| c.seqs.get(&key).map(|i| &c.entries[*i]))
+    }
+
+    /// The highest terminal seq of `terminal` among the overlay's entries (0: none).
+    pub(super) fn highest_seq(&self, terminal: &str) -> u64 {
+        self.chunks.iter().filter_map(|c| c.seq_high.get(terminal)).copied().max().unwrap_or(0)
     }
 
     pub(super) fn at(&self, pos: Pos) -> Option<&Pending> {

@@ -211,11 +211,18 @@ pub(super) fn is_staff(kind: EntryKind) -> bool {
 
 /// The sled writes one entry needs beyond its card records: none for card transactions (their
 /// history and retries are served from the journal through the card's chain), an op_ref index
-/// entry for staff operations, and the hotlist change if any.
+/// entry for staff operations, a (terminal, seq) index entry for numbered offline records
+/// (protocol 1.3), and the hotlist change if any.
 pub(super) fn write_index(batch: &mut sled::Batch, entry: &Entry, seq: u64, pos: Pos) {
     if is_staff(entry.kind) {
         batch.insert(
             state::op_key(&entry.terminal, entry.reference),
+            &state::index_value(seq, pos)[..],
+        );
+    }
+    if entry.claims_seq() {
+        batch.insert(
+            state::seq_key(&entry.terminal, entry.numbered.seq),
             &state::index_value(seq, pos)[..],
         );
     }

@@ -145,6 +145,8 @@ impl Shard {
                 Ok(Output::Offline(results))
             }
             Op::Hotlist { since, max } => self.hotlist(since, max),
+            Op::Numbered(records) => self.numbered_batch(terminal, records, now_ms),
+            Op::SeqLookup(seqs) => self.seq_lookup(terminal, seqs),
         }
         .and_then(|output| {
             // A card read that failed inside the operation stops the shard before its outcome
@@ -231,9 +233,10 @@ impl Shard {
             }
             Request::Funds { auth } => self.funds(terminal, auth),
             Request::FundsProduct { auth } => self.funds_product(terminal, auth, now_ms),
-            Request::Hello { .. } | Request::OfflineBatch { .. } | Request::HotlistSync { .. } => {
-                Err(StoreError::NotForShard(request.message_type()))
-            }
+            Request::Hello { .. }
+            | Request::OfflineBatch { .. }
+            | Request::NumberedOfflineBatch { .. }
+            | Request::HotlistSync { .. } => Err(StoreError::NotForShard(request.message_type())),
         };
         // These answers are sealed as values (each decision seals its own); the card
         // transactions above hand their seal to the connection's one-pass encode.

@@ -79,6 +79,26 @@ pub(crate) fn hold_key(card: CardId) -> [u8; 9] {
     k
 }
 
+/// Protocol 1.3: the (terminal, terminal seq) index of numbered offline records, like the
+/// op_ref index: key `t`, terminal length, terminal, seq (big-endian, so a terminal's keys sort
+/// by seq and its last key is its highest seq); value [`index_value`].
+pub(crate) const SEQ_INDEX: u8 = b't';
+
+/// The key prefix of one terminal's seq index entries.
+pub(crate) fn seq_prefix(terminal: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + terminal.len() + 8);
+    k.push(SEQ_INDEX);
+    k.push(terminal.len() as u8);
+    k.extend_from_slice(terminal.as_bytes());
+    k
+}
+
+pub(crate) fn seq_key(terminal: &str, terminal_seq: u64) -> Vec<u8> {
+    let mut k = seq_prefix(terminal);
+    k.extend_from_slice(&terminal_seq.to_be_bytes());
+    k
+}
+
 pub(crate) fn card_key(card: CardId) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = CARD;

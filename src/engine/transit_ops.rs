@@ -242,6 +242,7 @@ impl Shard {
             prev_pos: Pos::NONE,
             transit: d.transit,
             product,
+            numbered: crate::engine::entry::Numbered::NONE,
         };
         let seq = self.journal_entry(entry.clone())?;
         Ok((seq, entry))
@@ -362,6 +363,7 @@ impl Shard {
                     prev_pos: Pos::NONE,
                     transit: transit::Transit::NONE,
                     product: None,
+                    numbered: crate::engine::entry::Numbered::NONE,
                 };
                 let seq = self.journal_entry(entry)?;
                 answer(Status::NotFound, None, seq)

@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use citycard_protocol::{Answer, CardResult, HotlistEntry, KeyVersion, OfflineRecord, Request};
+use citycard_protocol::{
+    Answer, CardResult, HotlistEntry, KeyVersion, NumberedRecord, NumberedResult, OfflineRecord,
+    Request,
+};
 use ring::signature::Ed25519KeyPair;
 
 use super::checkpoint::CheckpointPolicy;
@@ -128,6 +131,12 @@ pub enum Op<'a> {
         since: u64,
         max: usize,
     },
+    /// Protocol 1.3: the numbered records of a batch that belong to this shard, with their
+    /// positions and whether another shard already holds their seq for this terminal.
+    Numbered(&'a [(u16, NumberedRecord, bool)]),
+    /// Protocol 1.3: which of these terminal seqs this shard holds for the terminal (the first
+    /// phase of a numbered batch, asked of every shard).
+    SeqLookup(&'a [u64]),
 }
 
 // The single answer is the common case by far; boxing it would cost an allocation per request
@@ -138,6 +147,18 @@ pub enum Output {
     /// the connection encodes them ([`citycard_protocol::Answer`]).
     Response(Answer),
     Offline(Vec<(u16, CardResult)>),
+    /// Protocol 1.3: results by position, and the terminal's highest seq in this shard after.
+    Numbered {
+        results: Vec<(u16, NumberedResult)>,
+        highest: u64,
+    },
+    /// Protocol 1.3: the seqs asked about that this shard holds, and its highest seq.
+    /// `complete` false: the shard did not look (refused while replication is stalled).
+    SeqLookup {
+        held: Vec<u64>,
+        highest: u64,
+        complete: bool,
+    },
     Hotlist {
         version: u64,
         entries: Vec<HotlistEntry>,

@@ -162,5 +162,6 @@ pub(super) fn reference_lost(terminal: &str, op_ref: u64) -> Entry {
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
         product: None,
+        numbered: crate::engine::entry::Numbered::NONE,
     }
 }

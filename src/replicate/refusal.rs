@@ -49,6 +49,20 @@ pub fn for_work(work: &Work) -> Option<Output> {
         Work::Hotlist { since, .. } => {
             Some(Output::Hotlist { version: *since, entries: Vec::new(), more: true })
         }
+        Work::Numbered(records) => Some(Output::Numbered {
+            results: records
+                .iter()
+                .map(|(i, n, _)| {
+                    let result = citycard_protocol::answer::decline_record(UNAVAILABLE, &n.record);
+                    (*i, citycard_protocol::NumberedResult { terminal_seq: n.terminal_seq, result })
+                })
+                .collect(),
+            highest: 0,
+        }),
+        // Not answered: the connection declines the whole batch (PROTOCOL.md 6.13).
+        Work::SeqLookup(_) => {
+            Some(Output::SeqLookup { held: Vec::new(), highest: 0, complete: false })
+        }
         Work::Reload(_) => None,
     }
 }
@@ -65,6 +79,18 @@ pub fn for_output(output: Output) -> Output {
         Output::Offline(results) => {
             Output::Offline(results.into_iter().map(|(i, r)| (i, card(&r))).collect())
         }
+        Output::Numbered { results, .. } => Output::Numbered {
+            results: results
+                .into_iter()
+                .map(|(i, mut n)| {
+                    n.result = card(&n.result);
+                    (i, n)
+                })
+                .collect(),
+            highest: 0,
+        },
+        // A lookup decides nothing; what it read is journaled already.
+        lookup @ Output::SeqLookup { .. } => lookup,
         // Entries after `since` start at since + 1 (versions count changes), so the first
         // entry's version less one is the cursor the terminal sent.
         Output::Hotlist { version, entries, .. } => {
@@ -77,6 +103,11 @@ pub fn for_output(output: Output) -> Output {
 fn response_of(response: Response) -> Response {
     match response {
         Response::Purchase(r) => Response::Purchase(card(&r)),
+        Response::NumberedOfflineBatch(mut n) => {
+            n.results.iter_mut().for_each(|r| r.result = card(&r.result));
+            n.highest_seq = 0;
+            Response::NumberedOfflineBatch(n)
+        }
         Response::TopUp(r) => Response::TopUp(card(&r)),
         Response::Balance(r) => Response::Balance(card(&r)),
         Response::History(mut h) => {

@@ -180,6 +180,7 @@ impl RunningServer {
             let shared = Arc::new(WorkerShared {
                 hotlist_version: AtomicU64::new(shard.hotlist_version()),
                 last_batch: AtomicU64::new(0),
+                numbered_uploads: Default::default(),
             });
             let index = usize::from(shard.index());
             let ctx = WorkerContext {
@@ -491,6 +492,7 @@ pub fn permitted(role: Role, request: &Request) -> bool {
                 Purchase { .. }
                     | Balance { .. }
                     | OfflineBatch { .. }
+                    | NumberedOfflineBatch { .. }
                     | HotlistSync { .. }
                     | TapIn { .. }
                     | TapOut { .. }

@@ -21,7 +21,8 @@ use citycard_protocol::answer::{decline, decline_record};
 use citycard_protocol::frame::decode_frame;
 use citycard_protocol::{
     frame_to_request, Answer, CardResult, DecodeError, ErrorCode, HotlistChanges, HotlistEntry,
-    MessageType, Request, RequestId, Response, ServerInfo, Status, MAX_HOTLIST_ENTRIES,
+    MessageType, NumberedRecord, NumberedResult, NumberedResults, Request, RequestId, Response,
+    ServerInfo, Status, MAX_HOTLIST_ENTRIES,
 };
 
 use super::worker::{Reply, Work, WorkerShared};
@@ -118,8 +119,60 @@ struct InFlight {
 /// How the answer is put together: one shard's reply, or parts from several shards.
 enum Gather {
     Single,
-    Offline { results: Vec<Option<CardResult>>, parts_left: usize },
-    Hotlist { cursor: Vec<u64>, entries: Vec<HotlistEntry>, more: bool, parts_left: usize },
+    Offline {
+        results: Vec<Option<CardResult>>,
+        parts_left: usize,
+    },
+    Hotlist {
+        cursor: Vec<u64>,
+        entries: Vec<HotlistEntry>,
+        more: bool,
+        parts_left: usize,
+    },
+    /// Protocol 1.3, first phase: every shard says which of the batch's seqs it holds for this
+    /// terminal. `held_by[i]` has bit s set when shard s holds record i's seq.
+    SeqLookup {
+        records: Vec<NumberedRecord>,
+        held_by: Vec<u64>,
+        highest: u64,
+        parts_left: usize,
+        /// Set when a shard could not look: the whole batch is declined with it.
+        refused: Option<Status>,
+        guard: UploadGuard,
+    },
+    /// Protocol 1.3, second phase: each card's shard decides its records.
+    Numbered {
+        results: Vec<Option<NumberedResult>>,
+        highest: u64,
+        parts_left: usize,
+        /// Held until the answer is written (or the connection drops it).
+        _guard: UploadGuard,
+    },
+}
+
+/// A terminal's numbered batch in flight (see `WorkerShared::numbered_uploads`); dropping it,
+/// with the answer or with the connection, lets the terminal's next numbered batch in.
+struct UploadGuard {
+    terminal: Arc<str>,
+    registry: Arc<WorkerShared>,
+}
+
+impl UploadGuard {
+    /// None when the terminal already has a numbered batch in flight.
+    fn take(terminal: &Arc<str>, registry: &Arc<WorkerShared>) -> Option<UploadGuard> {
+        // A poisoned lock only means another connection panicked while holding it; the set
+        // itself is still a set of names.
+        let mut set = registry.numbered_uploads.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(terminal.clone())
+            .then(|| UploadGuard { terminal: terminal.clone(), registry: registry.clone() })
+    }
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        let mut set = self.registry.numbered_uploads.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.terminal);
+    }
 }
 
 /// Where the session is in its life.
@@ -387,6 +440,20 @@ impl Session {
                 }
                 *parts_left -= 1;
             }
+            (Gather::Numbered { results, parts_left, .. }, Work::Numbered(part)) => {
+                for (i, numbered, _) in part {
+                    if let Some(slot) = results.get_mut(usize::from(i)) {
+                        let result = decline_record(status, &numbered.record);
+                        *slot =
+                            Some(NumberedResult { terminal_seq: numbered.terminal_seq, result });
+                    }
+                }
+                *parts_left -= 1;
+            }
+            (Gather::SeqLookup { refused, parts_left, .. }, Work::SeqLookup(_)) => {
+                *refused = Some(status);
+                *parts_left -= 1;
+            }
             (Gather::Hotlist { more, parts_left, .. }, Work::Hotlist { .. }) => {
                 // That shard's cursor stays where it was, and `more` says to sync again.
                 *more = true;
@@ -419,6 +486,34 @@ impl Session {
                         *slot = Some(result);
                     }
                 }
+                *parts_left -= 1;
+            }
+            (
+                Gather::Numbered { results, highest, parts_left, .. },
+                Output::Numbered { results: part, highest: part_highest },
+            ) => {
+                for (i, result) in part {
+                    if let Some(slot) = results.get_mut(usize::from(i)) {
+                        *slot = Some(result);
+                    }
+                }
+                *highest = (*highest).max(part_highest);
+                *parts_left -= 1;
+            }
+            (
+                Gather::SeqLookup { records, held_by, highest, parts_left, refused, .. },
+                Output::SeqLookup { held, highest: part_highest, complete },
+            ) => {
+                if !complete {
+                    *refused = Some(Status::Unavailable);
+                }
+                for seq in held {
+                    // Seqs are strictly increasing within a batch (the decoder checks).
+                    if let Ok(i) = records.binary_search_by_key(&seq, |r| r.terminal_seq) {
+                        held_by[i] |= 1u64 << (reply.shard % 64);
+                    }
+                }
+                *highest = (*highest).max(part_highest);
                 *parts_left -= 1;
             }
             (
@@ -571,6 +666,34 @@ impl Session {
                 self.pending.insert(request_id, InFlight { started, message_type, gather });
                 self.maybe_finish(request_id, now);
             }
+            Request::NumberedOfflineBatch { records } => {
+                let Some(guard) =
+                    self.workers.first().and_then(|w| UploadGuard::take(&self.terminal, w))
+                else {
+                    // Another numbered batch of this terminal is in flight (PROTOCOL.md 6.13).
+                    let answer = Answer::plain(decline(
+                        &Request::NumberedOfflineBatch { records },
+                        Status::Busy,
+                    ));
+                    self.answer(request_id, message_type, started, &answer, now);
+                    return;
+                };
+                let held_by = vec![0; records.len()];
+                let seqs: Vec<u64> = records.iter().map(|r| r.terminal_seq).collect();
+                for shard in 0..shard_count {
+                    let work = Work::SeqLookup(seqs.clone());
+                    self.submissions.push_back(Submission { shard, request_id, work });
+                }
+                let gather = Gather::SeqLookup {
+                    records,
+                    held_by,
+                    highest: 0,
+                    parts_left: shard_count,
+                    refused: None,
+                    guard,
+                };
+                self.pending.insert(request_id, InFlight { started, message_type, gather });
+            }
             Request::HotlistSync { cursor, max_entries } => {
                 if !cursor.is_empty() && cursor.len() != shard_count {
                     self.error_frame(
@@ -626,9 +749,10 @@ impl Session {
 
     fn maybe_finish(&mut self, request_id: RequestId, now: Now) {
         let done = match self.pending.get(&request_id).map(|f| &f.gather) {
-            Some(Gather::Offline { parts_left, .. }) | Some(Gather::Hotlist { parts_left, .. }) => {
-                *parts_left == 0
-            }
+            Some(Gather::Offline { parts_left, .. })
+            | Some(Gather::Hotlist { parts_left, .. })
+            | Some(Gather::SeqLookup { parts_left, .. })
+            | Some(Gather::Numbered { parts_left, .. }) => *parts_left == 0,
             _ => false,
         };
         if !done {
@@ -646,9 +770,72 @@ impl Session {
             Gather::Hotlist { cursor, entries, more, .. } => {
                 Response::HotlistSync(HotlistChanges { cursor, more, entries })
             }
+            Gather::SeqLookup { records, held_by, highest, refused, guard, .. } => {
+                if let Some(status) = refused {
+                    // Without every shard's word no seq can be known free: nothing is decided.
+                    decline(&Request::NumberedOfflineBatch { records }, status)
+                } else if records.is_empty() {
+                    let results = Vec::new();
+                    Response::NumberedOfflineBatch(NumberedResults {
+                        highest_seq: highest,
+                        results,
+                    })
+                } else {
+                    self.numbered_phase_two(
+                        request_id,
+                        started,
+                        message_type,
+                        records,
+                        &held_by,
+                        highest,
+                        guard,
+                    );
+                    return;
+                }
+            }
+            Gather::Numbered { results, highest, .. } => {
+                // Every position was filled by a shard or by a refusal above.
+                let results = results.into_iter().flatten().collect();
+                Response::NumberedOfflineBatch(NumberedResults { highest_seq: highest, results })
+            }
             Gather::Single => return,
         };
         self.answer(request_id, message_type, started, &Answer::plain(response), now);
+    }
+}
+
+impl Session {
+    /// The second phase of a numbered batch: each record goes to its card's shard, told whether
+    /// another shard holds its seq already.
+    #[allow(clippy::too_many_arguments)]
+    fn numbered_phase_two(
+        &mut self,
+        request_id: RequestId,
+        started: Instant,
+        message_type: MessageType,
+        records: Vec<NumberedRecord>,
+        held_by: &[u64],
+        highest: u64,
+        guard: UploadGuard,
+    ) {
+        let shard_count = self.shard_count();
+        let mut parts: Vec<Vec<(u16, NumberedRecord, bool)>> = vec![Vec::new(); shard_count];
+        for (i, record) in records.iter().enumerate() {
+            let shard = crate::engine::shard_of(record.record.card_id, shard_count as u16);
+            let elsewhere = held_by[i] & !(1u64 << (shard % 64)) != 0;
+            parts[usize::from(shard)].push((i as u16, *record, elsewhere));
+        }
+        let mut parts_left = 0;
+        for (shard, part) in parts.into_iter().enumerate() {
+            if !part.is_empty() {
+                parts_left += 1;
+                let work = Work::Numbered(part);
+                self.submissions.push_back(Submission { shard, request_id, work });
+            }
+        }
+        let results = vec![None; records.len()];
+        let gather = Gather::Numbered { results, highest, parts_left, _guard: guard };
+        self.pending.insert(request_id, InFlight { started, message_type, gather });
     }
 }
 

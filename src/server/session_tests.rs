@@ -32,6 +32,7 @@ impl Sim {
                 Arc::new(WorkerShared {
                     hotlist_version: AtomicU64::new(3),
                     last_batch: AtomicU64::new(0),
+                    numbered_uploads: Default::default(),
                 })
             })
             .collect();
@@ -397,4 +398,84 @@ fn a_split_request_gathers_every_shard_and_a_refused_part_is_declined() {
     assert_eq!(statuses, [Status::Approved, Status::Unavailable, Status::Approved]);
     assert_eq!(results[1].card_id, CardId(base + 1));
     assert_eq!(written[0].1.message_type(), MessageType::OfflineResults);
+}
+
+/// Protocol 1.3: a numbered batch asks every shard about its seqs first, then sends each record
+/// to its card's shard told whether another shard holds its seq; a second batch of the same
+/// terminal while the first is in flight is Busy at once.
+#[test]
+fn a_numbered_batch_asks_every_shard_then_decides_in_the_card_shards() {
+    let mut sim = Sim::new(8);
+    // Two cards, one in each of the two shards.
+    let cards: Vec<CardId> = (0..16u64).map(|i| CardId(6_000_000_000_000_000 + i)).collect();
+    let in_shard = |s: u16| {
+        let found = cards.iter().find(|c| crate::engine::shard_of(**c, 2) == s);
+        *found.expect("16 consecutive card ids cover both shards")
+    };
+    let (x, y) = (in_shard(0), in_shard(1));
+    let record = |card: CardId, terminal_seq: u64| citycard_protocol::NumberedRecord {
+        record: citycard_protocol::OfflineRecord {
+            card_id: card,
+            atc: Atc(1),
+            amount: Amount(5),
+            time_ms: 1,
+            nonce: 1,
+            certificate: Mac([2; 16]),
+        },
+        terminal_seq,
+        flags: 0,
+    };
+    let batch = Request::NumberedOfflineBatch { records: vec![record(x, 1), record(y, 2)] };
+    sim.send(&frame(1, &batch));
+    let lookups = sim.submissions();
+    assert_eq!(lookups.len(), 2, "every shard is asked");
+    assert!(lookups.iter().all(|s| matches!(&s.work, Work::SeqLookup(seqs) if seqs == &[1, 2])));
+    // The same terminal's next batch while this one is in flight: Busy, nothing submitted.
+    sim.send(&frame(2, &batch));
+    assert!(sim.submissions().is_empty());
+    let busy = sim.written();
+    assert!(matches!(&busy[..], [(RequestId(2), Response::NumberedOfflineBatch(n))]
+        if n.results.iter().all(|r| r.result.status == Status::Busy)));
+    // Shard 0 holds seq 2 (under some other card of its own); shard 1 holds nothing.
+    let now = sim.now();
+    for (shard, held, highest) in [(0u16, vec![2u64], 2u64), (1, vec![], 0)] {
+        let output = Output::SeqLookup { held, highest, complete: true };
+        sim.session.reply(now, Reply { request_id: RequestId(1), shard, output });
+    }
+    let parts = sim.submissions();
+    assert_eq!(parts.len(), 2);
+    for part in &parts {
+        let Work::Numbered(records) = &part.work else { panic!("not a numbered part") };
+        let [(position, sent, elsewhere)] = records[..] else { panic!("one record a shard") };
+        // Record 0 (card x) goes to shard 0, record 1 (card y) to shard 1; record 1's seq is
+        // held by shard 0: a conflict shard 1 cannot see on its own.
+        assert_eq!(part.shard, usize::from(position));
+        assert_eq!(elsewhere, position == 1);
+        assert_eq!(sent.terminal_seq, u64::from(position) + 1);
+    }
+    let now = sim.now();
+    for part in &parts {
+        let Work::Numbered(records) = &part.work else { unreachable!() };
+        let results = records
+            .iter()
+            .map(|(i, n, _)| {
+                let status = if *i == 1 { Status::SeqConflict } else { Status::Approved };
+                let result = citycard_protocol::answer::decline_record(status, &n.record);
+                (*i, citycard_protocol::NumberedResult { terminal_seq: n.terminal_seq, result })
+            })
+            .collect();
+        let output = Output::Numbered { results, highest: 1 };
+        sim.session
+            .reply(now, Reply { request_id: RequestId(1), shard: part.shard as u16, output });
+    }
+    let written = sim.written();
+    let [(RequestId(1), Response::NumberedOfflineBatch(answer))] = &written[..] else {
+        panic!("{written:?}")
+    };
+    assert_eq!(answer.highest_seq, 2, "the highest over both phases");
+    let statuses: Vec<Status> = answer.results.iter().map(|r| r.result.status).collect();
+    assert_eq!(statuses, [Status::Approved, Status::SeqConflict]);
+    // The terminal may send its next batch now.
+    sim.send(&frame(3, &batch));
+    assert_eq!(sim.submissions().len(), 2);
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use citycard_protocol::{OfflineRecord, Request, RequestId};
+use citycard_protocol::{NumberedRecord, OfflineRecord, Request, RequestId};
 use crossbeam::channel::{Receiver, RecvTimeoutError};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,11 @@ use super::write_behind::ThreadWriteBehind;
 pub enum Work {
     Request(Request),
     Offline(Vec<(u16, OfflineRecord)>),
+    /// Protocol 1.3: numbered records with their positions and whether another shard holds
+    /// their seq (see `Op::Numbered`).
+    Numbered(Vec<(u16, NumberedRecord, bool)>),
+    /// Protocol 1.3: the first phase of a numbered batch, asked of every shard.
+    SeqLookup(Vec<u64>),
     Hotlist {
         since: u64,
         max: usize,
@@ -47,6 +52,11 @@ pub struct WorkerShared {
     pub hotlist_version: AtomicU64,
     /// Jobs in the current batch (a metric).
     pub last_batch: AtomicU64,
+    /// Protocol 1.3: terminals with a numbered offline batch in flight (the session keeps it in
+    /// the first shard's entry only). One at a time per terminal keeps the seq check of the
+    /// first phase true until the second phase has decided (PROTOCOL.md 6.13). The lock is
+    /// held only to insert or remove one name, never across an await.
+    pub numbered_uploads: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 pub struct WorkerContext {
@@ -148,6 +158,8 @@ pub fn run(mut ctx: WorkerContext) {
             let op = match &job.work {
                 Work::Request(request) => Op::Request(request),
                 Work::Offline(records) => Op::Offline(records),
+                Work::Numbered(records) => Op::Numbered(records),
+                Work::SeqLookup(seqs) => Op::SeqLookup(seqs),
                 Work::Hotlist { since, max } => Op::Hotlist { since: *since, max: *max },
                 Work::Reload(secrets) => {
                     ctx.shard.replace_secrets(secrets.clone());

@@ -54,6 +54,7 @@ pub fn decide(
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
         product: None,
+        numbered: crate::engine::entry::Numbered::NONE,
     })
 }
 

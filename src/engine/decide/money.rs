@@ -74,6 +74,7 @@ pub fn decide(
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
         product: fields,
+        numbered: crate::engine::entry::Numbered::NONE,
     })
 }
 

@@ -95,6 +95,7 @@ pub fn issue(
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
         product: fields,
+        numbered: crate::engine::entry::Numbered::NONE,
     })
 }
 
@@ -171,6 +172,7 @@ pub fn replace(
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
         product: fields,
+        numbered: crate::engine::entry::Numbered::NONE,
     })
 }
 
@@ -257,6 +259,7 @@ pub fn card_op(
         prev_pos: Pos::NONE,
         transit: Transit::NONE,
         product: fields,
+        numbered: crate::engine::entry::Numbered::NONE,
     })
 }
 
@@ -351,6 +354,7 @@ pub fn set_product(
         transit: Transit::NONE,
         // Declines carry the card's product unchanged, so a retry answers it again.
         product: Some(fields),
+        numbered: crate::engine::entry::Numbered::NONE,
     })
 }
 

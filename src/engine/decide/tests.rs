@@ -11,7 +11,7 @@ use citycard_protocol::{
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
 use super::*;
-use crate::engine::entry::{Entry, HotlistChange};
+use crate::engine::entry::{Entry, HotlistChange, Numbered};
 use crate::engine::state::CardRecord;
 use crate::engine::types::Limits;
 use crate::journal::Pos;
@@ -299,7 +299,13 @@ fn offline_table() {
     for (i, (state, balance, amount, status, after, change)) in rows.into_iter().enumerate() {
         let record = offline_record(12, amount);
         let entry = with_ctx(&[], |ctx| {
-            recorded(offline::decide(ctx, &record, &card(state, balance), AtcLookup::Unused))
+            recorded(offline::decide(
+                ctx,
+                &record,
+                &card(state, balance),
+                AtcLookup::Unused,
+                Numbered::NONE,
+            ))
         });
         assert_eq!((entry.status, entry.balance_after), (status, Amount(after)), "row {i}");
         assert_eq!(entry.hotlist_change, change, "row {i}");
@@ -312,10 +318,11 @@ fn offline_table() {
 fn offline_retry_and_replay() {
     let active = card(Active, 100);
     let record = offline_record(4, 30);
-    let original =
-        with_ctx(&[], |ctx| recorded(offline::decide(ctx, &record, &active, AtcLookup::Unused)));
+    let original = with_ctx(&[], |ctx| {
+        recorded(offline::decide(ctx, &record, &active, AtcLookup::Unused, Numbered::NONE))
+    });
     let again = with_ctx(&[], |ctx| {
-        offline::decide(ctx, &record, &active, AtcLookup::Used(8, original.clone()))
+        offline::decide(ctx, &record, &active, AtcLookup::Used(8, original.clone()), Numbered::NONE)
     });
     assert_eq!(again, Decided::Again(8, original.clone()));
     let other = OfflineRecord { certificate: Mac([1; 16]), ..record };
@@ -325,7 +332,7 @@ fn offline_retry_and_replay() {
         (record, AtcLookup::Unknown),
         (zero, AtcLookup::Unused),
     ] {
-        match with_ctx(&[], |ctx| offline::decide(ctx, &record, &active, lookup)) {
+        match with_ctx(&[], |ctx| offline::decide(ctx, &record, &active, lookup, Numbered::NONE)) {
             Decided::Decline(r) => assert_eq!((r.status, r.balance), (Status::Replay, Amount(100))),
             other => panic!("expected a replay, got {other:?}"),
         }
