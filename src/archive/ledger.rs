@@ -140,6 +140,9 @@ impl Ledger {
                 self.cards.insert(e.other_card, card);
                 self.cards.entry(e.card_id).and_modify(|c| c.record.last_pos = pos);
             }
+            // A numbered offline record's refusal note (protocol 1.3) is on no card's chain and
+            // changes no card, as in the engine's apply.
+            _ if e.is_note() => {}
             _ => {
                 if !self.cards.contains_key(&e.card_id) {
                     // A declined request for an unknown card changes nothing.
@@ -323,5 +326,28 @@ mod tests {
         let day = ledger.days[&0];
         assert_eq!((day.records, day.deposits, day.purchases), (6, 1_000, 320));
         assert_eq!((day.balance_change, day.net()), (680, 680));
+    }
+
+    // A refusal note of a numbered offline record (protocol 1.3) is off the card's chain in
+    // the engine; the anchor must not make it the head of the chain.
+    #[test]
+    fn refusal_notes_leave_the_card_as_it_was() {
+        let mut ledger = Ledger::new(None);
+        ledger.apply(pos(0), &entry(EntryKind::Issue, 0, 1_000, 1_000, Hold::NONE)).unwrap();
+        let numbered = crate::engine::entry::Numbered { seq: 3, uncertain: false, note: true };
+        let note = Entry {
+            kind: EntryKind::Offline,
+            status: Status::BadCryptogram,
+            atc: Atc(4_000_000),
+            balance_after: Amount(0),
+            transit: Transit::NONE,
+            numbered,
+            ..entry(EntryKind::Offline, 0, 0, 0, Hold::NONE)
+        };
+        ledger.apply(pos(1), &note).unwrap();
+        let unknown = Entry { card_id: CardId(CARD.0 + 2), ..note.clone() };
+        ledger.apply(pos(2), &unknown).unwrap();
+        let card = ledger.cards[&CARD].record;
+        assert_eq!((card.last_pos, card.last_atc, card.balance), (pos(0), Atc(0), Amount(1_000)));
     }
 }
