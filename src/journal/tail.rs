@@ -45,6 +45,31 @@ impl RawRecord {
         Ok(RawRecord { seq, batch_start, prev_hash, bytes, hash })
     }
 
+    /// The records of a buffer laid out as the journal writes them, one after another with
+    /// their padding (a group commit before it is written: [`super::Journal::pending_bytes`]),
+    /// each checked like [`RawRecord::check`].
+    pub fn split(buf: &[u8]) -> Result<Vec<RawRecord>, String> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < buf.len() {
+            match parse_record(buf, off) {
+                Parsed::Record(r) => {
+                    out.push(RawRecord {
+                        seq: r.seq,
+                        batch_start: r.batch_start,
+                        prev_hash: r.prev_hash,
+                        bytes: r.bytes.to_vec(),
+                        hash: record_hash(r.bytes),
+                    });
+                    off += r.size;
+                }
+                Parsed::End => break,
+                Parsed::Bad(reason) => return Err(format!("at byte {off}: {reason}")),
+            }
+        }
+        Ok(out)
+    }
+
     /// The payload (what the engine decodes).
     pub fn payload(&self) -> &[u8] {
         &self.bytes[RECORD_HEADER_LEN..]
@@ -223,6 +248,49 @@ impl RecordTail {
 mod tests {
     use super::*;
     use crate::journal::{archive_below, Journal, JournalOptions};
+
+    #[test]
+    fn a_group_commit_is_shipped_as_written_then_synced() {
+        let Ok(dir) = tempfile::tempdir() else { return };
+        let (journal_dir, archive) = (dir.path().join("journal"), dir.path().join("archive"));
+        let options = JournalOptions { segment_bytes: 4096, ..Default::default() };
+        let mut journal = Journal::open(&journal_dir, options, |_, _| Ok(())).expect("open");
+        for round in 0..6u8 {
+            // Enough records to cross a 4 KiB segment within one group commit now and then.
+            let first = journal.next_seq();
+            for i in 0..(round + 2) {
+                journal.append(&[round * 16 + i + 1; 700]).expect("append");
+            }
+            let pending = journal.pending_bytes().to_vec();
+            let split = RawRecord::split(&pending).expect("pending records parse");
+            assert_eq!(split.len(), usize::from(round + 2));
+            journal.write_pending().expect("write");
+            assert!(journal.append(&[9; 10]).is_err(), "nothing may join a written batch");
+            // Written, not yet synced: a reader already finds exactly those bytes.
+            let mut tail = RecordTail::open_at(&journal_dir, &archive, first).expect("tail");
+            for shipped in &split {
+                assert_eq!(shipped.batch_start, first);
+                assert_eq!(&tail.read_next().expect("written record"), shipped);
+            }
+            assert_eq!(split.last().map(|r| r.hash), Some(journal.last_hash()));
+            journal.commit().expect("commit");
+            assert_eq!(journal.last_committed_seq(), first + u64::from(round) + 1);
+            assert!(journal.pending_bytes().is_empty());
+        }
+        drop(journal);
+        let mut seen = 0;
+        let options = JournalOptions { segment_bytes: 4096, ..Default::default() };
+        let reopened = Journal::open(&journal_dir, options, |_, _| {
+            seen += 1;
+            Ok(())
+        });
+        assert!(reopened.is_ok());
+        assert_eq!(seen, (2..8).sum::<u64>());
+        // A length with a wrong CRC behind it is refused, not skipped.
+        let mut bad = vec![0u8; 70];
+        bad[0] = 5;
+        assert!(RawRecord::split(&bad).is_err());
+    }
 
     #[test]
     fn reads_every_record_across_segments_and_the_archive_with_its_chain() {
