@@ -7,6 +7,9 @@
 # Usage: scripts/replication_cost.sh [BIN_DIR=<repo>/target/release] [seconds=10] [rounds=2]
 #        (BIN_DIR holds citycard + citycard-loadtest: cargo build --release -p citycard -p citycard-loadtest)
 # Env:   CLIENTS (default 64)  MIX (default purchase=100)  PGBIN (default newest /usr/lib/postgresql/*/bin)
+#        PROFILE=1: one more replicated run against a server started here, then where a batch
+#        waits from its /metrics: mean local fdatasync, mean PostgreSQL statement (sent to
+#        committed with the standby), records per statement, jobs per group commit, request time.
 # Needs root or the postgres tools on PATH for the current user; installs postgresql with apt as root.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -74,6 +77,34 @@ for r in $(seq "$ROUNDS"); do
   printf '[replicate]\nconninfo = "host=127.0.0.1 port=%s user=postgres dbname=%s"\n' "$P" "$db" >"$T/rep$r.toml"
   run "replicated_$r" "--server-arg=--config=$T/rep$r.toml"
 done
+if [ "${PROFILE:-0}" = 1 ]; then
+  psql_p "CREATE DATABASE profile" >/dev/null
+  printf '[replicate]\nconninfo = "host=127.0.0.1 port=%s user=postgres dbname=profile"\n' "$P" >"$T/profile.toml"
+  "$BIN/citycard" keys init --dir "$T/pkeys" >/dev/null
+  for i in $(seq 2 "$CLIENTS"); do "$BIN/citycard" keys terminal --dir "$T/pkeys" --id "reader-$i" --role reader >/dev/null; done
+  L=$(free_port); A=$(free_port)
+  "$BIN/citycard" serve --keys "$T/pkeys" --data "$T/pdata" --listen "127.0.0.1:$L" --admin "127.0.0.1:$A" --config "$T/profile.toml" >"$T/profile.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$A/readyz" >/dev/null && break; sleep 0.2; done
+  (cd "$T" && timeout $((SECS + 120)) "$BIN/citycard-loadtest" --server "127.0.0.1:$L" --keys "$T/pkeys" --cards 10000 \
+     --connections "$CLIENTS" --pipeline 1 --duration "${SECS}s" --warmup 1s --mix "$MIX" --no-progress >"$T/out/profile.txt" 2>&1) || echo "profile run failed: $(tail -3 "$T/out/profile.txt")"
+  curl -sf "http://127.0.0.1:$A/metrics" >"$T/out/profile.metrics" || true
+  kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true
+  python3 - "$T/out/profile.metrics" <<'PY'
+import re, sys
+sums = {}
+for line in open(sys.argv[1]):
+    m = re.match(r'^(citycard_[a-z_]+)_(sum|count)(\{[^}]*\})? ([0-9.e+-]+)$', line)
+    if m: sums.setdefault(m.group(1), [0.0, 0.0])[0 if m.group(2) == "sum" else 1] += float(m.group(4))
+def mean(name, scale=1.0):
+    s, c = sums.get(name, (0.0, 0.0))
+    return f"{s / c * scale:.2f}" if c else "-"
+print("# profile (replicated, where a batch waits; means over the run):")
+print(f"#   request {mean('citycard_request_seconds', 1000)} ms, local fdatasync {mean('citycard_journal_sync_seconds', 1000)} ms, "
+      f"postgresql statement {mean('citycard_replication_commit_seconds', 1000)} ms, "
+      f"{mean('citycard_replication_statement_records')} records/statement, {mean('citycard_batch_jobs')} jobs/group commit")
+PY
+fi
 python3 - "$T/out" "$ROUNDS" <<'PY'
 import json, os, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])

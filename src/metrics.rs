@@ -125,6 +125,9 @@ pub struct Metrics {
     latency: [Histogram; OPS],
     journal_sync: Histogram,
     batch_size: Histogram,
+    /// One PostgreSQL replication statement, sent to confirmed, and the records it carried.
+    replication_commit: Histogram,
+    replication_records: Histogram,
     handshake_failures: [AtomicU64; HANDSHAKE_REASONS.len()],
     protocol_errors: [AtomicU64; 16],
     connections_total: AtomicU64,
@@ -141,6 +144,8 @@ pub static METRICS: Metrics = Metrics {
     latency: [const { Histogram::new() }; OPS],
     journal_sync: Histogram::new(),
     batch_size: Histogram::new(),
+    replication_commit: Histogram::new(),
+    replication_records: Histogram::new(),
     handshake_failures: [const { AtomicU64::new(0) }; HANDSHAKE_REASONS.len()],
     protocol_errors: [const { AtomicU64::new(0) }; 16],
     connections_total: AtomicU64::new(0),
@@ -171,6 +176,12 @@ impl Metrics {
 
     pub fn journal_sync_us(&self, us: u64) {
         self.journal_sync.record_us(us);
+    }
+
+    /// A replication statement confirmed by PostgreSQL after `us`, carrying `records`.
+    pub fn replication_commit(&self, us: u64, records: u64) {
+        self.replication_commit.record_us(us);
+        self.replication_records.record_us(records);
     }
 
     pub fn batch(&self, jobs: u64) {
@@ -266,6 +277,25 @@ impl Metrics {
         self.journal_sync.render(&mut out, "citycard_journal_sync_seconds", "", 1e6);
         family(&mut out, "citycard_batch_jobs", "histogram", "Jobs covered by one group commit");
         self.batch_size.render(&mut out, "citycard_batch_jobs", "", 1.0);
+        family(
+            &mut out,
+            "citycard_replication_commit_seconds",
+            "histogram",
+            "One replication statement from sent to committed in PostgreSQL (with its standby)",
+        );
+        self.replication_commit.render(&mut out, "citycard_replication_commit_seconds", "", 1e6);
+        family(
+            &mut out,
+            "citycard_replication_statement_records",
+            "histogram",
+            "Journal records carried by one replication statement (a heartbeat counts as one)",
+        );
+        self.replication_records.render(
+            &mut out,
+            "citycard_replication_statement_records",
+            "",
+            1.0,
+        );
         family(
             &mut out,
             "citycard_tls_handshake_failures_total",

@@ -117,8 +117,21 @@ impl Shard {
         self.journal.as_ref().map_or(0, Journal::pending)
     }
 
+    /// The records decided but not yet committed, encoded as the journal will write them
+    /// (see [`Journal::pending_bytes`]).
+    pub fn pending_bytes(&self) -> &[u8] {
+        self.journal.as_ref().map_or(&[], Journal::pending_bytes)
+    }
+
     pub(super) fn journal(&mut self) -> Result<&mut Journal, StoreError> {
         self.journal.as_mut().ok_or(StoreError::JournalNotOpen)
+    }
+
+    /// Writes the decided records without syncing them (see [`Journal::write_pending`]);
+    /// `commit` then syncs. Err is fail-stop.
+    pub fn write_pending(&mut self) -> Result<(), StoreError> {
+        self.journal()?.write_pending()?;
+        Ok(())
     }
 
     /// Makes every decided record durable with one sync. Err is fail-stop.

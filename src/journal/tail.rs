@@ -5,8 +5,6 @@
 //! `last_committed_seq`), so a record that does not parse here is damage, never a tail being
 //! written.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::format::{
@@ -14,6 +12,7 @@ use super::format::{
     SEGMENT_HEADER_LEN,
 };
 use super::segment::{list_dir, segment_file_name};
+use super::storage::{DiskFile, Storage};
 use super::{JournalError, MAX_PAYLOAD};
 
 /// One committed record as it lies on disk.
@@ -45,6 +44,31 @@ impl RawRecord {
         Ok(RawRecord { seq, batch_start, prev_hash, bytes, hash })
     }
 
+    /// The records of a buffer laid out as the journal writes them, one after another with
+    /// their padding (a group commit before it is written: [`super::Journal::pending_bytes`]),
+    /// each checked like [`RawRecord::check`].
+    pub fn split(buf: &[u8]) -> Result<Vec<RawRecord>, String> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < buf.len() {
+            match parse_record(buf, off) {
+                Parsed::Record(r) => {
+                    out.push(RawRecord {
+                        seq: r.seq,
+                        batch_start: r.batch_start,
+                        prev_hash: r.prev_hash,
+                        bytes: r.bytes.to_vec(),
+                        hash: record_hash(r.bytes),
+                    });
+                    off += r.size;
+                }
+                Parsed::End => break,
+                Parsed::Bad(reason) => return Err(format!("at byte {off}: {reason}")),
+            }
+        }
+        Ok(out)
+    }
+
     /// The payload (what the engine decodes).
     pub fn payload(&self) -> &[u8] {
         &self.bytes[RECORD_HEADER_LEN..]
@@ -53,12 +77,14 @@ impl RawRecord {
 
 /// A forward cursor over committed records. Segments are looked for in the journal directory,
 /// then in the archive (archiving renames files below a checkpoint; an open descriptor survives).
+/// Reads through the storage seam, so the in-memory disk's faults reach it too.
 #[derive(Debug)]
 pub struct RecordTail {
     journal: PathBuf,
     archive: PathBuf,
     /// The segment being read: its first seq, file and path.
-    segment: Option<(u64, File, PathBuf)>,
+    segment: Option<(u64, Box<dyn DiskFile>, PathBuf)>,
+    storage: Storage,
     capacity: u64,
     offset: u64,
     next_seq: u64,
@@ -73,15 +99,20 @@ const READ_AHEAD: usize = 64 * 1024;
 impl RecordTail {
     /// A cursor whose first [`RecordTail::read_next`] returns record `seq` (which must be committed).
     pub fn open_at(journal: &Path, archive: &Path, seq: u64) -> Result<RecordTail, JournalError> {
+        Self::open_at_on(Storage::real(), journal, archive, seq)
+    }
+
+    /// [`RecordTail::open_at`] on a given storage.
+    pub fn open_at_on(
+        storage: Storage,
+        journal: &Path,
+        archive: &Path,
+        seq: u64,
+    ) -> Result<RecordTail, JournalError> {
         let mut firsts: Vec<u64> = Vec::new();
         for dir in [journal, archive] {
-            if dir.is_dir() {
-                firsts.extend(
-                    list_dir(&super::storage::Storage::real(), dir)?
-                        .0
-                        .into_iter()
-                        .map(|s| s.first_seq),
-                );
+            if storage.is_dir(dir) {
+                firsts.extend(list_dir(&storage, dir)?.0.into_iter().map(|s| s.first_seq));
             }
         }
         let start = firsts.into_iter().filter(|f| *f <= seq.max(1)).max().unwrap_or(1);
@@ -89,6 +120,7 @@ impl RecordTail {
             journal: journal.to_path_buf(),
             archive: archive.to_path_buf(),
             segment: None,
+            storage,
             capacity: 0,
             offset: SEGMENT_HEADER_LEN,
             next_seq: start,
@@ -110,21 +142,19 @@ impl RecordTail {
     fn enter(&mut self, first_seq: u64) -> Result<(), JournalError> {
         let name = segment_file_name(first_seq);
         let live = self.journal.join(&name);
-        let (file, path) = match File::open(&live) {
+        let (file, path) = match self.storage.open_read(&live) {
             Ok(file) => (file, live),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let archived = self.archive.join(&name);
-                match File::open(&archived) {
+                match self.storage.open_read(&archived) {
                     Ok(file) => (file, archived),
                     Err(source) => return Err(JournalError::Io { path: live, source }),
                 }
             }
             Err(source) => return Err(JournalError::Io { path: live, source }),
         };
-        self.capacity = file
-            .metadata()
-            .map_err(|source| JournalError::Io { path: path.clone(), source })?
-            .len();
+        self.capacity =
+            file.len().map_err(|source| JournalError::Io { path: path.clone(), source })?;
         self.segment = Some((first_seq, file, path));
         self.offset = SEGMENT_HEADER_LEN;
         self.cache.clear();
@@ -223,6 +253,84 @@ impl RecordTail {
 mod tests {
     use super::*;
     use crate::journal::{archive_below, Journal, JournalOptions};
+
+    #[test]
+    fn reads_through_the_storage_seam_and_loses_what_a_crash_loses() {
+        use crate::journal::MemDisk;
+        let disk = MemDisk::new(7);
+        let (journal_dir, archive) =
+            (PathBuf::from("/sim/shard-0/journal"), PathBuf::from("/sim/shard-0/archive"));
+        let options =
+            JournalOptions { segment_bytes: 4096, storage: disk.storage(), ..Default::default() };
+        let mut journal = Journal::open(&journal_dir, options, |_, _| Ok(())).expect("open");
+        for round in 0..30u8 {
+            journal.append(&[round + 1; 250]).expect("append");
+            journal.commit().expect("commit");
+        }
+        // Only in memory: nothing of it is on the real disk.
+        assert!(!journal_dir.exists());
+        let mut tail =
+            RecordTail::open_at_on(disk.storage(), &journal_dir, &archive, 5).expect("tail");
+        for seq in 5..=30u64 {
+            let record = tail.read_next().expect("record");
+            assert_eq!((record.seq, record.payload()), (seq, &[seq as u8; 250][..]));
+        }
+        // Written but not synced: visible to a reader, then lost with a crash of that disk.
+        journal.append(&[99; 250]).expect("append");
+        journal.write_pending().expect("write");
+        let mut tail =
+            RecordTail::open_at_on(disk.storage(), &journal_dir, &archive, 31).expect("tail");
+        assert_eq!(tail.read_next().map(|r| r.seq).ok(), Some(31));
+        drop(journal);
+        disk.crash();
+        let mut after =
+            RecordTail::open_at_on(disk.storage(), &journal_dir, &archive, 30).expect("tail");
+        assert_eq!(after.read_next().map(|r| r.seq).ok(), Some(30));
+        assert!(after.read_next().is_err(), "an unsynced record survived the crash");
+    }
+
+    #[test]
+    fn a_group_commit_is_shipped_as_written_then_synced() {
+        let Ok(dir) = tempfile::tempdir() else { return };
+        let (journal_dir, archive) = (dir.path().join("journal"), dir.path().join("archive"));
+        let options = JournalOptions { segment_bytes: 4096, ..Default::default() };
+        let mut journal = Journal::open(&journal_dir, options, |_, _| Ok(())).expect("open");
+        for round in 0..6u8 {
+            // Enough records to cross a 4 KiB segment within one group commit now and then.
+            let first = journal.next_seq();
+            for i in 0..(round + 2) {
+                journal.append(&[round * 16 + i + 1; 700]).expect("append");
+            }
+            let pending = journal.pending_bytes().to_vec();
+            let split = RawRecord::split(&pending).expect("pending records parse");
+            assert_eq!(split.len(), usize::from(round + 2));
+            journal.write_pending().expect("write");
+            assert!(journal.append(&[9; 10]).is_err(), "nothing may join a written batch");
+            // Written, not yet synced: a reader already finds exactly those bytes.
+            let mut tail = RecordTail::open_at(&journal_dir, &archive, first).expect("tail");
+            for shipped in &split {
+                assert_eq!(shipped.batch_start, first);
+                assert_eq!(&tail.read_next().expect("written record"), shipped);
+            }
+            assert_eq!(split.last().map(|r| r.hash), Some(journal.last_hash()));
+            journal.commit().expect("commit");
+            assert_eq!(journal.last_committed_seq(), first + u64::from(round) + 1);
+            assert!(journal.pending_bytes().is_empty());
+        }
+        drop(journal);
+        let mut seen = 0;
+        let options = JournalOptions { segment_bytes: 4096, ..Default::default() };
+        let reopened = Journal::open(&journal_dir, options, |_, _| {
+            seen += 1;
+            Ok(())
+        });
+        assert!(reopened.is_ok());
+        assert_eq!(seen, (2..8).sum::<u64>());
+        // A length with a wrong CRC behind it is refused, not skipped.
+        let mut bad = vec![0u8; 70];
+        bad[0] = 5;
+        assert!(RawRecord::split(&bad).is_err());
+    }
 
     #[test]
     fn reads_every_record_across_segments_and_the_archive_with_its_chain() {

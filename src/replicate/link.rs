@@ -19,6 +19,16 @@ use crate::server::worker::{Job, Reply};
 /// the journal when PostgreSQL returns.
 pub const BACKLOG_RECORDS_MAX: u64 = 200_000;
 
+/// What a worker hands its replication task, in journal order.
+pub enum Handed {
+    /// A group commit's records as the journal is about to write them (before its
+    /// `fdatasync`): PostgreSQL may commit them while the local sync runs. Nothing is answered
+    /// on this alone.
+    Written(Vec<u8>),
+    /// The same group commit is durable locally: its replies wait only for PostgreSQL now.
+    Durable(Held),
+}
+
 /// Replies of one group commit, held until PostgreSQL has every record up to `last_seq`.
 pub struct Held {
     pub last_seq: u64,
@@ -91,7 +101,7 @@ impl Replication {
 pub struct ShardLink {
     pub state: Arc<ShardState>,
     pub mode: Mode,
-    pub to_task: UnboundedSender<Held>,
+    pub to_task: UnboundedSender<Handed>,
     /// Last durable seq, kept by the worker (the task learns it from each hand-over).
     pub durable_seq: u64,
 }
@@ -114,6 +124,16 @@ impl ShardLink {
         });
     }
 
+    /// Called with a group commit's encoded records just before the journal writes and syncs
+    /// them (see [`Handed::Written`]).
+    pub fn ship(&self, pending: &[u8]) {
+        if pending.is_empty() {
+            return;
+        }
+        // A closed channel: the task ended after a fatal error; nothing is answered anyway.
+        let _ = self.to_task.send(Handed::Written(pending.to_vec()));
+    }
+
     /// Called after the local sync of a group commit that appended `records` records: the
     /// replies go to the replication task, which sends them once PostgreSQL has the batch (in
     /// `async-unsafe` mode they go out now).
@@ -133,7 +153,7 @@ impl ShardLink {
             return;
         }
         let held = Held { last_seq: self.durable_seq, at: Instant::now(), replies };
-        if let Err(lost) = self.to_task.send(held) {
+        if let Err(lost) = self.to_task.send(Handed::Durable(held)) {
             // The task ended (the server is stopping after a fatal replication error): these
             // answers are never sent, as after a crash; the terminals retry elsewhere.
             drop(lost);

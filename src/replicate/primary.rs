@@ -20,7 +20,7 @@ use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::connect::{self, Plan};
-use super::link::{Held, Replication, ShardLink, ShardState, BACKLOG_RECORDS_MAX};
+use super::link::{Handed, Held, Replication, ShardLink, ShardState, BACKLOG_RECORDS_MAX};
 use super::schema::{self, Head};
 use super::{Mode, ReplicateConfig, ReplicateError};
 use crate::journal::{RawRecord, RecordTail};
@@ -36,6 +36,10 @@ const PIPELINE_DEPTH: usize = 8;
 /// Most records one statement carries when several group commits are waiting (catching up
 /// after an outage): whole group commits only, so one larger than this goes alone.
 const STATEMENT_RECORDS_MAX: usize = 4_096;
+/// Most records kept as handed over before their local sync ([`Handed::Written`]): a few
+/// seconds of a busy shard, a few MiB. Past it the oldest are dropped and read back from the
+/// journal once durable, so an outage costs no more memory than this.
+const EARLY_RECORDS_MAX: usize = 65_536;
 /// Reconnection back-off bounds: quick after a blip, at most one attempt every two seconds
 /// during an outage.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -107,6 +111,8 @@ pub fn start(
             state,
             inbox,
             held: VecDeque::new(),
+            early: VecDeque::new(),
+            next_read: 1,
             journal: setup.journal,
             archive: setup.archive,
             durable: setup.last_seq,
@@ -193,8 +199,14 @@ struct Task {
     plan: Arc<Plan>,
     replication: Arc<Replication>,
     state: Arc<ShardState>,
-    inbox: UnboundedReceiver<Held>,
+    inbox: UnboundedReceiver<Handed>,
     held: VecDeque<Held>,
+    /// Records handed over before their local sync, contiguous, oldest first, until PostgreSQL
+    /// confirms them: shipped from here so PostgreSQL commits a batch while the local
+    /// `fdatasync` runs.
+    early: VecDeque<RawRecord>,
+    /// Seq of the record `next_record` returns next (after `peeked`).
+    next_read: u64,
     journal: PathBuf,
     archive: PathBuf,
     /// Last seq durable locally, sent in a statement, and confirmed by PostgreSQL.
@@ -251,21 +263,27 @@ impl Task {
                 return;
             }
             tokio::select! {
-                held = self.inbox.recv(), if !closing => match held {
-                    Some(held) => {
+                handed = self.inbox.recv(), if !closing => match handed {
+                    Some(Handed::Durable(held)) => {
                         self.durable = self.durable.max(held.last_seq);
                         self.held.push_back(held);
                         self.release();
                     }
+                    Some(Handed::Written(bytes)) => self.take_early(&bytes),
                     None => closing = true,
                 },
                 Some((last, expected, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                    self.sent_at.pop_front();
+                    if let Some(sent) = self.sent_at.pop_front() {
+                        METRICS.replication_commit(sent.elapsed().as_micros() as u64, expected);
+                    }
                     self.last_activity = Instant::now();
                     match result {
                         Ok(rows) if rows == expected => {
                             let last = last.max(self.confirmed);
                             self.confirmed = last;
+                            while self.early.front().is_some_and(|r| r.seq <= last) {
+                                self.early.pop_front();
+                            }
                             self.state.confirmed_seq.store(last, Ordering::Release);
                             self.state.last_commit_ms.store(crate::now_ms(), Ordering::Release);
                             self.release();
@@ -295,7 +313,7 @@ impl Task {
                             self.down_since = None;
                             self.ever_connected = true;
                             self.state.connected.store(true, Ordering::Release);
-                            tracing::info!(shard = self.index, confirmed_seq = self.confirmed, lag_records = self.durable - self.confirmed, "replication connected");
+                            tracing::info!(shard = self.index, confirmed_seq = self.confirmed, lag_records = self.durable.saturating_sub(self.confirmed), "replication connected");
                             self.release();
                         }
                         Err(e) if permanent(&e) => return fatal(&self.replication, &self.failed, &e),
@@ -345,18 +363,34 @@ impl Task {
                 ),
             });
         }
-        if head.last_seq > self.durable {
+        if head.last_seq > self.available() {
             return Err(ReplicateError::Diverged {
                 shard,
                 reason: format!(
-                    "postgresql holds records up to seq {} but this journal ends at {}",
-                    head.last_seq, self.durable
+                    "postgresql holds records up to seq {} but this journal ends at {} (a \
+                     batch shipped before its local sync was lost here, as in a power loss: \
+                     fail over, or rebuild this site as a standby)",
+                    head.last_seq,
+                    self.available()
                 ),
             });
         }
         self.peeked = None;
         self.tail = None;
-        if head.last_seq > 0 {
+        self.next_read = head.last_seq + 1;
+        if head.last_seq > self.durable {
+            // Shipped before its local sync and committed there: it must be ours.
+            let ours = self.early.iter().find(|r| r.seq == head.last_seq).map(|r| r.hash);
+            if ours != Some(head.last_hash) {
+                return Err(ReplicateError::Diverged {
+                    shard,
+                    reason: format!(
+                        "record {} differs from the one postgresql holds",
+                        head.last_seq
+                    ),
+                });
+            }
+        } else if head.last_seq > 0 {
             let mut tail = RecordTail::open_at(&self.journal, &self.archive, head.last_seq)?;
             let record = tail.read_next()?;
             if record.hash != head.last_hash {
@@ -372,6 +406,9 @@ impl Task {
         }
         self.sent = head.last_seq;
         self.confirmed = head.last_seq;
+        while self.early.front().is_some_and(|r| r.seq <= head.last_seq) {
+            self.early.pop_front();
+        }
         self.state.confirmed_seq.store(head.last_seq, Ordering::Release);
         self.state.last_commit_ms.store(head.last_commit_ms, Ordering::Release);
         Ok(())
@@ -384,28 +421,86 @@ impl Task {
         in_flight: &mut FuturesOrdered<Commit>,
     ) {
         METRICS.replication_failure();
-        tracing::warn!(shard = self.index, error = %why, lag_records = self.durable - self.confirmed, "replication to postgresql failed; reconnecting");
+        tracing::warn!(shard = self.index, error = %why, lag_records = self.durable.saturating_sub(self.confirmed), "replication to postgresql failed; reconnecting");
         *conn = None;
         *in_flight = FuturesOrdered::new();
         self.sent_at.clear();
         self.tail = None;
         self.peeked = None;
         self.sent = self.confirmed;
+        self.next_read = self.confirmed + 1;
         self.down_since = Some(Instant::now());
         self.state.connected.store(false, Ordering::Release);
+    }
+
+    /// Keeps a group commit's records handed over before their local sync.
+    fn take_early(&mut self, bytes: &[u8]) {
+        let records = match RawRecord::split(bytes) {
+            Ok(records) => records,
+            Err(why) => {
+                // The journal encoded these bytes itself: this is a bug, not bad input. Nothing
+                // is lost: the records are read back from the journal once durable.
+                tracing::error!(shard = self.index, error = %why, "a handed-over record does not parse; reading the journal instead");
+                self.early.clear();
+                return;
+            }
+        };
+        for record in records {
+            if self.early.back().is_some_and(|last| last.seq + 1 != record.seq) {
+                self.early.clear();
+            }
+            self.early.push_back(record);
+            if self.early.len() > EARLY_RECORDS_MAX {
+                self.early.pop_front();
+            }
+        }
+    }
+
+    /// Last seq that may be shipped: durable locally, or handed over before its sync and
+    /// following on without a gap.
+    fn available(&self) -> u64 {
+        let base = self.durable.max(self.sent);
+        match (self.early.front(), self.early.back()) {
+            (Some(first), Some(last)) if first.seq <= base + 1 => base.max(last.seq),
+            _ => base,
+        }
     }
 
     fn next_record(&mut self) -> Result<RawRecord, ReplicateError> {
         if let Some(record) = self.peeked.take() {
             return Ok(record);
         }
-        if self.tail.is_none() {
-            self.tail = Some(RecordTail::open_at(&self.journal, &self.archive, self.sent + 1)?);
+        let want = self.next_read;
+        // Kept until PostgreSQL confirms them: a statement lost with its connection is sent
+        // again from here even before the local sync has returned.
+        if let Some(first) = self.early.front().map(|r| r.seq) {
+            if want >= first {
+                if let Some(record) = self.early.get((want - first) as usize) {
+                    self.next_read = want + 1;
+                    return Ok(record.clone());
+                }
+            }
         }
-        match self.tail.as_mut() {
-            Some(tail) => Ok(tail.read_next()?),
-            None => Err(ReplicateError::Site("journal reader missing".into())),
+        if want > self.durable {
+            return Err(ReplicateError::Site(format!(
+                "record {want} is neither durable nor handed over (a bug)"
+            )));
         }
+        if self.tail.as_ref().is_none_or(|t| t.next_seq() != want) {
+            self.tail = Some(RecordTail::open_at(&self.journal, &self.archive, want)?);
+        }
+        let record = match self.tail.as_mut() {
+            Some(tail) => tail.read_next()?,
+            None => return Err(ReplicateError::Site("journal reader missing".into())),
+        };
+        if record.seq != want {
+            return Err(ReplicateError::Diverged {
+                shard: self.index,
+                reason: format!("the journal gave record {} for {want}", record.seq),
+            });
+        }
+        self.next_read = want + 1;
+        Ok(record)
     }
 
     /// Puts statements in flight for the records after `sent`, whole group commits each.
@@ -417,7 +512,8 @@ impl Task {
     ) -> Result<(), ReplicateError> {
         let generation = *self.generation.borrow() as i64;
         loop {
-            let backlog = self.durable - self.sent;
+            let available = self.available();
+            let backlog = available.saturating_sub(self.sent);
             let room = in_flight.is_empty()
                 || (in_flight.len() < PIPELINE_DEPTH && backlog >= STATEMENT_RECORDS_MAX as u64);
             if !room || backlog == 0 {
@@ -428,7 +524,7 @@ impl Task {
             loop {
                 let record = self.next_record()?;
                 let seq = record.seq;
-                let end = if seq >= self.durable {
+                let end = if seq >= available {
                     true
                 } else {
                     let next = self.next_record()?;
@@ -441,7 +537,7 @@ impl Task {
                 hashes.push(record.hash.to_vec());
                 records.push(record.bytes);
                 self.sent = seq;
-                if end && (seq >= self.durable || records.len() >= STATEMENT_RECORDS_MAX) {
+                if end && (seq >= available || records.len() >= STATEMENT_RECORDS_MAX) {
                     break;
                 }
             }
@@ -478,7 +574,9 @@ impl Task {
     /// On a quiet connection, one commit that needs the synchronous standby and the generation.
     fn heartbeat(&mut self, client: &Arc<Client>, in_flight: &mut FuturesOrdered<Commit>) {
         let every = (self.stall / 2).min(HEARTBEAT_MAX);
-        if !in_flight.is_empty() || self.sent < self.durable || self.last_activity.elapsed() < every
+        if !in_flight.is_empty()
+            || self.sent < self.available()
+            || self.last_activity.elapsed() < every
         {
             return;
         }
@@ -519,7 +617,7 @@ impl Task {
                     tracing::warn!(
                         shard = self.index,
                         stall_ms = self.stall.as_millis() as u64,
-                        lag_records = self.durable - self.confirmed,
+                        lag_records = self.durable.saturating_sub(self.confirmed),
                         "replication stalled; answering Unavailable until postgresql has caught up"
                     );
                 }
@@ -547,7 +645,7 @@ impl Task {
             || (self.mode == Mode::Sync
                 && (self.stalled
                     || !self.ever_connected
-                    || self.durable - self.confirmed > BACKLOG_RECORDS_MAX));
+                    || self.durable.saturating_sub(self.confirmed) > BACKLOG_RECORDS_MAX));
         self.state.refusing.store(refusing, Ordering::Release);
     }
 }

@@ -125,8 +125,20 @@ pub fn run(mut ctx: WorkerContext) {
                 match ctx.shard.expire_holds(now_ms, HOLD_SWEEP_MAX) {
                     Ok(0) => {}
                     Ok(_) => {
+                        let records = ctx.shard.pending() as u64;
+                        if let Some(link) = &ctx.replication {
+                            if let Err(e) = ctx.shard.write_pending() {
+                                return fail(&ctx, "journal write", &e);
+                            }
+                            link.ship(ctx.shard.pending_bytes());
+                        }
                         if let Err(e) = ctx.shard.commit() {
                             return fail(&ctx, "journal commit", &e);
+                        }
+                        // Replication must count these records too, or it would release the
+                        // next batch's answers before PostgreSQL has that batch.
+                        if let Some(link) = &mut ctx.replication {
+                            link.hand_over(records, &mut replies);
                         }
                     }
                     Err(e) => return fail(&ctx, "hold sweep", &e),
@@ -184,6 +196,15 @@ pub fn run(mut ctx: WorkerContext) {
         METRICS.batch(replies.len() as u64);
         let sync_started = std::time::Instant::now();
         let records = ctx.shard.pending() as u64;
+        if let Some(link) = &ctx.replication {
+            // Written first (so a killed process keeps what PostgreSQL may get), then shipped:
+            // PostgreSQL commits the batch while the local sync below runs. The answers still
+            // wait for both.
+            if let Err(e) = ctx.shard.write_pending() {
+                return fail(&ctx, "journal write", &e);
+            }
+            link.ship(ctx.shard.pending_bytes());
+        }
         if let Err(e) = ctx.shard.commit() {
             return fail(&ctx, "journal commit", &e);
         }

@@ -218,6 +218,51 @@ impl PgPair {
         self.psql(self.standby.port, "postgres", "SELECT pg_reload_conf()");
     }
 
+    /// Makes `target` a streaming synchronous standby of `source` (fail-back: the old primary's
+    /// server rebuilt from the promoted one with pg_basebackup, as in the README runbook), and
+    /// waits until `source` reports it synchronous.
+    pub fn rebuild_standby_of(&self, target: &Pg, source: &Pg) {
+        self.stop_server(target, "immediate");
+        std::fs::remove_dir_all(&target.dir).unwrap();
+        self.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &source.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                path(&target.dir),
+                "-R",
+                "-X",
+                "stream",
+            ],
+        );
+        self.append(&target.dir.join("postgresql.conf"), &format!("\nport = {}\n", target.port));
+        self.append(
+            &target.dir.join("postgresql.auto.conf"),
+            &format!(
+                "synchronous_standby_names = ''\nprimary_conninfo = 'host=127.0.0.1 port={} \
+                 user=postgres application_name=dr'\n",
+                source.port
+            ),
+        );
+        self.start_server(target);
+        self.psql(source.port, "postgres", "ALTER SYSTEM SET synchronous_standby_names = 'dr'");
+        self.psql(source.port, "postgres", "SELECT pg_reload_conf()");
+        self.wait_sync_on(source);
+    }
+
+    /// `pg_ctl promote` of any server of the pair, then commits without a synchronous standby
+    /// (see [`PgPair::promote_standby`]).
+    pub fn promote(&self, pg: &Pg) {
+        self.run("pg_ctl", &["-D", path(&pg.dir), "-w", "-t", "60", "promote"]);
+        self.psql(pg.port, "postgres", "ALTER SYSTEM SET synchronous_standby_names = ''");
+        self.psql(pg.port, "postgres", "SELECT pg_reload_conf()");
+    }
+
     pub fn psql(&self, port: u16, db: &str, sql: &str) -> String {
         let out = self.run(
             "psql",
@@ -243,10 +288,14 @@ impl PgPair {
 
     /// Waits until the primary reports the standby as its synchronous one.
     fn wait_sync(&self) {
+        self.wait_sync_on(&self.primary)
+    }
+
+    fn wait_sync_on(&self, primary: &Pg) {
         let started = Instant::now();
         loop {
             let state = self.psql(
-                self.primary.port,
+                primary.port,
                 "postgres",
                 "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'dr'",
             );
@@ -255,8 +304,9 @@ impl PgPair {
             }
             assert!(
                 started.elapsed() < Duration::from_secs(60),
-                "standby never became sync: {}",
-                std::fs::read_to_string(&self.standby.log).unwrap_or_default()
+                "standby never became sync: {}{}",
+                std::fs::read_to_string(&self.standby.log).unwrap_or_default(),
+                std::fs::read_to_string(&self.primary.log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
