@@ -228,6 +228,38 @@ async fn half_a_header_then_stall_gets_frame_timeout_and_close() {
     server.stop().await.unwrap();
 }
 
+/// The connection's timer is only ever moved earlier (resetting it for every answer cost the
+/// timer wheel's lock per transaction), so the idle deadline an answer pushed later is reached
+/// by a timer that fires at the old one first: that early firing must not close the connection,
+/// and the real idle deadline must still close it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_moves_the_idle_deadline_and_idleness_still_closes() {
+    let env = Env::new();
+    let config = Config { idle_timeout_ms: 1_500, ..env.config() };
+    let server = start(config).await;
+    let mut raw = Raw::connect(&env.keys, server.local_addr, "reader-1").await;
+    let started = Instant::now();
+    // Five answers 600 ms apart: 2.4 s in all, past the first idle deadline (1.5 s after the
+    // first answer), never 1.5 s without activity.
+    for id in 1..=5u32 {
+        if id > 1 {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        raw.write(&encode(&Request::Hello { client_time_ms: 0 }, id)).await.unwrap();
+        match raw.read(common::READ_TIMEOUT).await {
+            Read::Frame(got, Response::ServerInfo(_)) => assert_eq!(got, RequestId(id)),
+            other => panic!("Hello {id} not answered {:?} in: {other:?}", started.elapsed()),
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_millis(2_000));
+    // Now idle: closed with close_notify and no Error frame (PROTOCOL.md, timeouts: Idle).
+    match raw.read(Duration::from_secs(10)).await {
+        Read::Closed => {}
+        other => panic!("an idle connection was not closed: {other:?}"),
+    }
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_frame_is_cut_at_the_frame_timeout() {
     let env = Env::new();

@@ -24,8 +24,9 @@ pub struct Connection<S> {
     shared: Arc<Shared>,
     reply_tx: mpsc::UnboundedSender<Reply>,
     reply_rx: mpsc::UnboundedReceiver<Reply>,
-    /// Cancelled when this terminal's certificate was revoked (a CRL reload): the connection
-    /// answers what it accepted, then closes. Never cancelled unless [`Self::closed_by`] set it.
+    /// Cancelled when the server stops or fails (a child of [`Shared::stop_signal`]) or, when
+    /// [`Self::closed_by`] gave one, when this terminal's certificate was revoked (a CRL
+    /// reload): the connection answers what it accepted, then closes.
     close: CancellationToken,
 }
 
@@ -34,16 +35,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let (reply_tx, reply_rx) = mpsc::unbounded_channel();
         let limits = SessionLimits::from_config(&shared.config);
         let session = Session::new(terminal, role, limits, shared.workers.clone(), Now::real());
-        Connection { stream, session, shared, reply_tx, reply_rx, close: CancellationToken::new() }
+        let close = shared.stop_signal.child_token();
+        Connection { stream, session, shared, reply_tx, reply_rx, close }
     }
 
-    /// Closes the connection (after draining) when `token` is cancelled.
+    /// Closes the connection (after draining) when `token` is cancelled. `token` must be a
+    /// child of [`Shared::stop_signal`] (`shared.stop_signal.child_token()`), or the
+    /// connection no longer hears of a shutdown or a storage failure while it is open.
     pub fn closed_by(mut self, token: CancellationToken) -> Self {
         self.close = token;
         self
     }
 
     pub async fn run(mut self) -> End {
+        // The close signal and the timer live across loop turns: a `cancelled()` future made
+        // anew each turn locks its token (twice) and its waiter list, and the shutdown token is
+        // shared by every connection on every runtime thread; a `sleep` made anew each turn
+        // takes the timer wheel's lock to register and again to deregister. Both were paid per
+        // transaction (loadtest/profile.sh).
+        let close = self.close.clone();
+        let close = close.cancelled();
+        tokio::pin!(close);
+        let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(timer);
+        // The deadline the timer is set to, `None` once it fired (or before it was first set).
+        let mut armed: Option<tokio::time::Instant> = None;
         let end = loop {
             self.route();
             if let Some(end) = self.session.poll_end() {
@@ -58,10 +74,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if let Err(end) = self.flush().await {
                 return end;
             }
+            // The timer is moved only to an earlier deadline. The idle deadline moves later
+            // with every answer, and resetting for it would cost the timer lock per
+            // transaction; a timer that fires early is harmless (the session checks the clock
+            // against its own deadlines) and is set again to the deadline then due.
             let deadline = self.session.poll_timeout().map(tokio::time::Instant::from_std);
+            if let Some(deadline) = deadline {
+                if armed.is_none_or(|at| deadline < at) {
+                    timer.as_mut().reset(deadline);
+                    armed = Some(deadline);
+                }
+            }
+            let timing = deadline.is_some();
             let can_read = self.session.wants_read();
             let open = self.session.is_open();
-            let watching_failure = !self.session.has_failed();
+            // While open, a storage failure arrives through `close` (a child of the server's
+            // stop signal); a draining connection watches the failure token itself.
+            let watching_failure = !open && !self.session.has_failed();
             tokio::select! {
                 read = self.stream.read_buf(self.session.read_buffer()), if can_read => {
                     match read {
@@ -82,14 +111,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                     }
                 }
-                _ = sleep_until(deadline), if deadline.is_some() => {
+                _ = &mut timer, if timing => {
+                    armed = None;
                     self.session.handle_timeout(Now::real());
                 }
-                _ = self.shared.shutdown.cancelled(), if open => {
-                    self.session.close(CloseReason::Shutdown, Now::real());
-                }
-                _ = self.close.cancelled(), if open => {
-                    self.session.close(CloseReason::Revoked, Now::real());
+                _ = &mut close, if open => {
+                    let reason = if self.shared.failed.is_cancelled() {
+                        CloseReason::StorageFailed
+                    } else if self.shared.shutdown.is_cancelled() {
+                        CloseReason::Shutdown
+                    } else {
+                        CloseReason::Revoked
+                    };
+                    self.session.close(reason, Now::real());
                 }
                 _ = self.shared.failed.cancelled(), if watching_failure => {
                     self.session.close(CloseReason::StorageFailed, Now::real());
@@ -149,13 +183,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Ok(Err(e)) => Err(End::Io(e)),
             Err(_) => Err(End::WriteTimeout),
         }
-    }
-}
-
-/// Sleeps until `deadline`; never resolves without one (its select branch is disabled then).
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }

@@ -45,6 +45,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Cancelled when a shard's storage failed.
     pub failed: CancellationToken,
+    /// Cancelled once `shutdown` or `failed` is: the parent of every connection's close token,
+    /// so that an open connection waits on one token of its own instead of polling the two
+    /// server-wide ones (each poll of those locks a mutex every runtime thread shares).
+    pub stop_signal: CancellationToken,
     pub connections: AtomicU64,
     /// TLS configs for new handshakes and the registry of open connections (CRL reload).
     pub trust: Arc<trust::Trust>,
@@ -211,12 +215,15 @@ impl RunningServer {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let local_addr = listener.local_addr()?;
+        let stop_signal = CancellationToken::new();
+        tokio::spawn(relay_stop(shutdown.clone(), failed.clone(), stop_signal.clone()));
         let shared = Arc::new(Shared {
             config,
             shards: senders,
             workers: worker_shared,
             shutdown: shutdown.clone(),
             failed,
+            stop_signal,
             connections: AtomicU64::new(0),
             trust,
             replication,
@@ -302,6 +309,19 @@ impl RunningServer {
         }
         Ok(())
     }
+}
+
+/// Cancels `signal` when `shutdown` or `failed` is cancelled (the task ends then).
+async fn relay_stop(
+    shutdown: CancellationToken,
+    failed: CancellationToken,
+    signal: CancellationToken,
+) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = failed.cancelled() => {}
+    }
+    signal.cancel();
 }
 
 /// How long a key reload waits for room in a full shard queue (a full queue drains in well under
@@ -438,7 +458,7 @@ async fn serve_connection(
             return;
         }
     };
-    let close = CancellationToken::new();
+    let close = shared.stop_signal.child_token();
     let _registration = shared.trust.register(terminal.as_str(), certificate, close.clone());
     let span = tracing::info_span!("connection", terminal = %terminal, role = %role, %peer);
     let _entered = span.clone();
