@@ -40,7 +40,7 @@ mod holds;
 mod hotlist;
 mod open;
 mod overlay;
-mod persist;
+pub(crate) mod persist;
 pub mod persister;
 pub mod recovery;
 pub mod shard;
