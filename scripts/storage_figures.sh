@@ -4,14 +4,16 @@
 # `examples/fill.rs` (no TLS on the way in). Not run in CI.
 #
 # Usage: scripts/storage_figures.sh [--sizes 1M,10M] [--with-30m] [--disk-size 5M]
-#                                   [--cards-rss 10M] [--work DIR] [--no-build] [--keep]
+#                                   [--cards-rss 1M,10M] [--work DIR] [--no-build] [--keep]
 #
 #   --sizes       journal sizes to measure restart and rebuild at (records in all shards: a
-#                 tenth are card issues, the rest purchases and top-ups over those cards)
+#                 tenth are card issues, the rest purchases and top-ups over those cards);
+#                 "none" for only the --cards-rss sets (with --disk-size none)
 #   --with-30m    add 30M to --sizes
 #   --disk-size   the size whose du is reported (added to the sizes if missing)
-#   --cards-rss   an extra data set of this many cards and no transactions, for RSS per card
-#                 (0 or "none" to skip)
+#   --cards-rss   extra data sets of this many cards and no transactions, for RSS per card,
+#                 comma-separated (0 or "none" to skip); their RSS is also read once the
+#                 background card check has read every card ("RSS verified")
 #   --work        scratch directory on the disk to measure (default /var/tmp/citycard-figures);
 #                 every data set is deleted after its row unless --keep
 #
@@ -24,6 +26,10 @@
 # worst case the default `checkpoint_records` allows. "rebuild": `state/` of every shard
 # deleted, so the start replays the whole journal, archive included.
 #
+# Each kill, cold and rebuild timing is taken twice (rebuild only up to REBUILD_TWICE_MAX
+# records, it takes minutes beyond) and both are printed ("a / b"); warm is the median of three
+# with the range beside it: on a shared machine the spread says how far to trust a figure.
+#
 # Bounded: every step has a timeout; sizes whose estimated disk or memory would not fit are
 # refused before anything is written.
 set -euo pipefail
@@ -31,13 +37,13 @@ cd "$(dirname "$0")/.."
 
 SIZES="1M,10M"
 DISK_SIZE="5M"
-CARDS_RSS="10M"
+CARDS_RSS="1M,10M"
 WORK=/var/tmp/citycard-figures
 BUILD=1
 KEEP=0
 SHARDS=2
-LISTEN=127.0.0.1:17790
-ADMIN=127.0.0.1:17791
+LISTEN=${FIGURES_LISTEN:-127.0.0.1:17790}
+ADMIN=${FIGURES_ADMIN:-127.0.0.1:17791}
 # Records per shard in the SIGKILL tail: just under the default checkpoint_records (200,000).
 KILL_TAIL_PER_SHARD=190000
 # Estimates used to refuse what would not fit (measured on the first runs, with margin):
@@ -49,6 +55,13 @@ EST_STATE_B_PER_CARD=400
 EST_MEM_B_PER_CARD=300
 # Every step's time limit in seconds (a start that takes longer is a failure in itself).
 START_TIMEOUT_S=900
+# How long a start may wait for every shard's background card check to finish (one step of
+# 512 cards per 50 ms idle poll: about 10 minutes for 5M cards per shard, with margin).
+VERIFY_WAIT_S=1800
+# The rebuild is timed a second time only up to this many records, and not at all above
+# REBUILD_MAX (environment; default: every size), for a run that must end in bounded time.
+REBUILD_TWICE_MAX=10000000
+REBUILD_MAX=${REBUILD_MAX:-0}
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -144,7 +157,9 @@ trap cleanup EXIT
 
 # Starts the server on DATA, times it to the first Hello answered and leaves
 # STARTED_MS, RSS_KB, HWM_KB and REPLAYED set; then stops it cleanly. With "timev" the server
-# runs under /usr/bin/time -v and PEAK_KB is its maximum resident set size.
+# runs under /usr/bin/time -v and PEAK_KB is its maximum resident set size. With "verified" it
+# also waits (at most VERIFY_WAIT_S) until every shard logged that its card records match
+# their digest, and leaves VERIFIED_S and RSS_KB as they are then.
 timed_start() {
     local data=$1 mode=${2:-plain} errlog="$WORK/serve.err" timelog="$WORK/time.err"
     local t0 t1 launcher
@@ -169,6 +184,18 @@ timed_start() {
     if [ "$mode" = timev ]; then pid=$(pgrep -P "$launcher" -x citycard | head -1); fi
     STARTED_MS=$(( (t1 - t0) / 1000000 ))
     sleep 1 # let the start's own checkpoint and sled flush settle before reading memory
+    if [ "$mode" = verified ]; then
+        local waited=0
+        while [ "$(grep -c 'card records match their digest' "$errlog")" -lt "$SHARDS" ]; do
+            if [ "$waited" -ge "$VERIFY_WAIT_S" ] || ! kill -0 "$pid" 2>/dev/null; then
+                echo "the card check did not finish within $VERIFY_WAIT_S s" >&2
+                VERIFIED_S=n/a
+                break
+            fi
+            sleep 1; waited=$(( waited + 1 ))
+        done
+        [ "${VERIFIED_S:-}" = n/a ] || VERIFIED_S=$(( ($(date +%s%N) - t0) / 1000000000 ))
+    fi
     RSS_KB=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status")
     HWM_KB=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")
     REPLAYED=$(grep -o 'replayed=[0-9]*' "$errlog" | cut -d= -f2 | paste -sd+ | bc)
@@ -229,14 +256,21 @@ measure() {
         record "$label" verify FAILED; return 1
     fi
 
-    # Warm, clean stop: three starts, the median.
+    # Warm, clean stop: three starts, the median and the range.
     local warm=()
     for _ in 1 2 3; do timed_start "$data"; warm+=("$STARTED_MS"); done
     record "$label" rss_kb "$RSS_KB"
     record "$label" hwm_kb "$HWM_KB"
     record "$label" cards "$cards"
-    record "$label" warm_clean_ms "$(printf '%s\n' "${warm[@]}" | sort -n | sed -n 2p)"
+    local sorted; sorted=$(printf '%s\n' "${warm[@]}" | sort -n)
+    record "$label" warm_clean_ms "$(sed -n 2p <<< "$sorted") ($(head -1 <<< "$sorted")-$(tail -1 <<< "$sorted"))"
     record "$label" load "$(loadavg)"
+    if [ "$records" = "$cards" ] && [ "$cards" -gt 0 ]; then
+        VERIFIED_S=""
+        timed_start "$data" verified
+        record "$label" rss_verified_kb "$RSS_KB"
+        record "$label" verified_s "$VERIFIED_S"
+    fi
 
     if [ "$disk" = 1 ]; then
         local j=0 a=0 s=0 i
@@ -251,34 +285,45 @@ measure() {
         record "$label" journal_apparent_kib "$(du -sk --apparent-size "$data"/shard-*/journal "$data"/shard-*/archive | awk '{s+=$1} END {print s}')"
     fi
 
-    if drop_caches; then
-        timed_start "$data"; record "$label" cold_clean_ms "$STARTED_MS"
-    else
-        record "$label" cold_clean_ms n/a
-    fi
+    local cold=() wkill=() ckill=() replayed=()
+    for _ in 1 2; do
+        if drop_caches; then timed_start "$data"; cold+=("$STARTED_MS"); else cold+=(n/a); fi
+    done
+    record "$label" cold_clean_ms "${cold[0]} / ${cold[1]}"
 
-    crash_tail "$data"
-    timed_start "$data"
-    record "$label" warm_kill_ms "$STARTED_MS"
-    record "$label" kill_replayed "$REPLAYED"
-    crash_tail "$data"
-    if drop_caches; then
-        timed_start "$data"; record "$label" cold_kill_ms "$STARTED_MS"
-    else
-        record "$label" cold_kill_ms n/a
-    fi
+    for _ in 1 2; do
+        crash_tail "$data"
+        timed_start "$data"
+        wkill+=("$STARTED_MS"); replayed+=("$REPLAYED")
+    done
+    record "$label" warm_kill_ms "${wkill[0]} / ${wkill[1]}"
+    record "$label" kill_replayed "${replayed[0]} / ${replayed[1]}"
+    for _ in 1 2; do
+        crash_tail "$data"
+        if drop_caches; then timed_start "$data"; ckill+=("$STARTED_MS"); else ckill+=(n/a); fi
+    done
+    record "$label" cold_kill_ms "${ckill[0]} / ${ckill[1]}"
 
     # Rebuild: no state at all, the whole journal replayed (archive first).
-    rm -rf "$data"/shard-*/state
-    if [ -x /usr/bin/time ]; then
-        timed_start "$data" timev
-        record "$label" rebuild_peak_kb "$PEAK_KB"
-        record "$label" rebuild_cpu_s "$CPU_S"
-    else
-        timed_start "$data"
-        record "$label" rebuild_peak_kb "$HWM_KB"
+    local rounds=1 rms=() rpeak=() rcpu=()
+    [ "$records" -le "$REBUILD_TWICE_MAX" ] && rounds=2
+    if [ "$REBUILD_MAX" -gt 0 ] && [ "$records" -gt "$REBUILD_MAX" ]; then
+        record "$label" rebuild_ms "skipped (REBUILD_MAX=$REBUILD_MAX)"
+        [ "$KEEP" = 1 ] || rm -rf "$data"
+        return 0
     fi
-    record "$label" rebuild_ms "$STARTED_MS"
+    for _ in $(seq 1 "$rounds"); do
+        rm -rf "$data"/shard-*/state
+        if [ -x /usr/bin/time ]; then
+            timed_start "$data" timev
+        else
+            timed_start "$data"; PEAK_KB=$HWM_KB; CPU_S=n/a
+        fi
+        rms+=("$STARTED_MS"); rpeak+=("$(( PEAK_KB / 1024 ))"); rcpu+=("$CPU_S")
+    done
+    record "$label" rebuild_peak_mib "$(IFS=/; echo "${rpeak[*]}" | sed 's|/| / |g')"
+    record "$label" rebuild_cpu_s "$(IFS=/; echo "${rcpu[*]}" | sed 's|/| / |g')"
+    record "$label" rebuild_ms "$(IFS=/; echo "${rms[*]}" | sed 's|/| / |g')"
     record "$label" rebuild_replayed "$REPLAYED"
     if ! timeout 1800 "$CITYCARD" verify --data "$data" >> "$LOG" 2>&1; then
         record "$label" verify_after_rebuild FAILED
@@ -298,8 +343,9 @@ record empty hwm_kb "$HWM_KB"
 record empty warm_clean_ms "$STARTED_MS"
 rm -rf "$WORK/data-empty"
 
-ALL=$(printf '%s\n' ${SIZES//,/ } "$DISK_SIZE" | while read -r s; do number "$s"; done | sort -n | uniq)
-DISK_N=$(number "$DISK_SIZE")
+ALL=$(printf '%s\n' ${SIZES//,/ } "$DISK_SIZE" | grep -vx none | while read -r s; do number "$s"; done | sort -n | uniq)
+DISK_N=none
+[ "$DISK_SIZE" = none ] || DISK_N=$(number "$DISK_SIZE")
 LABELS=()
 for n in $ALL; do
     cards=$(( n / 10 ))
@@ -309,12 +355,14 @@ for n in $ALL; do
     LABELS+=("$label")
 done
 if [ "$CARDS_RSS" != 0 ] && [ "$CARDS_RSS" != none ]; then
-    c=$(number "$CARDS_RSS")
-    sleep 10 # the last rebuild's memory is still being returned to the system
-    if check_fits "$c" "$c"; then
-        measure "c$c" "$c" "$c" 0 || echo "(c$c failed; see $LOG)"
-        LABELS+=("c$c")
-    fi
+    for size in ${CARDS_RSS//,/ }; do
+        c=$(number "$size")
+        sleep 10 # the last rebuild's memory is still being returned to the system
+        if check_fits "$c" "$c"; then
+            measure "c$c" "$c" "$c" 0 || echo "(c$c failed; see $LOG)"
+            LABELS+=("c$c")
+        fi
+    done
 fi
 LOAD_END=$(loadavg)
 
@@ -322,23 +370,29 @@ get() { awk -F'\t' -v l="$1" -v k="$2" '$1 == l && $2 == k {v = $3} END {print v
 base_rss=$(get empty rss_kb)
 echo
 echo "Storage figures $(date -u +%F), $(nproc) vCPU, load average $LOAD_START at start, $LOAD_END at end; $SHARDS shards"
-echo "(restart = launch to first Hello answered, ms; warm = median of 3; kill = after a SIGKILL with"
-echo " ~$KILL_TAIL_PER_SHARD records/shard past the checkpoint; RSS after start, idle; B/card = (RSS - empty RSS) / cards)"
-printf '| data set | records | cards | fill s | warm clean | cold clean | warm kill | cold kill | RSS MiB | HWM MiB | B/card | rebuild ms | rebuild CPU s | rebuild peak MiB | verify |\n'
-printf '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n'
-printf '| empty | 0 | 0 | | %s | | | | %s | %s | | | | | |\n' "$(get empty warm_clean_ms)" \
+echo "(restart = launch to first Hello answered, ms; warm = median of 3 (range); cold, kill and rebuild: two runs;"
+echo " kill = after a SIGKILL with ~$KILL_TAIL_PER_SHARD records/shard past the checkpoint; RSS after start, idle;"
+echo " B/card = (RSS - empty RSS) / cards; verified = RSS once the background card check read every card)"
+printf '| data set | records | cards | fill s | warm clean | cold clean | warm kill | cold kill | RSS MiB | HWM MiB | B/card | RSS verified MiB | B/card verified | rebuild ms | rebuild CPU s | rebuild peak MiB | verify |\n'
+printf '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n'
+printf '| empty | 0 | 0 | | %s | | | | %s | %s | | | | | | | |\n' "$(get empty warm_clean_ms)" \
     "$(( base_rss / 1024 ))" "$(( $(get empty hwm_kb) / 1024 ))"
 for l in "${LABELS[@]}"; do
     cards=$(get "$l" cards)
     [ -n "$cards" ] || continue
-    rss=$(get "$l" rss_kb); hwm=$(get "$l" hwm_kb); peak=$(get "$l" rebuild_peak_kb)
+    rss=$(get "$l" rss_kb); hwm=$(get "$l" hwm_kb); rv=$(get "$l" rss_verified_kb)
     n=${l#?}
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$l" "$n" "$cards" \
+    rv_mib=""; rv_card=""
+    if [ -n "$rv" ]; then
+        rv_mib=$(( rv / 1024 )); rv_card=$(( (rv - base_rss) * 1024 / cards ))
+        [ "$(get "$l" verified_s)" = n/a ] && rv_card="$rv_card (check unfinished)"
+    fi
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$l" "$n" "$cards" \
         "$(get "$l" fill_s)" "$(get "$l" warm_clean_ms)" "$(get "$l" cold_clean_ms)" \
         "$(get "$l" warm_kill_ms)" "$(get "$l" cold_kill_ms)" "$(( rss / 1024 ))" "$(( hwm / 1024 ))" \
-        "$(( (rss - base_rss) * 1024 / (cards > 0 ? cards : 1) ))" "$(get "$l" rebuild_ms)" \
-        "$(get "$l" rebuild_cpu_s)" \
-        "$(( ${peak:-0} / 1024 ))" "$(get "$l" verify)"
+        "$(( (rss - base_rss) * 1024 / (cards > 0 ? cards : 1) ))" "$rv_mib" "$rv_card" \
+        "$(get "$l" rebuild_ms)" "$(get "$l" rebuild_cpu_s)" \
+        "$(get "$l" rebuild_peak_mib)" "$(get "$l" verify)"
 done
 d="r$DISK_N"
 if [ -n "$(get "$d" du_state_kib)" ]; then

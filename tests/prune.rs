@@ -13,7 +13,7 @@ use citycard::engine::CheckpointPolicy;
 use citycard::report::Date;
 use citycard::server::RunningServer;
 use citycard_protocol::{
-    Amount, BlockReason, MessageType, Request, Response, Status, TransitResult,
+    Amount, BlockReason, CardId, MessageType, Request, Response, Status, TransitResult,
 };
 use common::{balance_of, issue, Card, Client, Env};
 
@@ -446,4 +446,100 @@ async fn a_hold_open_across_the_cut_survives_the_prune() {
     assert!(s.reconciled(), "{}", s.to_csv());
     assert_eq!(s.flows.purchases, i128::from(purchases));
     assert_eq!(s.balances_end, i128::from(report.totals.balances));
+}
+
+/// The staff operations a state answers after a prune, and what they did to the money.
+async fn staff_retries(env: &Env, server: &RunningServer, card: CardId) -> Vec<Response> {
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let mut out = Vec::new();
+    for request in [
+        // The same issue again (op_ref 1, 50,000): answered before the prune by its record.
+        Request::Issue { op_ref: 1, deposit: Amount(50_000) },
+        // Another request under a pruned op_ref.
+        Request::Issue { op_ref: 2, deposit: Amount(10) },
+        // The block of card 0 retried, and a declined issue's op_ref (journaled) retried.
+        Request::Block { op_ref: 100, card_id: card, reason: BlockReason::Stolen },
+        Request::Issue { op_ref: 200, deposit: Amount(-1) },
+    ] {
+        out.push(counter.call(&request).await);
+    }
+    out
+}
+
+/// (terminal, op_ref) stays exactly-once across a prune: a retry of a staff operation whose
+/// record was pruned is declined ReferenceReused and executes nothing, whether the state
+/// survived the prune or was rebuilt from the anchor, and both answer alike.
+// postmortem: the anchor kept no op_refs, so a state rebuilt from it (the README's restore
+// after a prune) had no index entry for the removed staff operations, and a retried Issue of
+// a pruned op_ref issued a second card with a second deposit.
+#[tokio::test]
+async fn a_pruned_staff_op_ref_is_never_executed_again() {
+    let env = Env::new();
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    let cards = load(&env, &server, 0).await;
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let block = Request::Block { op_ref: 100, card_id: cards[0].id, reason: BlockReason::Stolen };
+    let blocked = counter.call(&block).await;
+    assert_eq!(blocked.status(), Some(Status::Approved));
+    let declined = counter.call(&Request::Issue { op_ref: 200, deposit: Amount(-1) }).await;
+    assert_eq!(declined.status(), Some(Status::InvalidAmount));
+    // Before the prune a retry gets the original answer, byte for byte.
+    assert_eq!(counter.call(&block).await, blocked);
+    // Push them below the checkpoint and into the archive.
+    let mut reader = Client::connect(&env.keys, server.local_addr, "reader-1").await;
+    let mut cards = cards;
+    for i in 0..3_000 {
+        match reader.call(&cards[1 + i % 9].purchase(7, "reader-1")).await {
+            Response::Purchase(r) => assert_eq!(r.status, Status::Approved),
+            other => panic!("{other:?}"),
+        }
+    }
+    server.stop().await.unwrap();
+    let tomorrow = Date::from_days(today().days() + 1);
+    let done = citycard::archive::prune(&env.data, &env.keys, &prune_options(tomorrow)).unwrap();
+    assert!(done.iter().all(|s| !s.segments.is_empty()), "{done:?}");
+    // The anchors keep every staff op_ref the removed records used, on the shard it ran on.
+    let mut kept = Vec::new();
+    for index in 0..2 {
+        let dir = citycard::server::shard_dir(&env.data, index);
+        let anchor = citycard::archive::Anchor::load(&dir, &public_key(&env)).unwrap().unwrap();
+        assert_eq!(anchor.staff_refs.len(), 1, "{:?}", anchor.staff_refs);
+        kept.extend(anchor.staff_refs["counter-1"].iter().copied());
+    }
+    kept.sort_unstable();
+    let mut expected: Vec<u64> = (1..=10).collect();
+    expected.extend([100, 200]);
+    assert_eq!(kept, expected);
+    let deposits = verify(&env).totals.deposits;
+    assert_eq!(deposits, 10 * 50_000);
+
+    let check = |answers: &[Response]| {
+        for answer in answers {
+            assert_eq!(answer.status(), Some(Status::ReferenceReused), "{answer:?}");
+        }
+    };
+    // The state survived the prune: its index points into removed segments.
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    let survived = staff_retries(&env, &server, cards[0].id).await;
+    check(&survived);
+    server.stop().await.unwrap();
+    // The state rebuilt from the anchors: the same answers, nothing executed.
+    for index in 0..2 {
+        std::fs::remove_dir_all(citycard::server::shard_dir(&env.data, index).join("state"))
+            .unwrap();
+    }
+    let server = RunningServer::start(config(&env)).await.unwrap();
+    let rebuilt = staff_retries(&env, &server, cards[0].id).await;
+    check(&rebuilt);
+    assert_eq!(rebuilt, survived);
+    // A new op_ref still works, and the blocked card is still blocked.
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let fresh = counter.call(&Request::Issue { op_ref: 300, deposit: Amount(5) }).await;
+    assert_eq!(fresh.status(), Some(Status::Approved));
+    let again = Request::Block { op_ref: 301, card_id: cards[0].id, reason: BlockReason::Lost };
+    assert_eq!(counter.call(&again).await.status(), Some(Status::InvalidState));
+    server.stop().await.unwrap();
+    let report = verify(&env);
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.totals.deposits, deposits + 5, "no pruned issue ran a second time");
 }

@@ -10,7 +10,7 @@
 //! | size | field |
 //! |---:|---|
 //! | 8 | magic `b"CITYANCR"` |
-//! | 4 | format version, 1 |
+//! | 4 | format version, 2 (1: the same without the staff op_ref table; still read) |
 //! | 2 | shard index |
 //! | 2 | shard count |
 //! | 8 | `seq`: the last removed record; records `1..=seq` are gone |
@@ -19,9 +19,22 @@
 //! | 8 | `created_ms`: when the prune wrote it |
 //! | 8 | the shard's hotlist version at `seq` (the highest any record up to it created) |
 //! | 4 | number of days `D`, then `D` × 80 bytes: day (i64), records (u64), deposits, top-ups, purchases, offline, refunds, replaced (i64 magnitudes), balance change (i64: the sum of the approved amounts, a replacement counting 0) |
-//! | 4 | number of cards `C`, then `C` × 60 bytes: card id (u64), the card record (44 bytes, the derived state's encoding), the late-ATC window bitmap (u64: bit i = ATC `last_atc - i` used) |
-//! | 4 | number of hotlist entries `H`, then `H` × 17 bytes: hotlist version (u64), card id (u64), reason (u8): the cards listed at `seq`, each with the version that listed it |
+//! | 4 | number of cards `C`, then per card: card id (u64), the card record's length (u8) and the record in the derived state's compact encoding (6 to 36 bytes), the late-ATC window bitmap (u64: bit i = ATC `last_atc - i` used) |
+//! | 4 | number of hotlist entries `H`, then `H` × 18 bytes: hotlist version (u64), card id (u64), listed (u8: 1 listed, 0 unlisted), reason (u8): each card's latest hotlist change up to `seq` |
+//! | 4 | (version 2) number of terminals `T`, then per terminal: name length (u8, 1..=255), the name (UTF-8), number of op_refs `N` (u32), then `N` ascending op_refs as LEB128 deltas (the first from 0, each later one from the one before it, never 0): every (terminal, op_ref) a removed staff record used |
 //! | 64 | Ed25519 signature over [`SIGNATURE_CONTEXT`] followed by every byte before it |
+//!
+//! # Why every staff op_ref is kept
+//!
+//! (terminal, op_ref) is exactly-once (PROTOCOL.md 6.2). A state rebuilt from the anchor has no
+//! record of the removed staff operations, so without this table a retry (or a reuse) of a
+//! pruned op_ref would be executed as new: a second card issued, a card blocked twice. The
+//! table keeps exactly which op_refs were used, and a rebuilt state marks each as used with its
+//! record pruned, which answers ReferenceReused, the answer a state that survived the prune
+//! gives too (its index points into a removed segment). Kept forever, like the cards: it costs
+//! about 1 to 3 bytes per operation for terminals that count their op_refs (a few per card over
+//! a card's life), 9 for terminals that draw them at random; a bounded window would instead
+//! execute an old retry twice, which is the one thing the op_ref exists to prevent.
 //!
 //! # Why this key
 //!
@@ -46,7 +59,9 @@ pub const ANCHOR_FILE: &str = "anchor";
 /// Domain separation: the Ed25519 message is this followed by the anchor's bytes.
 pub const SIGNATURE_CONTEXT: &[u8] = b"citycard prune anchor v1\n";
 const MAGIC: &[u8; 8] = b"CITYANCR";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// The version before the staff op_ref table, still read (its table is empty).
+const VERSION_WITHOUT_STAFF_REFS: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 2 + 2 + 8 + 32 + 8 + 8 + 8;
 const DAY_LEN: usize = 80;
 /// Most bytes one card takes in the anchor: id, record length, record, recent-ATC bitmap.
@@ -117,6 +132,9 @@ pub struct Anchor {
     /// The latest hotlist change of every card ever listed up to `seq`: its version, whether
     /// it listed the card, and the reason.
     pub hotlist: BTreeMap<CardId, (u64, bool, BlockReason)>,
+    /// Every op_ref a staff record up to `seq` used, per terminal, ascending and without
+    /// repeats (see "Why every staff op_ref is kept"). Empty in a version 1 anchor.
+    pub staff_refs: BTreeMap<String, Vec<u64>>,
 }
 
 /// Why an anchor cannot be used.
@@ -161,6 +179,9 @@ impl Anchor {
                 + self.days.len() * DAY_LEN
                 + self.cards.len() * CARD_LEN
                 + self.hotlist.len() * HOTLIST_LEN
+                + 4
+                + self.staff_refs.len() * (1 + 255 + 4)
+                + self.staff_ref_count() * 3
                 + SIGNATURE_LEN,
         );
         out.extend_from_slice(MAGIC);
@@ -205,6 +226,19 @@ impl Anchor {
             out.push(u8::from(*listed));
             out.push(*reason as u8);
         }
+        out.extend_from_slice(&(self.staff_refs.len() as u32).to_le_bytes());
+        for (terminal, refs) in &self.staff_refs {
+            // Terminal ids are at most 255 bytes (the op_ref index key stores the length in
+            // one byte, and certificates name shorter ones); `check_staff_refs` refuses others.
+            out.push(terminal.len() as u8);
+            out.extend_from_slice(terminal.as_bytes());
+            out.extend_from_slice(&(refs.len() as u32).to_le_bytes());
+            let mut prev = 0u64;
+            for op_ref in refs {
+                put_leb128(&mut out, op_ref - prev);
+                prev = *op_ref;
+            }
+        }
         let signature = key.sign(&signed_message(&out));
         out.extend_from_slice(signature.as_ref());
         out
@@ -232,7 +266,8 @@ impl Anchor {
         if r.take(8) != Some(&MAGIC[..]) {
             return Err(bad("not an anchor file"));
         }
-        if r.u32() != Some(VERSION) {
+        let version = r.u32();
+        if version != Some(VERSION) && version != Some(VERSION_WITHOUT_STAFF_REFS) {
             return Err(bad("unknown format version"));
         }
         let header = (|| {
@@ -261,6 +296,7 @@ impl Anchor {
             days: BTreeMap::new(),
             cards: BTreeMap::new(),
             hotlist: BTreeMap::new(),
+            staff_refs: BTreeMap::new(),
         };
         let days = r.u32().ok_or_else(|| bad("day count"))?;
         for _ in 0..days {
@@ -315,6 +351,16 @@ impl Anchor {
             .ok_or_else(|| bad("hotlist table malformed"))?;
             anchor.hotlist.insert(entry.0, entry.1);
         }
+        if version == Some(VERSION) {
+            let terminals = r.u32().ok_or_else(|| bad("terminal count"))?;
+            for _ in 0..terminals {
+                let (terminal, refs) =
+                    read_staff_refs(&mut r).ok_or_else(|| bad("staff op_ref table malformed"))?;
+                if anchor.staff_refs.insert(terminal, refs).is_some() {
+                    return Err(bad("a terminal twice in the staff op_ref table"));
+                }
+            }
+        }
         if r.at != body.len() {
             return Err(bad("trailing bytes"));
         }
@@ -354,6 +400,62 @@ impl Anchor {
     pub fn store(&self, shard_dir: &Path, key: &Ed25519KeyPair) -> std::io::Result<()> {
         crate::durable_write(&shard_dir.join(ANCHOR_FILE), &self.to_signed_bytes(key))
     }
+
+    /// Whether the staff op_ref table can be written as the format says: every terminal id 1
+    /// to 255 bytes, every list ascending without repeats. Checked by a prune before it writes.
+    pub fn check_staff_refs(&self) -> Result<(), String> {
+        for (terminal, refs) in &self.staff_refs {
+            if terminal.is_empty() || terminal.len() > usize::from(u8::MAX) {
+                return Err(format!("terminal id of {} bytes", terminal.len()));
+            }
+            if refs.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(format!("op_refs of terminal {terminal} not ascending"));
+            }
+            if u32::try_from(refs.len()).is_err() {
+                return Err(format!("more than {} op_refs for terminal {terminal}", u32::MAX));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of (terminal, op_ref) pairs in the staff op_ref table.
+    pub fn staff_ref_count(&self) -> usize {
+        self.staff_refs.values().map(Vec::len).sum()
+    }
+}
+
+/// One terminal's entry of the staff op_ref table.
+fn read_staff_refs(r: &mut Reader<'_>) -> Option<(String, Vec<u64>)> {
+    let len = usize::from(*r.take(1)?.first()?);
+    if len == 0 {
+        return None;
+    }
+    let terminal = std::str::from_utf8(r.take(len)?).ok()?.to_owned();
+    let count = usize::try_from(r.u32()?).ok()?;
+    // Each op_ref takes at least one byte: a count beyond the bytes left is damage, and must
+    // not size an allocation.
+    if count > r.bytes.len() - r.at {
+        return None;
+    }
+    let mut refs = Vec::with_capacity(count);
+    let mut prev = 0u64;
+    for k in 0..count {
+        let delta = r.leb128()?;
+        if k > 0 && delta == 0 {
+            return None;
+        }
+        prev = prev.checked_add(delta)?;
+        refs.push(prev);
+    }
+    Some((terminal, refs))
+}
+
+fn put_leb128(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
 fn signed_message(body: &[u8]) -> Vec<u8> {
@@ -386,6 +488,27 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    /// An unsigned LEB128 of at most 10 bytes, in its shortest form.
+    fn leb128(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for i in 0..10u32 {
+            let b = *self.take(1)?.first()?;
+            let bits = u64::from(b & 0x7f);
+            if i == 9 && b > 1 {
+                return None;
+            }
+            v |= bits << (7 * i);
+            if b & 0x80 == 0 {
+                // A trailing zero byte would be a second spelling of the same number.
+                if i > 0 && b == 0 {
+                    return None;
+                }
+                return Some(v);
+            }
+        }
+        None
     }
 }
 
@@ -427,6 +550,10 @@ mod tests {
             )]),
             cards: BTreeMap::from([(id, AnchorCard { record, recent_atcs: 0b101 })]),
             hotlist: BTreeMap::from([(id, (3, true, BlockReason::Stolen))]),
+            staff_refs: BTreeMap::from([
+                ("counter-1".to_owned(), vec![0, 1, 2, 130, 20_000, u64::MAX]),
+                ("counter-two".to_owned(), vec![7]),
+            ]),
         }
     }
 
@@ -450,6 +577,43 @@ mod tests {
             Anchor::from_signed_bytes(&bytes, &other, path),
             Err(AnchorError::BadSignature { .. })
         ));
+    }
+
+    /// A version 1 anchor (written before the staff op_ref table existed) is still read, with
+    /// an empty table.
+    #[test]
+    fn a_version_1_anchor_still_reads() {
+        let key = key();
+        let public = key_public(&key);
+        let mut anchor = sample();
+        anchor.staff_refs.clear();
+        let v2 = anchor.to_signed_bytes(&key);
+        // Version 1 is version 2 without the table's count (4 zero bytes before the signature).
+        let mut body = v2[..v2.len() - SIGNATURE_LEN - 4].to_vec();
+        body[8..12].copy_from_slice(&VERSION_WITHOUT_STAFF_REFS.to_le_bytes());
+        let signature = key.sign(&signed_message(&body));
+        body.extend_from_slice(signature.as_ref());
+        let read = Anchor::from_signed_bytes(&body, &public, Path::new("anchor")).unwrap();
+        assert_eq!(read, anchor);
+        assert_eq!(read.staff_ref_count(), 0);
+    }
+
+    #[test]
+    fn malformed_staff_refs_are_refused() {
+        let mut anchor = sample();
+        assert_eq!(anchor.check_staff_refs(), Ok(()));
+        anchor.staff_refs.insert("counter-3".into(), vec![5, 5]);
+        assert!(anchor.check_staff_refs().is_err());
+        anchor.staff_refs.insert("counter-3".into(), vec![]);
+        anchor.staff_refs.insert("x".repeat(256), vec![1]);
+        assert!(anchor.check_staff_refs().is_err());
+        // A non-shortest LEB128 (a second spelling of an op_ref) is refused on read.
+        let mut r = Reader { bytes: &[0x81, 0x00], at: 0 };
+        assert_eq!(r.leb128(), None);
+        let mut r = Reader { bytes: &[0xff; 10], at: 0 };
+        assert_eq!(r.leb128(), None);
+        let mut r = Reader { bytes: &[0x80, 0x01], at: 0 };
+        assert_eq!(r.leb128(), Some(128));
     }
 
     fn key_public(key: &Ed25519KeyPair) -> [u8; 32] {

@@ -1,6 +1,6 @@
 //! The replay a prune runs over the records it is about to remove: every card's state (its
-//! open tap-in hold included), the listed cards and each day's money, as they stand after the
-//! last removed record. Changes are
+//! open tap-in hold included), the listed cards, each day's money and every staff op_ref used,
+//! as they stand after the last removed record. Changes are
 //! kept per segment so a segment found to hold a record of the kept days can be taken back.
 
 use std::collections::BTreeMap;
@@ -27,6 +27,10 @@ pub struct Ledger {
     pub days: BTreeMap<i64, DayFlows>,
     /// Highest hotlist version created by a committed record.
     pub hotlist_version: u64,
+    /// The staff op_refs of committed segments, per terminal (sorted by [`Ledger::staff_refs`]).
+    staff_refs: BTreeMap<String, Vec<u64>>,
+    /// The staff op_refs of the segment being read, kept apart until it is committed.
+    staff_pending: Vec<(String, u64)>,
     undo: Vec<Undo>,
     hotlist_version_before: u64,
     days_before: BTreeMap<i64, DayFlows>,
@@ -35,13 +39,21 @@ pub struct Ledger {
 impl Ledger {
     /// Starts where an earlier prune's anchor left off (or from nothing).
     pub fn new(anchor: Option<&Anchor>) -> Ledger {
-        let (cards, hotlist, days, version) = match anchor {
-            Some(a) => (a.cards.clone(), a.hotlist.clone(), a.days.clone(), a.hotlist_version),
+        let (cards, hotlist, days, version, staff_refs) = match anchor {
+            Some(a) => (
+                a.cards.clone(),
+                a.hotlist.clone(),
+                a.days.clone(),
+                a.hotlist_version,
+                a.staff_refs.clone(),
+            ),
             None => Default::default(),
         };
         Ledger {
             cards,
             hotlist,
+            staff_refs,
+            staff_pending: Vec::new(),
             days_before: days.clone(),
             days,
             hotlist_version: version,
@@ -53,12 +65,16 @@ impl Ledger {
     /// Keeps every change since the last `commit` or `rollback`.
     pub fn commit(&mut self) {
         self.undo.clear();
+        for (terminal, op_ref) in self.staff_pending.drain(..) {
+            self.staff_refs.entry(terminal).or_default().push(op_ref);
+        }
         self.days_before = self.days.clone();
         self.hotlist_version_before = self.hotlist_version;
     }
 
     /// Takes back every change since the last `commit`.
     pub fn rollback(&mut self) {
+        self.staff_pending.clear();
         while let Some(undo) = self.undo.pop() {
             match undo {
                 Undo::Card(id, Some(card)) => {
@@ -79,6 +95,17 @@ impl Ledger {
         self.hotlist_version = self.hotlist_version_before;
     }
 
+    /// Every committed staff op_ref per terminal, ascending and without repeats, as the anchor
+    /// keeps them. (A repeat cannot come from a journal: a reused op_ref journals nothing.)
+    pub fn staff_refs(&mut self) -> BTreeMap<String, Vec<u64>> {
+        let mut refs = std::mem::take(&mut self.staff_refs);
+        for list in refs.values_mut() {
+            list.sort_unstable();
+            list.dedup();
+        }
+        refs
+    }
+
     fn save(&mut self, id: CardId) {
         self.undo.push(Undo::Card(id, self.cards.get(&id).copied()));
     }
@@ -87,6 +114,10 @@ impl Ledger {
     /// from the ones before it (a prune then removes nothing).
     pub fn apply(&mut self, pos: Pos, e: &Entry) -> Result<(), String> {
         let approved = e.status == Status::Approved;
+        if crate::engine::persist::is_staff(e.kind) {
+            // Declined staff operations are journaled under their op_ref too (6.2).
+            self.staff_pending.push((e.terminal.clone(), e.reference));
+        }
         let day = (e.time_ms / DAY_MS as u64) as i64;
         let flows = self.days.entry(day).or_default();
         flows.records += 1;

@@ -11,7 +11,7 @@
 //!    every record in it is before 00:00 UTC of DATE; the first that is not (or the end of the
 //!    archive: the live journal is never pruned) ends the run, and its changes are taken back.
 //! 2. The new anchor (the last removed record's seq and hash, every card, the listed cards,
-//!    each removed day's money) is written to `shard-N/anchor`: temp file, fsync, rename, fsync
+//!    each removed day's money, every staff op_ref used) is written to `shard-N/anchor`: temp file, fsync, rename, fsync
 //!    of the directory.
 //! 3. Only then are the segments removed, oldest first, and the archive directory fsynced.
 //!
@@ -238,7 +238,8 @@ fn prune_shard(
     if seq >= checkpoint.seq {
         bail!("refusing to prune through seq {seq}: the checkpoint is at seq {}", checkpoint.seq);
     }
-    let ledger = run.ledger;
+    let mut ledger = run.ledger;
+    let staff_refs = ledger.staff_refs();
     let anchor = Anchor {
         shard: index,
         shard_count: count,
@@ -250,7 +251,11 @@ fn prune_shard(
         days: ledger.days,
         cards: ledger.cards,
         hotlist: ledger.hotlist,
+        staff_refs,
     };
+    if let Err(reason) = anchor.check_staff_refs() {
+        bail!("the removed staff operations cannot be kept in the anchor ({reason}); nothing was pruned");
+    }
     let totals = anchor.totals();
     if anchor.balances() != totals.balance_change || totals.balance_change != totals.net() {
         bail!(

@@ -43,7 +43,7 @@ mod hotlist;
 mod numbered;
 mod open;
 mod overlay;
-mod persist;
+pub(crate) mod persist;
 pub mod persister;
 pub mod product;
 pub mod recovery;

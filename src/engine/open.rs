@@ -15,6 +15,11 @@ use super::types::{OpenReport, Secrets, ShardOptions};
 use super::StoreError;
 use crate::journal::{Journal, JournalError, JournalFiles, Start};
 
+/// op_ref index entries written per sled batch when a state is seeded from an anchor: large
+/// enough that millions of pruned staff operations seed in seconds, small enough that the
+/// batch (about 40 bytes an entry) and sled's garbage behind it stay a few MiB.
+const SEED_BATCH_WRITES: usize = 16_384;
+
 /// The shard's prune anchor, checked with the server's own assertion key (which signed it).
 /// One that does not check stops the start: the records it stands for are gone.
 fn load_anchor(
@@ -183,9 +188,12 @@ impl Shard {
 
     /// Starts an empty state from a prune's anchor: its cards, the latest hotlist change of
     /// every card ever listed (a compacted hotlist that still brings any cursor to the right
-    /// list, 6.5) and its hotlist version, as they stood at the anchor's seq.
-    /// The hotlist entries go straight to sled (the state is empty, so writing them again
-    /// after a crash is harmless); the cards go with the first chunk.
+    /// list, 6.5), its hotlist version, and every staff op_ref the removed records used, as they
+    /// stood at the anchor's seq. Each op_ref is indexed as used with its record pruned
+    /// ([`state::PRUNED_OP`]), so a retry or reuse of it is declined ReferenceReused and never
+    /// executed again, as in a state that survived the prune.
+    /// The hotlist and op_ref entries go straight to sled (the state is empty, so writing them
+    /// again after a crash is harmless); the cards go with the first chunk.
     fn seed_from_anchor(&mut self, anchor: &crate::archive::Anchor) -> Result<(), StoreError> {
         for (id, card) in &anchor.cards {
             self.cards.put(*id, card.record, anchor.seq);
@@ -201,6 +209,23 @@ impl Shard {
             )?;
         }
         self.hotlist_version = self.hotlist_version.max(anchor.hotlist_version);
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0usize;
+        for (terminal, refs) in &anchor.staff_refs {
+            for op_ref in refs {
+                batch.insert(state::op_key(terminal, *op_ref), &state::PRUNED_OP[..]);
+                in_batch += 1;
+                if in_batch == SEED_BATCH_WRITES {
+                    self.db.apply_batch(std::mem::take(&mut batch))?;
+                    super::store::reclaim_after_batch(in_batch);
+                    in_batch = 0;
+                }
+            }
+        }
+        if in_batch > 0 {
+            self.db.apply_batch(batch)?;
+            super::store::reclaim_after_batch(in_batch);
+        }
         Ok(())
     }
 

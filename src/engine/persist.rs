@@ -197,7 +197,8 @@ impl Shard {
     }
 }
 
-pub(super) fn is_staff(kind: EntryKind) -> bool {
+/// Whether entries of this kind are staff operations, recorded under their (terminal, op_ref).
+pub(crate) fn is_staff(kind: EntryKind) -> bool {
     matches!(
         kind,
         EntryKind::Issue

@@ -131,6 +131,11 @@ pub(crate) fn hotlist_value(card: CardId, listed: bool, reason: BlockReason) -> 
     v
 }
 
+/// Value of an op_ref index key whose staff record was removed by a prune before this state
+/// was built (seeded from the anchor's op_ref table): seq 0 at no position, which no journaled
+/// record has. A lookup that finds it answers ReferenceReused.
+pub(crate) const PRUNED_OP: [u8; 8 + Pos::LEN] = [0u8; 8 + Pos::LEN];
+
 /// Value of an op_ref index key: the seq of the journal record and where it lies.
 pub(crate) fn index_value(seq: u64, pos: Pos) -> [u8; 8 + Pos::LEN] {
     let mut v = [0u8; 8 + Pos::LEN];

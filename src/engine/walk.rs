@@ -107,6 +107,11 @@ impl Shard {
                 what: "op_ref index value",
                 detail: format!("{} bytes", value.len()),
             })?;
+        if pos.is_none() {
+            // Used by a staff record that a prune removed before this state was rebuilt
+            // (state::PRUNED_OP): never executed again, answered like a record lost below.
+            return Ok(Some((0, reference_lost(terminal, op_ref))));
+        }
         let (found, entry) = match self.record_at(pos) {
             Ok(found) => found,
             Err(e) if is_missing_segment(&e) => {
