@@ -253,6 +253,28 @@ async fn products_limits_and_set_product_with_every_decline() {
         }
     }
     assert_eq!(balance_of(&mut kiosk, &plain_card).await, 100_000);
+    // History shows the product changes as kind 16, declines included, amount 0.
+    let auth = card.auth_at(MessageType::History, 0, "kiosk-1", card.atc + 1);
+    let page = match kiosk.call(&Request::History { auth, before_seq: 0, limit: 64 }).await {
+        Response::History(page) => page,
+        other => panic!("{other:?}"),
+    };
+    let changes: Vec<(Status, i64)> = page
+        .entries
+        .iter()
+        .filter(|e| e.kind == citycard_protocol::EntryKind::ProductChanged)
+        .map(|e| (e.status, e.amount.0))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            (Status::Approved, 0),
+            (Status::UnknownProduct, 0),
+            (Status::BalanceLimit, 0),
+            (Status::Approved, 0)
+        ],
+        "newest first"
+    );
     server.stop().await.unwrap();
     let report = citycard::verify::verify(&env.data).unwrap();
     assert!(report.ok(), "verify: {:?}", report.problems);

@@ -20,6 +20,8 @@
 //!   jobs and the [`WriteBehind`] that runs them.
 //! - [`recovery`]: which start failures rebuild the state and which stop.
 //! - [`entry`], [`state`], [`checkpoint`]: the journal record, sled layout, checkpoint file.
+//! - [`product`]: card products (protocol 1.3): the product table, a card's product, deposit and
+//!   daily counters, and the product fields of version 4 journal entries.
 //! - [`store`]: the card table in sled behind a bounded cache, its compact codec and the
 //!   background check of the card digest.
 //! - [`decide`]: decisions as pure functions (`decide::transit`: holds, reversals, inquiries);
