@@ -7,6 +7,7 @@
 # Usage: scripts/replication_cost.sh [BIN_DIR=<repo>/target/release] [seconds=10] [rounds=2]
 #        (BIN_DIR holds citycard + citycard-loadtest: cargo build --release -p citycard -p citycard-loadtest)
 # Env:   CLIENTS (default 64)  MIX (default purchase=100)  PGBIN (default newest /usr/lib/postgresql/*/bin)
+#        SHARDS=N: --shards N for every server (both modes; default: the server's own choice)
 #        PROFILE=1: one more replicated run against a server started here, then where a batch
 #        waits from its /metrics: mean local fdatasync, mean PostgreSQL statement (sent to
 #        committed with the standby), records per statement, jobs per group commit, request time.
@@ -18,6 +19,8 @@ SECS=${2:-10}
 ROUNDS=${3:-2}
 CLIENTS=${CLIENTS:-64}
 MIX=${MIX:-purchase=100}
+SHARD_ARGS=()
+[ -n "${SHARDS:-}" ] && SHARD_ARGS=("--server-arg=--shards=$SHARDS")
 for b in citycard citycard-loadtest; do
   [ -x "$BIN/$b" ] || { echo "no $BIN/$b: cargo build --release -p citycard -p citycard-loadtest" >&2; exit 2; }
 done
@@ -63,11 +66,11 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 [ "$(psql_p "SELECT sync_state FROM pg_stat_replication WHERE application_name='dr'")" = sync ] || { echo "standby never synchronous" >&2; exit 1; }
-echo "# scripts/replication_cost $(date -Is) ${SECS}s per run, $CLIENTS terminals, mix $MIX, $(nproc) cpus, load $(cut -d' ' -f1-3 /proc/loadavg), PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') sync standby"
+echo "# scripts/replication_cost $(date -Is) ${SECS}s per run, $CLIENTS terminals, mix $MIX, shards ${SHARDS:-default}, $(nproc) cpus, load $(cut -d' ' -f1-3 /proc/loadavg), PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') sync standby"
 run() { # tag [server args...]
   local tag=$1; shift
   (cd "$T" && timeout $((SECS + 180)) "$BIN/citycard-loadtest" --spawn --cards 10000 --connections "$CLIENTS" \
-     --pipeline 1 --duration "${SECS}s" --warmup 1s --mix "$MIX" --no-progress --verify "$@" \
+     --pipeline 1 --duration "${SECS}s" --warmup 1s --mix "$MIX" --no-progress --verify "${SHARD_ARGS[@]}" "$@" \
      --json "$T/out/$tag.json" >"$T/out/$tag.txt" 2>&1) || echo "run $tag failed: $(tail -3 "$T/out/$tag.txt")"
 }
 for r in $(seq "$ROUNDS"); do
@@ -80,10 +83,10 @@ done
 if [ "${PROFILE:-0}" = 1 ]; then
   psql_p "CREATE DATABASE profile" >/dev/null
   printf '[replicate]\nconninfo = "host=127.0.0.1 port=%s user=postgres dbname=profile"\n' "$P" >"$T/profile.toml"
-  "$BIN/citycard" keys init --dir "$T/pkeys" >/dev/null
-  for i in $(seq 2 "$CLIENTS"); do "$BIN/citycard" keys terminal --dir "$T/pkeys" --id "reader-$i" --role reader >/dev/null; done
+  "$BIN/citycard" keys init --dir "$T/pkeys" >/dev/null 2>&1
+  for i in $(seq 2 "$CLIENTS"); do "$BIN/citycard" keys terminal --dir "$T/pkeys" --id "reader-$i" --role reader >/dev/null 2>&1; done
   L=$(free_port); A=$(free_port)
-  "$BIN/citycard" serve --keys "$T/pkeys" --data "$T/pdata" --listen "127.0.0.1:$L" --admin "127.0.0.1:$A" --config "$T/profile.toml" >"$T/profile.log" 2>&1 &
+  "$BIN/citycard" serve --keys "$T/pkeys" --data "$T/pdata" --listen "127.0.0.1:$L" --admin "127.0.0.1:$A" --config "$T/profile.toml" ${SHARDS:+--shards "$SHARDS"} >"$T/profile.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$A/readyz" >/dev/null && break; sleep 0.2; done
   (cd "$T" && timeout $((SECS + 120)) "$BIN/citycard-loadtest" --server "127.0.0.1:$L" --keys "$T/pkeys" --cards 10000 \
