@@ -107,7 +107,7 @@ KEYS="$WORK/keys"
 [ -f "$KEYS/ca.pem" ] || "$CITYCARD" keys init --dir "$KEYS" >> "$LOG" 2>&1
 
 avail_disk_b() { df -B1 --output=avail "$WORK" | tail -1 | tr -d ' '; }
-avail_mem_b() { awk '/^MemAvailable:/ {printf "%d\n", $2 * 1024}' /proc/meminfo; }
+avail_mem_b() { awk '/^MemAvailable:/ {printf "%.0f\n", $2 * 1024}' /proc/meminfo; } # %d stops at 2^31 in mawk
 
 # Refuses a data set of CARDS cards and RECORDS journal records that would not fit.
 check_fits() {
@@ -343,7 +343,7 @@ record empty hwm_kb "$HWM_KB"
 record empty warm_clean_ms "$STARTED_MS"
 rm -rf "$WORK/data-empty"
 
-ALL=$(printf '%s\n' ${SIZES//,/ } "$DISK_SIZE" | grep -vx none | while read -r s; do number "$s"; done | sort -n | uniq)
+ALL=$(printf '%s\n' ${SIZES//,/ } "$DISK_SIZE" | { grep -vx none || true; } | while read -r s; do number "$s"; done | sort -n | uniq)
 DISK_N=none
 [ "$DISK_SIZE" = none ] || DISK_N=$(number "$DISK_SIZE")
 LABELS=()
