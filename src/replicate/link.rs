@@ -21,9 +21,9 @@ pub const BACKLOG_RECORDS_MAX: u64 = 200_000;
 
 /// What a worker hands its replication task, in journal order.
 pub enum Handed {
-    /// A group commit's records as the journal is about to write them (before its
-    /// `fdatasync`): PostgreSQL may commit them while the local sync runs. Nothing is answered
-    /// on this alone.
+    /// A group commit's records, handed over right after their local `fdatasync` so the task
+    /// ships them without reading them back from the journal. Nothing is answered on this
+    /// alone.
     Written(Vec<u8>),
     /// The same group commit is durable locally: its replies wait only for PostgreSQL now.
     Durable(Held),
@@ -124,14 +124,15 @@ impl ShardLink {
         });
     }
 
-    /// Called with a group commit's encoded records just before the journal writes and syncs
-    /// them (see [`Handed::Written`]).
-    pub fn ship(&self, pending: &[u8]) {
-        if pending.is_empty() {
+    /// Called with a group commit's encoded records once the local sync of the journal has
+    /// returned (see [`Handed::Written`]): PostgreSQL never holds a record the journal could
+    /// still lose to a power cut.
+    pub fn ship(&self, records: Vec<u8>) {
+        if records.is_empty() {
             return;
         }
         // A closed channel: the task ended after a fatal error; nothing is answered anyway.
-        let _ = self.to_task.send(Handed::Written(pending.to_vec()));
+        let _ = self.to_task.send(Handed::Written(records));
     }
 
     /// Called after the local sync of a group commit that appended `records` records: the

@@ -36,7 +36,7 @@ const PIPELINE_DEPTH: usize = 8;
 /// Most records one statement carries when several group commits are waiting (catching up
 /// after an outage): whole group commits only, so one larger than this goes alone.
 const STATEMENT_RECORDS_MAX: usize = 4_096;
-/// Most records kept as handed over before their local sync ([`Handed::Written`]): a few
+/// Most records kept as handed over ([`Handed::Written`]) until PostgreSQL confirms them: a few
 /// seconds of a busy shard, a few MiB. Past it the oldest are dropped and read back from the
 /// journal once durable, so an outage costs no more memory than this.
 const EARLY_RECORDS_MAX: usize = 65_536;
@@ -201,9 +201,8 @@ struct Task {
     state: Arc<ShardState>,
     inbox: UnboundedReceiver<Handed>,
     held: VecDeque<Held>,
-    /// Records handed over before their local sync, contiguous, oldest first, until PostgreSQL
-    /// confirms them: shipped from here so PostgreSQL commits a batch while the local
-    /// `fdatasync` runs.
+    /// Records handed over after their local sync, contiguous, oldest first, until PostgreSQL
+    /// confirms them: shipped from here without reading the journal back.
     early: VecDeque<RawRecord>,
     /// Seq of the record `next_record` returns next (after `peeked`).
     next_read: u64,
@@ -433,7 +432,7 @@ impl Task {
         self.state.connected.store(false, Ordering::Release);
     }
 
-    /// Keeps a group commit's records handed over before their local sync.
+    /// Keeps a group commit's records handed over after their local sync.
     fn take_early(&mut self, bytes: &[u8]) {
         let records = match RawRecord::split(bytes) {
             Ok(records) => records,
@@ -456,7 +455,7 @@ impl Task {
         }
     }
 
-    /// Last seq that may be shipped: durable locally, or handed over before its sync and
+    /// Last seq that may be shipped: durable locally, or handed over and
     /// following on without a gap.
     fn available(&self) -> u64 {
         let base = self.durable.max(self.sent);
@@ -472,7 +471,7 @@ impl Task {
         }
         let want = self.next_read;
         // Kept until PostgreSQL confirms them: a statement lost with its connection is sent
-        // again from here even before the local sync has returned.
+        // again from here without reading the journal.
         if let Some(first) = self.early.front().map(|r| r.seq) {
             if want >= first {
                 if let Some(record) = self.early.get((want - first) as usize) {
