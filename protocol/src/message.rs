@@ -874,20 +874,11 @@ fn put_transit_fields(out: &mut BytesMut, r: &TransitResult) {
     out.put_u64(r.journal_seq);
 }
 
+/// A whole TransitResult: its fields, then its MAC.
 fn read_transit_result(r: &mut Reader<'_>) -> Result<TransitResult, DecodeError> {
-    Ok(TransitResult {
-        status: r.status()?,
-        card_id: r.card_id()?,
-        atc: r.atc()?,
-        balance: r.amount()?,
-        amount: r.amount()?,
-        held: r.amount()?,
-        spendable: r.amount()?,
-        ref_atc: r.atc()?,
-        time_ms: r.u64()?,
-        journal_seq: r.u64()?,
-        mac: r.mac()?,
-    })
+    let mut result = read_transit_result_fields(r)?;
+    result.mac = r.mac()?;
+    Ok(result)
 }
 
 /// A TransitResult's fields before its MAC; the MAC is read by the caller (zero until then).

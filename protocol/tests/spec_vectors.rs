@@ -328,6 +328,38 @@ fn card_result_fields(v: Vector, prefix: &str, c: &CardResult) -> Vector {
         .field(format!("{prefix}journal_seq"), c.journal_seq)
 }
 
+/// Offline record `i`'s lines: its fields, its certificate input and its certificate.
+fn offline_record_fields(v: Vector, i: usize, r: &OfflineRecord) -> Vector {
+    v.field(format!("record[{i}].card_id"), r.card_id.0)
+        .field(format!("record[{i}].atc"), r.atc.0)
+        .field(format!("record[{i}].amount"), r.amount.0)
+        .field(format!("record[{i}].time_ms"), r.time_ms)
+        .field(format!("record[{i}].nonce"), format!("0x{:016x}", r.nonce))
+        .hex(format!("record[{i}].certificate_input"), &certificate_input(r, READER))
+        .hex(format!("record[{i}].certificate"), &r.certificate.0)
+}
+
+/// Seals offline answer `i` on its own (type `t`, binding = its record's certificate, MAC
+/// input = the answer's first 29 bytes), fills in `c.mac` and adds the binding, MAC input and
+/// MAC lines.
+fn sealed_offline_result(
+    v: Vector,
+    i: usize,
+    k: &CardKey,
+    t: MessageType,
+    record: &OfflineRecord,
+    c: &mut CardResult,
+) -> Vector {
+    let mut body = BytesMut::new();
+    Response::Purchase(*c).encode_body(&mut body).unwrap();
+    let t = t as u8;
+    let input = mac_input(t, &record.certificate.0, &body[..29]);
+    c.mac = k.response_mac(t, &record.certificate, &body[..29]);
+    v.hex(format!("result[{i}].binding"), &record.certificate.0)
+        .hex(format!("result[{i}].mac_input"), &input)
+        .hex(format!("result[{i}].mac"), &c.mac.0)
+}
+
 fn card_result(status: Status, atc: u32, balance: i64, journal_seq: u64) -> CardResult {
     CardResult {
         status,
@@ -532,14 +564,7 @@ fn vectors() -> Vec<Vector> {
         .hex("card_key", key(CARD).bytes())
         .field("records", records.len());
     for (i, r) in records.iter().enumerate() {
-        v = v
-            .field(format!("record[{i}].card_id"), r.card_id.0)
-            .field(format!("record[{i}].atc"), r.atc.0)
-            .field(format!("record[{i}].amount"), r.amount.0)
-            .field(format!("record[{i}].time_ms"), r.time_ms)
-            .field(format!("record[{i}].nonce"), format!("0x{:016x}", r.nonce))
-            .hex(format!("record[{i}].certificate_input"), &certificate_input(r, READER))
-            .hex(format!("record[{i}].certificate"), &r.certificate.0);
+        v = offline_record_fields(v, i, r);
     }
     out.push(v.msg(Msg::Req(Request::OfflineBatch { records: records.clone() })));
     out.push(
@@ -834,15 +859,7 @@ fn vectors() -> Vec<Vector> {
     {
         let mut c = card_result(Status::Approved, rec.atc.0, balance, seq);
         v = card_result_fields(v, &format!("result[{i}]."), &c);
-        let mut body = BytesMut::new();
-        Response::Purchase(c).encode_body(&mut body).unwrap();
-        let t = MessageType::OfflineResults as u8;
-        let input = mac_input(t, &rec.certificate.0, &body[..29]);
-        c.mac = k.response_mac(t, &rec.certificate, &body[..29]);
-        v = v
-            .hex(format!("result[{i}].binding"), &rec.certificate.0)
-            .hex(format!("result[{i}].mac_input"), &input)
-            .hex(format!("result[{i}].mac"), &c.mac.0);
+        v = sealed_offline_result(v, i, &k, MessageType::OfflineResults, rec, &mut c);
         results.push(c);
     }
     out.push(v.msg(Msg::Resp(Response::OfflineBatch(results))));
@@ -1035,19 +1052,7 @@ fn vectors() -> Vec<Vector> {
     );
     let v = v.field("detail", 1);
     out.push(v.msg(Msg::Req(Request::FundsProduct { auth: funds_product_auth })));
-    let funds = TransitResult {
-        status: Status::Approved,
-        card_id: CARD,
-        atc: Atc(16),
-        balance: Amount(3750),
-        amount: Amount(0),
-        held: Amount(0),
-        spendable: Amount(3750),
-        ref_atc: Atc(0),
-        time_ms: 0,
-        journal_seq: 0,
-        mac: Mac([0; 16]),
-    };
+    let funds = transit_result(Status::Approved, 16, 3750, 0, 0, 0, 0, 0);
     let result = FundsProductResult {
         funds,
         product: 2,
@@ -1087,15 +1092,7 @@ fn vectors() -> Vec<Vector> {
         .hex("card_key", k.bytes())
         .field("records", numbered.len());
     for (i, n) in numbered.iter().enumerate() {
-        let r = &n.record;
-        v = v
-            .field(format!("record[{i}].card_id"), r.card_id.0)
-            .field(format!("record[{i}].atc"), r.atc.0)
-            .field(format!("record[{i}].amount"), r.amount.0)
-            .field(format!("record[{i}].time_ms"), r.time_ms)
-            .field(format!("record[{i}].nonce"), format!("0x{:016x}", r.nonce))
-            .hex(format!("record[{i}].certificate_input"), &certificate_input(r, READER))
-            .hex(format!("record[{i}].certificate"), &r.certificate.0)
+        v = offline_record_fields(v, i, &n.record)
             .field(format!("record[{i}].terminal_seq"), n.terminal_seq)
             .field(format!("record[{i}].flags"), format!("0x{:02x}", n.flags));
     }
@@ -1112,15 +1109,8 @@ fn vectors() -> Vec<Vector> {
         v = v.field(format!("result[{i}].terminal_seq"), n.terminal_seq);
         v = card_result_fields(v, &format!("result[{i}]."), &c);
         if c.status == Status::Approved {
-            let mut body = BytesMut::new();
-            Response::Purchase(c).encode_body(&mut body).unwrap();
-            let t = MessageType::NumberedOfflineResults as u8;
-            let input = mac_input(t, &n.record.certificate.0, &body[..29]);
-            c.mac = k.response_mac(t, &n.record.certificate, &body[..29]);
-            v = v
-                .hex(format!("result[{i}].binding"), &n.record.certificate.0)
-                .hex(format!("result[{i}].mac_input"), &input)
-                .hex(format!("result[{i}].mac"), &c.mac.0);
+            let t = MessageType::NumberedOfflineResults;
+            v = sealed_offline_result(v, i, &k, t, &n.record, &mut c);
         } else {
             v = v.hex(format!("result[{i}].mac"), &c.mac.0);
         }
