@@ -183,19 +183,9 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use citycard_protocol::{Amount, Atc, BlockReason, CardState, KeyVersion};
 
     fn record(balance: i64) -> CardRecord {
-        CardRecord {
-            state: CardState::Active,
-            block_reason: BlockReason::Other,
-            balance: Amount(balance),
-            last_atc: Atc(3),
-            key_version: KeyVersion(1),
-            last_pos: crate::journal::Pos { segment: 1, offset: 32 },
-            hold: crate::engine::decide::transit::Hold::NONE,
-            product: crate::engine::product::CardProduct::DEFAULT,
-        }
+        CardRecord::test_active(balance, 3, crate::journal::Pos { segment: 1, offset: 32 })
     }
 
     #[test]

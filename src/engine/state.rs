@@ -59,6 +59,21 @@ impl CardRecord {
         matches!(self.state, CardState::Closed | CardState::Replaced)
     }
 
+    /// A test card: active, not blocked, key version 1, no hold, the default product.
+    #[cfg(test)]
+    pub(crate) fn test_active(balance: i64, last_atc: u32, last_pos: Pos) -> CardRecord {
+        CardRecord {
+            state: CardState::Active,
+            block_reason: BlockReason::Other,
+            balance: Amount(balance),
+            last_atc: Atc(last_atc),
+            key_version: KeyVersion(1),
+            last_pos,
+            hold: Hold::NONE,
+            product: CardProduct::DEFAULT,
+        }
+    }
+
     /// The state reported to counters (Overdrawn is derived from the balance).
     pub fn reported_state(&self) -> CardState {
         match self.state {

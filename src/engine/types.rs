@@ -54,25 +54,21 @@ impl Limits {
     /// server-wide limits with no daily limit and no deposit. None for an id the table does
     /// not have (Issue and SetProduct: UnknownProduct).
     pub fn product(&self, id: u8) -> Option<super::product::Product> {
-        use super::product::{Product, ReplaceDeposit};
-        self.products.configured(id).or_else(|| {
-            (id == 0).then_some(Product {
-                max_balance: self.max_balance,
-                max_amount: self.max_amount,
-                daily_amount_limit: None,
-                daily_count_limit: None,
-                max_fare: self.transit.max_fare,
-                deposit: 0,
-                replace_deposit: ReplaceDeposit::Move,
-            })
-        })
+        self.products.configured(id).or_else(|| (id == 0).then(|| self.server_product()))
     }
 
     /// The rules a card of product `id` is held to: its product, or product 0's when the
     /// operator removed its product from the table (the card keeps its id and deposit).
     pub fn card_product(&self, id: u8) -> super::product::Product {
-        self.product(id).or_else(|| self.product(0)).unwrap_or(super::product::Product {
-            // Invariant: product(0) always answers; this arm only satisfies the type.
+        self.product(id)
+            .or_else(|| self.products.configured(0))
+            .unwrap_or_else(|| self.server_product())
+    }
+
+    /// Product 0 when the table does not configure it: the server-wide limits, no daily
+    /// limit, no deposit.
+    fn server_product(&self) -> super::product::Product {
+        super::product::Product {
             max_balance: self.max_balance,
             max_amount: self.max_amount,
             daily_amount_limit: None,
@@ -80,7 +76,7 @@ impl Limits {
             max_fare: self.transit.max_fare,
             deposit: 0,
             replace_deposit: super::product::ReplaceDeposit::Move,
-        })
+        }
     }
 }
 

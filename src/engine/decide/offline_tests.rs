@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use citycard_protocol::{Atc, BlockReason, CardState, KeyVersion, Mac};
+use citycard_protocol::{Atc, KeyVersion, Mac};
 
 use super::*;
 use crate::engine::decide::Policy;
@@ -22,16 +22,7 @@ fn decide_with<T>(f: impl FnOnce(&Context<'_>) -> T) -> T {
 }
 
 fn card(balance: i64) -> CardRecord {
-    CardRecord {
-        state: CardState::Active,
-        block_reason: BlockReason::Other,
-        balance: Amount(balance),
-        last_atc: Atc(3),
-        key_version: KeyVersion(1),
-        last_pos: Pos { segment: 1, offset: 64 },
-        hold: crate::engine::decide::transit::Hold::NONE,
-        product: crate::engine::product::CardProduct::DEFAULT,
-    }
+    CardRecord::test_active(balance, 3, Pos { segment: 1, offset: 64 })
 }
 
 fn record(atc: u32, amount: i64) -> OfflineRecord {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use citycard_protocol::{
-    Amount, Atc, BlockReason, CardAuth, CardId, CardState, EntryKind, KeyVersion, Mac, Status,
+    Amount, Atc, CardAuth, CardId, CardState, EntryKind, KeyVersion, Mac, Status,
 };
 
 use super::*;
@@ -69,16 +69,7 @@ fn with_ctx<T>(now_ms: u64, f: impl FnOnce(&Context<'_>) -> T) -> T {
 }
 
 fn card(balance: i64, product: CardProduct) -> CardRecord {
-    CardRecord {
-        state: CardState::Active,
-        block_reason: BlockReason::Other,
-        balance: Amount(balance),
-        last_atc: Atc(10),
-        key_version: KeyVersion(1),
-        last_pos: Pos::NONE,
-        hold: transit::Hold::NONE,
-        product,
-    }
+    CardRecord { product, ..CardRecord::test_active(balance, 10, Pos::NONE) }
 }
 
 fn of(id: u8, deposit: i64, daily: Daily) -> CardProduct {

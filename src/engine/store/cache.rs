@@ -142,19 +142,9 @@ impl CardCache {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use citycard_protocol::{Amount, Atc, BlockReason, CardState, KeyVersion};
 
     fn record(balance: i64) -> CardRecord {
-        CardRecord {
-            state: CardState::Active,
-            block_reason: BlockReason::Other,
-            balance: Amount(balance),
-            last_atc: Atc(1),
-            key_version: KeyVersion(1),
-            last_pos: crate::journal::Pos { segment: 1, offset: 32 },
-            hold: crate::engine::decide::transit::Hold::NONE,
-            product: crate::engine::product::CardProduct::DEFAULT,
-        }
+        CardRecord::test_active(balance, 1, crate::journal::Pos { segment: 1, offset: 32 })
     }
 
     #[test]
