@@ -8,6 +8,7 @@ mod common;
 use bytes::BytesMut;
 use citycard::engine::shard_of;
 use citycard::keys::{self, Role, TerminalId};
+use citycard::server::RunningServer;
 use citycard_protocol::{
     crypto, Amount, Atc, CardResult, ErrorCode, MessageType, NumberedRecord, NumberedResults,
     OfflineRecord, Request, RequestId, Response, Status, FLAG_UNCERTAIN,
@@ -73,14 +74,20 @@ async fn two_shards(counter: &mut Client) -> (Card, Card) {
     panic!("no card landed in the second shard");
 }
 
+/// `env`'s server started, its counter and reader connected, and two cards in different
+/// shards.
+async fn start_with_two_shards(env: &Env) -> (RunningServer, Client, Client, Card, Card) {
+    let server = env.start().await;
+    let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
+    let reader = Client::connect(&env.keys, server.local_addr, READER).await;
+    let (a, b) = two_shards(&mut counter).await;
+    (server, counter, reader, a, b)
+}
+
 #[tokio::test]
 async fn numbered_uploads_are_exactly_once_per_seq_and_survive_a_restart() {
     let env = Env::new();
-    let server = env.start().await;
-    let addr = server.local_addr;
-    let mut counter = Client::connect(&env.keys, addr, "counter-1").await;
-    let mut reader = Client::connect(&env.keys, addr, READER).await;
-    let (mut a, mut b) = two_shards(&mut counter).await;
+    let (server, counter, mut reader, mut a, mut b) = start_with_two_shards(&env).await;
 
     // Nothing recorded yet: an empty batch answers highest 0.
     assert_eq!(upload(&mut reader, &[]).await.highest_seq, 0);
@@ -153,7 +160,7 @@ async fn numbered_uploads_are_exactly_once_per_seq_and_survive_a_restart() {
     // Another terminal's seqs are its own.
     let reader2_id = TerminalId::new("reader-2").unwrap();
     keys::issue_terminal(&env.keys, &reader2_id, Role::Reader).unwrap();
-    let mut reader2 = Client::connect(&env.keys, addr, "reader-2").await;
+    let mut reader2 = Client::connect(&env.keys, server.local_addr, "reader-2").await;
     assert_eq!(upload(&mut reader2, &[]).await.highest_seq, 0);
 
     counter.close().await;
@@ -230,11 +237,7 @@ async fn a_second_numbered_batch_in_flight_is_busy() {
 #[tokio::test]
 async fn settlement_lists_gaps_refusals_and_uncertain_records() {
     let env = Env::new();
-    let server = env.start().await;
-    let addr = server.local_addr;
-    let mut counter = Client::connect(&env.keys, addr, "counter-1").await;
-    let mut reader = Client::connect(&env.keys, addr, READER).await;
-    let (mut a, mut b) = two_shards(&mut counter).await;
+    let (server, counter, mut reader, mut a, mut b) = start_with_two_shards(&env).await;
 
     let mut forged = numbered(&mut a, 40, 7, 0);
     forged.record.certificate.0[0] ^= 1;
