@@ -234,6 +234,51 @@ fn serve(keys: &Path, data: &Path, config: &Path) -> Proc {
     )
 }
 
+fn promote_dir(pg: &PgPair, source: &common::pg::Pg, data: &Path) -> String {
+    let promote = Command::new(BIN)
+        .args(["promote", "--source", &pg.conninfo(source), "--data"])
+        .arg(data)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&promote.stdout).to_string();
+    assert!(
+        promote.status.success(),
+        "promote: {said}{}",
+        String::from_utf8_lossy(&promote.stderr)
+    );
+    said
+}
+
+fn standby_of(pg: &PgPair, source: &common::pg::Pg, data: &Path) -> Proc {
+    Proc::spawn(
+        &["standby", "--source", &pg.conninfo(source), "--data", data.to_str().unwrap()],
+        false,
+    )
+}
+
+/// A fenced data directory served with `config` says so and stops without serving.
+fn assert_fenced(keys: &Path, data: &Path, config: &Path) {
+    let mut old = Proc::spawn(
+        &[
+            "serve",
+            "--keys",
+            keys.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        false,
+    );
+    let status = old.wait_exit();
+    assert!(!status.success());
+    assert!(old.log_has("fenced"), "no fencing message: {:#?}", old.log.lock().unwrap());
+}
+
 /// `citycard verify` on a data directory: asserts it is clean and returns the chain heads.
 fn verify_heads(data: &Path) -> Vec<(u16, u64, String)> {
     let out =
@@ -302,16 +347,7 @@ fn failover_keeps_every_answer_and_fences_the_old_primary() {
     primary.wait_ready();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let cards = runtime.block_on(issue_cards(&keys, primary.addr(), 16, 100_000));
-    let mut standby = Proc::spawn(
-        &[
-            "standby",
-            "--source",
-            &pg.conninfo(&pg.standby),
-            "--data",
-            standby_data.to_str().unwrap(),
-        ],
-        false,
-    );
+    let mut standby = standby_of(&pg, &pg.standby, &standby_data);
 
     // Load from four terminals; SIGKILL the primary citycard and crash the primary PostgreSQL
     // after a seeded random number of answers, while requests are in flight.
@@ -355,17 +391,7 @@ fn failover_keeps_every_answer_and_fences_the_old_primary() {
     // Fail over: stop the standby citycard, promote PostgreSQL, then the standby.
     assert!(standby.term().success(), "standby failed: {:#?}", standby.log.lock().unwrap());
     pg.promote_standby();
-    let promote = Command::new(BIN)
-        .args(["promote", "--source", &pg.conninfo(&pg.standby), "--data"])
-        .arg(&standby_data)
-        .output()
-        .unwrap();
-    let promoted = String::from_utf8_lossy(&promote.stdout).to_string();
-    assert!(
-        promote.status.success(),
-        "promote failed: {promoted}{}",
-        String::from_utf8_lossy(&promote.stderr)
-    );
+    let promoted = promote_dir(&pg, &pg.standby, &standby_data);
     assert!(promoted.contains("generation 2"), "{promoted}");
 
     // The chains: the DR site's journal is the primary's up to where PostgreSQL got.
@@ -400,25 +426,7 @@ fn failover_keeps_every_answer_and_fences_the_old_primary() {
 
     // The old primary, restarted against the promoted database, is fenced: it says why and
     // stops without serving.
-    let mut old = Proc::spawn(
-        &[
-            "serve",
-            "--keys",
-            keys.to_str().unwrap(),
-            "--data",
-            primary_data.to_str().unwrap(),
-            "--config",
-            dr_config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-        false,
-    );
-    let status = old.wait_exit();
-    assert!(!status.success());
-    assert!(old.log_has("fenced"), "no fencing message: {:#?}", old.log.lock().unwrap());
+    assert_fenced(&keys, &primary_data, &dr_config);
 }
 
 #[test]
@@ -553,16 +561,7 @@ fn holds_survive_failover_and_settle_at_the_promoted_site() {
     primary.wait_ready();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut cards = runtime.block_on(issue_cards(&keys, primary.addr(), 2, 1_000));
-    let mut standby = Proc::spawn(
-        &[
-            "standby",
-            "--source",
-            &pg.conninfo(&pg.standby),
-            "--data",
-            standby_data.to_str().unwrap(),
-        ],
-        false,
-    );
+    let mut standby = standby_of(&pg, &pg.standby, &standby_data);
     let tap_in = |terminal: &mut Terminal, request: &Request| -> (Response, TransitResult) {
         let answer = runtime.block_on(terminal.call(request));
         let t = transit(answer.clone());
@@ -599,12 +598,7 @@ fn holds_survive_failover_and_settle_at_the_promoted_site() {
     pg.stop_server(&pg.primary, "immediate");
     assert!(standby.term().success(), "standby failed: {:#?}", standby.log.lock().unwrap());
     pg.promote_standby();
-    let promote = Command::new(BIN)
-        .args(["promote", "--source", &pg.conninfo(&pg.standby), "--data"])
-        .arg(&standby_data)
-        .output()
-        .unwrap();
-    assert!(promote.status.success(), "promote: {}", String::from_utf8_lossy(&promote.stderr));
+    promote_dir(&pg, &pg.standby, &standby_data);
     let dr_config =
         write_config_with(dir.path(), "dr.toml", &pg.conninfo(&pg.standby), 5_000, SHORT_TIMEOUT);
     let mut dr = serve(&keys, &standby_data, &dr_config);
@@ -876,51 +870,6 @@ fn buy_each(
         }
         got
     })
-}
-
-fn promote_dir(pg: &PgPair, source: &common::pg::Pg, data: &Path) -> String {
-    let promote = Command::new(BIN)
-        .args(["promote", "--source", &pg.conninfo(source), "--data"])
-        .arg(data)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&promote.stdout).to_string();
-    assert!(
-        promote.status.success(),
-        "promote: {said}{}",
-        String::from_utf8_lossy(&promote.stderr)
-    );
-    said
-}
-
-fn standby_of(pg: &PgPair, source: &common::pg::Pg, data: &Path) -> Proc {
-    Proc::spawn(
-        &["standby", "--source", &pg.conninfo(source), "--data", data.to_str().unwrap()],
-        false,
-    )
-}
-
-/// A fenced data directory started against `pg` says so and stops without serving.
-fn assert_fenced(keys: &Path, data: &Path, config: &Path) {
-    let mut old = Proc::spawn(
-        &[
-            "serve",
-            "--keys",
-            keys.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-        false,
-    );
-    let status = old.wait_exit();
-    assert!(!status.success());
-    assert!(old.log_has("fenced"), "no fencing message: {:#?}", old.log.lock().unwrap());
 }
 
 #[test]
