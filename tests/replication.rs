@@ -213,25 +213,33 @@ fn write_config_with(
     path
 }
 
+/// `citycard serve` of `data` with `config` on ports the OS picks, then `extra` arguments.
+fn spawn_serve(
+    keys: &Path,
+    data: &Path,
+    config: &Path,
+    extra: &[&str],
+    wait_listening: bool,
+) -> Proc {
+    let mut args = vec![
+        "serve",
+        "--keys",
+        keys.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args, wait_listening)
+}
+
 fn serve(keys: &Path, data: &Path, config: &Path) -> Proc {
-    Proc::spawn(
-        &[
-            "serve",
-            "--keys",
-            keys.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--shards",
-            "2",
-        ],
-        true,
-    )
+    spawn_serve(keys, data, config, &["--shards", "2"], true)
 }
 
 fn promote_dir(pg: &PgPair, source: &common::pg::Pg, data: &Path) -> String {
@@ -258,22 +266,7 @@ fn standby_of(pg: &PgPair, source: &common::pg::Pg, data: &Path) -> Proc {
 
 /// A fenced data directory served with `config` says so and stops without serving.
 fn assert_fenced(keys: &Path, data: &Path, config: &Path) {
-    let mut old = Proc::spawn(
-        &[
-            "serve",
-            "--keys",
-            keys.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-        false,
-    );
+    let mut old = spawn_serve(keys, data, config, &[], false);
     let status = old.wait_exit();
     assert!(!status.success());
     assert!(old.log_has("fenced"), "no fencing message: {:#?}", old.log.lock().unwrap());
