@@ -127,13 +127,6 @@ impl Shard {
         self.journal.as_mut().ok_or(StoreError::JournalNotOpen)
     }
 
-    /// Writes the decided records without syncing them (see [`Journal::write_pending`]);
-    /// `commit` then syncs. Err is fail-stop.
-    pub fn write_pending(&mut self) -> Result<(), StoreError> {
-        self.journal()?.write_pending()?;
-        Ok(())
-    }
-
     /// Makes every decided record durable with one sync. Err is fail-stop.
     pub fn commit(&mut self) -> Result<(), StoreError> {
         self.journal()?.commit()?;

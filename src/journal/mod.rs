@@ -462,9 +462,6 @@ pub struct Journal {
     pend_cap: u64,
     pending: usize,
     poisoned: bool,
-    /// `Some(dirty)` once [`Journal::write_pending`] wrote the pending records and before
-    /// `commit` synced them (`dirty`: the active segment has unsynced bytes).
-    written: Option<bool>,
 }
 
 impl Journal {
@@ -584,7 +581,6 @@ impl Journal {
             buf: Vec::new(),
             breaks: Vec::new(),
             retired: Vec::new(),
-            written: None,
             pending: 0,
             poisoned: false,
         };
@@ -615,7 +611,7 @@ impl Journal {
 
     /// The pending records exactly as `commit` will write them (headers and payloads, padded,
     /// one after another; segment headers are not in it), so replication can ship a group
-    /// commit while its `fdatasync` runs. Empty when nothing is pending.
+    /// commit without reading it back. Empty when nothing is pending.
     pub fn pending_bytes(&self) -> &[u8] {
         &self.buf
     }
@@ -647,12 +643,6 @@ impl Journal {
         }
         if payload.is_empty() {
             return Err(JournalError::EmptyPayload);
-        }
-        if self.written.is_some() {
-            return Err(JournalError::Rejected {
-                seq: self.next_seq,
-                reason: "appended between write_pending and commit".into(),
-            });
         }
         let max = self.max_payload();
         if payload.len() > max {
@@ -688,10 +678,7 @@ impl Journal {
         }
         let buf = std::mem::take(&mut self.buf);
         let breaks = std::mem::take(&mut self.breaks);
-        let result = match self.written.take() {
-            Some(dirty) => self.sync_written(dirty),
-            None => self.write_and_sync(&buf, &breaks),
-        };
+        let result = self.write_and_sync(&buf, &breaks);
         self.buf = buf;
         self.breaks = breaks;
         match result {
@@ -710,44 +697,7 @@ impl Journal {
         }
     }
 
-    /// The first half of [`Journal::commit`]: writes the pending records to their segments
-    /// without syncing them, so that what is about to become durable can be read back or sent
-    /// elsewhere (replication ships it while the sync runs) and survives the process being
-    /// killed (not a power loss). Nothing may be appended until `commit` syncs. Any failure
-    /// poisons the journal.
-    pub fn write_pending(&mut self) -> Result<(), JournalError> {
-        if self.poisoned {
-            return Err(JournalError::Poisoned);
-        }
-        if self.pending == 0 || self.written.is_some() {
-            return Ok(());
-        }
-        let buf = std::mem::take(&mut self.buf);
-        let breaks = std::mem::take(&mut self.breaks);
-        let result = self.write_only(&buf, &breaks);
-        self.buf = buf;
-        self.breaks = breaks;
-        match result {
-            Ok(dirty) => {
-                self.written = Some(dirty);
-                Ok(())
-            }
-            Err(e) => {
-                self.poisoned = true;
-                tracing::error!(error = %e, "journal write failed; journal is poisoned");
-                Err(e)
-            }
-        }
-    }
-
     fn write_and_sync(&mut self, buf: &[u8], breaks: &[Break]) -> Result<(), JournalError> {
-        let dirty = self.write_only(buf, breaks)?;
-        self.sync_written(dirty)
-    }
-
-    /// Writes `buf` (rotating segments at `breaks`); the segments left behind wait in
-    /// `retired` for their sync. Returns whether the active segment has unsynced bytes.
-    fn write_only(&mut self, buf: &[u8], breaks: &[Break]) -> Result<bool, JournalError> {
         let mut retired = std::mem::take(&mut self.retired);
         let mut chunk_start = 0;
         let mut dirty = false;
@@ -766,12 +716,6 @@ impl Journal {
                 dirty = false;
             }
         }
-        self.retired = retired;
-        Ok(dirty)
-    }
-
-    fn sync_written(&mut self, mut dirty: bool) -> Result<(), JournalError> {
-        let mut retired = std::mem::take(&mut self.retired);
         if crate::sim_bugs::active(crate::sim_bugs::Bug::AckBeforeSync) {
             retired.clear();
             dirty = false;
