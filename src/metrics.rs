@@ -215,12 +215,12 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// An open connection told to close because its certificate was revoked.
     /// A PostgreSQL connection or commit of replication failed (it is retried).
     pub fn replication_failure(&self) {
         self.replication_failures.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An open connection told to close because its certificate was revoked.
     pub fn revoked_connection_closed(&self) {
         self.revoked_connections_closed.fetch_add(1, Ordering::Relaxed);
     }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use citycard_protocol::{
@@ -509,8 +510,25 @@ async fn a_write_timeout_never_repeats_or_garbles_answers() {
         let _ = write_half.write_all(&bytes).await;
         write_half
     });
-    // Past the first write timeout, inside the second write of the old, faulty close path.
-    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    // Read nothing until the server has given up on the stuck socket, however slowly a loaded
+    // machine produces the answers: a fixed pause let a slow server still be writing when the
+    // reads began, so its writes never blocked for the timeout and the test waited for a close
+    // that had no reason to come. Three connections are open (counter, reader, this one) once
+    // the server has counted this one, which it does a little after the handshake.
+    let shared = server.shared();
+    let open = || shared.connections.load(std::sync::atomic::Ordering::Relaxed);
+    let waited = std::time::Instant::now();
+    while open() < 3 {
+        assert!(waited.elapsed() < Duration::from_secs(60), "the connection was never counted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while open() > 2 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the write timeout never closed the connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut buf = BytesMut::new();
     let mut seen = BTreeSet::new();
     let clean = loop {
