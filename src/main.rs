@@ -472,6 +472,10 @@ fn verify(data: &std::path::Path, keys: &std::path::Path) -> anyhow::Result<Exit
         "records {} cards {} | deposits {} top-ups {} purchases {} offline {} refunds {} | sum of balances {}",
         t.records, t.cards, t.deposits, t.top_ups, t.purchases, t.offline, t.refunds, t.balances
     );
+    println!(
+        "card deposits: paid {} paid back {} kept {} | held {}",
+        t.card_deposits_paid, t.card_deposits_refunded, t.card_deposits_kept, t.card_deposits
+    );
     for torn in &report.torn_tails {
         println!("note: torn tail {torn}");
     }

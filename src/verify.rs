@@ -3,6 +3,11 @@
 //! engine's apply code), compares sled's state with that replay, and checks that the sum of
 //! balances equals the journal's net money flow.
 //!
+//! Card deposits (protocol 1.3) are audited apart from balances the same way: every deposit a
+//! record moves must follow from the card's deposit before it, sled's product and deposit of
+//! each card must match the replay, and the deposits held must equal those paid minus those
+//! paid back and kept.
+//!
 //! A shard whose archive was pruned (`citycard archive prune`) has a signed anchor: its
 //! signature is checked with `assertion.pub`, its own sums must agree, and the audit starts
 //! from the cards and money it holds, with the chain required to continue from its hash.
@@ -28,6 +33,9 @@ pub(crate) struct Ledger {
     retired: bool,
     /// The open tap-in hold (protocol 1.2), as the journal's transit entries leave it.
     hold: crate::engine::decide::transit::Hold,
+    /// The card's product and the deposit held for it (protocol 1.3).
+    product: u8,
+    deposit: i64,
 }
 
 impl Ledger {
@@ -71,6 +79,39 @@ pub struct Totals {
     pub balances: i64,
     pub records: u64,
     pub cards: u64,
+    /// Card deposits (protocol 1.3), apart from balances: held by the cards at the start
+    /// (a prune anchor's), paid, paid back and kept (Replace under `keep`), and held now.
+    pub card_deposits_at_start: i64,
+    pub card_deposits_paid: i64,
+    pub card_deposits_refunded: i64,
+    pub card_deposits_kept: i64,
+    pub card_deposits: i64,
+}
+
+impl Totals {
+    /// The card deposits the records say are held: at the start, plus paid, minus paid back and
+    /// kept.
+    pub fn card_deposits_expected(&self) -> i64 {
+        self.card_deposits_at_start + self.card_deposits_paid
+            - self.card_deposits_refunded
+            - self.card_deposits_kept
+    }
+
+    fn add(&mut self, other: &Totals) {
+        self.deposits += other.deposits;
+        self.top_ups += other.top_ups;
+        self.purchases += other.purchases;
+        self.offline += other.offline;
+        self.refunds += other.refunds;
+        self.balances += other.balances;
+        self.records += other.records;
+        self.cards += other.cards;
+        self.card_deposits_at_start += other.card_deposits_at_start;
+        self.card_deposits_paid += other.card_deposits_paid;
+        self.card_deposits_refunded += other.card_deposits_refunded;
+        self.card_deposits_kept += other.card_deposits_kept;
+        self.card_deposits += other.card_deposits;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -119,7 +160,23 @@ pub fn verify_with(data_dir: &Path, anchor_key: Option<&[u8; 32]>) -> anyhow::Re
             t.balances, t.deposits, t.top_ups, t.purchases, t.offline, t.refunds, net
         ));
     }
+    if t.card_deposits != t.card_deposits_expected() {
+        report.problems.push(card_deposits_problem(t));
+    }
     Ok(report)
+}
+
+/// The finding when the deposits the cards hold are not the ones the records moved.
+pub(crate) fn card_deposits_problem(t: &Totals) -> String {
+    format!(
+        "card deposits held {} != at start {} + paid {} - paid back {} - kept {} = {}",
+        t.card_deposits,
+        t.card_deposits_at_start,
+        t.card_deposits_paid,
+        t.card_deposits_refunded,
+        t.card_deposits_kept,
+        t.card_deposits_expected()
+    )
 }
 
 fn audit_shard(
@@ -237,16 +294,9 @@ fn audit_shard(
         compare_state(index, db, snapshot, &mut problems)?;
     }
     totals.balances = balances(&ledger);
+    totals.card_deposits = card_deposits(&ledger);
     totals.cards = ledger.len() as u64;
-    let t = &mut report.totals;
-    t.deposits += totals.deposits;
-    t.top_ups += totals.top_ups;
-    t.purchases += totals.purchases;
-    t.offline += totals.offline;
-    t.refunds += totals.refunds;
-    t.balances += totals.balances;
-    t.records += totals.records;
-    t.cards += totals.cards;
+    report.totals.add(&totals);
     report.problems.extend(problems);
     Ok(())
 }
@@ -254,6 +304,11 @@ fn audit_shard(
 /// Sum of the balances of the cards in `ledger`.
 pub(crate) fn balances(ledger: &BTreeMap<CardId, Ledger>) -> i64 {
     ledger.values().map(|l| l.balance).sum()
+}
+
+/// Sum of the card deposits held by the cards in `ledger`.
+pub(crate) fn card_deposits(ledger: &BTreeMap<CardId, Ledger>) -> i64 {
+    ledger.values().map(|l| l.deposit).sum()
 }
 
 /// Starts a pruned shard's audit from its anchor: the anchor must be this shard's, its cards
@@ -287,8 +342,11 @@ pub(crate) fn seed_from_anchor(
                 recent_atcs: card.recent_atcs,
                 retired: card.record.retired(),
                 hold: card.record.hold,
+                product: card.record.product.id,
+                deposit: card.record.product.deposit.0,
             },
         );
+        totals.card_deposits_at_start += card.record.product.deposit.0;
     }
     let sums = anchor.totals();
     if anchor.balances() != sums.balance_change || sums.balance_change != sums.net() {
@@ -379,7 +437,20 @@ pub(crate) fn check_entry(
             problems.push(at(format!("deposit {} but balance {}", e.amount.0, e.balance_after.0)));
         }
         totals.deposits += e.amount.0;
-        ledger.insert(e.card_id, Ledger::new(e.balance_after.0));
+        let mut card = Ledger::new(e.balance_after.0);
+        if let Some(p) = &e.product {
+            if p.after.deposit.0 != p.deposit_paid || p.deposit_refunded != 0 || p.deposit_kept != 0
+            {
+                problems.push(at(format!(
+                    "issued with deposit {} but {} paid",
+                    p.after.deposit.0, p.deposit_paid
+                )));
+            }
+            card.product = p.after.id;
+            card.deposit = p.after.deposit.0;
+            totals.card_deposits_paid += p.deposit_paid;
+        }
+        ledger.insert(e.card_id, card);
         return;
     }
     let Some(l) = ledger.get_mut(&e.card_id) else {
@@ -416,6 +487,7 @@ pub(crate) fn check_entry(
     if matches!(e.kind, EntryKind::TapIn | EntryKind::TapOut | EntryKind::HoldExpired) {
         l.hold = e.transit.hold;
     }
+    let new_card = check_deposit(e, l, totals, problems, &at);
     let sign_ok = match e.kind {
         EntryKind::Purchase => {
             totals.purchases -= e.amount.0;
@@ -451,7 +523,8 @@ pub(crate) fn check_entry(
             if ledger.contains_key(&e.other_card) {
                 problems.push(at("replacement card id already in use".into()));
             }
-            ledger.insert(e.other_card, Ledger::new(moved));
+            let (product, deposit) = new_card.unwrap_or_default();
+            ledger.insert(e.other_card, Ledger { product, deposit, ..Ledger::new(moved) });
             // The balance moved, or a blocked debtor's debt stayed on the old card.
             e.balance_after.0 == 0 || (e.balance_after.0 < 0 && e.amount.0 == 0)
         }
@@ -463,6 +536,56 @@ pub(crate) fn check_entry(
             e.kind, e.amount.0, e.balance_after.0
         )));
     }
+}
+
+/// Applies an approved record's deposit movement to its card (protocol 1.3), or says why it
+/// does not follow from the card's deposit before it. Returns, for a Replace, the new card's
+/// product and deposit.
+fn check_deposit(
+    e: &Entry,
+    l: &mut Ledger,
+    totals: &mut Totals,
+    problems: &mut Vec<String>,
+    at: &dyn Fn(String) -> String,
+) -> Option<(u8, i64)> {
+    let Some(p) = &e.product else {
+        // Without product fields nothing about the product changed; a card that holds a
+        // deposit cannot be closed or replaced without saying where the deposit went.
+        if matches!(e.kind, EntryKind::Close | EntryKind::ReplacedOut) && l.deposit != 0 {
+            problems.push(at(format!(
+                "{:?} left the card's deposit {} unaccounted",
+                e.kind, l.deposit
+            )));
+        }
+        return (e.kind == EntryKind::ReplacedOut).then_some((l.product, 0));
+    };
+    let before = l.deposit;
+    let (paid, refunded, kept) = (p.deposit_paid, p.deposit_refunded, p.deposit_kept);
+    totals.card_deposits_paid += paid;
+    totals.card_deposits_refunded += refunded;
+    totals.card_deposits_kept += kept;
+    let after = p.after.deposit.0;
+    let mut new_card = None;
+    let consistent = match e.kind {
+        EntryKind::ProductChanged => kept == 0 && after == before + paid - refunded,
+        EntryKind::Close => after == 0 && refunded == before && paid == 0 && kept == 0,
+        EntryKind::ReplacedOut => {
+            // The old card ends with none; the new card holds what moved plus what was paid.
+            new_card = Some((p.after.id, before - kept + paid));
+            after == 0 && refunded == 0 && (kept == 0 || kept == before)
+        }
+        // Any other record only carries the card's product state (its daily counters).
+        _ => paid == 0 && refunded == 0 && kept == 0 && after == before && p.after.id == l.product,
+    };
+    if !consistent {
+        problems.push(at(format!(
+            "{:?} deposit {before} -> {after} with {paid} paid, {refunded} paid back, {kept} kept",
+            e.kind
+        )));
+    }
+    l.product = p.after.id;
+    l.deposit = after;
+    new_card
 }
 
 /// A checkpoint must lie on the journal's chain, and the state must be at or past it.
@@ -504,6 +627,17 @@ fn compare_state(
         };
         match expected.get(&id) {
             None => problems.push(format!("shard {shard} card {}: in state but not in the journal", id.masked())),
+            Some(l) if l.product != record.product.id || l.deposit != record.product.deposit.0 => {
+                problems.push(format!(
+                    "shard {shard} card {}: state says product {} deposit {}, journal replay says \
+                     product {} deposit {}",
+                    id.masked(),
+                    record.product.id,
+                    record.product.deposit.0,
+                    l.product,
+                    l.deposit
+                ))
+            }
             Some(l) if l.hold != record.hold => problems.push(format!(
                 "shard {shard} card {}: state and journal replay disagree on the open hold",
                 id.masked()

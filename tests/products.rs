@@ -370,6 +370,14 @@ async fn deposits_and_daily_counters_survive_restart_and_rebuild_and_settle() {
 
     let report = citycard::verify::verify(&env.data).unwrap();
     assert!(report.ok(), "verify: {:?}", report.problems);
+    // The audit re-derives the deposits from the records alone (the figures the settlement
+    // below gives too): paid at Issue and for the kept card's replacement, paid back at the
+    // Closes and by SetProduct, kept at the Replace under `keep`; the new card's 500 is held.
+    let t = report.totals;
+    assert_eq!(
+        (t.card_deposits_paid, t.card_deposits_refunded, t.card_deposits_kept, t.card_deposits),
+        (6_500, 4_000, 2_000, 500)
+    );
     let today = Date::today();
     for day in [started, today] {
         let s = report::settlement(&env.data, day).unwrap();
@@ -392,6 +400,29 @@ async fn deposits_and_daily_counters_survive_restart_and_rebuild_and_settle() {
         );
         assert!(csv.ends_with("# reconciled yes\n"), "{csv}");
     }
+    // A deposit changed in the derived state behind the engine's back is found by the audit.
+    let count: u16 =
+        std::fs::read_to_string(env.data.join("shards")).unwrap().trim().parse().unwrap();
+    let shard = citycard::engine::shard_of(new_card.id, count);
+    let state = citycard::server::shard_dir(&env.data, shard).join("state");
+    {
+        let db = sled::open(&state).unwrap();
+        let mut key = vec![b'c'];
+        key.extend_from_slice(&new_card.id.0.to_be_bytes());
+        let stored = db.get(&key).unwrap().unwrap();
+        let mut record = citycard::engine::store::codec::decode(&stored).unwrap();
+        assert_eq!(record.product.deposit, Amount(500));
+        record.product.deposit = Amount(0);
+        db.insert(&key, &*citycard::engine::store::codec::encode(&record)).unwrap();
+        db.flush().unwrap();
+    }
+    let report = citycard::verify::verify(&env.data).unwrap();
+    assert!(
+        report.problems.iter().any(|p| p.contains("state says product 2 deposit 0")
+            && p.contains("journal replay says product 2 deposit 500")),
+        "{:?}",
+        report.problems
+    );
 }
 
 /// The client crate's Issue-with-product and SetProduct, and the counter console's "set

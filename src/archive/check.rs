@@ -261,8 +261,12 @@ fn check_shard(
         report.notes.push(format!("{name}: holds no record after its start"));
     }
     totals.balances = verify::balances(&ledger);
+    totals.card_deposits = verify::card_deposits(&ledger);
     totals.cards = ledger.len() as u64;
     let t = &totals;
+    if t.card_deposits != t.card_deposits_expected() {
+        problems.push(format!("{name}: {}", verify::card_deposits_problem(t)));
+    }
     let net = t.deposits + t.top_ups - t.purchases - t.offline - t.refunds;
     if net != t.balances {
         problems.push(format!(
