@@ -77,7 +77,15 @@ async fn two_shards(counter: &mut Client) -> (Card, Card) {
 /// `env`'s server started, its counter and reader connected, and two cards in different
 /// shards.
 async fn start_with_two_shards(env: &Env) -> (RunningServer, Client, Client, Card, Card) {
-    let server = env.start().await;
+    start_with_two_shards_on(env, env.config()).await
+}
+
+/// [`start_with_two_shards`] with `config`.
+async fn start_with_two_shards_on(
+    env: &Env,
+    config: citycard::config::Config,
+) -> (RunningServer, Client, Client, Card, Card) {
+    let server = RunningServer::start(config).await.unwrap();
     let mut counter = Client::connect(&env.keys, server.local_addr, "counter-1").await;
     let reader = Client::connect(&env.keys, server.local_addr, READER).await;
     let (a, b) = two_shards(&mut counter).await;
@@ -304,4 +312,80 @@ async fn settlement_lists_gaps_refusals_and_uncertain_records() {
     reader.close().await;
     counter.close().await;
     server.stop().await.unwrap();
+}
+
+/// A seq whose record a prune removed stays used (PROTOCOL.md 6.13): a re-upload under it is
+/// SeqConflict, never decided again, and highest_seq keeps counting it, whether the state
+/// survived the prune or was rebuilt from the anchors (which keep every pruned seq).
+#[tokio::test]
+async fn a_pruned_seq_stays_used_after_a_rebuild_from_the_anchor() {
+    use citycard::archive::{Anchor, PruneOptions};
+    use citycard::report::Date;
+    let env = Env::new();
+    let mut config = env.config();
+    config.segment_bytes = 64 * 1024;
+    config.checkpoint = citycard::engine::CheckpointPolicy { records: 100, interval_ms: 60_000 };
+    let (server, mut counter, mut reader, mut a, mut b) =
+        start_with_two_shards_on(&env, config.clone()).await;
+    let first = [numbered(&mut a, 100, 1, 0), numbered(&mut b, 200, 2, 0)];
+    let answer = upload(&mut reader, &first).await;
+    assert!(answer.results.iter().all(|r| r.result.status == Status::Approved), "{answer:?}");
+    // Push them below the checkpoint and into the archive, on both shards.
+    let mut fillers = Vec::new();
+    for op_ref in 100..108 {
+        fillers.push(issue(&mut counter, op_ref, 50_000).await);
+    }
+    assert!(
+        fillers.iter().any(|c| shard_of(c.id, 2) == 0)
+            && fillers.iter().any(|c| shard_of(c.id, 2) == 1)
+    );
+    for i in 0..3_000 {
+        let card = &mut fillers[i % 8];
+        match reader.call(&card.purchase(7, READER)).await {
+            Response::Purchase(r) => assert_eq!(r.status, Status::Approved),
+            other => panic!("{other:?}"),
+        }
+    }
+    server.stop().await.unwrap();
+    let now_ms = citycard::now_ms();
+    let tomorrow = Date::from_days(Date::from_unix_ms(now_ms).days() + 1);
+    let options =
+        PruneOptions { before: tomorrow, dry_run: false, now_ms, stop_after_anchor: false };
+    let done = citycard::archive::prune(&env.data, &env.keys, &options).unwrap();
+    assert!(done.iter().all(|s| !s.segments.is_empty()), "{done:?}");
+    let public = keys::load_assertion_public(&env.keys.join(keys::ASSERTION_PUB)).unwrap();
+    let mut kept = Vec::new();
+    for index in 0..2 {
+        let dir = citycard::server::shard_dir(&env.data, index);
+        let anchor = Anchor::load(&dir, &public).unwrap().unwrap();
+        kept.extend(anchor.numbered_seqs.get(READER).into_iter().flatten().copied());
+    }
+    kept.sort_unstable();
+    assert_eq!(kept, [1, 2], "each shard's anchor keeps the seqs of its removed records");
+
+    let check = |answer: &NumberedResults| {
+        assert_eq!(answer.highest_seq, 2);
+        for got in &answer.results {
+            assert_eq!(got.result.status, Status::SeqConflict, "{got:?}");
+        }
+    };
+    // The state survived the prune, then the state rebuilt from the anchors: the same.
+    let server = RunningServer::start(config.clone()).await.unwrap();
+    let mut reader = Client::connect(&env.keys, server.local_addr, READER).await;
+    check(&upload(&mut reader, &first).await);
+    server.stop().await.unwrap();
+    for index in 0..2 {
+        std::fs::remove_dir_all(citycard::server::shard_dir(&env.data, index).join("state"))
+            .unwrap();
+    }
+    let server = RunningServer::start(config).await.unwrap();
+    let mut reader = Client::connect(&env.keys, server.local_addr, READER).await;
+    assert_eq!(upload(&mut reader, &[]).await.highest_seq, 2, "a reader resuming after a reset");
+    check(&upload(&mut reader, &first).await);
+    // The next seq is decided as usual.
+    let next = upload(&mut reader, &[numbered(&mut a, 5, 3, 0)]).await;
+    assert_eq!((next.highest_seq, next.results[0].result.status), (3, Status::Approved));
+    server.stop().await.unwrap();
+    let report = citycard::verify::verify_with(&env.data, Some(&public)).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
 }

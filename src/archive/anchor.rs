@@ -10,7 +10,7 @@
 //! | size | field |
 //! |---:|---|
 //! | 8 | magic `b"CITYANCR"` |
-//! | 4 | format version, 2 (1: the same without the staff op_ref table; still read) |
+//! | 4 | format version, 3 (2: the same without the numbered seq table; 1: without either table; both still read) |
 //! | 2 | shard index |
 //! | 2 | shard count |
 //! | 8 | `seq`: the last removed record; records `1..=seq` are gone |
@@ -22,6 +22,7 @@
 //! | 4 | number of cards `C`, then per card: card id (u64), the card record's length (u8) and the record in the derived state's compact encoding (6 to 36 bytes), the late-ATC window bitmap (u64: bit i = ATC `last_atc - i` used) |
 //! | 4 | number of hotlist entries `H`, then `H` × 18 bytes: hotlist version (u64), card id (u64), listed (u8: 1 listed, 0 unlisted), reason (u8): each card's latest hotlist change up to `seq` |
 //! | 4 | (version 2) number of terminals `T`, then per terminal: name length (u8, 1..=255), the name (UTF-8), number of op_refs `N` (u32), then `N` ascending op_refs as LEB128 deltas (the first from 0, each later one from the one before it, never 0): every (terminal, op_ref) a removed staff record used |
+//! | 4 | (version 3) the numbered seq table, in the staff op_ref table's form: per terminal, every terminal_seq a removed numbered offline record was recorded under (PROTOCOL.md 6.13; SeqConflict refusals claim none) |
 //! | 64 | Ed25519 signature over [`SIGNATURE_CONTEXT`] followed by every byte before it |
 //!
 //! # Why every staff op_ref is kept
@@ -35,6 +36,12 @@
 //! about 1 to 3 bytes per operation for terminals that count their op_refs (a few per card over
 //! a card's life), 9 for terminals that draw them at random; a bounded window would instead
 //! execute an old retry twice, which is the one thing the op_ref exists to prevent.
+//!
+//! The numbered seq table is kept for the same reason: a seq is recorded once per terminal
+//! (PROTOCOL.md 6.13), and a rebuilt state without it would decide a re-upload of a pruned
+//! record again (Replay by its ATC, never charged twice, but recorded as a second refusal) and
+//! report a lower `highest_seq` to a reader resuming after a reset. Readers count their seqs, so
+//! it costs about one byte per numbered record.
 //!
 //! # Why this key
 //!
@@ -59,8 +66,10 @@ pub const ANCHOR_FILE: &str = "anchor";
 /// Domain separation: the Ed25519 message is this followed by the anchor's bytes.
 pub const SIGNATURE_CONTEXT: &[u8] = b"citycard prune anchor v1\n";
 const MAGIC: &[u8; 8] = b"CITYANCR";
-const VERSION: u32 = 2;
-/// The version before the staff op_ref table, still read (its table is empty).
+const VERSION: u32 = 3;
+/// The version before the numbered seq table, still read (its table is empty).
+const VERSION_WITHOUT_SEQS: u32 = 2;
+/// The version before the staff op_ref table, still read (both tables empty).
 const VERSION_WITHOUT_STAFF_REFS: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 2 + 2 + 8 + 32 + 8 + 8 + 8;
 const DAY_LEN: usize = 80;
@@ -135,6 +144,9 @@ pub struct Anchor {
     /// Every op_ref a staff record up to `seq` used, per terminal, ascending and without
     /// repeats (see "Why every staff op_ref is kept"). Empty in a version 1 anchor.
     pub staff_refs: BTreeMap<String, Vec<u64>>,
+    /// Every terminal_seq a numbered offline record up to `seq` was recorded under, per
+    /// terminal, ascending and without repeats. Empty in a version 1 or 2 anchor.
+    pub numbered_seqs: BTreeMap<String, Vec<u64>>,
 }
 
 /// Why an anchor cannot be used.
@@ -179,9 +191,9 @@ impl Anchor {
                 + self.days.len() * DAY_LEN
                 + self.cards.len() * CARD_LEN
                 + self.hotlist.len() * HOTLIST_LEN
-                + 4
-                + self.staff_refs.len() * (1 + 255 + 4)
-                + self.staff_ref_count() * 3
+                + 8
+                + (self.staff_refs.len() + self.numbered_seqs.len()) * (1 + 255 + 4)
+                + (self.staff_ref_count() + self.numbered_seq_count()) * 3
                 + SIGNATURE_LEN,
         );
         out.extend_from_slice(MAGIC);
@@ -226,19 +238,8 @@ impl Anchor {
             out.push(u8::from(*listed));
             out.push(*reason as u8);
         }
-        out.extend_from_slice(&(self.staff_refs.len() as u32).to_le_bytes());
-        for (terminal, refs) in &self.staff_refs {
-            // Terminal ids are at most 255 bytes (the op_ref index key stores the length in
-            // one byte, and certificates name shorter ones); `check_staff_refs` refuses others.
-            out.push(terminal.len() as u8);
-            out.extend_from_slice(terminal.as_bytes());
-            out.extend_from_slice(&(refs.len() as u32).to_le_bytes());
-            let mut prev = 0u64;
-            for op_ref in refs {
-                put_leb128(&mut out, op_ref - prev);
-                prev = *op_ref;
-            }
-        }
+        put_terminal_table(&mut out, &self.staff_refs);
+        put_terminal_table(&mut out, &self.numbered_seqs);
         let signature = key.sign(&signed_message(&out));
         out.extend_from_slice(signature.as_ref());
         out
@@ -267,9 +268,10 @@ impl Anchor {
             return Err(bad("not an anchor file"));
         }
         let version = r.u32();
-        if version != Some(VERSION) && version != Some(VERSION_WITHOUT_STAFF_REFS) {
+        let Some(version @ (VERSION | VERSION_WITHOUT_SEQS | VERSION_WITHOUT_STAFF_REFS)) = version
+        else {
             return Err(bad("unknown format version"));
-        }
+        };
         let header = (|| {
             let shard = r.u16()?;
             let shard_count = r.u16()?;
@@ -297,6 +299,7 @@ impl Anchor {
             cards: BTreeMap::new(),
             hotlist: BTreeMap::new(),
             staff_refs: BTreeMap::new(),
+            numbered_seqs: BTreeMap::new(),
         };
         let days = r.u32().ok_or_else(|| bad("day count"))?;
         for _ in 0..days {
@@ -351,15 +354,13 @@ impl Anchor {
             .ok_or_else(|| bad("hotlist table malformed"))?;
             anchor.hotlist.insert(entry.0, entry.1);
         }
-        if version == Some(VERSION) {
-            let terminals = r.u32().ok_or_else(|| bad("terminal count"))?;
-            for _ in 0..terminals {
-                let (terminal, refs) =
-                    read_staff_refs(&mut r).ok_or_else(|| bad("staff op_ref table malformed"))?;
-                if anchor.staff_refs.insert(terminal, refs).is_some() {
-                    return Err(bad("a terminal twice in the staff op_ref table"));
-                }
-            }
+        if version >= VERSION_WITHOUT_SEQS {
+            anchor.staff_refs =
+                read_terminal_table(&mut r).ok_or_else(|| bad("staff op_ref table malformed"))?;
+        }
+        if version >= VERSION {
+            anchor.numbered_seqs =
+                read_terminal_table(&mut r).ok_or_else(|| bad("numbered seq table malformed"))?;
         }
         if r.at != body.len() {
             return Err(bad("trailing bytes"));
@@ -401,19 +402,14 @@ impl Anchor {
         crate::durable_write(&shard_dir.join(ANCHOR_FILE), &self.to_signed_bytes(key))
     }
 
-    /// Whether the staff op_ref table can be written as the format says: every terminal id 1
-    /// to 255 bytes, every list ascending without repeats. Checked by a prune before it writes.
+    /// Whether the staff op_ref and numbered seq tables can be written as the format says:
+    /// every terminal id 1 to 255 bytes, every list ascending without repeats, and (seqs) none
+    /// 0. Checked by a prune before it writes.
     pub fn check_staff_refs(&self) -> Result<(), String> {
-        for (terminal, refs) in &self.staff_refs {
-            if terminal.is_empty() || terminal.len() > usize::from(u8::MAX) {
-                return Err(format!("terminal id of {} bytes", terminal.len()));
-            }
-            if refs.windows(2).any(|w| w[0] >= w[1]) {
-                return Err(format!("op_refs of terminal {terminal} not ascending"));
-            }
-            if u32::try_from(refs.len()).is_err() {
-                return Err(format!("more than {} op_refs for terminal {terminal}", u32::MAX));
-            }
+        check_terminal_table(&self.staff_refs, "op_refs")?;
+        check_terminal_table(&self.numbered_seqs, "numbered seqs")?;
+        if self.numbered_seqs.values().any(|seqs| seqs.first() == Some(&0)) {
+            return Err("a numbered seq 0".into());
         }
         Ok(())
     }
@@ -422,22 +418,73 @@ impl Anchor {
     pub fn staff_ref_count(&self) -> usize {
         self.staff_refs.values().map(Vec::len).sum()
     }
+
+    /// Number of (terminal, seq) pairs in the numbered seq table.
+    pub fn numbered_seq_count(&self) -> usize {
+        self.numbered_seqs.values().map(Vec::len).sum()
+    }
 }
 
-/// One terminal's entry of the staff op_ref table.
-fn read_staff_refs(r: &mut Reader<'_>) -> Option<(String, Vec<u64>)> {
+fn check_terminal_table(table: &BTreeMap<String, Vec<u64>>, what: &str) -> Result<(), String> {
+    for (terminal, values) in table {
+        if terminal.is_empty() || terminal.len() > usize::from(u8::MAX) {
+            return Err(format!("terminal id of {} bytes", terminal.len()));
+        }
+        if values.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!("{what} of terminal {terminal} not ascending"));
+        }
+        if u32::try_from(values.len()).is_err() {
+            return Err(format!("more than {} {what} for terminal {terminal}", u32::MAX));
+        }
+    }
+    Ok(())
+}
+
+/// A per-terminal table of ascending u64s (staff op_refs, numbered seqs): terminal count,
+/// then per terminal its name after its length, the count, and LEB128 deltas.
+fn put_terminal_table(out: &mut Vec<u8>, table: &BTreeMap<String, Vec<u64>>) {
+    out.extend_from_slice(&(table.len() as u32).to_le_bytes());
+    for (terminal, values) in table {
+        // Terminal ids are at most 255 bytes (the index keys store the length in one byte,
+        // and certificates name shorter ones); `check_staff_refs` refuses others.
+        out.push(terminal.len() as u8);
+        out.extend_from_slice(terminal.as_bytes());
+        out.extend_from_slice(&(values.len() as u32).to_le_bytes());
+        let mut prev = 0u64;
+        for value in values {
+            put_leb128(out, value - prev);
+            prev = *value;
+        }
+    }
+}
+
+fn read_terminal_table(r: &mut Reader<'_>) -> Option<BTreeMap<String, Vec<u64>>> {
+    let terminals = r.u32()?;
+    let mut table = BTreeMap::new();
+    for _ in 0..terminals {
+        let (terminal, values) = read_terminal_entry(r)?;
+        if table.insert(terminal, values).is_some() {
+            // A terminal twice.
+            return None;
+        }
+    }
+    Some(table)
+}
+
+/// One terminal's entry of a per-terminal table.
+fn read_terminal_entry(r: &mut Reader<'_>) -> Option<(String, Vec<u64>)> {
     let len = usize::from(*r.take(1)?.first()?);
     if len == 0 {
         return None;
     }
     let terminal = std::str::from_utf8(r.take(len)?).ok()?.to_owned();
     let count = usize::try_from(r.u32()?).ok()?;
-    // Each op_ref takes at least one byte: a count beyond the bytes left is damage, and must
+    // Each value takes at least one byte: a count beyond the bytes left is damage, and must
     // not size an allocation.
     if count > r.bytes.len() - r.at {
         return None;
     }
-    let mut refs = Vec::with_capacity(count);
+    let mut values = Vec::with_capacity(count);
     let mut prev = 0u64;
     for k in 0..count {
         let delta = r.leb128()?;
@@ -445,9 +492,9 @@ fn read_staff_refs(r: &mut Reader<'_>) -> Option<(String, Vec<u64>)> {
             return None;
         }
         prev = prev.checked_add(delta)?;
-        refs.push(prev);
+        values.push(prev);
     }
-    Some((terminal, refs))
+    Some((terminal, values))
 }
 
 fn put_leb128(out: &mut Vec<u8>, mut v: u64) {
@@ -554,6 +601,7 @@ mod tests {
                 ("counter-1".to_owned(), vec![0, 1, 2, 130, 20_000, u64::MAX]),
                 ("counter-two".to_owned(), vec![7]),
             ]),
+            numbered_seqs: BTreeMap::from([("reader-1".to_owned(), vec![1, 2, 3, 5, 300])]),
         }
     }
 
@@ -579,23 +627,29 @@ mod tests {
         ));
     }
 
-    /// A version 1 anchor (written before the staff op_ref table existed) is still read, with
-    /// an empty table.
+    /// Anchors of versions 1 (before the staff op_ref table) and 2 (before the numbered seq
+    /// table) are still read, with those tables empty.
     #[test]
-    fn a_version_1_anchor_still_reads() {
+    fn version_1_and_2_anchors_still_read() {
         let key = key();
         let public = key_public(&key);
+        // An older version is version 3 without the newer tables' counts (4 zero bytes each
+        // before the signature), signed again.
+        let older = |anchor: &Anchor, version: u32, tables: usize| {
+            let v3 = anchor.to_signed_bytes(&key);
+            let mut body = v3[..v3.len() - SIGNATURE_LEN - 4 * tables].to_vec();
+            body[8..12].copy_from_slice(&version.to_le_bytes());
+            let signature = key.sign(&signed_message(&body));
+            body.extend_from_slice(signature.as_ref());
+            Anchor::from_signed_bytes(&body, &public, Path::new("anchor")).unwrap()
+        };
         let mut anchor = sample();
+        anchor.numbered_seqs.clear();
+        assert_eq!(older(&anchor, VERSION_WITHOUT_SEQS, 1), anchor);
         anchor.staff_refs.clear();
-        let v2 = anchor.to_signed_bytes(&key);
-        // Version 1 is version 2 without the table's count (4 zero bytes before the signature).
-        let mut body = v2[..v2.len() - SIGNATURE_LEN - 4].to_vec();
-        body[8..12].copy_from_slice(&VERSION_WITHOUT_STAFF_REFS.to_le_bytes());
-        let signature = key.sign(&signed_message(&body));
-        body.extend_from_slice(signature.as_ref());
-        let read = Anchor::from_signed_bytes(&body, &public, Path::new("anchor")).unwrap();
+        let read = older(&anchor, VERSION_WITHOUT_STAFF_REFS, 2);
         assert_eq!(read, anchor);
-        assert_eq!(read.staff_ref_count(), 0);
+        assert_eq!((read.staff_ref_count(), read.numbered_seq_count()), (0, 0));
     }
 
     #[test]
@@ -606,6 +660,11 @@ mod tests {
         assert!(anchor.check_staff_refs().is_err());
         anchor.staff_refs.insert("counter-3".into(), vec![]);
         anchor.staff_refs.insert("x".repeat(256), vec![1]);
+        assert!(anchor.check_staff_refs().is_err());
+        let mut anchor = sample();
+        anchor.numbered_seqs.insert("reader-2".into(), vec![0, 1]);
+        assert!(anchor.check_staff_refs().is_err(), "seqs start at 1");
+        anchor.numbered_seqs.insert("reader-2".into(), vec![2, 1]);
         assert!(anchor.check_staff_refs().is_err());
         // A non-shortest LEB128 (a second spelling of an op_ref) is refused on read.
         let mut r = Reader { bytes: &[0x81, 0x00], at: 0 };

@@ -1,6 +1,6 @@
 //! The replay a prune runs over the records it is about to remove: every card's state (its
-//! open tap-in hold included), the listed cards, each day's money and every staff op_ref used,
-//! as they stand after the last removed record. Changes are
+//! open tap-in hold included), the listed cards, each day's money, every staff op_ref and every
+//! numbered offline seq used, as they stand after the last removed record. Changes are
 //! kept per segment so a segment found to hold a record of the kept days can be taken back.
 
 use std::collections::BTreeMap;
@@ -31,6 +31,10 @@ pub struct Ledger {
     staff_refs: BTreeMap<String, Vec<u64>>,
     /// The staff op_refs of the segment being read, kept apart until it is committed.
     staff_pending: Vec<(String, u64)>,
+    /// The numbered offline seqs of committed segments, per terminal (sorted by
+    /// [`Ledger::numbered_seqs`]), and those of the segment being read.
+    numbered_seqs: BTreeMap<String, Vec<u64>>,
+    seqs_pending: Vec<(String, u64)>,
     undo: Vec<Undo>,
     hotlist_version_before: u64,
     days_before: BTreeMap<i64, DayFlows>,
@@ -39,13 +43,14 @@ pub struct Ledger {
 impl Ledger {
     /// Starts where an earlier prune's anchor left off (or from nothing).
     pub fn new(anchor: Option<&Anchor>) -> Ledger {
-        let (cards, hotlist, days, version, staff_refs) = match anchor {
+        let (cards, hotlist, days, version, staff_refs, numbered_seqs) = match anchor {
             Some(a) => (
                 a.cards.clone(),
                 a.hotlist.clone(),
                 a.days.clone(),
                 a.hotlist_version,
                 a.staff_refs.clone(),
+                a.numbered_seqs.clone(),
             ),
             None => Default::default(),
         };
@@ -54,6 +59,8 @@ impl Ledger {
             hotlist,
             staff_refs,
             staff_pending: Vec::new(),
+            numbered_seqs,
+            seqs_pending: Vec::new(),
             days_before: days.clone(),
             days,
             hotlist_version: version,
@@ -68,6 +75,9 @@ impl Ledger {
         for (terminal, op_ref) in self.staff_pending.drain(..) {
             self.staff_refs.entry(terminal).or_default().push(op_ref);
         }
+        for (terminal, seq) in self.seqs_pending.drain(..) {
+            self.numbered_seqs.entry(terminal).or_default().push(seq);
+        }
         self.days_before = self.days.clone();
         self.hotlist_version_before = self.hotlist_version;
     }
@@ -75,6 +85,7 @@ impl Ledger {
     /// Takes back every change since the last `commit`.
     pub fn rollback(&mut self) {
         self.staff_pending.clear();
+        self.seqs_pending.clear();
         while let Some(undo) = self.undo.pop() {
             match undo {
                 Undo::Card(id, Some(card)) => {
@@ -98,12 +109,13 @@ impl Ledger {
     /// Every committed staff op_ref per terminal, ascending and without repeats, as the anchor
     /// keeps them. (A repeat cannot come from a journal: a reused op_ref journals nothing.)
     pub fn staff_refs(&mut self) -> BTreeMap<String, Vec<u64>> {
-        let mut refs = std::mem::take(&mut self.staff_refs);
-        for list in refs.values_mut() {
-            list.sort_unstable();
-            list.dedup();
-        }
-        refs
+        sorted(std::mem::take(&mut self.staff_refs))
+    }
+
+    /// Every committed numbered offline seq per terminal, ascending and without repeats, as
+    /// the anchor keeps them. (A seq is recorded once; a SeqConflict refusal claims none.)
+    pub fn numbered_seqs(&mut self) -> BTreeMap<String, Vec<u64>> {
+        sorted(std::mem::take(&mut self.numbered_seqs))
     }
 
     fn save(&mut self, id: CardId) {
@@ -117,6 +129,10 @@ impl Ledger {
         if crate::engine::persist::is_staff(e.kind) {
             // Declined staff operations are journaled under their op_ref too (6.2).
             self.staff_pending.push((e.terminal.clone(), e.reference));
+        }
+        if e.claims_seq() {
+            // Refused numbered records are recorded under their seq too (6.13).
+            self.seqs_pending.push((e.terminal.clone(), e.numbered.seq));
         }
         let day = (e.time_ms / DAY_MS as u64) as i64;
         let flows = self.days.entry(day).or_default();
@@ -285,6 +301,14 @@ fn fresh(e: &Entry, balance: Amount, _linked: CardId, pos: Pos) -> AnchorCard {
         },
         recent_atcs: 0,
     }
+}
+
+fn sorted(mut table: BTreeMap<String, Vec<u64>>) -> BTreeMap<String, Vec<u64>> {
+    for list in table.values_mut() {
+        list.sort_unstable();
+        list.dedup();
+    }
+    table
 }
 
 #[cfg(test)]

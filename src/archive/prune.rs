@@ -240,6 +240,7 @@ fn prune_shard(
     }
     let mut ledger = run.ledger;
     let staff_refs = ledger.staff_refs();
+    let numbered_seqs = ledger.numbered_seqs();
     let anchor = Anchor {
         shard: index,
         shard_count: count,
@@ -252,9 +253,10 @@ fn prune_shard(
         cards: ledger.cards,
         hotlist: ledger.hotlist,
         staff_refs,
+        numbered_seqs,
     };
     if let Err(reason) = anchor.check_staff_refs() {
-        bail!("the removed staff operations cannot be kept in the anchor ({reason}); nothing was pruned");
+        bail!("the removed staff operations or numbered seqs cannot be kept in the anchor ({reason}); nothing was pruned");
     }
     let totals = anchor.totals();
     if anchor.balances() != totals.balance_change || totals.balance_change != totals.net() {

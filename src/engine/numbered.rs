@@ -38,6 +38,11 @@ impl Shard {
                 what: "terminal seq index value",
                 detail: format!("{} bytes", value.len()),
             })?;
+        if pos.is_none() {
+            // Used by a numbered record that a prune removed before this state was rebuilt
+            // (state::PRUNED_OP): the seq stays used, answered like a record lost below.
+            return Ok(Some((0, Entry { status: Status::SeqConflict, ..lost(terminal) })));
+        }
         let (found, entry) = match self.record_at(pos) {
             Ok(found) => found,
             Err(e) if is_missing_segment(&e) => {

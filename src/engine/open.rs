@@ -189,9 +189,10 @@ impl Shard {
     /// Starts an empty state from a prune's anchor: its cards, the latest hotlist change of
     /// every card ever listed (a compacted hotlist that still brings any cursor to the right
     /// list, 6.5), its hotlist version, and every staff op_ref the removed records used, as they
-    /// stood at the anchor's seq. Each op_ref is indexed as used with its record pruned
-    /// ([`state::PRUNED_OP`]), so a retry or reuse of it is declined ReferenceReused and never
-    /// executed again, as in a state that survived the prune.
+    /// stood at the anchor's seq, and (protocol 1.3) every numbered offline seq. Each op_ref
+    /// and seq is indexed as used with its record pruned ([`state::PRUNED_OP`]), so a retry or
+    /// reuse of an op_ref is declined ReferenceReused and never executed again, and a
+    /// re-upload under a seq is SeqConflict, as in a state that survived the prune.
     /// The hotlist and op_ref entries go straight to sled (the state is empty, so writing them
     /// again after a crash is harmless); the cards go with the first chunk.
     fn seed_from_anchor(&mut self, anchor: &crate::archive::Anchor) -> Result<(), StoreError> {
@@ -211,15 +212,19 @@ impl Shard {
         self.hotlist_version = self.hotlist_version.max(anchor.hotlist_version);
         let mut batch = sled::Batch::default();
         let mut in_batch = 0usize;
-        for (terminal, refs) in &anchor.staff_refs {
-            for op_ref in refs {
-                batch.insert(state::op_key(terminal, *op_ref), &state::PRUNED_OP[..]);
-                in_batch += 1;
-                if in_batch == SEED_BATCH_WRITES {
-                    self.db.apply_batch(std::mem::take(&mut batch))?;
-                    super::store::reclaim_after_batch(in_batch);
-                    in_batch = 0;
-                }
+        let op_keys = anchor.staff_refs.iter().flat_map(|(terminal, refs)| {
+            refs.iter().map(move |op_ref| state::op_key(terminal, *op_ref))
+        });
+        let seq_keys = anchor.numbered_seqs.iter().flat_map(|(terminal, seqs)| {
+            seqs.iter().map(move |seq| state::seq_key(terminal, *seq))
+        });
+        for key in op_keys.chain(seq_keys) {
+            batch.insert(key, &state::PRUNED_OP[..]);
+            in_batch += 1;
+            if in_batch == SEED_BATCH_WRITES {
+                self.db.apply_batch(std::mem::take(&mut batch))?;
+                super::store::reclaim_after_batch(in_batch);
+                in_batch = 0;
             }
         }
         if in_batch > 0 {
