@@ -264,6 +264,31 @@ fn standby_of(pg: &PgPair, source: &common::pg::Pg, data: &Path) -> Proc {
     )
 }
 
+/// [`standby_of`] with the key set: the standby keeps the derived state up while it follows,
+/// every `every` records and at a clean stop.
+fn standby_with_state(pg: &PgPair, source: &common::pg::Pg, data: &Path, keys: &Path) -> Proc {
+    Proc::spawn(
+        &[
+            "standby",
+            "--source",
+            &pg.conninfo(source),
+            "--data",
+            data.to_str().unwrap(),
+            "--keys",
+            keys.to_str().unwrap(),
+            "--state-every-records",
+            "100",
+        ],
+        false,
+    )
+}
+
+/// The value of `key=` in a log line.
+fn log_value(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    line[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
 /// A fenced data directory served with `config` says so and stops without serving.
 fn assert_fenced(keys: &Path, data: &Path, config: &Path) {
     let mut old = spawn_serve(keys, data, config, &[], false);
@@ -340,7 +365,7 @@ fn failover_keeps_every_answer_and_fences_the_old_primary() {
     primary.wait_ready();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let cards = runtime.block_on(issue_cards(&keys, primary.addr(), 16, 100_000));
-    let mut standby = standby_of(&pg, &pg.standby, &standby_data);
+    let mut standby = standby_with_state(&pg, &pg.standby, &standby_data, &keys);
 
     // Load from four terminals; SIGKILL the primary citycard and crash the primary PostgreSQL
     // after a seeded random number of answers, while requests are in flight.
@@ -409,6 +434,26 @@ fn failover_keeps_every_answer_and_fences_the_old_primary() {
     let dr_config = write_config(dir.path(), "dr.toml", &pg.conninfo(&pg.standby), 5_000);
     let dr = serve(&keys, &standby_data, &dr_config);
     dr.wait_ready();
+    // The standby kept the derived state up while it followed (and built it at its clean
+    // stop): the promoted site replays only what `promote` appended after that, from a
+    // checkpoint, and rebuilds nothing.
+    let builds = standby
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("state up to the journal"))
+        .count();
+    assert!(builds >= 2, "a build every 100 records and one at the stop: {builds}");
+    let recovered: Vec<String> =
+        dr.log.lock().unwrap().iter().filter(|l| l.contains("shard recovered")).cloned().collect();
+    assert_eq!(recovered.len(), 2, "{recovered:#?}");
+    for line in &recovered {
+        assert!(line.contains("rebuilt_state=false"), "{line}");
+        let (replayed, last_seq) = (log_value(line, "replayed"), log_value(line, "last_seq"));
+        let from = log_value(line, "from_checkpoint");
+        assert!(from.is_some_and(|f| f > 0) && replayed < last_seq, "{line}");
+    }
     runtime.block_on(async {
         let mut terminal = Terminal::connect(&keys, dr.addr(), "reader-1").await.unwrap();
         for (request, answer) in &answers {

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::promote::{promote, PromoteOptions};
 use super::standby::{StandbyOptions, DEFAULT_POLL_MS};
+use super::standby_state::{StateBuild, DEFAULT_STATE_EVERY_RECORDS};
 
 #[derive(clap::Args)]
 pub struct StandbyArgs {
@@ -28,6 +29,14 @@ pub struct StandbyArgs {
     /// Journal segment size of new segments (the primary's, normally).
     #[arg(long, default_value_t = crate::journal::DEFAULT_SEGMENT_BYTES)]
     pub segment_bytes: u64,
+    /// The key set the promoted site will serve with: the standby then keeps the derived
+    /// state (sled, checkpoint) up while it follows, so a promotion replays only the records
+    /// since the last build. Without it the standby writes only the journal.
+    #[arg(long, env = "CITYCARD_KEYS")]
+    pub keys: Option<PathBuf>,
+    /// With --keys: records followed (all shards) between two builds of the derived state.
+    #[arg(long, default_value_t = DEFAULT_STATE_EVERY_RECORDS)]
+    pub state_every_records: u64,
 }
 
 #[derive(clap::Args)]
@@ -57,6 +66,15 @@ pub fn standby(args: StandbyArgs) -> anyhow::Result<ExitCode> {
         poll_ms: args.poll_ms,
         admin: args.admin,
         segment_bytes: args.segment_bytes,
+        state: match &args.keys {
+            Some(keys) => {
+                Some(StateBuild::load(keys, args.state_every_records, args.segment_bytes)?)
+            }
+            None => {
+                tracing::info!("no --keys: the standby keeps only the journal; a promoted directory builds its state from the whole journal at its first start");
+                None
+            }
+        },
     };
     runtime()?.block_on(async move {
         let stop = CancellationToken::new();

@@ -11,6 +11,7 @@
 //! - [`refusal`]: the Unavailable answers given instead of an unreplicated one.
 //! - [`primary`]: the per-shard task that ships committed records and releases replies.
 //! - [`standby`]: `citycard standby`, following the batches into a journal of its own.
+//! - [`standby_state`]: the standby's derived state, kept up while it follows.
 //! - [`promote`]: `citycard promote`, fencing the old primary by a new generation.
 //!
 //! # Guarantees
@@ -33,6 +34,7 @@ pub mod refusal;
 pub mod schema;
 pub mod site;
 pub mod standby;
+pub mod standby_state;
 
 pub use config::{Mode, ReplicateConfig, ReplicateSettings};
 pub use link::{Replication, ShardLink};

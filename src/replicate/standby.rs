@@ -4,8 +4,10 @@
 //! local journal exactly where the primary committed it, so the records come out byte for byte
 //! the primary's and `citycard verify` shows the same chain heads.
 //!
-//! The derived state (sled) is built from this journal when the directory is first served
-//! (after `citycard promote`), as after any restart: the journal is the truth.
+//! Given the key set (`--keys`), the standby also brings the derived state (sled, checkpoint)
+//! up to its journal every so many records ([`super::standby_state`]), so a promoted directory
+//! replays only the records since; without it, the state is built from the whole journal when
+//! the directory is first served (after `citycard promote`). The journal is the truth.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::connect::{self, Plan};
 use super::site::{Role, Site};
 use super::ReplicateError;
-use crate::journal::{Journal, JournalOptions, RawRecord, RecordTail};
+use crate::journal::{Journal, JournalOptions, RawRecord, RecordTail, Start};
 
 /// Rows read per query: about a megabyte of records, a few milliseconds of PostgreSQL work.
 const FETCH_ROWS: i64 = 4_096;
@@ -99,10 +101,20 @@ impl Follower {
             _ => Site { role: Role::Standby, generation }.store(data_dir)?,
         }
         let mut shards = Vec::new();
+        let archive_root = crate::layout::archive_root(data_dir, None)?;
         for &(index, _, _, source) in &rows {
-            let dir = crate::layout::shard_dir(data_dir, index).join("journal");
+            let shard_dir = crate::layout::shard_dir(data_dir, index);
+            let dir = shard_dir.join("journal");
+            let archive = crate::layout::archive_dir(data_dir, archive_root.as_deref(), index);
+            // A state build archives the segments below its checkpoint: read from the
+            // checkpoint when there is one (the segments from it on are in `journal/`).
+            let checkpoint = crate::engine::checkpoint::Checkpoint::load(&shard_dir).ok().flatten();
+            let start = match &checkpoint {
+                Some(cp) => Start::Anchor(cp.anchor()),
+                None => Start::Full { archive: Some(&archive) },
+            };
             let options = JournalOptions { segment_bytes, ..Default::default() };
-            let journal = Journal::open(&dir, options, |_, _| Ok(()))
+            let journal = Journal::open_from(&dir, options, start, |_, _| Ok(()))
                 .with_context(|| format!("opening {}", dir.display()))?;
             let last_seq = journal.last_committed_seq();
             let last_hash = journal.last_hash();
@@ -241,6 +253,8 @@ pub struct StandbyOptions {
     /// Loopback address for `/metrics` and `/readyz` of the standby (lag per shard).
     pub admin: Option<std::net::SocketAddr>,
     pub segment_bytes: u64,
+    /// Keep the derived state up while following (`--keys`); None: journal only.
+    pub state: Option<super::standby_state::StateBuild>,
 }
 
 /// Runs the standby until `stop` is cancelled. Connection failures are retried; a record that
@@ -255,6 +269,8 @@ pub async fn run(options: StandbyOptions, stop: CancellationToken) -> anyhow::Re
     }
     let mut follower: Option<Follower> = None;
     let poll = Duration::from_millis(options.poll_ms.max(1));
+    // Records appended since the derived state was last built (or since the start).
+    let mut since_build = 0u64;
     let mut last_log = std::time::Instant::now();
     while !stop.is_cancelled() {
         let client = match connect::connect(&plan).await {
@@ -298,7 +314,7 @@ pub async fn run(options: StandbyOptions, stop: CancellationToken) -> anyhow::Re
         while !stop.is_cancelled() {
             match f.poll(&client).await {
                 Ok(0) => sleep_or_stop(poll, &stop).await,
-                Ok(_) => {}
+                Ok(n) => since_build += n,
                 Err(e)
                     if e.downcast_ref::<tokio_postgres::Error>().is_some()
                         || e.downcast_ref::<ReplicateError>().is_some() =>
@@ -309,6 +325,9 @@ pub async fn run(options: StandbyOptions, stop: CancellationToken) -> anyhow::Re
                     break;
                 }
                 Err(e) => return Err(e),
+            }
+            if options.state.as_ref().is_some_and(|s| since_build >= s.every_records.max(1)) {
+                break;
             }
             if last_log.elapsed() >= Duration::from_secs(10) {
                 last_log = std::time::Instant::now();
@@ -323,12 +342,53 @@ pub async fn run(options: StandbyOptions, stop: CancellationToken) -> anyhow::Re
                 }
             }
         }
+        if let Some(state) =
+            options.state.as_ref().filter(|s| since_build >= s.every_records.max(1))
+        {
+            // Close the journals (one writer at a time), build, and follow on from the
+            // checkpoint the build wrote.
+            follower = None;
+            build_state(state, &options.data_dir).await?;
+            since_build = 0;
+        }
     }
     if let Some(f) = &follower {
         for (index, seq, hash) in f.heads() {
             tracing::info!(shard = index, last_seq = seq, head = %crate::hex::encode(&hash), "standby stopped");
         }
     }
+    // A clean stop (before a promotion, normally) leaves the state at the journal's end.
+    drop(follower);
+    if let Some(state) = &options.state {
+        build_state(state, &options.data_dir).await?;
+    }
+    Ok(())
+}
+
+/// Builds the derived state off the async threads, with the follower's journals closed.
+async fn build_state(
+    state: &super::standby_state::StateBuild,
+    data_dir: &Path,
+) -> anyhow::Result<()> {
+    let (state, dir) = (state.clone(), data_dir.to_path_buf());
+    let started = std::time::Instant::now();
+    let reports = tokio::task::spawn_blocking(move || state.build(&dir))
+        .await
+        .map_err(|e| anyhow::anyhow!("the state build stopped: {e}"))??;
+    for (index, r) in reports.iter().enumerate() {
+        tracing::info!(
+            shard = index,
+            last_seq = r.last_seq,
+            replayed = r.replayed,
+            rebuilt_state = r.rebuilt_state,
+            cards = r.cards,
+            "standby derived state built"
+        );
+    }
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "standby derived state up to the journal"
+    );
     Ok(())
 }
 
