@@ -6,7 +6,8 @@
 //! Card deposits (protocol 1.3) are audited apart from balances the same way: every deposit a
 //! record moves must follow from the card's deposit before it, sled's product and deposit of
 //! each card must match the replay, and the deposits held must equal those paid minus those
-//! paid back and kept.
+//! paid back and kept. A debit counted against a daily limit must move the card's counters by
+//! exactly itself (from zero on a new UTC day), and sled's counters must match the replay.
 //!
 //! A shard whose archive was pruned (`citycard archive prune`) has a signed anchor: its
 //! signature is checked with `assertion.pub`, its own sums must agree, and the audit starts
@@ -33,9 +34,10 @@ pub(crate) struct Ledger {
     retired: bool,
     /// The open tap-in hold (protocol 1.2), as the journal's transit entries leave it.
     hold: crate::engine::decide::transit::Hold,
-    /// The card's product and the deposit held for it (protocol 1.3).
+    /// The card's product, the deposit held for it and its daily counters (protocol 1.3).
     product: u8,
     deposit: i64,
+    daily: crate::engine::product::Daily,
 }
 
 impl Ledger {
@@ -344,6 +346,7 @@ pub(crate) fn seed_from_anchor(
                 hold: card.record.hold,
                 product: card.record.product.id,
                 deposit: card.record.product.deposit.0,
+                daily: card.record.product.daily,
             },
         );
         totals.card_deposits_at_start += card.record.product.deposit.0;
@@ -448,6 +451,7 @@ pub(crate) fn check_entry(
             }
             card.product = p.after.id;
             card.deposit = p.after.deposit.0;
+            card.daily = p.after.daily;
             totals.card_deposits_paid += p.deposit_paid;
         }
         ledger.insert(e.card_id, card);
@@ -538,9 +542,9 @@ pub(crate) fn check_entry(
     }
 }
 
-/// Applies an approved record's deposit movement to its card (protocol 1.3), or says why it
-/// does not follow from the card's deposit before it. Returns, for a Replace, the new card's
-/// product and deposit.
+/// Applies an approved record's product fields to its card (protocol 1.3: deposit, daily
+/// counters), or says why they do not follow from the card's before it. Returns, for a
+/// Replace, the new card's product and deposit (it starts without counters).
 fn check_deposit(
     e: &Entry,
     l: &mut Ledger,
@@ -574,8 +578,29 @@ fn check_deposit(
             new_card = Some((p.after.id, before - kept + paid));
             after == 0 && refunded == 0 && (kept == 0 || kept == before)
         }
-        // Any other record only carries the card's product state (its daily counters).
-        _ => paid == 0 && refunded == 0 && kept == 0 && after == before && p.after.id == l.product,
+        // Any other record only carries the card's product state: a debit counted against a
+        // daily limit (PROTOCOL.md 6.12). A purchase counts its amount and one debit; a tap-in
+        // one debit; a tap-out's or an expiry's fare its amount, on the day it is charged.
+        _ => {
+            let mut daily = l.daily.today(e.time_ms);
+            let counted = match e.kind {
+                EntryKind::Purchase => Some((-e.amount.0, 1)),
+                EntryKind::TapIn => Some((0, 1)),
+                EntryKind::TapOut | EntryKind::HoldExpired => Some((-e.amount.0, 0)),
+                _ => None,
+            };
+            if let Some((amount, count)) = counted {
+                daily.amount = daily.amount.saturating_add(amount);
+                daily.count = daily.count.saturating_add(count);
+            }
+            if counted.is_none() || p.after.daily != daily {
+                problems.push(at(format!(
+                    "{:?} moved the daily counters {:?} to {:?}",
+                    e.kind, l.daily, p.after.daily
+                )));
+            }
+            paid == 0 && refunded == 0 && kept == 0 && after == before && p.after.id == l.product
+        }
     };
     if !consistent {
         problems.push(at(format!(
@@ -585,6 +610,7 @@ fn check_deposit(
     }
     l.product = p.after.id;
     l.deposit = after;
+    l.daily = p.after.daily;
     new_card
 }
 
@@ -627,6 +653,10 @@ fn compare_state(
         };
         match expected.get(&id) {
             None => problems.push(format!("shard {shard} card {}: in state but not in the journal", id.masked())),
+            Some(l) if l.daily != record.product.daily => problems.push(format!(
+                "shard {shard} card {}: state and journal replay disagree on the daily counters",
+                id.masked()
+            )),
             Some(l) if l.product != record.product.id || l.deposit != record.product.deposit.0 => {
                 problems.push(format!(
                     "shard {shard} card {}: state says product {} deposit {}, journal replay says \
