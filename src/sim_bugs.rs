@@ -26,16 +26,20 @@ pub enum Bug {
     /// Replay starts one record late: `seq <= applied_seq + 1` is skipped instead of
     /// `seq <= applied_seq` (engine/open.rs, `open`).
     ReplaySkipsOne,
+    /// A confirmed PostgreSQL commit releases the next group commit's replies too, before
+    /// PostgreSQL has their records (replicate/flow.rs, `release`).
+    ReleaseEarly,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 7] = [
         Bug::AckBeforeSync,
         Bug::AtcOffByOne,
         Bug::ForgetOverlay,
         Bug::AppliedSeqBeforeData,
         Bug::TornTailKept,
         Bug::ReplaySkipsOne,
+        Bug::ReleaseEarly,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +50,7 @@ impl Bug {
             Bug::AppliedSeqBeforeData => "applied-seq-before-data",
             Bug::TornTailKept => "torn-tail-kept",
             Bug::ReplaySkipsOne => "replay-skips-one",
+            Bug::ReleaseEarly => "release-early",
         }
     }
 

@@ -11,6 +11,9 @@
 //!   checked when it arrives.
 //! - `transit`: the 1.2 terminals (tap-in/out, Funds, reversals, inquiries), checked against
 //!   the ledger's holds, purchases and burnt ATCs.
+//! - `remote`: the simulated PostgreSQL (records by shard and seq, the COMMIT statement's rules).
+//! - `replication`: the replication step: the server's `replicate::flow` driven against the
+//!   remote with seeded faults, answers acknowledged only when it releases them, failovers.
 //! - `world`: the shards, the disk, commits, faults, crashes, restarts and the invariants.
 //!
 //! The same seed gives the same trace ([`Summary::trace`], a SHA-256 over every request,
@@ -18,6 +21,8 @@
 
 pub mod effect;
 pub mod model;
+pub mod remote;
+pub mod replication;
 pub mod rng;
 pub mod traffic;
 pub mod transit;
@@ -45,6 +50,14 @@ pub struct Summary {
     pub transactions: u64,
     pub crashes: u64,
     pub faults: u64,
+    /// Answers the replication flow released (acknowledged) and refused Unavailable, steps
+    /// whose card work was refused, replication faults injected, failover drills.
+    pub released: u64,
+    pub refused: u64,
+    pub refused_steps: u64,
+    pub replication_faults: u64,
+    pub failovers: u64,
+    pub failover_checked: u64,
     /// SHA-256 of the trace, hex.
     pub trace: String,
 }
@@ -123,6 +136,12 @@ fn run_inner(config: Config) -> Result<Summary, Failure> {
         transactions: world.transactions,
         crashes: world.crashes,
         faults: world.faults,
+        released: world.repl.released,
+        refused: world.repl.refused,
+        refused_steps: world.repl.refused_steps,
+        replication_faults: world.repl.replication_faults,
+        failovers: world.repl.failovers,
+        failover_checked: world.repl.failover_checked,
         trace,
     })
 }

@@ -27,7 +27,8 @@ struct Args {
     #[arg(long, default_value_t = 2_000)]
     steps: u64,
     /// Switch on one injected bug (needs `--features bugs`): ack-before-sync, atc-off-by-one,
-    /// forget-overlay, applied-seq-before-data, torn-tail-kept, replay-skips-one.
+    /// forget-overlay, applied-seq-before-data, torn-tail-kept, replay-skips-one,
+    /// release-early.
     #[arg(long)]
     inject: Option<String>,
     /// With --inject: keep going after a seed finds the bug (how many seeds find it).
@@ -53,11 +54,19 @@ fn main() -> ExitCode {
             Ok(summary) => {
                 transactions += summary.transactions;
                 say!(
-                    "seed {seed}: ok, {} steps, {} transactions, {} crashes, {} faults, trace {}",
+                    "seed {seed}: ok, {} steps, {} transactions, {} crashes, {} faults; \
+                     replication: {} answers released, {} refused, {} steps refused, {} faults, \
+                     {} failovers ({} answers asked again); trace {}",
                     summary.steps,
                     summary.transactions,
                     summary.crashes,
                     summary.faults,
+                    summary.released,
+                    summary.refused,
+                    summary.refused_steps,
+                    summary.replication_faults,
+                    summary.failovers,
+                    summary.failover_checked,
                     &summary.trace[..16]
                 );
             }

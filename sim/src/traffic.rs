@@ -167,6 +167,7 @@ impl World {
         self.hash(&req);
         self.hash(&bytes);
         self.inflight.push((terminal.to_string(), request.clone()));
+        self.step_answers.push((shard, terminal.to_string(), request.clone(), bytes.clone()));
         Ok((shard, response, bytes))
     }
 

@@ -18,6 +18,7 @@ use crate::model::{
     Hold, Model, HOLD_TIMEOUT_MS, MAX_AMOUNT, MAX_BALANCE, MAX_FARE, MISSING_TAPOUT_FARE,
     REVERSAL_WINDOW_MS,
 };
+use crate::replication::Replication;
 use crate::rng::Rng;
 use crate::{Config, Failure};
 
@@ -79,6 +80,10 @@ pub struct World {
     snapshot: bool,
     /// Whether the last crash wiped sled (a rebuild is then expected).
     wiped: bool,
+    /// The shards' replication to the simulated PostgreSQL.
+    pub repl: Replication,
+    /// The current batch's answers by shard, handed to replication with their group commit.
+    pub step_answers: Vec<(u16, String, citycard_protocol::Request, Vec<u8>)>,
 }
 
 fn fail(world: &World, message: String) -> Failure {
@@ -128,6 +133,8 @@ impl World {
             faults: 0,
             snapshot: false,
             wiped: false,
+            repl: Replication::new(&[0; SHARDS as usize]),
+            step_answers: Vec::new(),
         };
         world.segment_bytes = SEGMENT_BYTES[world.rng.index(SEGMENT_BYTES.len())];
         world.open_all()?;
@@ -142,33 +149,57 @@ impl World {
         self.root.path().join(format!("shard-{index}"))
     }
 
+    pub(crate) fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
+    }
+
+    pub(crate) fn secrets(&self) -> Arc<Secrets> {
+        self.secrets.clone()
+    }
+
+    /// The options every simulated shard opens with (the failover site's too).
+    pub(crate) fn shard_options(
+        &self,
+        index: u16,
+        dir: PathBuf,
+        storage: citycard::journal::Storage,
+        background: Option<Arc<dyn Background>>,
+    ) -> ShardOptions {
+        ShardOptions {
+            index,
+            count: SHARDS,
+            dir,
+            journal: JournalOptions {
+                segment_bytes: self.segment_bytes,
+                storage,
+                background,
+                ..Default::default()
+            },
+            limits: Limits {
+                max_balance: MAX_BALANCE,
+                max_amount: MAX_AMOUNT,
+                identity_ttl_ms: IDENTITY_TTL_MS,
+                transit: TransitLimits {
+                    max_fare: MAX_FARE,
+                    hold_timeout_ms: HOLD_TIMEOUT_MS,
+                    missing_tapout_fare: MISSING_TAPOUT_FARE,
+                    reversal_window_ms: REVERSAL_WINDOW_MS,
+                },
+                ..Limits::default()
+            },
+            checkpoint: CheckpointPolicy { records: 300, ..CheckpointPolicy::default() },
+            archive: None,
+        }
+    }
+
     fn open_all(&mut self) -> Result<(), Failure> {
         for index in 0..SHARDS {
-            let options = ShardOptions {
+            let options = self.shard_options(
                 index,
-                count: SHARDS,
-                dir: self.shard_dir(index),
-                journal: JournalOptions {
-                    segment_bytes: self.segment_bytes,
-                    storage: self.disk.storage(),
-                    background: Some(self.background.clone() as Arc<dyn Background>),
-                    ..Default::default()
-                },
-                limits: Limits {
-                    max_balance: MAX_BALANCE,
-                    max_amount: MAX_AMOUNT,
-                    identity_ttl_ms: IDENTITY_TTL_MS,
-                    transit: TransitLimits {
-                        max_fare: MAX_FARE,
-                        hold_timeout_ms: HOLD_TIMEOUT_MS,
-                        missing_tapout_fare: MISSING_TAPOUT_FARE,
-                        reversal_window_ms: REVERSAL_WINDOW_MS,
-                    },
-                    ..Limits::default()
-                },
-                checkpoint: CheckpointPolicy { records: 300, ..CheckpointPolicy::default() },
-                archive: None,
-            };
+                self.shard_dir(index),
+                self.disk.storage(),
+                Some(self.background.clone() as Arc<dyn Background>),
+            );
             let (shard, report) = Shard::open(options, self.secrets.clone())
                 .map_err(|e| self.fail(format!("shard {index} did not open: {e}")))?;
             match &report.rebuild {
@@ -227,9 +258,17 @@ impl World {
         self.pending = self.model.clone();
         self.batch.clear();
         self.inflight.clear();
-        let commands = 1 + self.rng.below(8);
-        for _ in 0..commands {
-            self.command()?;
+        self.step_answers.clear();
+        if (0..SHARDS).any(|s| self.repl.refusing(s)) {
+            // Replication is stalled: the workers refuse card work Unavailable without
+            // deciding it, and the terminals come back later (none is sent this step).
+            self.hash(b"refused");
+            self.repl.refused_steps += 1;
+        } else {
+            let commands = 1 + self.rng.below(8);
+            for _ in 0..commands {
+                self.command()?;
+            }
         }
         if self.rng.chance(8) {
             // Power fails with the batch decided but not committed: nothing was acknowledged.
@@ -247,9 +286,17 @@ impl World {
             if failed {
                 break;
             }
+            let shipped = self.shard(index)?.pending_bytes().to_vec();
             let result = self.shard(index)?.commit();
             match result {
                 Ok(()) => {
+                    let answers = self
+                        .step_answers
+                        .iter()
+                        .filter(|a| a.0 == index)
+                        .map(|a| (a.1.clone(), a.2.clone(), a.3.clone()))
+                        .collect();
+                    self.hand_over(index, &shipped, answers)?;
                     let acked: Vec<Effect> =
                         self.batch.iter().filter(|e| e.shard == index).cloned().collect();
                     for e in &acked {
@@ -298,6 +345,13 @@ impl World {
         }
         self.advance_clock();
         self.sweep()?;
+        self.replicate()?;
+        if self.rng.chance(5) {
+            self.catch_up()?;
+        }
+        if self.rng.chance(5) {
+            self.failover()?;
+        }
         self.check()
     }
 
@@ -314,9 +368,12 @@ impl World {
                 .filter_map(|(id, c)| c.settle_fare(now, false).map(|f| (*id, c.balance - f, f)))
                 .collect();
             let shard = self.shard(index)?;
-            let settled =
-                shard.expire_holds(now, SWEEP_MAX).and_then(|n| shard.commit().map(|()| n));
-            let settled = settled.map_err(|e| self.fail(format!("hold sweep: {e}")))?;
+            let settled = shard.expire_holds(now, SWEEP_MAX).and_then(|n| {
+                let shipped = shard.pending_bytes().to_vec();
+                shard.commit().map(|()| (n, shipped))
+            });
+            let (settled, shipped) = settled.map_err(|e| self.fail(format!("hold sweep: {e}")))?;
+            self.hand_over(index, &shipped, Vec::new())?;
             if settled != due.len() {
                 return Err(self.fail(format!(
                     "shard {index}: the sweep settled {settled} holds, {} were due",
@@ -340,7 +397,9 @@ impl World {
     }
 
     fn advance_clock(&mut self) {
-        self.now_ms += 1 + self.rng.below(40);
+        let tick = 1 + self.rng.below(40);
+        self.now_ms += tick;
+        self.repl.clock_ms += tick;
         if self.rng.chance(5) {
             // A jump: an hour to ten days (NTP step, a suspended VM).
             self.now_ms += 3_600_000 * (1 + self.rng.below(240));
@@ -433,10 +492,10 @@ impl World {
             }
         }
         self.pending = self.model.clone();
-        Ok(())
+        self.restart_replication()
     }
 
-    fn last_seq(&mut self, index: u16) -> Result<u64, Failure> {
+    pub(crate) fn last_seq(&mut self, index: u16) -> Result<u64, Failure> {
         // The journal's end is what the disk holds; read it from the disk, as the auditor does.
         let dir = self.shard_dir(index).join("journal");
         let archive = self.shard_dir(index).join("archive");
@@ -569,6 +628,10 @@ impl World {
     /// files, and the offline auditor run over the data directory.
     pub fn finish(&mut self) -> Result<(), Failure> {
         self.check_hotlist()?;
+        self.catch_up()?;
+        self.check_store_is_journal()?;
+        self.failover()?;
+        self.check_fenced()?;
         for index in 0..SHARDS {
             let shard = self.shard(index)?;
             shard.persist().map_err(|e| self.fail(format!("final persist: {e}")))?;

@@ -7,6 +7,8 @@
 //! - [`connect`]: opening a PostgreSQL connection (TLS with ring unless on loopback).
 //! - [`schema`]: the tables, the statements, and the generation fence.
 //! - [`site`]: what a data directory records about its place in the pair (role, generation).
+//! - [`flow`]: the replication task's decisions, a synchronous state machine with time passed
+//!   in (shared by the server and the simulator).
 //! - [`link`]: the shard worker's side: refusing while stalled, handing over replies.
 //! - [`refusal`]: the Unavailable answers given instead of an unreplicated one.
 //! - [`primary`]: the per-shard task that ships committed records and releases replies.
@@ -27,6 +29,7 @@
 pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod flow;
 pub mod link;
 pub mod primary;
 pub mod promote;

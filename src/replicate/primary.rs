@@ -14,28 +14,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
 use tokio_postgres::{Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::connect::{self, Plan};
-use super::link::{Handed, Held, Replication, ShardLink, ShardState, BACKLOG_RECORDS_MAX};
+use super::flow::{
+    Completion, Flow, Group, RemoteHead, Shipment, StallReason, STATEMENT_RECORDS_MAX,
+};
+use super::link::{Handed, Replication, ShardLink, ShardState};
 use super::schema::{self, Head};
 use super::{Mode, ReplicateConfig, ReplicateError};
 use crate::journal::{RawRecord, RecordTail};
 use crate::metrics::METRICS;
+use crate::server::worker::Reply;
 
-/// Statements in flight per shard connection while catching up (each a full
-/// `STATEMENT_RECORDS_MAX`). In steady state only one is: PostgreSQL runs a connection's
-/// statements one after another, each waiting for the standby's flush, so a second statement
-/// sent at once would carry only what arrived in the meantime; waiting instead lets every group
-/// commit decided during that flush ride in the next statement (measured at 64 terminals:
-/// 8 in flight gave 0.08 of the unreplicated throughput, one at a time see the README).
-const PIPELINE_DEPTH: usize = 8;
-/// Most records one statement carries when several group commits are waiting (catching up
-/// after an outage): whole group commits only, so one larger than this goes alone.
-const STATEMENT_RECORDS_MAX: usize = 4_096;
 /// Most records kept as handed over ([`Handed::Written`]) until PostgreSQL confirms them: a few
 /// seconds of a busy shard, a few MiB. Past it the oldest are dropped and read back from the
 /// journal once durable, so an outage costs no more memory than this.
@@ -44,9 +38,8 @@ const EARLY_RECORDS_MAX: usize = 65_536;
 /// during an outage.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// An idle shard commits a heartbeat (its head row's commit time, under its generation) this
-/// often, so a stalled synchronous standby or a promotion elsewhere shows without traffic.
-const HEARTBEAT_MAX: Duration = Duration::from_secs(1);
+/// What an idle shard commits now and then (its head row's commit time, under its generation;
+/// how often: [`super::flow::HEARTBEAT_MAX_US`]).
 const HEARTBEAT: &str = "UPDATE citycard_shard SET last_commit_ms = \
     (extract(epoch from clock_timestamp()) * 1000)::bigint WHERE shard = $1 AND generation = $2";
 
@@ -110,25 +103,19 @@ pub fn start(
             replication: replication.clone(),
             state,
             inbox,
-            held: VecDeque::new(),
+            flow: Flow::new(setup.index, setup.last_seq, config.stall_ms, 0),
+            origin: Instant::now(),
             early: VecDeque::new(),
             next_read: 1,
             journal: setup.journal,
             archive: setup.archive,
-            durable: setup.last_seq,
-            sent: 0,
-            confirmed: 0,
             tail: None,
             peeked: None,
             stall: Duration::from_millis(config.stall_ms),
             mode: config.mode,
             failed: failed.clone(),
             generation: generation_rx.clone(),
-            stalled: false,
-            sent_at: VecDeque::new(),
-            last_activity: Instant::now(),
-            ever_connected: false,
-            down_since: Some(Instant::now()),
+            was_stalled: false,
         };
         tokio::spawn(task.run());
     }
@@ -189,10 +176,10 @@ async fn establish(plan: &Plan, data_dir: &Path, count: u16) -> Result<u64, Repl
     }
 }
 
-type Commit = Pin<
-    Box<dyn std::future::Future<Output = (u64, u64, Result<u64, tokio_postgres::Error>)> + Send>,
->;
+type Commit = Pin<Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
 type Handshake = tokio::task::JoinHandle<Result<(Client, Statement, Option<Head>), ReplicateError>>;
+/// A held reply: the connection's channel and the answer.
+type HeldReply = (UnboundedSender<Reply>, Reply);
 
 struct Task {
     index: u16,
@@ -200,7 +187,10 @@ struct Task {
     replication: Arc<Replication>,
     state: Arc<ShardState>,
     inbox: UnboundedReceiver<Handed>,
-    held: VecDeque<Held>,
+    /// Every decision: what to ship, what to release, when the shard is stalled.
+    flow: Flow<HeldReply>,
+    /// Zero of the flow's clock.
+    origin: Instant,
     /// Records handed over after their local sync, contiguous, oldest first, until PostgreSQL
     /// confirms them: shipped from here without reading the journal back.
     early: VecDeque<RawRecord>,
@@ -208,10 +198,6 @@ struct Task {
     next_read: u64,
     journal: PathBuf,
     archive: PathBuf,
-    /// Last seq durable locally, sent in a statement, and confirmed by PostgreSQL.
-    durable: u64,
-    sent: u64,
-    confirmed: u64,
     /// Reads the records after `sent` (one read ahead in `peeked`).
     tail: Option<RecordTail>,
     peeked: Option<RawRecord>,
@@ -220,14 +206,8 @@ struct Task {
     failed: CancellationToken,
     /// 0 until the generation is established.
     generation: watch::Receiver<u64>,
-    stalled: bool,
-    /// When each statement in flight was sent (oldest first, as they complete).
-    sent_at: VecDeque<Instant>,
-    /// Last statement sent or completed (heartbeats go out after a quiet `HEARTBEAT_MAX`).
-    last_activity: Instant,
-    ever_connected: bool,
-    /// When the connection was lost (None while connected).
-    down_since: Option<Instant>,
+    /// The flow was stalled after the last event (to log when it serves again).
+    was_stalled: bool,
 }
 
 async fn maybe<F: std::future::Future + Unpin>(f: &mut Option<F>) -> F::Output {
@@ -237,7 +217,18 @@ async fn maybe<F: std::future::Future + Unpin>(f: &mut Option<F>) -> F::Output {
     }
 }
 
+fn send_all(replies: Vec<HeldReply>) {
+    for (to, reply) in replies {
+        // A closed connection simply no longer wants its answer.
+        let _ = to.send(reply);
+    }
+}
+
 impl Task {
+    fn now_us(&self) -> u64 {
+        self.origin.elapsed().as_micros() as u64
+    }
+
     async fn run(mut self) {
         let tick_every =
             (self.stall / 4).clamp(Duration::from_millis(5), Duration::from_millis(100));
@@ -258,39 +249,40 @@ impl Task {
                     return fatal(&self.replication, &self.failed, &e);
                 }
             }
-            if closing && self.held.is_empty() && in_flight.is_empty() {
+            if closing && self.flow.idle() {
                 return;
             }
             tokio::select! {
                 handed = self.inbox.recv(), if !closing => match handed {
                     Some(Handed::Durable(held)) => {
-                        self.durable = self.durable.max(held.last_seq);
-                        self.held.push_back(held);
-                        self.release();
+                        let at_us = held.at.saturating_duration_since(self.origin).as_micros() as u64;
+                        let group = Group { last_seq: held.last_seq, at_us, replies: held.replies };
+                        let now = self.now_us();
+                        let released = self.flow.durable_group(group, now);
+                        self.released(released);
                     }
                     Some(Handed::Written(bytes)) => self.take_early(&bytes),
                     None => closing = true,
                 },
-                Some((last, expected, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Some(sent) = self.sent_at.pop_front() {
-                        METRICS.replication_commit(sent.elapsed().as_micros() as u64, expected);
-                    }
-                    self.last_activity = Instant::now();
-                    match result {
-                        Ok(rows) if rows == expected => {
-                            let last = last.max(self.confirmed);
-                            self.confirmed = last;
-                            while self.early.front().is_some_and(|r| r.seq <= last) {
+                Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                    let now = self.now_us();
+                    let rows = result.as_ref().ok().copied();
+                    match self.flow.completed(rows, now) {
+                        Completion::Confirmed { expected, sent_us, released } => {
+                            METRICS.replication_commit(now.saturating_sub(sent_us), expected);
+                            let confirmed = self.flow.confirmed();
+                            while self.early.front().is_some_and(|r| r.seq <= confirmed) {
                                 self.early.pop_front();
                             }
-                            self.state.confirmed_seq.store(last, Ordering::Release);
+                            self.state.confirmed_seq.store(confirmed, Ordering::Release);
                             self.state.last_commit_ms.store(crate::now_ms(), Ordering::Release);
-                            self.release();
+                            self.released(released);
                         }
-                        other => {
-                            let why = match other {
-                                Ok(rows) => format!("postgresql took {rows} of {expected} records (its head moved); re-reading it"),
-                                Err(e) => e.to_string(),
+                        Completion::Lost { expected, sent_us, rows } => {
+                            METRICS.replication_commit(now.saturating_sub(sent_us), expected);
+                            let why = match (rows, result) {
+                                (_, Err(e)) => e.to_string(),
+                                (rows, Ok(_)) => format!("postgresql took {} of {expected} records (its head moved); re-reading it", rows.unwrap_or(0)),
                             };
                             self.lost(&why, &mut conn, &mut in_flight);
                             retry_at = Instant::now() + backoff;
@@ -301,19 +293,17 @@ impl Task {
                 done = maybe(&mut handshake) => {
                     handshake = None;
                     let checked = match done {
-                        Ok(Ok((client, statement, head))) => self.check_head(head).map(|()| (client, statement)),
+                        Ok(Ok((client, statement, head))) => self.check_head(head).map(|released| (client, statement, released)),
                         Ok(Err(e)) => Err(e),
                         Err(e) => Err(ReplicateError::Config(format!("handshake task: {e}"))),
                     };
                     match checked {
-                        Ok((client, statement)) => {
+                        Ok((client, statement, released)) => {
                             conn = Some((Arc::new(client), statement));
                             backoff = BACKOFF_MIN;
-                            self.down_since = None;
-                            self.ever_connected = true;
                             self.state.connected.store(true, Ordering::Release);
-                            tracing::info!(shard = self.index, confirmed_seq = self.confirmed, lag_records = self.durable.saturating_sub(self.confirmed), "replication connected");
-                            self.release();
+                            tracing::info!(shard = self.index, confirmed_seq = self.flow.confirmed(), lag_records = self.flow.lag(), "replication connected");
+                            self.released(released);
                         }
                         Err(e) if permanent(&e) => return fatal(&self.replication, &self.failed, &e),
                         Err(e) => {
@@ -339,78 +329,54 @@ impl Task {
         }
     }
 
+    /// Sends what the flow released.
+    fn released(&mut self, replies: Vec<HeldReply>) {
+        send_all(replies);
+    }
+
     /// Generation and head agree with this journal: positions the reader after PostgreSQL's
-    /// last record.
-    fn check_head(&mut self, head: Option<Head>) -> Result<(), ReplicateError> {
+    /// last record and returns the replies that a late success released.
+    fn check_head(&mut self, head: Option<Head>) -> Result<Vec<HeldReply>, ReplicateError> {
         let ours = *self.generation.borrow();
-        let shard = self.index;
-        let Some(head) = head else {
-            return Err(ReplicateError::Diverged {
-                shard,
-                reason: "its row vanished from citycard_shard".into(),
-            });
-        };
-        if head.generation != ours {
-            if head.generation > ours {
-                return Err(ReplicateError::Fenced { shard, ours, found: head.generation });
+        let available = self.available();
+        let remote = head.as_ref().map(|h| RemoteHead {
+            generation: h.generation,
+            last_seq: h.last_seq,
+            last_hash: h.last_hash,
+        });
+        let (durable, early, journal, archive) =
+            (self.flow.durable(), &self.early, &self.journal, &self.archive);
+        let mut tail = None;
+        let local_hash = |seq: u64| -> Result<Option<[u8; 32]>, ReplicateError> {
+            if seq > durable {
+                // Shipped before its local sync and committed there: it must be ours.
+                return Ok(early.iter().find(|r| r.seq == seq).map(|r| r.hash));
             }
-            return Err(ReplicateError::Diverged {
-                shard,
-                reason: format!(
-                    "postgresql records generation {}, older than ours {ours}",
-                    head.generation
-                ),
-            });
-        }
-        if head.last_seq > self.available() {
-            return Err(ReplicateError::Diverged {
-                shard,
-                reason: format!(
-                    "postgresql holds records up to seq {} but this journal ends at {} (a \
-                     batch shipped before its local sync was lost here, as in a power loss: \
-                     fail over, or rebuild this site as a standby)",
-                    head.last_seq,
-                    self.available()
-                ),
-            });
+            let mut reader = RecordTail::open_at(journal, archive, seq)?;
+            let record = reader.read_next()?;
+            tail = Some(reader);
+            Ok((record.seq == seq).then_some(record.hash))
+        };
+        let now = self.now_us();
+        let (resume, released) = self.flow.head_read(remote, ours, available, local_hash, now)?;
+        if resume.late_success {
+            tracing::info!(
+                shard = self.index,
+                seq = resume.from,
+                "postgresql already had records whose commit answer was lost"
+            );
         }
         self.peeked = None;
-        self.tail = None;
-        self.next_read = head.last_seq + 1;
-        if head.last_seq > self.durable {
-            // Shipped before its local sync and committed there: it must be ours.
-            let ours = self.early.iter().find(|r| r.seq == head.last_seq).map(|r| r.hash);
-            if ours != Some(head.last_hash) {
-                return Err(ReplicateError::Diverged {
-                    shard,
-                    reason: format!(
-                        "record {} differs from the one postgresql holds",
-                        head.last_seq
-                    ),
-                });
-            }
-        } else if head.last_seq > 0 {
-            let mut tail = RecordTail::open_at(&self.journal, &self.archive, head.last_seq)?;
-            let record = tail.read_next()?;
-            if record.hash != head.last_hash {
-                return Err(ReplicateError::Diverged {
-                    shard,
-                    reason: format!(
-                        "record {} differs from the one postgresql holds",
-                        head.last_seq
-                    ),
-                });
-            }
-            self.tail = Some(tail);
-        }
-        self.sent = head.last_seq;
-        self.confirmed = head.last_seq;
-        while self.early.front().is_some_and(|r| r.seq <= head.last_seq) {
+        self.tail = tail;
+        self.next_read = resume.from + 1;
+        while self.early.front().is_some_and(|r| r.seq <= resume.from) {
             self.early.pop_front();
         }
-        self.state.confirmed_seq.store(head.last_seq, Ordering::Release);
-        self.state.last_commit_ms.store(head.last_commit_ms, Ordering::Release);
-        Ok(())
+        self.state.confirmed_seq.store(resume.from, Ordering::Release);
+        if let Some(head) = head {
+            self.state.last_commit_ms.store(head.last_commit_ms, Ordering::Release);
+        }
+        Ok(released)
     }
 
     fn lost(
@@ -420,15 +386,14 @@ impl Task {
         in_flight: &mut FuturesOrdered<Commit>,
     ) {
         METRICS.replication_failure();
-        tracing::warn!(shard = self.index, error = %why, lag_records = self.durable.saturating_sub(self.confirmed), "replication to postgresql failed; reconnecting");
+        tracing::warn!(shard = self.index, error = %why, lag_records = self.flow.lag(), "replication to postgresql failed; reconnecting");
         *conn = None;
         *in_flight = FuturesOrdered::new();
-        self.sent_at.clear();
+        let now = self.now_us();
+        self.flow.lost(now);
         self.tail = None;
         self.peeked = None;
-        self.sent = self.confirmed;
-        self.next_read = self.confirmed + 1;
-        self.down_since = Some(Instant::now());
+        self.next_read = self.flow.confirmed() + 1;
         self.state.connected.store(false, Ordering::Release);
     }
 
@@ -458,7 +423,7 @@ impl Task {
     /// Last seq that may be shipped: durable locally, or handed over and
     /// following on without a gap.
     fn available(&self) -> u64 {
-        let base = self.durable.max(self.sent);
+        let base = self.flow.durable().max(self.flow.sent());
         match (self.early.front(), self.early.back()) {
             (Some(first), Some(last)) if first.seq <= base + 1 => base.max(last.seq),
             _ => base,
@@ -480,7 +445,7 @@ impl Task {
                 }
             }
         }
-        if want > self.durable {
+        if want > self.flow.durable() {
             return Err(ReplicateError::Site(format!(
                 "record {want} is neither durable nor handed over (a bug)"
             )));
@@ -502,7 +467,8 @@ impl Task {
         Ok(record)
     }
 
-    /// Puts statements in flight for the records after `sent`, whole group commits each.
+    /// Puts statements in flight for the records after `sent`, whole group commits each, as
+    /// the flow asks for them.
     fn fill(
         &mut self,
         client: &Arc<Client>,
@@ -510,16 +476,9 @@ impl Task {
         in_flight: &mut FuturesOrdered<Commit>,
     ) -> Result<(), ReplicateError> {
         let generation = *self.generation.borrow() as i64;
-        loop {
-            let available = self.available();
-            let backlog = available.saturating_sub(self.sent);
-            let room = in_flight.is_empty()
-                || (in_flight.len() < PIPELINE_DEPTH && backlog >= STATEMENT_RECORDS_MAX as u64);
-            if !room || backlog == 0 {
-                break;
-            }
-            let prev = self.sent;
+        while let Some(Shipment { prev, available }) = self.flow.next_shipment(self.available()) {
             let (mut seqs, mut ends, mut records, mut hashes) = (vec![], vec![], vec![], vec![]);
+            let mut last;
             loop {
                 let record = self.next_record()?;
                 let seq = record.seq;
@@ -535,7 +494,7 @@ impl Task {
                 ends.push(end);
                 hashes.push(record.hash.to_vec());
                 records.push(record.bytes);
-                self.sent = seq;
+                last = seq;
                 if end && (seq >= available || records.len() >= STATEMENT_RECORDS_MAX) {
                     break;
                 }
@@ -543,12 +502,10 @@ impl Task {
             let last_hash = hashes.last().cloned().unwrap_or_default();
             let (client, statement) = (client.clone(), statement.clone());
             let shard = i32::from(self.index);
-            let expected = seqs.len() as u64;
-            let last = self.sent;
-            self.sent_at.push_back(Instant::now());
-            self.last_activity = Instant::now();
+            let now = self.now_us();
+            self.flow.shipped(last, seqs.len() as u64, now);
             in_flight.push_back(Box::pin(async move {
-                let result = client
+                client
                     .execute(
                         &statement,
                         &[
@@ -563,8 +520,7 @@ impl Task {
                             &hashes,
                         ],
                     )
-                    .await;
-                (last, expected, result)
+                    .await
             }));
         }
         Ok(())
@@ -572,79 +528,49 @@ impl Task {
 
     /// On a quiet connection, one commit that needs the synchronous standby and the generation.
     fn heartbeat(&mut self, client: &Arc<Client>, in_flight: &mut FuturesOrdered<Commit>) {
-        let every = (self.stall / 2).min(HEARTBEAT_MAX);
-        if !in_flight.is_empty()
-            || self.sent < self.available()
-            || self.last_activity.elapsed() < every
-        {
+        let now = self.now_us();
+        if !self.flow.heartbeat_due(self.available(), now) {
             return;
         }
         let client = client.clone();
         let (shard, generation) = (i32::from(self.index), *self.generation.borrow() as i64);
-        let confirmed = self.confirmed;
-        self.sent_at.push_back(Instant::now());
-        self.last_activity = Instant::now();
+        self.flow.heartbeat_sent(now);
         in_flight.push_back(Box::pin(async move {
-            let result = client.execute(HEARTBEAT, &[&shard, &generation]).await;
-            (confirmed, 1, result)
+            client.execute(HEARTBEAT, &[&shard, &generation]).await
         }));
-    }
-
-    /// Sends the replies of every group commit PostgreSQL now has, oldest first.
-    fn release(&mut self) {
-        while self.held.front().is_some_and(|h| h.last_seq <= self.confirmed) {
-            if let Some(held) = self.held.pop_front() {
-                for (to, reply) in held.replies {
-                    let _ = to.send(reply);
-                }
-            }
-        }
-        let fresh = self.sent_at.front().is_none_or(|t| t.elapsed() < self.stall);
-        if self.stalled && self.down_since.is_none() && self.confirmed >= self.durable && fresh {
-            self.stalled = false;
-            tracing::info!(shard = self.index, "replication caught up; serving again");
-        }
     }
 
     /// Answers Unavailable whatever waited past the stall bound; a connection down that long
     /// stalls the shard too (so `/readyz` says so before the first request waits).
     fn check_stall(&mut self) {
-        let now = Instant::now();
-        while self.held.front().is_some_and(|h| now.duration_since(h.at) >= self.stall) {
-            if let Some(held) = self.held.pop_front() {
-                if !held.replies.is_empty() && !self.stalled {
-                    tracing::warn!(
-                        shard = self.index,
-                        stall_ms = self.stall.as_millis() as u64,
-                        lag_records = self.durable.saturating_sub(self.confirmed),
-                        "replication stalled; answering Unavailable until postgresql has caught up"
-                    );
-                }
-                self.stalled |= !held.replies.is_empty();
-                for (to, reply) in held.replies {
-                    let output = super::refusal::for_output(reply.output);
-                    let _ = to.send(crate::server::worker::Reply { output, ..reply });
-                }
-            }
-        }
-        let waiting = self.sent_at.front().is_some_and(|t| now.duration_since(*t) >= self.stall);
-        if waiting && !self.stalled {
-            tracing::warn!(
+        let now = self.now_us();
+        let (refused, reason) = self.flow.check_stall(now);
+        match reason {
+            Some(StallReason::Answers) => tracing::warn!(
+                shard = self.index,
+                stall_ms = self.stall.as_millis() as u64,
+                lag_records = self.flow.lag(),
+                "replication stalled; answering Unavailable until postgresql has caught up"
+            ),
+            Some(StallReason::Commit) => tracing::warn!(
                 shard = self.index,
                 "postgresql has not confirmed a commit within the stall bound; refusing card work"
-            );
+            ),
+            Some(StallReason::Down) | None => {}
         }
-        if self.down_since.is_some_and(|t| now.duration_since(t) >= self.stall) || waiting {
-            self.stalled = true;
+        for (to, reply) in refused {
+            let output = super::refusal::for_output(reply.output);
+            let _ = to.send(crate::server::worker::Reply { output, ..reply });
         }
     }
 
-    fn update_refusing(&self) {
-        let refusing = self.replication.fatal.get().is_some()
-            || (self.mode == Mode::Sync
-                && (self.stalled
-                    || !self.ever_connected
-                    || self.durable.saturating_sub(self.confirmed) > BACKLOG_RECORDS_MAX));
+    fn update_refusing(&mut self) {
+        let stalled = self.flow.stalled();
+        if self.was_stalled && !stalled {
+            tracing::info!(shard = self.index, "replication caught up; serving again");
+        }
+        self.was_stalled = stalled;
+        let refusing = self.replication.fatal.get().is_some() || self.flow.refusing(self.mode);
         self.state.refusing.store(refusing, Ordering::Release);
     }
 }
