@@ -22,9 +22,10 @@
 //! standby's flush). Batches of one shard are committed in journal order on one connection; each
 //! statement advances the shard's head row only from the seq it expects, so PostgreSQL never holds
 //! a gap, and only under the generation it expects, so a promoted site fences the old primary.
-//! A batch is shipped once written, while its local `fdatasync` runs: a killed process keeps
-//! it (it is in the journal file), but after a power loss PostgreSQL may hold a batch the local
-//! journal lost; it was never answered, and the primary then refuses to go on (`Diverged`).
+//! A batch is shipped only after its local `fdatasync` returned, so PostgreSQL never holds a
+//! record a power loss could take from the local journal. (Shipping while the sync ran was tried
+//! and gained nothing measurable; a record PostgreSQL held beyond the local journal would make
+//! the primary refuse to go on, `Diverged`.)
 
 pub mod cli;
 pub mod config;
