@@ -41,6 +41,9 @@ if [ "$MODE" = callgrind ]; then
 fi
 command -v python3 >/dev/null || { echo "python3 not found" >&2; exit 2; }
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; else OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT; fi
+# A reused OUT must not hand an earlier run's profile to this run's report (the callgrind file is
+# found by name, and an older pid may sort first).
+rm -f "$OUT"/callgrind.out.* "$OUT"/perf.data "$OUT"/stat.csv
 
 SERVER_BIN=$BIN/citycard
 if [ "$MODE" = callgrind ]; then

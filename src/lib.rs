@@ -5,7 +5,8 @@
 //! - [`keys`]: development PKI, terminal certificates, issuer and assertion keys.
 //! - [`identity`]: roles and terminal ids (certificate OU and CN).
 //! - [`layout`]: the data directory: lock, shard count, shard and archive directories.
-//! - [`hex`]: lowercase hex, once.
+//! - [`hex`]: lowercase hex, once; [`int_hash`]: a fast unkeyed hasher for server-chosen or
+//!   bounded integer keys.
 //! - [`host`]: the system clock and real pauses, passed to the engine by its edges.
 //! - [`tls`]: rustls server/client configuration and terminal identity from certificates.
 //! - [`journal`]: the per-shard append-only journal (source of truth, group commit).
@@ -31,6 +32,7 @@ pub mod engine;
 pub mod hex;
 pub mod host;
 pub mod identity;
+pub mod int_hash;
 pub mod journal;
 pub mod keys;
 pub mod layout;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use super::entry::Entry;
 use super::persist::is_staff;
+use crate::int_hash::IntMap;
 use crate::journal::Pos;
 
 /// An entry decided but not yet confirmed in sled.
@@ -20,8 +21,10 @@ pub(super) struct Pending {
 pub(super) struct Chunk {
     pub(super) entries: Vec<Pending>,
     /// Entries by journal position: the per-card chain passes through here before the
-    /// records are readable from the journal files (they may not be committed yet).
-    pub(super) by_pos: HashMap<Pos, usize>,
+    /// records are readable from the journal files (they may not be committed yet). The
+    /// journal assigns the positions, so the unkeyed [`crate::int_hash`] is safe here; SipHash
+    /// cost more than the rest of the insert (loadtest/profile.sh callgrind).
+    pub(super) by_pos: IntMap<Pos, usize>,
     pub(super) ops: HashMap<(String, u64), usize>,
     /// Numbered offline entries by (terminal, terminal seq) (protocol 1.3).
     pub(super) seqs: HashMap<(String, u64), usize>,
@@ -37,7 +40,7 @@ impl Chunk {
     pub(super) fn new(started_ms: u64) -> Chunk {
         Chunk {
             entries: Vec::new(),
-            by_pos: HashMap::new(),
+            by_pos: IntMap::default(),
             ops: HashMap::new(),
             seqs: HashMap::new(),
             seq_high: HashMap::new(),

@@ -11,7 +11,7 @@
 //! first (bounded by the drain timeout; a storage failure makes their outcome unknown), then the
 //! Error frame that says why the connection ends, if any, then close_notify (the driver's).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ use super::{permitted, route};
 use crate::config::Config;
 use crate::engine::Output;
 use crate::identity::Role;
+use crate::int_hash::IntMap;
 use crate::metrics::METRICS;
 
 /// Bytes the read buffer grows by before each socket read.
@@ -195,7 +196,10 @@ pub struct Session {
     workers: Vec<Arc<WorkerShared>>,
     read_buf: BytesMut,
     write_buf: BytesMut,
-    pending: HashMap<RequestId, InFlight>,
+    /// At most `limits.max_in_flight` entries (nothing is read at the limit), so the unkeyed
+    /// [`crate::int_hash`] is safe: ids a terminal picks to collide cost it at most that many
+    /// probes per lookup, on its own connection.
+    pending: IntMap<RequestId, InFlight>,
     /// Work decoded but not yet taken by the driver.
     submissions: VecDeque<Submission>,
     /// When the partial frame now in the read buffer started to wait (only while reading).
@@ -225,7 +229,7 @@ impl Session {
             workers,
             read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: BytesMut::with_capacity(READ_CHUNK),
-            pending: HashMap::new(),
+            pending: IntMap::default(),
             submissions: VecDeque::new(),
             frame_started: None,
             last_activity: now.at,
