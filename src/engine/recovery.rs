@@ -24,7 +24,7 @@ use super::error::Disagreement;
 use super::StoreError;
 
 /// sled's page cache per shard; bounds its memory, not its disk use.
-pub(crate) const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Why the derived state was rebuilt from the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
