@@ -49,12 +49,12 @@ ADMIN=${FIGURES_ADMIN:-127.0.0.1:17791}
 # Records per shard in the SIGKILL tail: just under the default checkpoint_records (200,000).
 KILL_TAIL_PER_SHARD=190000
 # Estimates used to refuse what would not fit (measured on the first runs, with margin):
-# journal bytes per record, state bytes per card, server and generator memory per card (the
-# server no longer holds every card; the generator keeps ~24 bytes per card, plus the list of
-# cards it reads back with --append).
+# journal bytes per record, state bytes per card, the larger of server and fill memory per card
+# (the server about 220 bytes per card once every card was read; bulk_fill about 330, mostly
+# sled's while it writes; fill --append keeps ~24 bytes per card).
 EST_JOURNAL_B_PER_RECORD=260
 EST_STATE_B_PER_CARD=400
-EST_MEM_B_PER_CARD=300
+EST_MEM_B_PER_CARD=400
 # Every step's time limit in seconds (a start that takes longer is a failure in itself).
 START_TIMEOUT_S=900
 # How long a start may wait for every shard's background card check to finish (one step of
