@@ -11,7 +11,8 @@ use super::storage::Storage;
 use super::JournalError;
 
 /// Called with each record's seq, position, payload and hash (what the next record's
-/// `prev_hash` must be).
+/// `prev_hash` must be). In a scan from an anchor, the records before the anchor's seq in its
+/// segment are passed with a zero hash: they are below a checkpoint and not hashed.
 pub type Visit<'a> = dyn FnMut(u64, Pos, &[u8], &RecordHash) -> Result<(), JournalError> + 'a;
 
 /// Where a record lies: the segment (named by its first seq) and the offset in it. Stable for
@@ -136,8 +137,13 @@ impl<'a> Window<'a> {
         let read_end = off.saturating_add(need.max(WINDOW_BYTES as u64)).min(self.len).max(off);
         // The window is at most WINDOW_BYTES plus one record, so the length fits in usize.
         let n = (read_end - off) as usize;
-        self.buf.clear();
-        self.buf.resize(n, 0);
+        // Every byte is overwritten by the read, so a buffer long enough is only shortened,
+        // not zeroed again (the zeroing was 17% of a start's instructions).
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        } else {
+            self.buf.truncate(n);
+        }
         self.file.read_exact_at(self.buf, off).map_err(io_err(&self.seg.path))?;
         self.base = off;
         Ok(())
@@ -166,7 +172,7 @@ impl<'a> Window<'a> {
         while at < self.len {
             self.cover(at, WINDOW_BYTES as u64)?;
             let start = (at - self.base) as usize;
-            if let Some(i) = self.buf[start..].iter().rposition(|b| *b != 0) {
+            if let Some(i) = last_nonzero(&self.buf[start..]) {
                 last = Some(at + i as u64);
             }
             at = self.base + self.buf.len() as u64;
@@ -176,6 +182,22 @@ impl<'a> Window<'a> {
             None => from,
         })
     }
+}
+
+/// The index of the last non-zero byte. A segment's unused rest is all zeros and a start reads
+/// all of it (a torn tail may lie anywhere in it), so this looks at 32 bytes at a time (a few
+/// vector instructions) before it looks at single bytes: byte by byte it was 44% of a start's
+/// instructions.
+fn last_nonzero(bytes: &[u8]) -> Option<usize> {
+    const STRIDE: usize = 32;
+    let mut end = bytes.len();
+    while end >= STRIDE {
+        if bytes[end - STRIDE..end].iter().fold(0u8, |any, b| any | b) != 0 {
+            break;
+        }
+        end -= STRIDE;
+    }
+    bytes[..end].iter().rposition(|b| *b != 0)
 }
 
 struct Chain {
@@ -349,12 +371,18 @@ fn scan_from(
                     }
                     // Segments are at most 1 GiB, so an offset fits in u32.
                     let pos = Pos { segment: seg.first_seq, offset: at as u32 };
-                    let hash = super::format::record_hash(r.bytes);
+                    // Below an anchor (a checkpoint) the records are framed and CRC-checked but
+                    // not hashed: the anchor's own hash covers its prev_hash, and so the chain
+                    // before it. SHA-256 of the records below the checkpoint in its segment was
+                    // 60% of a start's instructions (callgrind, 1M records in 2 shards).
+                    let below_anchor = anchor_seq.is_some_and(|a| r.seq < a);
+                    let hash =
+                        if below_anchor { [0; 32] } else { super::format::record_hash(r.bytes) };
                     visit(r.seq, pos, r.payload, &hash)?;
                     if anchor_seq == Some(r.seq) {
                         anchor_hash = Some(hash);
                     }
-                    chain.prev_hash = Some(hash);
+                    chain.prev_hash = (!below_anchor).then_some(hash);
                     chain.batch_start = r.batch_start;
                     chain.next_seq += 1;
                     chain.records += 1;
@@ -482,4 +510,29 @@ fn look_ahead(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_nonzero;
+
+    #[test]
+    fn last_nonzero_agrees_with_a_byte_by_byte_search() {
+        for len in [0usize, 1, 31, 32, 33, 64, 100, 1000] {
+            let zeros = vec![0u8; len];
+            assert_eq!(last_nonzero(&zeros), None, "len {len}");
+            for at in [0, len / 3, len / 2, len.saturating_sub(1)] {
+                if at >= len {
+                    continue;
+                }
+                let mut bytes = zeros.clone();
+                bytes[at] = 0x40;
+                if at > 0 {
+                    bytes[0] = 1;
+                }
+                let naive = bytes.iter().rposition(|b| *b != 0);
+                assert_eq!(last_nonzero(&bytes), naive, "len {len} at {at}");
+            }
+        }
+    }
 }

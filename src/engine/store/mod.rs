@@ -16,6 +16,7 @@
 //! - The records are in the compact [`codec`] encoding, format [`FORMAT`]: a state written in
 //!   another format is rebuilt from the journal, with that reason logged.
 
+pub mod bulk;
 pub mod cache;
 pub mod codec;
 pub mod verify;
