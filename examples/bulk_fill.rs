@@ -17,111 +17,37 @@
 //! is topped up at a kiosk, so every request is an approved purchase or top-up.
 //! Memory: 24 bytes per card in the fill (the card table), nothing per record.
 
-use std::path::PathBuf;
+mod fill_common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
-use citycard::config::Config;
+use anyhow::Context;
 use citycard::engine::store::bulk::{BulkKind, BulkShard, MAX_GROUP_COMMIT};
 use citycard::engine::{Secrets, ShardOptions};
-use citycard::journal::JournalOptions;
 use citycard_protocol::Amount;
 use clap::Parser;
-
-/// Most cards or records one run may create (24 bytes of fill memory per card).
-const MAX_CARDS: u64 = 50_000_000;
-const MAX_RECORDS: u64 = 200_000_000;
+use fill_common::{share, FillArgs, Rng, COUNTER, DEPOSIT, KIOSK, READER, TOP_UP};
 
 #[derive(Parser)]
 struct Args {
-    /// Data directory (created; must not hold shards yet).
-    #[arg(long)]
-    data: PathBuf,
-    /// Keys directory made by `citycard keys init`.
-    #[arg(long)]
-    keys: PathBuf,
-    #[arg(long, default_value_t = 2)]
-    shards: u16,
-    /// Cards to issue (spread evenly over the shards).
-    #[arg(long)]
-    cards: u64,
-    /// Purchases and top-ups to run after the issues.
-    #[arg(long)]
-    records: u64,
-    /// Records per group commit (fdatasync), as the server's `max_batch`.
-    #[arg(long, default_value_t = 1024)]
-    batch: usize,
-    /// Seed of the card picker.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    #[command(flatten)]
+    fill: FillArgs,
 }
-
-/// xorshift64*: enough to spread requests over cards; no cryptographic use.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-const READER: &str = "reader-1";
-const KIOSK: &str = "kiosk-1";
-const COUNTER: &str = "counter-1";
-const DEPOSIT: i64 = 2_000;
-const TOP_UP: i64 = 5_000;
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    if args.shards == 0 || usize::from(args.shards) > citycard_protocol::MAX_SHARDS {
-        bail!("--shards must be 1..={}", citycard_protocol::MAX_SHARDS);
-    }
-    if args.cards == 0 && args.records > 0 {
-        bail!("--records needs at least one card");
-    }
-    if args.cards > MAX_CARDS || args.records > MAX_RECORDS {
-        bail!("at most {MAX_CARDS} cards and {MAX_RECORDS} records per run");
-    }
-    if !(1..=MAX_GROUP_COMMIT).contains(&args.batch) {
-        bail!("--batch must be 1..={MAX_GROUP_COMMIT}");
-    }
-    if args.data.join("shards").exists() {
-        bail!("{} already holds a data directory; give an empty one", args.data.display());
-    }
-    std::fs::create_dir_all(&args.data)
-        .with_context(|| format!("creating {}", args.data.display()))?;
-    let count = citycard::server::shard_count(&args.data, Some(args.shards))?;
+    let Args { fill: args } = Args::parse();
+    let count = args.check(MAX_GROUP_COMMIT, false)?;
     let secrets = Arc::new(citycard::server::load_secrets(&args.keys, &[])?);
-    let defaults = Config::default();
     let started = Instant::now();
     let mut threads = Vec::new();
     for index in 0..count {
-        let options = ShardOptions {
-            index,
-            count,
-            dir: citycard::server::shard_dir(&args.data, index),
-            journal: JournalOptions { segment_bytes: defaults.segment_bytes, ..Default::default() },
-            limits: defaults.limits,
-            checkpoint: defaults.checkpoint,
-            archive: None,
-        };
-        let share = |total: u64| {
-            total / u64::from(count) + u64::from(u64::from(index) < total % u64::from(count))
-        };
+        let options = args.shard(index, count);
         let plan = Plan {
-            cards: share(args.cards),
-            records: share(args.records),
+            cards: share(args.cards, index, count),
+            records: share(args.records, index, count),
             batch: args.batch,
-            seed: args.seed ^ ((u64::from(index) + 1) * 0x9E37_79B9),
+            seed: args.seed_of(index),
         };
         let secrets = secrets.clone();
         threads.push(std::thread::spawn(move || fill_shard(options, secrets, plan)));
@@ -178,13 +104,11 @@ fn fill_shard(
     }
     let mut rng = Rng(seed | 1);
     let n = shard.cards();
-    let hot = (n / 4).max(1);
     for r in 0..records {
         if r % batch as u64 == 0 {
             now = now_ms();
         }
-        // Three quarters of the traffic on the first quarter of the cards.
-        let k = if rng.below(4) < 3 { rng.below(hot) } else { rng.below(n) };
+        let k = rng.skewed_card(n);
         let balance = shard.balance(k).context("picked a card that is not issued")?;
         let nonce = rng.next();
         if balance >= 500 {

@@ -11,46 +11,25 @@
 //! get about three quarters of the traffic, like regular commuters); a card whose balance runs
 //! low is topped up at a kiosk, so almost every request is approved and journaled.
 
-use std::path::PathBuf;
+mod fill_common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use citycard::config::Config;
 use citycard::engine::{Op, Output, Secrets, Shard, ShardOptions};
-use citycard::journal::JournalOptions;
 use citycard_protocol::crypto::CardKey;
 use citycard_protocol::{Amount, Atc, CardAuth, CardId, MessageType, Request, Response, Status};
 use clap::Parser;
+use fill_common::{share, FillArgs, Rng, COUNTER, DEPOSIT, KIOSK, READER, TOP_UP};
 
-/// Most cards or records one run may create (about 16 bytes of generator memory per card).
-const MAX_CARDS: u64 = 50_000_000;
-const MAX_RECORDS: u64 = 200_000_000;
 /// Largest group commit (the server's `max_batch` bound).
 const MAX_BATCH: usize = 65_536;
 
 #[derive(Parser)]
 struct Args {
-    /// Data directory (created; must not hold shards yet).
-    #[arg(long)]
-    data: PathBuf,
-    /// Keys directory made by `citycard keys init`.
-    #[arg(long)]
-    keys: PathBuf,
-    #[arg(long, default_value_t = 2)]
-    shards: u16,
-    /// Cards to issue (spread evenly over the shards).
-    #[arg(long)]
-    cards: u64,
-    /// Purchases and top-ups to run after the issues.
-    #[arg(long)]
-    records: u64,
-    /// Jobs per group commit, as the server's `max_batch`.
-    #[arg(long, default_value_t = 1024)]
-    batch: usize,
-    /// Seed of the card picker.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    #[command(flatten)]
+    fill: FillArgs,
     /// Add to an existing data directory: `--records` more transactions over the cards it holds
     /// (`--cards` more cards are issued first).
     #[arg(long)]
@@ -60,23 +39,6 @@ struct Args {
     /// data directory is left as a crash leaves it (journal tail past the checkpoint).
     #[arg(long)]
     wait_for_kill: bool,
-}
-
-/// xorshift64*: enough to spread requests over cards; no cryptographic use.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// The generator's view of one card.
@@ -92,58 +54,22 @@ struct Totals {
     declined: u64,
 }
 
-const READER: &str = "reader-1";
-const KIOSK: &str = "kiosk-1";
-const COUNTER: &str = "counter-1";
-const DEPOSIT: i64 = 2_000;
-const TOP_UP: i64 = 5_000;
-
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    if args.shards == 0 || usize::from(args.shards) > citycard_protocol::MAX_SHARDS {
-        bail!("--shards must be 1..={}", citycard_protocol::MAX_SHARDS);
-    }
-    if args.cards == 0 && args.records > 0 && !args.append {
-        bail!("--records needs at least one card");
-    }
-    if args.cards > MAX_CARDS || args.records > MAX_RECORDS {
-        bail!("at most {MAX_CARDS} cards and {MAX_RECORDS} records per run");
-    }
-    if !(1..=MAX_BATCH).contains(&args.batch) {
-        bail!("--batch must be 1..={MAX_BATCH}");
-    }
-    if args.data.join("shards").exists() != args.append {
-        if args.append {
-            bail!("--append: {} holds no data directory", args.data.display());
-        }
-        bail!("{} already holds a data directory; give an empty one", args.data.display());
-    }
-    std::fs::create_dir_all(&args.data)
-        .with_context(|| format!("creating {}", args.data.display()))?;
-    let wanted = if args.append { None } else { Some(args.shards) };
-    let count = citycard::server::shard_count(&args.data, wanted)?;
+    let Args { fill: args, append, wait_for_kill } = Args::parse();
+    let count = args.check(MAX_BATCH, append)?;
     let secrets = Arc::new(citycard::server::load_secrets(&args.keys, &[])?);
-    let defaults = Config::default();
     let started = Instant::now();
     let mut threads = Vec::new();
     for index in 0..count {
-        let options = ShardOptions {
-            index,
-            count,
-            dir: citycard::server::shard_dir(&args.data, index),
-            journal: JournalOptions { segment_bytes: defaults.segment_bytes, ..Default::default() },
-            limits: defaults.limits,
-            checkpoint: defaults.checkpoint,
-            archive: None,
+        let options = args.shard(index, count);
+        let plan = Plan {
+            cards: share(args.cards, index, count),
+            records: share(args.records, index, count),
+            batch: args.batch,
+            seed: args.seed_of(index),
+            crash: wait_for_kill,
         };
-        let share = |total: u64| {
-            total / u64::from(count) + u64::from(u64::from(index) < total % u64::from(count))
-        };
-        let cards = share(args.cards);
-        let records = share(args.records);
         let secrets = secrets.clone();
-        let (batch, seed) = (args.batch, args.seed ^ ((u64::from(index) + 1) * 0x9E37_79B9));
-        let plan = Plan { cards, records, batch, seed, crash: args.wait_for_kill };
         threads.push(std::thread::spawn(move || fill_shard(options, secrets, plan)));
     }
     let mut totals = Totals { issued: 0, approved: 0, declined: 0 };
@@ -166,7 +92,7 @@ fn main() -> anyhow::Result<()> {
         totals.declined,
         (totals.issued + totals.approved + totals.declined) as f64 / seconds.max(1e-9)
     );
-    if args.wait_for_kill {
+    if wait_for_kill {
         use std::io::Write;
         println!("committed; waiting to be killed");
         std::io::stdout().flush()?;
@@ -243,11 +169,8 @@ fn fill_shard(options: ShardOptions, secrets: Arc<Secrets>, plan: Plan) -> anyho
     if n == 0 && records > 0 {
         bail!("shard {index} has no card to run transactions on");
     }
-    let hot = (n / 4).max(1);
     for _ in 0..records {
-        // Three quarters of the traffic on the first quarter of the cards.
-        let i = if rng.below(4) < 3 { rng.below(hot) } else { rng.below(n) } as usize;
-        let card = &mut wallet[i];
+        let card = &mut wallet[rng.skewed_card(n) as usize];
         let purchase = card.balance >= 500;
         let (message_type, amount, terminal) = if purchase {
             (MessageType::Purchase, 50 + rng.below(400) as i64, READER)
