@@ -258,29 +258,25 @@ fn promote_dir(pg: &PgPair, source: &common::pg::Pg, data: &Path) -> String {
 }
 
 fn standby_of(pg: &PgPair, source: &common::pg::Pg, data: &Path) -> Proc {
-    Proc::spawn(
-        &["standby", "--source", &pg.conninfo(source), "--data", data.to_str().unwrap()],
-        false,
-    )
+    standby_with(pg, source, data, &[])
 }
 
 /// [`standby_of`] with the key set: the standby keeps the derived state up while it follows,
-/// every `every` records and at a clean stop.
+/// every 100 records and at a clean stop.
 fn standby_with_state(pg: &PgPair, source: &common::pg::Pg, data: &Path, keys: &Path) -> Proc {
-    Proc::spawn(
-        &[
-            "standby",
-            "--source",
-            &pg.conninfo(source),
-            "--data",
-            data.to_str().unwrap(),
-            "--keys",
-            keys.to_str().unwrap(),
-            "--state-every-records",
-            "100",
-        ],
-        false,
+    standby_with(
+        pg,
+        source,
+        data,
+        &["--keys", keys.to_str().unwrap(), "--state-every-records", "100"],
     )
+}
+
+fn standby_with(pg: &PgPair, source: &common::pg::Pg, data: &Path, extra: &[&str]) -> Proc {
+    let conninfo = pg.conninfo(source);
+    let mut args = vec!["standby", "--source", &conninfo, "--data", data.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args, false)
 }
 
 /// The value of `key=` in a log line.

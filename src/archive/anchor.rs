@@ -405,7 +405,7 @@ impl Anchor {
     /// Whether the staff op_ref and numbered seq tables can be written as the format says:
     /// every terminal id 1 to 255 bytes, every list ascending without repeats, and (seqs) none
     /// 0. Checked by a prune before it writes.
-    pub fn check_staff_refs(&self) -> Result<(), String> {
+    pub fn check_tables(&self) -> Result<(), String> {
         check_terminal_table(&self.staff_refs, "op_refs")?;
         check_terminal_table(&self.numbered_seqs, "numbered seqs")?;
         if self.numbered_seqs.values().any(|seqs| seqs.first() == Some(&0)) {
@@ -446,7 +446,7 @@ fn put_terminal_table(out: &mut Vec<u8>, table: &BTreeMap<String, Vec<u64>>) {
     out.extend_from_slice(&(table.len() as u32).to_le_bytes());
     for (terminal, values) in table {
         // Terminal ids are at most 255 bytes (the index keys store the length in one byte,
-        // and certificates name shorter ones); `check_staff_refs` refuses others.
+        // and certificates name shorter ones); `check_tables` refuses others.
         out.push(terminal.len() as u8);
         out.extend_from_slice(terminal.as_bytes());
         out.extend_from_slice(&(values.len() as u32).to_le_bytes());
@@ -653,19 +653,19 @@ mod tests {
     }
 
     #[test]
-    fn malformed_staff_refs_are_refused() {
+    fn malformed_staff_refs_and_seqs_are_refused() {
         let mut anchor = sample();
-        assert_eq!(anchor.check_staff_refs(), Ok(()));
+        assert_eq!(anchor.check_tables(), Ok(()));
         anchor.staff_refs.insert("counter-3".into(), vec![5, 5]);
-        assert!(anchor.check_staff_refs().is_err());
+        assert!(anchor.check_tables().is_err());
         anchor.staff_refs.insert("counter-3".into(), vec![]);
         anchor.staff_refs.insert("x".repeat(256), vec![1]);
-        assert!(anchor.check_staff_refs().is_err());
+        assert!(anchor.check_tables().is_err());
         let mut anchor = sample();
         anchor.numbered_seqs.insert("reader-2".into(), vec![0, 1]);
-        assert!(anchor.check_staff_refs().is_err(), "seqs start at 1");
+        assert!(anchor.check_tables().is_err(), "seqs start at 1");
         anchor.numbered_seqs.insert("reader-2".into(), vec![2, 1]);
-        assert!(anchor.check_staff_refs().is_err());
+        assert!(anchor.check_tables().is_err());
         // A non-shortest LEB128 (a second spelling of an op_ref) is refused on read.
         let mut r = Reader { bytes: &[0x81, 0x00], at: 0 };
         assert_eq!(r.leb128(), None);

@@ -255,7 +255,7 @@ fn prune_shard(
         staff_refs,
         numbered_seqs,
     };
-    if let Err(reason) = anchor.check_staff_refs() {
+    if let Err(reason) = anchor.check_tables() {
         bail!("the removed staff operations or numbered seqs cannot be kept in the anchor ({reason}); nothing was pruned");
     }
     let totals = anchor.totals();
